@@ -1,0 +1,37 @@
+"""vaeeval: how good is a trained VAE, in real nats.
+
+Load a format-1 model (FORMAT.md), check data against it, and estimate per
+point the ELBO, its reconstruction term, KL(q(z|x) || p(z)) and the
+importance-weighted log p(x)::
+
+    from vaeeval import load_model, load_data, evaluate
+    model = load_model("model.safetensors")
+    result = evaluate(model, load_data("data.npy", model), samples=1000)
+    result.summary.iwae.mean
+"""
+
+from vaeeval.data import Dataset, Domain, load_data
+from vaeeval.errors import DataError, ModelFileError, VaeevalError
+from vaeeval.evaluate import Evaluation, PointResults, Settings, Stat, Summary, evaluate, summarize
+from vaeeval.model import Model, load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Domain",
+    "Evaluation",
+    "Model",
+    "ModelFileError",
+    "PointResults",
+    "Settings",
+    "Stat",
+    "Summary",
+    "VaeevalError",
+    "evaluate",
+    "load_data",
+    "load_model",
+    "save_model",
+    "summarize",
+]

@@ -1,0 +1,5 @@
+"""``python -m vaeeval``."""
+
+from vaeeval.cli import main
+
+main()

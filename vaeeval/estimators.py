@@ -1,0 +1,56 @@
+"""Pure tensor math for the estimators: importance log-weights and streaming reductions.
+
+For a point x and K samples z_k ~ q(z|x):
+
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x)
+    recon   = (1/K) sum_k log p(x|z_k)
+    elbo    = recon - KL(q(z|x) || p(z))                 (Kingma & Welling 2014)
+    iwae    = logsumexp_k log w_k - log K                (Burda, Grosse & Salakhutdinov 2016)
+
+Samples arrive in chunks, so the reductions over k are streamed: the state
+per point is one float64 number, whatever K is. To make the result independent
+of the chunk size, every reduction runs over fixed blocks of ``BLOCK`` samples
+(the last one padded with the reduction's identity) and folds the blocks into
+the state one at a time, in sample order; chunks hold whole blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 64
+
+
+def log_weights(log_px_z: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor) -> torch.Tensor:
+    """``log w = log p(x|z) + log p(z) - log q(z|x)``, all ``[B, S]`` -> ``[B, S]``."""
+    return log_px_z + log_pz - log_qz
+
+
+def _blocks(values: torch.Tensor, fill: float) -> torch.Tensor:
+    """``[B, S]`` -> ``[B, ceil(S / BLOCK), BLOCK]``, the tail padded with ``fill``."""
+    rows, count = values.shape
+    padded = -count % BLOCK
+    if padded:
+        values = torch.cat([values, values.new_full((rows, padded), fill)], dim=1)
+    return values.reshape(rows, -1, BLOCK)
+
+
+def fold_sum(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Add the sum over samples of ``values [B, S]`` to ``total [B]``, block by block."""
+    for block_sum in _blocks(values, 0.0).sum(dim=2).unbind(dim=1):
+        total = total + block_sum
+    return total
+
+
+def fold_logsumexp(total: torch.Tensor, log_values: torch.Tensor) -> torch.Tensor:
+    """``logaddexp(total, logsumexp_k log_values[:, k])`` for ``total [B]``, ``log_values [B, S]``."""
+    for block_lse in torch.logsumexp(_blocks(log_values, -math.inf), dim=2).unbind(dim=1):
+        total = torch.logaddexp(total, block_lse)
+    return total
+
+
+def iwae_bound(logsumexp_w: torch.Tensor, samples: int) -> torch.Tensor:
+    """The importance-weighted estimate of log p(x): ``logsumexp_k log w_k - log K``."""
+    return logsumexp_w - math.log(samples)

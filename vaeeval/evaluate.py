@@ -1,0 +1,234 @@
+"""The batched, chunked evaluation loop: model + data -> per-point arrays -> summary.
+
+Points are taken ``batch_size`` at a time (one encoder pass per batch), and
+their K samples ``chunk_size`` at a time, so memory is bounded by
+batch x chunk whatever K is. Noise for sample k of point i comes from
+``rng.standard_normal`` keyed by (seed, i, k), and reductions over samples run
+in fixed blocks, so results do not depend on the batch or chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributions import Independent, Normal
+
+from vaeeval.data import Dataset
+from vaeeval.errors import VaeevalError
+from vaeeval.estimators import BLOCK, fold_logsumexp, fold_sum, iwae_bound, log_weights
+from vaeeval.model import Model
+from vaeeval.rng import standard_normal
+
+DEFAULT_SAMPLES = 1000
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_MAX_MEMORY = 512 * 2**20
+METRICS = ("elbo", "recon", "kl", "iwae")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How an evaluation was run."""
+
+    samples: int
+    seed: int
+    batch_size: int
+    chunk_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class PointResults:
+    """Per-point estimates in nats, ``[N]`` float64 each, higher is better (but ``kl``)."""
+
+    index: np.ndarray
+    elbo: np.ndarray
+    recon: np.ndarray
+    kl: np.ndarray
+    iwae: np.ndarray
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean over points and its standard error (``None`` for a single point)."""
+
+    mean: float
+    stderr: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Means and standard errors over points; ``bits_per_dim`` is of -iwae."""
+
+    n: int
+    elbo: Stat
+    recon: Stat
+    kl: Stat
+    iwae: Stat
+    bits_per_dim: Stat
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything one ``evaluate`` call found."""
+
+    points: PointResults
+    summary: Summary
+    settings: Settings
+    measure: str  # "density" or "probability": what kind of number recon and iwae are
+    kl_kind: str  # "analytic" or "monte_carlo"
+
+
+def mean_and_stderr(values: np.ndarray) -> Stat:
+    """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n))."""
+    values = np.asarray(values, dtype=np.float64)
+    stderr = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
+    return Stat(float(values.mean()), stderr)
+
+
+def summarize(points: PointResults, dims: int) -> Summary:
+    """Means and standard errors over points, and bits per dimension of -iwae."""
+    return Summary(
+        n=int(points.index.size),
+        elbo=mean_and_stderr(points.elbo),
+        recon=mean_and_stderr(points.recon),
+        kl=mean_and_stderr(points.kl),
+        iwae=mean_and_stderr(points.iwae),
+        bits_per_dim=mean_and_stderr(-points.iwae / (dims * math.log(2))),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, checked to exist here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VaeevalError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VaeevalError(f"--device {name}: no CUDA device is available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise VaeevalError(f"--device {name}: vaeeval runs on cpu or cuda")
+    return device
+
+
+def _row_bytes(model: Model) -> int:
+    """Rough working memory of one (point, sample) row through the decoder and likelihood."""
+    widest = max(math.prod(layer.out_shape) for layer in model.layers if layer.part == "decoder")
+    dims = model.data_dims
+    return 4 * (2 * widest + (model.likelihood.params_per_dim + 4) * dims) + 8 * (2 * dims + 8 * model.latent_dim)
+
+
+def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int) -> int:
+    """Samples per chunk: whole blocks that fit ``max_memory`` for ``batch_size`` points, at least one block."""
+    fitting = max_memory // (_row_bytes(model) * batch_size)
+    blocks = max(1, min(fitting // BLOCK, math.ceil(samples / BLOCK)))
+    return blocks * BLOCK
+
+
+def evaluate(
+    model: Model,
+    data: Dataset | np.ndarray,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    chunk_size: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """Estimate ELBO, reconstruction, KL and IWAE for every point.
+
+    Args:
+        model: a loaded model.
+        data: ``[N, *input_shape]`` points, already checked (``load_data``).
+        samples: K, importance samples per point.
+        seed: 0 <= seed < 2**64; with it the point indices key the noise.
+        batch_size: points per encoder pass.
+        max_memory: bytes the decoder working set may use; sets the chunk size.
+        chunk_size: samples per chunk (a multiple of ``estimators.BLOCK``), instead of ``max_memory``.
+        device: where to compute.
+        progress: called with the number of points finished after each batch.
+
+    Returns:
+        Per-point estimates (points numbered by their row in ``data``) and their summary.
+
+    Raises:
+        VaeevalError: bad settings, or a point whose estimate is not finite.
+    """
+    array = data.array if isinstance(data, Dataset) else np.asarray(data)
+    if samples < 1 or batch_size < 1:
+        raise VaeevalError("--samples and --batch-size must be at least 1")
+    if not 0 <= seed < 2**64:
+        raise VaeevalError(f"--seed must be between 0 and 2**64 - 1, found {seed}")
+    if chunk_size is None:
+        chunk_size = chunk_size_for(model, batch_size, samples, max_memory)
+    elif chunk_size < 1 or chunk_size % BLOCK:
+        raise VaeevalError(f"the chunk size must be a positive multiple of {BLOCK}, found {chunk_size}")
+    device = resolve_device(str(device))
+    model = model.to(device)
+
+    n = array.shape[0]
+    results = {name: np.empty(n) for name in METRICS}
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            x = torch.from_numpy(np.array(array[start:stop], dtype=np.float32)).to(device)
+            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size)
+            for name in METRICS:
+                results[name][start:stop] = batch[name].cpu().numpy()
+            if progress is not None:
+                progress(stop)
+
+    points = PointResults(index=np.arange(n), **results)
+    _check_finite(points)
+    return Evaluation(
+        points=points,
+        summary=summarize(points, model.data_dims),
+        settings=Settings(samples, seed, batch_size, chunk_size, str(device)),
+        measure=model.likelihood.measure,
+        kl_kind=model.prior.kl_kind,
+    )
+
+
+def _evaluate_batch(
+    model: Model, x: torch.Tensor, indices: np.ndarray, samples: int, seed: int, chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """The four estimates, ``[B]`` float64 each, for one batch of points ``x``."""
+    mean, log_var = model.encode(x)
+    mean, std = mean.double(), (0.5 * log_var.double()).exp()
+    kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
+    q = Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
+    prior = model.prior.distribution(mean)
+
+    rows, latent = mean.shape
+    log_sum_w = torch.full((rows,), -math.inf, dtype=torch.float64, device=x.device)
+    recon_sum = torch.zeros(rows, dtype=torch.float64, device=x.device)
+    x_each = x[:, None]
+    for first in range(0, samples, chunk_size):
+        last = min(samples, first + chunk_size)
+        eps = standard_normal(seed, indices, first, last, latent).to(x.device)
+        z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
+        z64 = z.double()  # ...and exactly that point for the densities
+        params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
+        log_px_z = model.likelihood.log_prob(params, x_each)
+        log_w = log_weights(log_px_z, prior.log_prob(z64), q.log_prob(z64))
+        log_sum_w = fold_logsumexp(log_sum_w, log_w)
+        recon_sum = fold_sum(recon_sum, log_px_z)
+
+    recon = recon_sum / samples
+    return {"elbo": recon - kl, "recon": recon, "kl": kl, "iwae": iwae_bound(log_sum_w, samples)}
+
+
+def _check_finite(points: PointResults) -> None:
+    for name in METRICS:
+        values = getattr(points, name)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise VaeevalError(
+                f"point {int(points.index[bad[0]])}: {name} is {values[bad[0]]} ({bad.size} point(s) affected); "
+                "the model's outputs overflow on this data (an extreme log-variance, logit or scale)"
+            )

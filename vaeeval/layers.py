@@ -1,0 +1,268 @@
+"""The layer table of format 1 (FORMAT.md, "Layers") as torch modules.
+
+Each layer type registers a builder. A builder checks its keys and tensors
+against the shape that reaches it (a dry shape check: nothing is computed) and
+returns the module and the shape it gives, so a file whose shapes do not chain
+is refused with the layer and both shapes named before any data is touched.
+Shapes here never include the batch axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaeeval.errors import SpecError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    """One layer, built and checked."""
+
+    module: nn.Module
+    out_shape: Shape
+    tensors: tuple[str, ...]  # the file's tensor names this layer reads
+
+
+Builder = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor], Shape, str], BuiltLayer]
+_BUILDERS: dict[str, Builder] = {}
+_KEYS: dict[str, frozenset[str]] = {}
+
+
+def register(name: str, keys: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Register a builder for layer type ``name`` taking the optional ``keys``."""
+
+    def decorate(builder: Builder) -> Builder:
+        _BUILDERS[name] = builder
+        _KEYS[name] = frozenset(("type", *keys))
+        return builder
+
+    return decorate
+
+
+def layer_types() -> tuple[str, ...]:
+    """All registered layer type names."""
+    return tuple(_BUILDERS)
+
+
+def describe(spec: Mapping[str, Any]) -> str:
+    """A short label for a layer spec: ``linear "encoder.0"``."""
+    kind = spec.get("type", "?")
+    return f'{kind} "{spec["tensor"]}"' if "tensor" in spec else str(kind)
+
+
+def build_layer(
+    spec: Any, tensors: Mapping[str, torch.Tensor], in_shape: Shape, label: str
+) -> BuiltLayer:
+    """Build one layer from its spec, checked against ``in_shape``.
+
+    Args:
+        spec: the layer's JSON object from the document.
+        tensors: every tensor of the file, by name.
+        in_shape: the shape reaching this layer, without the batch axis.
+        label: how messages name the layer, e.g. ``decoder layer 2 (linear "decoder.2")``.
+
+    Raises:
+        SpecError: unknown type or key, missing tensor, or shapes that do not meet.
+    """
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
+        raise SpecError(f"{label}: a layer must be an object with a string \"type\", found {spec!r}")
+    kind = spec["type"]
+    if kind not in _BUILDERS:
+        raise SpecError(f"{label}: unknown layer type {kind!r}; format 1 has {', '.join(_BUILDERS)}")
+    unknown = sorted(set(spec) - _KEYS[kind])
+    if unknown:
+        raise SpecError(f"{label}: unknown key(s) {', '.join(unknown)} for a {kind} layer")
+    return _BUILDERS[kind](spec, tensors, in_shape, label)
+
+
+def _fmt(shape: tuple[int, ...] | torch.Size) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _weight_and_bias(
+    spec: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    rank: int,
+    label: str,
+    out_axis: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]:
+    prefix = spec.get("tensor")
+    if not isinstance(prefix, str) or not prefix:
+        raise SpecError(f"{label}: needs \"tensor\", the name prefix of its weights")
+    weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
+    if weight_name not in tensors:
+        raise SpecError(f"{label}: names tensor {weight_name!r}, which the file does not have")
+    weight = tensors[weight_name]
+    if weight.dim() != rank:
+        raise SpecError(f"{label}: {weight_name} is {_fmt(weight.shape)}, a {rank}-D tensor is needed")
+    bias = tensors.get(bias_name)
+    if bias is not None and tuple(bias.shape) != (weight.shape[out_axis],):
+        raise SpecError(f"{label}: {bias_name} is {_fmt(bias.shape)}, expected [{weight.shape[out_axis]}]")
+    names = (weight_name,) if bias is None else (weight_name, bias_name)
+    return weight, bias, names
+
+
+def _assign(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    state = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    module.load_state_dict(state, assign=True)
+    return module.requires_grad_(False)
+
+
+@register("linear", ("tensor",))
+def _linear(spec, tensors, in_shape, label):
+    weight, bias, names = _weight_and_bias(spec, tensors, 2, label)
+    out_features, in_features = weight.shape
+    if not in_shape or in_shape[-1] != in_features:
+        raise SpecError(
+            f"{label}: weight is {_fmt(weight.shape)}, the previous layer gives "
+            f"{_fmt(in_shape)} ({in_shape[-1] if in_shape else 0} features, {in_features} needed)"
+        )
+    with torch.device("meta"):
+        module = nn.Linear(in_features, out_features, bias=bias is not None)
+    return BuiltLayer(_assign(module, weight, bias), (*in_shape[:-1], out_features), names)
+
+
+def _pair(spec: Mapping[str, Any], key: str, default: int, minimum: int, label: str) -> tuple[int, int]:
+    value = spec.get(key, default)
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (list, tuple))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+    ):
+        raise SpecError(f"{label}: {key} must be an integer >= {minimum} or a pair of them, found {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _image_input(in_shape: Shape, channels: int, weight: torch.Tensor, label: str) -> tuple[int, int]:
+    if len(in_shape) != 3:
+        raise SpecError(
+            f"{label}: needs a [channels, height, width] input, the previous layer gives {_fmt(in_shape)}"
+        )
+    if in_shape[0] != channels:
+        raise SpecError(
+            f"{label}: weight is {_fmt(weight.shape)} ({channels} input channels), "
+            f"the previous layer gives {_fmt(in_shape)} ({in_shape[0]} channels)"
+        )
+    return in_shape[1], in_shape[2]
+
+
+def _checked_size(size: tuple[int, int], in_shape: Shape, label: str) -> tuple[int, int]:
+    if min(size) < 1:
+        raise SpecError(f"{label}: an input of {_fmt(in_shape)} gives an empty output {_fmt(size)}")
+    return size
+
+
+@register("conv2d", ("tensor", "stride", "padding"))
+def _conv2d(spec, tensors, in_shape, label):
+    weight, bias, names = _weight_and_bias(spec, tensors, 4, label)
+    out_ch, in_ch, kh, kw = weight.shape
+    stride = _pair(spec, "stride", 1, 1, label)
+    padding = _pair(spec, "padding", 0, 0, label)
+    h, w = _image_input(in_shape, in_ch, weight, label)
+    size = _checked_size(
+        ((h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1),
+        in_shape,
+        label,
+    )
+    with torch.device("meta"):
+        module = nn.Conv2d(in_ch, out_ch, (kh, kw), stride, padding, bias=bias is not None)
+    return BuiltLayer(_assign(module, weight, bias), (out_ch, *size), names)
+
+
+@register("conv_transpose2d", ("tensor", "stride", "padding", "output_padding"))
+def _conv_transpose2d(spec, tensors, in_shape, label):
+    weight, bias, names = _weight_and_bias(spec, tensors, 4, label, out_axis=1)
+    in_ch, out_ch, kh, kw = weight.shape
+    stride = _pair(spec, "stride", 1, 1, label)
+    padding = _pair(spec, "padding", 0, 0, label)
+    output_padding = _pair(spec, "output_padding", 0, 0, label)
+    if output_padding[0] >= stride[0] or output_padding[1] >= stride[1]:
+        raise SpecError(f"{label}: output_padding {list(output_padding)} must be smaller than stride {list(stride)}")
+    h, w = _image_input(in_shape, in_ch, weight, label)
+    size = _checked_size(
+        (
+            (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0],
+            (w - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1],
+        ),
+        in_shape,
+        label,
+    )
+    with torch.device("meta"):
+        module = nn.ConvTranspose2d(
+            in_ch, out_ch, (kh, kw), stride, padding, output_padding, bias=bias is not None
+        )
+    return BuiltLayer(_assign(module, weight, bias), (out_ch, *size), names)
+
+
+def _activation(name: str, make: Callable[[], nn.Module]) -> None:
+    register(name)(lambda spec, tensors, in_shape, label: BuiltLayer(make(), in_shape, ()))
+
+
+for _name, _make in {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+}.items():
+    _activation(_name, _make)
+
+
+@register("leaky_relu", ("negative_slope",))
+def _leaky_relu(spec, tensors, in_shape, label):
+    slope = spec.get("negative_slope", 0.01)
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+        raise SpecError(f"{label}: negative_slope must be a number, found {slope!r}")
+    return BuiltLayer(nn.LeakyReLU(float(slope)), in_shape, ())
+
+
+@register("flatten")
+def _flatten(spec, tensors, in_shape, label):
+    return BuiltLayer(nn.Flatten(), (math.prod(in_shape),), ())
+
+
+class Reshape(nn.Module):
+    """Reshape everything but the batch axis (format 1's ``unflatten``)."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.shape)}"
+
+
+@register("unflatten", ("shape",))
+def _unflatten(spec, tensors, in_shape, label):
+    shape = spec.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise SpecError(f"{label}: shape must be a list of positive integers, found {shape!r}")
+    if math.prod(shape) != math.prod(in_shape):
+        raise SpecError(
+            f"{label}: shape {_fmt(shape)} holds {math.prod(shape)} features, "
+            f"the previous layer gives {_fmt(in_shape)} ({math.prod(in_shape)})"
+        )
+    return BuiltLayer(Reshape(tuple(shape)), tuple(shape), ())
+
+
+def format_shape(shape: tuple[int, ...] | torch.Size) -> str:
+    """``[1, 28, 28]``: how messages and tables write a shape."""
+    return _fmt(shape)
