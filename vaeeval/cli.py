@@ -1,0 +1,150 @@
+"""The ``vaeeval`` command line: parse, make one library call, render, map errors to exit codes.
+
+Exit codes: 0 success; 1 the run worked but a requested check failed; 2 bad
+input (a file, an option, the data), reported as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from vaeeval import __version__
+from vaeeval.data import load_data
+from vaeeval.errors import VaeevalError
+from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, evaluate
+from vaeeval.model import load_model
+from vaeeval.report import ProgressBar, elbo_document, inspect_document, render_elbo, render_inspect, to_json
+
+EXIT_BAD_INPUT = 2
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+class _Group(click.Group):
+    """A click group whose every failure is one line on stderr with exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
+            _fail(f"{error.format_message()}{hint}")
+        except VaeevalError as error:
+            _fail(str(error))
+        except click.Abort:
+            click.echo("vaeeval: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as error:
+            _fail(error.format_message())
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"vaeeval: error: {' '.join(message.split())}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+class _ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE.match(str(value))
+        if not match or float(match.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size like 512M, 2G or 1000000", param, ctx)
+        factor = 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+        return int(float(match.group(1)) * factor)
+
+
+_PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vaeeval")
+def main() -> None:
+    """How good is a trained VAE, really? ELBO, reconstruction, KL and log p(x) in real nats.
+
+    Models are format-1 .safetensors files (FORMAT.md); nothing in a model or
+    data file is ever executed or unpickled.
+    """
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.argument("data", type=_PATH)
+@click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="K, importance samples from q(z|x) per point.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Noise seed; each point's samples depend only on (seed, point index).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Points per encoder pass. Results do not depend on it.")
+@click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
+              help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points.")
+@click.option("--key", default=None, help="The array to use from an .npz file that holds several.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.elbo/1) to stdout.")
+@click.option("--all", "show_all", is_flag=True, help="List every point in the table, not the first and worst.")
+def elbo(
+    model: Path,
+    data: Path,
+    samples: int,
+    seed: int,
+    batch_size: int,
+    max_memory: int,
+    limit: int | None,
+    key: str | None,
+    device: str,
+    as_json: bool,
+    show_all: bool,
+) -> None:
+    """Estimate ELBO, reconstruction, KL and importance-weighted log p(x) per data point.
+
+    MODEL is a format-1 .safetensors file; DATA a .npy or .npz array of shape
+    [N, *input_shape] (or [N, D]). Numbers are nats per point, higher is better.
+
+    \b
+    Example:
+      vaeeval elbo sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
+      vaeeval elbo model.safetensors data.npy -k 5000 --json | jq .summary.iwae.mean
+    """
+    loaded = load_model(model)
+    dataset = load_data(data, loaded, key=key, limit=limit)
+    with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
+        result = evaluate(
+            loaded,
+            dataset,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            max_memory=max_memory,
+            device=device,
+            progress=progress,
+        )
+    if as_json:
+        click.echo(to_json(elbo_document(result, loaded, dataset)))
+    else:
+        render_elbo(Console(), result, loaded, dataset, show_all=show_all)
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.inspect/1) to stdout.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show a model file: layers with shapes, parameters, likelihood, prior and data domain.
+
+    \b
+    Example:
+      vaeeval inspect sample_models/digits_gaussian.safetensors
+    """
+    loaded = load_model(model)
+    if as_json:
+        click.echo(to_json(inspect_document(loaded)))
+    else:
+        render_inspect(Console(), loaded)
