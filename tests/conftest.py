@@ -1,0 +1,120 @@
+"""Shared builders: tiny models written with ``save_model`` into tmp_path, and exact answers.
+
+``ppca`` builds a linear-Gaussian VAE (probabilistic PCA, Tipping & Bishop 1999)
+whose decoder has orthogonal columns, so its posterior is a diagonal Gaussian
+and everything has a closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vaeeval import Model, save_model
+
+
+def linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+    """An ``nn.Linear`` holding exactly these weights."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight))
+        layer.bias.copy_(torch.as_tensor(bias))
+    return layer
+
+
+@dataclass
+class PPCA:
+    """x = W z + b + sigma * noise, z ~ N(0, I); W has orthogonal columns."""
+
+    W: np.ndarray  # [D, L]
+    b: np.ndarray  # [D]
+    sigma: float
+
+    @property
+    def dims(self) -> int:
+        return self.W.shape[0]
+
+    def log_px(self, x: np.ndarray) -> np.ndarray:
+        """Closed-form log N(x; b, W W^T + sigma^2 I), ``[N]``."""
+        from scipy.stats import multivariate_normal
+
+        cov = self.W @ self.W.T + self.sigma**2 * np.eye(self.dims)
+        return multivariate_normal(self.b, cov).logpdf(x)
+
+    def posterior(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact posterior mean ``[N, L]`` and (diagonal) variance ``[L]``."""
+        m = np.diag(self.W.T @ self.W) + self.sigma**2
+        return (x - self.b) @ self.W / m, self.sigma**2 / m
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        z = rng.standard_normal((n, self.W.shape[1]))
+        return z @ self.W.T + self.b + self.sigma * rng.standard_normal((n, self.dims))
+
+    def encoder(self, mean_scale: float = 1.0, log_var_shift: float = 0.0) -> nn.Sequential:
+        """A one-layer encoder giving the exact posterior, or a perturbed one."""
+        m = np.diag(self.W.T @ self.W) + self.sigma**2
+        latent = self.W.shape[1]
+        weight = np.vstack([mean_scale * self.W.T / m[:, None], np.zeros((latent, self.dims))])
+        bias = np.concatenate([-mean_scale * (self.W.T @ self.b) / m, np.log(self.sigma**2 / m) + log_var_shift])
+        return nn.Sequential(linear(weight, bias))
+
+    def save(self, path: Path, **encoder_options: float) -> Model:
+        return save_model(
+            path,
+            self.encoder(**encoder_options),
+            nn.Sequential(linear(self.W, self.b)),
+            likelihood={"family": "gaussian", "sigma": self.sigma},
+            input_shape=[self.dims],
+            latent_dim=self.W.shape[1],
+        )
+
+
+def make_ppca(dims: int = 6, latent: int = 2, sigma: float = 0.5, seed: int = 0) -> PPCA:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((dims, dims)))
+    scales = np.linspace(2.0, 1.0, latent)
+    W = (q[:, :latent] * scales).astype(np.float32).astype(np.float64)
+    b = rng.normal(size=dims).astype(np.float32).astype(np.float64)
+    return PPCA(W, b, sigma)
+
+
+@pytest.fixture
+def ppca() -> PPCA:
+    return make_ppca()
+
+
+def gaussian_kl_to_standard(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """KL(N(mean, diag var) || N(0, I)) per row."""
+    return 0.5 * np.sum(var + mean**2 - 1.0 - np.log(var), axis=-1)
+
+
+def tiny_bernoulli(path: Path, dims: int = 6, latent: int = 2, seed: int = 0) -> Model:
+    """A small random MLP VAE with a Bernoulli decoder."""
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(dims, 16), nn.Tanh(), nn.Linear(16, 2 * latent))
+    decoder = nn.Sequential(nn.Linear(latent, 16), nn.Tanh(), nn.Linear(16, dims))
+    return save_model(
+        path, encoder, decoder, likelihood={"family": "bernoulli"}, input_shape=[dims], latent_dim=latent,
+        data={"domain": "binary"},
+    )
+
+
+@pytest.fixture
+def bernoulli_model(tmp_path: Path) -> Model:
+    return tiny_bernoulli(tmp_path / "bernoulli.safetensors")
+
+
+@pytest.fixture
+def binary_data(tmp_path: Path) -> Path:
+    path = tmp_path / "binary.npy"
+    np.save(path, (np.random.default_rng(1).random((23, 6)) < 0.4).astype(np.float32))
+    return path
+
+
+LOG_2PI = math.log(2 * math.pi)
