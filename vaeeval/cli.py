@@ -45,7 +45,7 @@ class _Group(click.Group):
 
 
 def _fail(message: str) -> None:
-    click.echo(f"vaeeval: error: {' '.join(message.split())}", err=True)
+    click.echo(f"vaeeval: error: {' '.join(message.splitlines())}", err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 _NUMERIC_KINDS = "biuf"
 _GRID_TOLERANCE = 1e-4  # in units of one grid step: float32 k/(L-1) is well within it
-_SCAN_ELEMENTS = 1 << 22  # elements per block when scanning data for bad values
+_SCAN_ELEMENTS = 1 << 22
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # elements per block when scanning data for bad values
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,11 @@ def check_values(dataset: Dataset, model: Model) -> None:
             bad = ~np.isfinite(block)
             if bad.any():
                 raise DataError(dataset.path, f"{_first_bad(start, block, bad)}; data must be finite")
+            bad = np.abs(block) > _FLOAT32_MAX
+            if bad.any():
+                raise DataError(
+                    dataset.path, f"{_first_bad(start, block, bad)}, beyond the float32 range vaeeval computes in"
+                )
         bad = likelihood.outside_support(block)
         if bad.any():
             raise DataError(

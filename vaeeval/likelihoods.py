@@ -93,6 +93,17 @@ class Likelihood(ABC):
         Returns:
             ``[...]`` float64.
         """
+        total = self._summed(params, x)
+        overflowed = ~torch.isfinite(total)
+        if overflowed.any():
+            # Extreme but finite data can overflow float32 (a squared error of 1e40):
+            # redo just those rows in float64, so no other row's rounding changes.
+            rows = overflowed.nonzero(as_tuple=True)
+            x_rows = x.expand(*total.shape, *self.input_shape)[rows]
+            total[rows] = self._summed(params[rows].double(), x_rows.double())
+        return total
+
+    def _summed(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         elementwise = self.distribution(params).log_prob(x)
         return elementwise.double().flatten(start_dim=elementwise.dim() - len(self.input_shape)).sum(-1)
 

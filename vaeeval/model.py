@@ -151,32 +151,15 @@ def _read_header(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             size = path.stat().st_size
-            start = handle.read(8)
-            if start[:2] == b"PK":
-                raise ModelFileError(
-                    path,
-                    "a zip archive (a PyTorch .pt/.pth checkpoint?), not a safetensors file; vaeeval "
-                    "never unpickles files — save the weights with safetensors.torch.save_file",
-                )
-            if start[:1] == b"\x80":
-                raise ModelFileError(
-                    path,
-                    "a Python pickle (a PyTorch checkpoint?), not a safetensors file; vaeeval never "
-                    "unpickles files — save the weights with safetensors.torch.save_file",
-                )
-            if start[:6] == b"\x93NUMPY":
-                raise ModelFileError(path, "a NumPy .npy array, not a safetensors model file (MODEL comes before DATA)")
-            if len(start) < 8:
-                raise ModelFileError(path, f"not a safetensors file (only {size} bytes)")
-            length = int.from_bytes(start, "little")
-            first = handle.read(1)
-            if first != b"{" or length > _MAX_HEADER_BYTES:
-                raise ModelFileError(path, "not a safetensors file (no JSON header after the 8-byte length)")
+            start = handle.read(9)
+            length = int.from_bytes(start[:8], "little")
+            if len(start) < 9 or start[8:9] != b"{" or length > _MAX_HEADER_BYTES:
+                raise ModelFileError(path, _not_safetensors(start, size))
             if 8 + length > size:
                 raise ModelFileError(
                     path, f"truncated: the header says {length} bytes, only {size - 8} follow the length"
                 )
-            raw = first + handle.read(length - 1)
+            raw = start[8:] + handle.read(length - 1)
     except FileNotFoundError:
         raise ModelFileError(path, "no such file") from None
     except IsADirectoryError:
@@ -195,13 +178,31 @@ def _read_header(path: Path) -> dict[str, Any]:
     ends = [
         entry["data_offsets"][1]
         for name, entry in header.items()
-        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2
+        if name != "__metadata__"
+        and isinstance(entry, dict)
+        and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2
+        and isinstance(entry["data_offsets"][1], int)
     ]
     if ends and max(ends) > data_bytes:
         raise ModelFileError(
             path, f"truncated: its tensors need {max(ends)} bytes of data, the file has {data_bytes}"
         )
     return header
+
+
+def _not_safetensors(start: bytes, size: int) -> str:
+    """Why a file that does not open like safetensors (8-byte length, then '{') is refused."""
+    never = "vaeeval never unpickles files — save the weights with safetensors.torch.save_file"
+    if start.startswith(b"PK"):
+        return f"a zip archive (a PyTorch .pt/.pth checkpoint?), not a safetensors file; {never}"
+    if start.startswith(b"\x80"):
+        return f"a Python pickle (a PyTorch checkpoint?), not a safetensors file; {never}"
+    if start.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array, not a safetensors model file (MODEL comes before DATA)"
+    if size < 9:
+        return f"not a safetensors file (only {size} bytes)"
+    return "not a safetensors file (no JSON header after the 8-byte length)"
 
 
 def _check_version(path: Path, document: Mapping[str, Any]) -> None:
@@ -252,7 +253,7 @@ def _build_chain(
     modules, infos, used = [], [], set()
     shape = in_shape
     for index, spec in enumerate(specs):
-        label = f"{part} layer {index} ({describe(spec) if isinstance(spec, Mapping) else spec!r})"
+        label = f"{part} layer {index} ({describe(spec) if isinstance(spec, Mapping) else repr(spec)})"
         built = build_layer(spec, tensors, shape, label)
         params = sum(tensors[name].numel() for name in built.tensors)
         detail = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
@@ -287,6 +288,9 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
             f"{math.prod(input_shape)} = {expected}"
         )
 
+    _dry_run(encoder, input_shape, encoder_out, "encoder")
+    _dry_run(decoder, (latent_dim,), decoder_out, "decoder")
+
     own = set(likelihood.tensors) | set(prior.tensors)
     unused = sorted(set(tensors) - encoder_used - decoder_used - own)
     if unused:
@@ -307,6 +311,17 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
         document=dict(document),
         extra_parameters=sum(tensors[name].numel() for name in own),
     )
+
+
+def _dry_run(net: nn.Sequential, in_shape: Shape, expected: Shape, part: str) -> None:
+    """One zero input through ``net``: torch must agree with the shapes inferred layer by layer."""
+    try:
+        with torch.inference_mode():
+            found = tuple(net(torch.zeros(1, *in_shape)).shape[1:])
+    except RuntimeError as error:
+        raise SpecError(f"the {part} fails on a [1, {', '.join(map(str, in_shape))}] input: {error}") from None
+    if found != expected:
+        raise SpecError(f"the {part} gives {format_shape(found)}, not the {format_shape(expected)} its layers declare")
 
 
 # ---------------------------------------------------------------- writing
