@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,29 @@ N = 8  # data points in the good data file
 
 
 def run(*args: Any) -> Result:
-    """Invoke the CLI in-process with separate stdout and stderr (click >= 8.2)."""
-    return CliRunner().invoke(main, [str(a) for a in args])
+    """Invoke the CLI in-process with separate stdout and stderr (click >= 8.2).
+
+    Python warnings are recorded as ``result.warnings``: pytest intercepts them, but
+    in a real run each one is printed to stderr, so the contract counts them as output.
+    The categories Python hides by default (and the ResourceWarnings of files leaked
+    by earlier tests, which the garbage collector reports at random later times) are
+    left out.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    result.warnings = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]
+    return result
 
 
 def _explain(result: Result) -> str:
-    escaped = result.exc_info is not None and not isinstance(result.exception, SystemExit)
+    escaped = result.exception is not None and not isinstance(result.exception, SystemExit)
     tb = "".join(traceback.format_exception(*result.exc_info)) if escaped else ""
     return (
         f"\nexit code: {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
+        f"\nwarnings (printed to stderr in a real run): {getattr(result, 'warnings', [])!r}"
         f"\nexception: {result.exception!r}\n{tb}"
     )
 
@@ -57,6 +72,7 @@ def assert_one_line_error(result: Result, path: Path | str | None, *phrases: str
     assert result.exit_code == 2, why
     assert result.stdout == "", "something was printed on stdout" + why
     assert result.stderr.count("\n") == 1, "stderr is not exactly one line" + why
+    assert not result.warnings, "Python warnings would add lines to stderr" + why
     assert result.stderr.endswith("\n"), why
     line = result.stderr[:-1]
     assert line.startswith(ERROR_PREFIX), why
@@ -320,8 +336,10 @@ MODEL_CASES: list[tuple[str, Breaker, tuple[str, ...]]] = [
         edit_doc(_missing_layer_tensor),
         ('encoder layer 0 (linear "encoder.9")', "'encoder.9.weight'", "does not have"),
     ),
-    ("unused-tensor", edit_tensors(lambda t: t.__setitem__("extra.weight", torch.zeros(3))),
-     ("not used by any layer", "'extra.weight'")),
+    # (named "unused" so that the file's header length does not end in byte 0x80; see
+    # test_valid_model_whose_header_length_looks_like_a_magic_number)
+    ("unused-tensor", edit_tensors(lambda t: t.__setitem__("unused", torch.zeros(3))),
+     ("not used by any layer", "'unused'")),
     (
         "shapes-do-not-chain",
         edit_tensors(_shape_mismatch),
@@ -374,6 +392,27 @@ def test_bad_model_file(tmp_path, files, base, command, name, breaker, phrases):
     model = breaker(tmp_path, tensors, document)
     args = ["inspect", model] if command == "inspect" else ["elbo", model, files["binary_data"], "-k", "4"]
     assert_one_line_error(run(*args), model, *phrases)
+
+
+@pytest.mark.parametrize("magic", [b"\x80", b"PK"], ids=["0x80-like-a-pickle", "PK-like-a-zip"])
+def test_valid_model_whose_header_length_looks_like_a_magic_number(tmp_path, base, magic):
+    """A safetensors file starts with its header length (u64, little-endian), so a valid
+    file can begin with any bytes: a header of 0x480 bytes starts with b"\x80\x04", one of
+    0x4B50 bytes with b"PK". Such a file is a valid model and must load."""
+    tensors, document = base
+    wanted = int.from_bytes(magic, "little")
+    modulus = 256 ** len(magic)
+    path = tmp_path / "m.safetensors"
+    write_model_file(path, tensors, {**document, "description": ""})
+    first_guess = (wanted - int.from_bytes(path.read_bytes()[:8], "little")) % modulus
+    for pad in range(max(0, first_guess - 16), first_guess + 16):
+        write_model_file(path, tensors, {**document, "description": "x" * pad})
+        if path.read_bytes()[: len(magic)] == magic:
+            break
+    else:
+        pytest.fail("could not make a header of the wanted length")
+    assert int.from_bytes(path.read_bytes()[:8], "little") % modulus == wanted
+    _assert_ok(run("inspect", path))
 
 
 # ----------------------------------------------------------------- bad data files
@@ -551,6 +590,7 @@ def test_usage_errors(files, args, phrase):
 def _assert_ok(result: Result) -> None:
     assert result.exit_code == 0, _explain(result)
     assert result.exception is None, _explain(result)
+    assert not result.warnings, "Python warnings would be printed to stderr" + _explain(result)
     assert result.stdout
 
 
@@ -573,7 +613,48 @@ def test_gaussian_on_any_finite_data(tmp_path, files):
     assert isinstance(document, dict)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.uint8, np.bool_])
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [
+        (np.float32, 1e19),
+        (np.float32, 1e20),
+        (np.float32, -1e30),
+        (np.float32, float(np.finfo(np.float32).max)),
+        (np.float64, 1e20),
+        (np.float64, 5e-324),
+    ],
+    ids=["f32-1e19", "f32-1e20", "f32-minus-1e30", "f32-max", "f64-1e20", "f64-subnormal"],
+)
+def test_gaussian_on_extreme_finite_data(tmp_path, files, dtype, value):
+    """Finite data (within float32's range, which vaeeval computes in) is valid for a
+    gaussian likelihood however large: its log-density, about -2 * value**2 nats here,
+    is a finite float64."""
+    data = np.zeros((N, D), dtype=dtype)
+    data[1, 2] = value
+    path = tmp_path / "extreme.npy"
+    np.save(path, data)
+    result = run("elbo", files["gaussian"], path, "-k", "4", "--json")
+    _assert_ok(result)
+    assert json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300, 1e39], ids=["1e300", "minus-1e300", "1e39"])
+def test_gaussian_on_float64_data_beyond_float32(tmp_path, files, value):
+    """Finite float64 data that float32 cannot hold: either scored, or refused by the
+    one-line contract naming the data file -- never a warning, a traceback or a
+    message blaming the model."""
+    data = np.zeros((N, D), dtype=np.float64)
+    data[1, 2] = value
+    path = tmp_path / "huge.npy"
+    np.save(path, data)
+    result = run("elbo", files["gaussian"], path, "-k", "4", "--json")
+    if result.exit_code == 0:
+        _assert_ok(result)
+    else:
+        assert_one_line_error(result, path, "point 1", "element [2]")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.int64, np.uint8, np.bool_])
 def test_bernoulli_accepts_binary_data_of_any_numeric_dtype(tmp_path, files, dtype):
     path = tmp_path / "data.npy"
     np.save(path, binary().astype(dtype))

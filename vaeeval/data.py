@@ -162,10 +162,15 @@ def _read_array(path: Path, key: str | None) -> np.ndarray:
 
 
 def _from_npz(path: Path, key: str | None) -> np.ndarray:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except zipfile.BadZipFile as error:
-        raise DataError(path, f"truncated or corrupt .npz ({error})") from None
+    with path.open("rb") as handle:  # our handle, closed even when the archive is corrupt
+        try:
+            archive = np.load(handle, allow_pickle=False)
+        except zipfile.BadZipFile as error:
+            raise DataError(path, f"truncated or corrupt .npz ({error})") from None
+        return _npz_member(path, archive, key)
+
+
+def _npz_member(path: Path, archive: np.lib.npyio.NpzFile, key: str | None) -> np.ndarray:
     with archive:
         names = list(archive.files)
         if not names:
@@ -219,11 +224,12 @@ def check_values(dataset: Dataset, model: Model) -> None:
             bad = ~np.isfinite(block)
             if bad.any():
                 raise DataError(dataset.path, f"{_first_bad(start, block, bad)}; data must be finite")
-            bad = np.abs(block) > _FLOAT32_MAX
-            if bad.any():
-                raise DataError(
-                    dataset.path, f"{_first_bad(start, block, bad)}, beyond the float32 range vaeeval computes in"
-                )
+            if block.dtype.itemsize > 4:
+                bad = np.abs(block) > _FLOAT32_MAX
+                if bad.any():
+                    raise DataError(
+                        dataset.path, f"{_first_bad(start, block, bad)}, beyond the float32 range vaeeval computes in"
+                    )
         bad = likelihood.outside_support(block)
         if bad.any():
             raise DataError(

@@ -125,7 +125,9 @@ def _header(evaluation: Evaluation, model: Model, dataset: Dataset) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("model", escape(f"{model.path}") + (f"  [dim]{escape(model.description)}[/]" if model.description else ""))
+    grid.add_row("model", escape(f"{model.path}"))
+    if model.description:
+        grid.add_row("", f"[dim]{escape(model.description)}[/]")
     grid.add_row("likelihood", f"{model.likelihood.family} ({model.likelihood.measure})")
     grid.add_row("prior", f"{model.prior.family}, KL {evaluation.kl_kind}")
     grid.add_row("latent dim", str(model.latent_dim))
