@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vaeeval.errors import DataError, SpecError
+from vaeeval.errors import DataError, SpecError, reading
 
 if TYPE_CHECKING:
     from vaeeval.model import Model
@@ -127,15 +127,8 @@ def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: 
 
 
 def _read_array(path: Path, key: str | None) -> np.ndarray:
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(6)
-    except FileNotFoundError:
-        raise DataError(path, "no such file") from None
-    except IsADirectoryError:
-        raise DataError(path, "is a directory, not a data file") from None
-    except OSError as error:
-        raise DataError(path, f"cannot be read ({error.strerror or error})") from None
+    with reading(path, DataError, "data file"), path.open("rb") as handle:
+        magic = handle.read(6)
     if magic.startswith(b"\x80"):
         raise DataError(path, "a Python pickle; vaeeval never unpickles files — save the array with numpy.save")
     if key is not None and not magic.startswith(b"PK"):

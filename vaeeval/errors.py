@@ -6,6 +6,8 @@ expected and what was found. The CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,3 +40,24 @@ class SpecError(ValueError):
     file they are reading; ``load_model`` adds the path and re-raises it as a
     ``ModelFileError``.
     """
+
+
+@contextmanager
+def reading(path: Path, error: type[ModelFileError] | type[DataError], kind: str) -> Iterator[None]:
+    """Turn the OS errors of opening and reading ``path`` into one-line ``error``\ s.
+
+    Args:
+        path: the file being read.
+        error: the error class to raise.
+        kind: what the file should be, for "is a directory, not a <kind>".
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(path, "no such file") from None
+    except IsADirectoryError:
+        raise error(path, f"is a directory, not a {kind}") from None
+    except PermissionError:
+        raise error(path, "cannot be read (permission denied)") from None
+    except OSError as os_error:
+        raise error(path, f"cannot be read ({os_error.strerror or os_error})") from None

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaeeval.data import Domain, domain_from_spec
-from vaeeval.errors import ModelFileError, SpecError, VaeevalError
+from vaeeval.errors import ModelFileError, SpecError, VaeevalError, reading
 from vaeeval.layers import Reshape, Shape, build_layer, describe, format_shape
 from vaeeval.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.priors import Prior, prior_from_spec
@@ -148,26 +148,15 @@ def load_model(path: str | Path) -> Model:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            size = path.stat().st_size
-            start = handle.read(9)
-            length = int.from_bytes(start[:8], "little")
-            if len(start) < 9 or start[8:9] != b"{" or length > _MAX_HEADER_BYTES:
-                raise ModelFileError(path, _not_safetensors(start, size))
-            if 8 + length > size:
-                raise ModelFileError(
-                    path, f"truncated: the header says {length} bytes, only {size - 8} follow the length"
-                )
-            raw = start[8:] + handle.read(length - 1)
-    except FileNotFoundError:
-        raise ModelFileError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ModelFileError(path, "is a directory, not a model file") from None
-    except PermissionError:
-        raise ModelFileError(path, "cannot be read (permission denied)") from None
-    except OSError as error:
-        raise ModelFileError(path, f"cannot be read ({error.strerror or error})") from None
+    with reading(path, ModelFileError, "model file"), path.open("rb") as handle:
+        size = path.stat().st_size
+        start = handle.read(9)
+        length = int.from_bytes(start[:8], "little")
+        if len(start) < 9 or start[8:9] != b"{" or length > _MAX_HEADER_BYTES:
+            raise ModelFileError(path, _not_safetensors(start, size))
+        if 8 + length > size:
+            raise ModelFileError(path, f"truncated: the header says {length} bytes, only {size - 8} follow the length")
+        raw = start[8:] + handle.read(length - 1)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
