@@ -52,7 +52,7 @@ def test_batch_size_does_not_change_a_single_bit(bernoulli_model, binary_data):
 
 def test_table_shows_header_summary_first_and_worst(bernoulli_model, binary_data):
     out = run("elbo", bernoulli_model.path, binary_data, "-k", "50").stdout
-    for phrase in ("bernoulli (probability)", "latent dim", "N = 23 points, D = 6 dims", "K = 50, seed 0",
+    for phrase in ("bernoulli, reported as probability", "latent dim", "N = 23 points, D = 6 dims", "K = 50, seed 0",
                    "bits/dim", "First 5 and worst 5 points by iwae", "log-probabilities"):
         assert phrase in out, phrase
     rows = re.findall(r"│\s+(?:first|worst)?\s*│\s+(\d+) │", out)

@@ -15,11 +15,21 @@ import click
 from rich.console import Console
 
 from vaeeval import __version__
+from vaeeval.compare import compare as compare_models
 from vaeeval.data import load_data
 from vaeeval.errors import VaeevalError
 from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, evaluate
 from vaeeval.model import load_model
-from vaeeval.report import ProgressBar, elbo_document, inspect_document, render_elbo, render_inspect, to_json
+from vaeeval.report import (
+    ProgressBar,
+    compare_document,
+    elbo_document,
+    inspect_document,
+    render_compare,
+    render_elbo,
+    render_inspect,
+    to_json,
+)
 
 EXIT_BAD_INPUT = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -89,6 +99,10 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points.")
 @click.option("--key", default=None, help="The array to use from an .npz file that holds several.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
+              help="Score a continuous likelihood as the probability of each value's bin on L levels.")
+@click.option("--density", is_flag=True,
+              help="Keep a continuous likelihood's density even when the data is discrete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.elbo/1) to stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every point in the table, not the first and worst.")
 def elbo(
@@ -101,6 +115,8 @@ def elbo(
     limit: int | None,
     key: str | None,
     device: str,
+    discretize: int | None,
+    density: bool,
     as_json: bool,
     show_all: bool,
 ) -> None:
@@ -108,6 +124,8 @@ def elbo(
 
     MODEL is a format-1 .safetensors file; DATA a .npy or .npz array of shape
     [N, *input_shape] (or [N, D]). Numbers are nats per point, higher is better.
+    On discrete data (values on a grid k/(L-1)) a continuous likelihood is scored
+    as the probability of each value's bin, so every number is a probability.
 
     \b
     Example:
@@ -125,6 +143,8 @@ def elbo(
             batch_size=batch_size,
             max_memory=max_memory,
             device=device,
+            discretize=discretize,
+            density=density,
             progress=progress,
         )
     if as_json:
@@ -148,3 +168,71 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(to_json(inspect_document(loaded)))
     else:
         render_inspect(Console(), loaded)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=_PATH, metavar="MODEL... DATA")
+@click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="K, importance samples from q(z|x) per point.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Noise seed, the same for every model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Points per encoder pass. Results do not depend on it.")
+@click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
+              help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points.")
+@click.option("--key", default=None, help="The array to use from an .npz file that holds several.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
+              help="Score continuous likelihoods as the probability of each value's bin on L levels.")
+@click.option("--density", is_flag=True,
+              help="Keep continuous likelihoods' densities even when the data is discrete (they are then not ranked).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
+def compare(
+    paths: tuple[Path, ...],
+    samples: int,
+    seed: int,
+    batch_size: int,
+    max_memory: int,
+    limit: int | None,
+    key: str | None,
+    device: str,
+    discretize: int | None,
+    density: bool,
+    as_json: bool,
+) -> None:
+    """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
+
+    Log-probabilities rank with log-probabilities; a log-density is never ranked
+    against a probability. On discrete data continuous models are scored as the
+    probability of each value's bin, so all of them can be ranked. Each model's
+    difference to the best is paired over the same points, with its standard error.
+
+    \b
+    Example:
+      vaeeval compare sample_models/digits_gaussian.safetensors \\
+        sample_models/digits_categorical.safetensors sample_models/digits_grey_test.npy
+    """
+    if len(paths) < 3:
+        raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
+    *model_paths, data = paths
+    models = [load_model(path) for path in model_paths]
+    datasets = [load_data(data, model, key=key, limit=limit) for model in models]
+    total = datasets[0].n * len(models)
+    with ProgressBar(total, "evaluating models", Console(stderr=True)) as progress:
+        result = compare_models(
+            models,
+            datasets,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            max_memory=max_memory,
+            device=device,
+            discretize=discretize,
+            density=density,
+            progress=progress,
+        )
+    if as_json:
+        click.echo(to_json(compare_document(result, datasets[0])))
+    else:
+        render_compare(Console(), result, datasets[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+from fractions import Fraction
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ class Domain:
             "real": "real-valued data",
         }[self.kind]
 
+    @property
+    def grid_levels(self) -> int | None:
+        """The number of values k/(L-1) this domain allows, for binary and discrete data."""
+        return 2 if self.kind == "binary" else self.levels
+
     def to_spec(self) -> dict[str, Any]:
         """The format-1 ``data`` block."""
         return {"domain": self.kind} if self.levels is None else {"domain": self.kind, "levels": self.levels}
@@ -86,12 +92,17 @@ def domain_from_spec(spec: Any) -> Domain | None:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Data points ready to evaluate: ``array`` is ``[N, *input_shape]`` (possibly memory-mapped)."""
+    """Data points ready to evaluate: ``array`` is ``[N, *input_shape]`` (possibly memory-mapped).
+
+    ``domain`` is what the values are, as detected: the smallest of binary,
+    discrete (on some k/(L-1) grid), unit_interval and real that holds them all.
+    """
 
     array: np.ndarray
     path: Path | None = None
     key: str | None = None
     total: int = 0  # points in the file, before --limit
+    domain: Domain = Domain("real")
 
     @property
     def n(self) -> int:
@@ -121,9 +132,8 @@ def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: 
     total = int(array.shape[0])
     if limit is not None:
         array = array[:limit]
-    dataset = Dataset(array, path, key, total)
-    check_values(dataset, model)
-    return dataset
+    domain = check_values(Dataset(array, path, key, total), model)
+    return Dataset(array, path, key, total, domain)
 
 
 def _read_array(path: Path, key: str | None) -> np.ndarray:
@@ -205,14 +215,19 @@ def _first_bad(start: int, block: np.ndarray, mask: np.ndarray) -> str:
     return f"point {point}, element {element} is {float(value):.6g}"
 
 
-def check_values(dataset: Dataset, model: Model) -> None:
-    """Refuse non-finite values and values the model cannot score.
+def check_values(dataset: Dataset, model: Model) -> Domain:
+    """Refuse non-finite values and values the model cannot score; detect the data's domain.
+
+    Returns:
+        The detected domain of the values.
 
     Raises:
         DataError: naming the first bad point and element, the value, and what was needed.
     """
     likelihood, domain = model.likelihood, model.domain
+    detector = DomainDetector()
     for start, block in _blocks(dataset.array):
+        detector.update(block)
         if block.dtype.kind == "f":
             bad = ~np.isfinite(block)
             if bad.any():
@@ -236,3 +251,57 @@ def check_values(dataset: Dataset, model: Model) -> None:
                     dataset.path,
                     f"{_first_bad(start, block, bad)}; the model declares {domain.describe()}",
                 )
+    return detector.domain()
+
+
+def detect_domain(array: np.ndarray) -> Domain:
+    """The smallest domain (binary, discrete, unit_interval, real) holding every value of ``array``."""
+    detector = DomainDetector()
+    for _, block in _blocks(array):
+        detector.update(block)
+    return detector.domain()
+
+
+class DomainDetector:
+    """Finds the smallest domain holding every value seen, block by block.
+
+    Discrete data is recognized on grids of up to ``MAX_LEVELS`` levels: the
+    distinct values (at most that many are kept) are read as fractions, and the
+    grid is the least common multiple of their denominators.
+    """
+
+    MAX_LEVELS = 4097
+
+    def __init__(self) -> None:
+        self.low, self.high = math.inf, -math.inf
+        self.values: np.ndarray | None = np.empty(0)
+
+    def update(self, block: np.ndarray) -> None:
+        if block.size == 0:
+            return
+        self.low, self.high = min(self.low, float(block.min())), max(self.high, float(block.max()))
+        if self.values is not None:
+            self.values = np.union1d(self.values, np.unique(block).astype(np.float64))
+            if self.values.size > self.MAX_LEVELS:
+                self.values = None  # too many distinct values for a grid
+
+    def domain(self) -> Domain:
+        if self.low < 0 or self.high > 1:
+            return Domain("real")
+        levels = None if self.values is None else grid_levels(self.values, self.MAX_LEVELS)
+        if levels is None:
+            return Domain("unit_interval")
+        return Domain("binary") if levels == 2 else Domain("discrete", levels)
+
+
+def grid_levels(values: np.ndarray, max_levels: int) -> int | None:
+    """The smallest L <= max_levels with every value (in [0, 1]) on the grid k/(L-1), or None."""
+    step = 1
+    for value in values:
+        step = math.lcm(step, Fraction(float(value)).limit_denominator(max_levels - 1).denominator)
+        if step > max_levels - 1:
+            return None
+    scaled = values * step
+    if np.any(np.abs(scaled - np.round(scaled)) > _GRID_TOLERANCE):
+        return None
+    return step + 1

@@ -7,6 +7,10 @@ For a point x and K samples z_k ~ q(z|x):
     elbo    = recon - KL(q(z|x) || p(z))                 (Kingma & Welling 2014)
     iwae    = logsumexp_k log w_k - log K                (Burda, Grosse & Salakhutdinov 2016)
 
+When KL(q || p) has no closed form (a mixture prior) it is estimated from the
+same samples, (1/K) sum_k log q(z_k|x) - log p(z_k), and then elbo is exactly
+the mean log-weight.
+
 Samples arrive in chunks, so the reductions over k are streamed: the state
 per point is one float64 number, whatever K is. To make the result independent
 of the chunk size, every reduction runs over fixed blocks of ``BLOCK`` samples
@@ -54,3 +58,38 @@ def fold_logsumexp(total: torch.Tensor, log_values: torch.Tensor) -> torch.Tenso
 def iwae_bound(logsumexp_w: torch.Tensor, samples: int) -> torch.Tensor:
     """The importance-weighted estimate of log p(x): ``logsumexp_k log w_k - log K``."""
     return logsumexp_w - math.log(samples)
+
+
+class Moments:
+    """Streaming mean and Monte Carlo standard error over samples, per point.
+
+    Sums run over x - c, where c is each point's sample 0: close to the mean, so
+    the variance does not cancel catastrophically (log-weights of -1e4 +- 1), and
+    the same whatever the chunking, since sample 0 is always in the first chunk.
+    """
+
+    def __init__(self) -> None:
+        self.shift: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add the samples ``values [B, S]``, the next chunk in sample order."""
+        if self.shift is None:
+            self.shift = values[:, 0].clone()
+            self.total = torch.zeros_like(self.shift)
+            self.squares = torch.zeros_like(self.shift)
+        centered = values - self.shift[:, None]
+        self.total = fold_sum(self.total, centered)
+        self.squares = fold_sum(self.squares, centered * centered)
+
+    def mean(self, samples: int) -> torch.Tensor:
+        """The sample mean, ``[B]``."""
+        return self.shift + self.total / samples
+
+    def stderr(self, samples: int) -> torch.Tensor:
+        """Standard error of the mean, sqrt(var / K) with the unbiased variance; NaN for K = 1."""
+        if samples < 2:
+            return torch.full_like(self.shift, math.nan)
+        variance = (self.squares - self.total * self.total / samples) / (samples - 1)
+        return (variance.clamp(min=0) / samples).sqrt()

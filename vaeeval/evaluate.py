@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch.distributions import Independent, Normal
 
-from vaeeval.data import Dataset
+from vaeeval.data import Dataset, Domain, detect_domain
 from vaeeval.errors import VaeevalError
-from vaeeval.estimators import BLOCK, fold_logsumexp, fold_sum, iwae_bound, log_weights
+from vaeeval.estimators import BLOCK, Moments, fold_logsumexp, iwae_bound, log_weights
 from vaeeval.model import Model
 from vaeeval.rng import standard_normal
+from vaeeval.scoring import Scoring, choose_scoring
 
 DEFAULT_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 100
@@ -42,13 +43,17 @@ class Settings:
 
 @dataclass(frozen=True)
 class PointResults:
-    """Per-point estimates in nats, ``[N]`` float64 each, higher is better (but ``kl``)."""
+    """Per-point estimates in nats, ``[N]`` float64 each, higher is better (but ``kl``).
+
+    ``kl_stderr`` is the Monte Carlo standard error of a ``monte_carlo`` KL (0 when analytic).
+    """
 
     index: np.ndarray
     elbo: np.ndarray
     recon: np.ndarray
     kl: np.ndarray
     iwae: np.ndarray
+    kl_stderr: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,12 @@ class Stat:
 
 @dataclass(frozen=True)
 class Summary:
-    """Means and standard errors over points; ``bits_per_dim`` is of -iwae."""
+    """Means and standard errors over points.
+
+    ``bits_per_dim`` is -iwae / (D ln 2). For a density on discrete data,
+    ``dequantized_bits_per_dim`` is the same for iwae + D log(bin width), the
+    figure usually reported for densities on dequantized data.
+    """
 
     n: int
     elbo: Stat
@@ -69,6 +79,7 @@ class Summary:
     kl: Stat
     iwae: Stat
     bits_per_dim: Stat
+    dequantized_bits_per_dim: Stat | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,14 @@ class Evaluation:
     points: PointResults
     summary: Summary
     settings: Settings
-    measure: str  # "density" or "probability": what kind of number recon and iwae are
+    scoring: Scoring  # what kind of number recon and iwae are, and how it was made
     kl_kind: str  # "analytic" or "monte_carlo"
+    domain: Domain  # the data's values, as detected
+
+    @property
+    def measure(self) -> str:
+        """``"density"`` or ``"probability"``."""
+        return self.scoring.measure
 
 
 def mean_and_stderr(values: np.ndarray) -> Stat:
@@ -89,15 +106,27 @@ def mean_and_stderr(values: np.ndarray) -> Stat:
     return Stat(float(values.mean()), stderr)
 
 
-def summarize(points: PointResults, dims: int) -> Summary:
-    """Means and standard errors over points, and bits per dimension of -iwae."""
+def summarize(points: PointResults, dims: int, dequantization_offset: float | None = None) -> Summary:
+    """Means and standard errors over points, and bits per dimension of -iwae.
+
+    Args:
+        points: the per-point estimates.
+        dims: D, dimensions per point.
+        dequantization_offset: D log(bin width), for a density on discrete data.
+    """
+    per_dim = dims * math.log(2)
     return Summary(
         n=int(points.index.size),
         elbo=mean_and_stderr(points.elbo),
         recon=mean_and_stderr(points.recon),
         kl=mean_and_stderr(points.kl),
         iwae=mean_and_stderr(points.iwae),
-        bits_per_dim=mean_and_stderr(-points.iwae / (dims * math.log(2))),
+        bits_per_dim=mean_and_stderr(-points.iwae / per_dim),
+        dequantized_bits_per_dim=(
+            None
+            if dequantization_offset is None
+            else mean_and_stderr(-(points.iwae + dequantization_offset) / per_dim)
+        ),
     )
 
 
@@ -138,6 +167,8 @@ def evaluate(
     max_memory: int = DEFAULT_MAX_MEMORY,
     chunk_size: int | None = None,
     device: str | torch.device = "cpu",
+    discretize: int | None = None,
+    density: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Estimate ELBO, reconstruction, KL and IWAE for every point.
@@ -151,6 +182,8 @@ def evaluate(
         max_memory: bytes the decoder working set may use; sets the chunk size.
         chunk_size: samples per chunk (a multiple of ``estimators.BLOCK``), instead of ``max_memory``.
         device: where to compute.
+        discretize: score a continuous likelihood as bin probabilities on this many levels.
+        density: keep a continuous likelihood's density even when the data is discrete.
         progress: called with the number of points finished after each batch.
 
     Returns:
@@ -168,17 +201,19 @@ def evaluate(
         chunk_size = chunk_size_for(model, batch_size, samples, max_memory)
     elif chunk_size < 1 or chunk_size % BLOCK:
         raise VaeevalError(f"the chunk size must be a positive multiple of {BLOCK}, found {chunk_size}")
+    domain = data.domain if isinstance(data, Dataset) else detect_domain(array)
+    scoring = choose_scoring(model.likelihood, domain, model.domain, discretize=discretize, density=density)
     device = resolve_device(str(device))
     model = model.to(device)
 
     n = array.shape[0]
-    results = {name: np.empty(n) for name in METRICS}
+    results = {name: np.empty(n) for name in (*METRICS, "kl_stderr")}
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             x = torch.from_numpy(np.array(array[start:stop], dtype=np.float32)).to(device)
-            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size)
-            for name in METRICS:
+            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size, scoring.levels)
+            for name in results:
                 results[name][start:stop] = batch[name].cpu().numpy()
             if progress is not None:
                 progress(stop)
@@ -187,17 +222,24 @@ def evaluate(
     _check_finite(points)
     return Evaluation(
         points=points,
-        summary=summarize(points, model.data_dims),
+        summary=summarize(points, model.data_dims, scoring.dequantization_offset(model.data_dims)),
         settings=Settings(samples, seed, batch_size, chunk_size, str(device)),
-        measure=model.likelihood.measure,
+        scoring=scoring,
         kl_kind=model.prior.kl_kind,
+        domain=domain,
     )
 
 
 def _evaluate_batch(
-    model: Model, x: torch.Tensor, indices: np.ndarray, samples: int, seed: int, chunk_size: int
+    model: Model,
+    x: torch.Tensor,
+    indices: np.ndarray,
+    samples: int,
+    seed: int,
+    chunk_size: int,
+    levels: int | None,
 ) -> dict[str, torch.Tensor]:
-    """The four estimates, ``[B]`` float64 each, for one batch of points ``x``."""
+    """The estimates, ``[B]`` float64 each, for one batch of points ``x``."""
     mean, log_var = model.encode(x)
     mean, std = mean.double(), (0.5 * log_var.double()).exp()
     kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
@@ -206,7 +248,7 @@ def _evaluate_batch(
 
     rows, latent = mean.shape
     log_sum_w = torch.full((rows,), -math.inf, dtype=torch.float64, device=x.device)
-    recon_sum = torch.zeros(rows, dtype=torch.float64, device=x.device)
+    recon, log_ratio = Moments(), Moments()  # log p(x|z); log q(z|x) - log p(z), the KL's sample
     x_each = x[:, None]
     for first in range(0, samples, chunk_size):
         last = min(samples, first + chunk_size)
@@ -214,13 +256,25 @@ def _evaluate_batch(
         z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
         z64 = z.double()  # ...and exactly that point for the densities
         params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
-        log_px_z = model.likelihood.log_prob(params, x_each)
-        log_w = log_weights(log_px_z, prior.log_prob(z64), q.log_prob(z64))
-        log_sum_w = fold_logsumexp(log_sum_w, log_w)
-        recon_sum = fold_sum(recon_sum, log_px_z)
+        log_px_z = model.likelihood.log_prob(params, x_each, levels)
+        log_qz, log_pz = q.log_prob(z64), prior.log_prob(z64)
+        log_sum_w = fold_logsumexp(log_sum_w, log_weights(log_px_z, log_pz, log_qz))
+        recon.update(log_px_z)
+        if kl is None:
+            log_ratio.update(log_qz - log_pz)
 
-    recon = recon_sum / samples
-    return {"elbo": recon - kl, "recon": recon, "kl": kl, "iwae": iwae_bound(log_sum_w, samples)}
+    if kl is None:
+        kl, kl_stderr = log_ratio.mean(samples), log_ratio.stderr(samples)
+    else:
+        kl_stderr = torch.zeros_like(kl)
+    reconstruction = recon.mean(samples)
+    return {
+        "elbo": reconstruction - kl,
+        "recon": reconstruction,
+        "kl": kl,
+        "iwae": iwae_bound(log_sum_w, samples),
+        "kl_stderr": kl_stderr,
+    }
 
 
 def _check_finite(points: PointResults) -> None:

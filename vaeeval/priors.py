@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal, kl_divergence
 
 from vaeeval.errors import SpecError
 
@@ -27,31 +27,64 @@ class Prior(ABC):
     def __init__(self, spec: Mapping[str, Any], latent_dim: int) -> None:
         self.spec = dict(spec)
         self.latent_dim = latent_dim
+        self.values: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], latent_dim: int) -> Prior:
         """Check the spec's keys and tensors and build the bound prior."""
         unknown = sorted(set(spec) - cls.keys - {"family"})
+        missing = sorted(cls.keys - set(spec))
         if unknown:
             raise SpecError(f"prior: unknown key(s) {', '.join(unknown)} for family {cls.family!r}")
-        return cls(spec, latent_dim)
+        if missing:
+            raise SpecError(f"prior: family {cls.family!r} needs {', '.join(missing)}")
+        prior = cls(spec, latent_dim)
+        prior.bind({key: _tensor(spec, key, tensors) for key in sorted(cls.keys)})
+        return prior
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take this prior's tensors (already checked to exist and be finite), checking their shapes."""
+        self.values = dict(tensors)
 
     @property
     def tensors(self) -> tuple[str, ...]:
         """Names of the file tensors this prior reads."""
-        return ()
+        return tuple(self.spec[key] for key in sorted(self.keys))
 
     @abstractmethod
     def distribution(self, like: torch.Tensor) -> Distribution:
         """p(z) with event shape ``[latent_dim]``, in the dtype and on the device of ``like``."""
 
-    def kl(self, q: Distribution) -> torch.Tensor:
-        """KL(q || p) per batch element, ``[B]``, for q with event shape ``[latent_dim]``."""
+    def kl(self, q: Distribution) -> torch.Tensor | None:
+        """KL(q || p) per batch element, ``[B]``, for q with event shape ``[latent_dim]``.
+
+        ``None`` when it has no closed form: the evaluation then estimates it by
+        Monte Carlo from the same samples as the other terms.
+        """
         return kl_divergence(q, self.distribution(q.mean))
 
     def to(self, device: torch.device | str) -> Prior:
         """This prior with its tensors on ``device``."""
-        return self
+        moved = type(self)(self.spec, self.latent_dim)
+        moved.values = {key: value.to(device) for key, value in self.values.items()}
+        return moved
+
+    def _value(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        return self.values[key].to(dtype=like.dtype, device=like.device)
+
+    def _check_shape(self, key: str, shape: tuple[int, ...]) -> None:
+        found = tuple(self.values[key].shape)
+        if found != shape:
+            raise SpecError(f"prior: {key} tensor {self.spec[key]!r} is {list(found)}, expected {list(shape)}")
+
+
+def _tensor(spec: Mapping[str, Any], key: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    name = spec[key]
+    if not isinstance(name, str) or name not in tensors:
+        raise SpecError(f"prior: {key} names tensor {name!r}, which the file does not have")
+    if not torch.isfinite(tensors[name]).all():
+        raise SpecError(f"prior: {key} tensor {name!r} has non-finite values")
+    return tensors[name]
 
 
 _FAMILIES: dict[str, type[Prior]] = {}
@@ -93,3 +126,49 @@ class StandardNormalPrior(Prior):
     def distribution(self, like: torch.Tensor) -> Distribution:
         zeros = torch.zeros(self.latent_dim, dtype=like.dtype, device=like.device)
         return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+
+
+@register
+class GaussianPrior(Prior):
+    """N(mean, diag(exp(log_var))) with learned tensors ``mean`` and ``log_var`` of shape [latent_dim]."""
+
+    family = "gaussian"
+    keys = frozenset({"mean", "log_var"})
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().bind(tensors)
+        for key in self.keys:
+            self._check_shape(key, (self.latent_dim,))
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        mean, log_var = self._value("mean", like), self._value("log_var", like)
+        return Independent(Normal(mean, (0.5 * log_var).exp(), validate_args=False), 1)
+
+
+@register
+class MixturePrior(Prior):
+    """A mixture of C diagonal Gaussians: ``logits`` [C], ``means`` and ``log_vars`` [C, latent_dim].
+
+    KL(q || p) has no closed form; it is estimated from the evaluation's own samples.
+    """
+
+    family = "mixture_of_gaussians"
+    kl_kind = "monte_carlo"
+    keys = frozenset({"logits", "means", "log_vars"})
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().bind(tensors)
+        components = tuple(self.values["logits"].shape)
+        if len(components) != 1:
+            raise SpecError(f"prior: logits tensor {self.spec['logits']!r} is {list(components)}, expected [C]")
+        for key in ("means", "log_vars"):
+            self._check_shape(key, (*components, self.latent_dim))
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        means, log_vars = self._value("means", like), self._value("log_vars", like)
+        components = Independent(Normal(means, (0.5 * log_vars).exp(), validate_args=False), 1)
+        mixing = Categorical(logits=self._value("logits", like), validate_args=False)
+        return MixtureSameFamily(mixing, components, validate_args=False)
+
+    def kl(self, q: Distribution) -> None:
+        return None

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from vaeeval.compare import Comparison
 from vaeeval.data import Dataset
 from vaeeval.evaluate import METRICS, Evaluation, Stat
 from vaeeval.layers import format_shape
@@ -27,6 +28,12 @@ from vaeeval.likelihoods import DENSITY
 from vaeeval.model import Model
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
+COMPARE_SCHEMA = "vaeeval.compare/1"
+DEQUANTIZATION = (
+    "the uniform-dequantization figure for a density on discrete data, not a probability "
+    "(log P(bin) >= E_u[log p(x + u)] + D log Δ bounds the bin probability only for the density "
+    "averaged over the bin; this uses it at the bin's centre)"
+)
 INSPECT_SCHEMA = "vaeeval.inspect/1"
 
 _MEANINGS = {
@@ -46,6 +53,17 @@ def _stat(stat: Stat) -> dict[str, float | None]:
     return {"mean": stat.mean, "stderr": stat.stderr}
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined number (a standard error from one sample) is null."""
+    return value if math.isfinite(value) else None
+
+
+def scoring_info(evaluation: Evaluation) -> dict[str, Any]:
+    """What a document says about how the numbers were made."""
+    scoring = evaluation.scoring
+    return {"measure": scoring.measure, "levels": scoring.levels, "note": scoring.note}
+
+
 def model_info(model: Model) -> dict[str, Any]:
     """What a document says about the model."""
     return {
@@ -54,7 +72,7 @@ def model_info(model: Model) -> dict[str, Any]:
         "description": model.description,
         "family": model.likelihood.family,
         "likelihood": model.likelihood.spec,
-        "measure": model.likelihood.measure,
+        "measure": model.likelihood.measure,  # the family's own; summary.measure is what was reported
         "prior": model.prior.spec,
         "kl": model.prior.kl_kind,
         "latent_dim": model.latent_dim,
@@ -74,13 +92,40 @@ def data_info(dataset: Dataset) -> dict[str, Any]:
         "total": dataset.total,
         "shape": list(dataset.array.shape),
         "dims": dataset.dims,
+        "domain": dataset.domain.to_spec(),  # as detected from the values
     }
+
+
+def summary_info(evaluation: Evaluation) -> dict[str, Any]:
+    """The ``summary`` object of a document."""
+    summary = evaluation.summary
+    info = {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_info(evaluation),
+        "kl_kind": evaluation.kl_kind,
+        **{name: _stat(getattr(summary, name)) for name in METRICS},
+        "bits_per_dim": _stat(summary.bits_per_dim),
+    }
+    if summary.dequantized_bits_per_dim is not None:
+        info["dequantized_bits_per_dim"] = {**_stat(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
+    return info
+
+
+def points_info(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """The ``points`` list of a document: one object per point."""
+    points = evaluation.points
+    names = (*METRICS, "kl_stderr") if evaluation.kl_kind == "monte_carlo" else METRICS
+    columns = {name: getattr(points, name).tolist() for name in names}
+    return [
+        {"index": int(index), **{name: _finite(columns[name][row]) for name in names}}
+        for row, index in enumerate(points.index.tolist())
+    ]
 
 
 def elbo_document(evaluation: Evaluation, model: Model, dataset: Dataset) -> dict[str, Any]:
     """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``)."""
-    summary, settings, points = evaluation.summary, evaluation.settings, evaluation.points
-    columns = {name: getattr(points, name).tolist() for name in METRICS}
+    settings = evaluation.settings
     return {
         "schema": ELBO_SCHEMA,
         "units": "nats per data point; higher is better (kl: lower)",
@@ -93,17 +138,8 @@ def elbo_document(evaluation: Evaluation, model: Model, dataset: Dataset) -> dic
             "chunk_size": settings.chunk_size,
             "device": settings.device,
         },
-        "summary": {
-            "n": summary.n,
-            "measure": evaluation.measure,
-            "kl_kind": evaluation.kl_kind,
-            **{name: _stat(getattr(summary, name)) for name in METRICS},
-            "bits_per_dim": _stat(summary.bits_per_dim),
-        },
-        "points": [
-            {"index": int(index), **{name: columns[name][row] for name in METRICS}}
-            for row, index in enumerate(points.index.tolist())
-        ],
+        "summary": summary_info(evaluation),
+        "points": points_info(evaluation),
     }
 
 
@@ -111,14 +147,11 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _measure_note(model: Model) -> str:
-    family = model.likelihood.family
-    if model.likelihood.measure == DENSITY:
-        return (
-            f"recon and iwae are log-densities ({family}, nats w.r.t. Lebesgue measure): "
-            "comparable only with densities of the same data, never with probabilities"
-        )
-    return f"recon and iwae are log-probabilities of the data ({family}, nats)"
+def _measure_note(evaluation: Evaluation) -> str:
+    note = f"recon and iwae are {evaluation.scoring.note}"
+    if evaluation.measure == DENSITY:
+        note += "; a density is not a probability: comparable only with densities of the same continuous data"
+    return note
 
 
 def _header(evaluation: Evaluation, model: Model, dataset: Dataset) -> Table:
@@ -128,19 +161,20 @@ def _header(evaluation: Evaluation, model: Model, dataset: Dataset) -> Table:
     grid.add_row("model", escape(f"{model.path}"))
     if model.description:
         grid.add_row("", f"[dim]{escape(model.description)}[/]")
-    grid.add_row("likelihood", f"{model.likelihood.family} ({model.likelihood.measure})")
-    grid.add_row("prior", f"{model.prior.family}, KL {evaluation.kl_kind}")
+    grid.add_row("likelihood", f"{model.likelihood.family}, reported as {evaluation.scoring.label}")
+    grid.add_row("prior", f"{model.prior.family}, KL {evaluation.kl_kind.replace('_', ' ')}")
     grid.add_row("latent dim", str(model.latent_dim))
     shown = f"{dataset.n} of {dataset.total}" if dataset.n != dataset.total else str(dataset.n)
     key = f" [{dataset.key}]" if dataset.key else ""
     grid.add_row("data", escape(f"{dataset.path}{key}: N = {shown} points, D = {model.data_dims} dims"))
+    grid.add_row("values", f"{evaluation.domain.describe()} (detected)")
     settings = evaluation.settings
     grid.add_row("samples", f"K = {settings.samples}, seed {settings.seed}, on {settings.device}")
     return grid
 
 
 def _summary_table(evaluation: Evaluation, model: Model) -> Table:
-    table = Table(title="Summary over points (nats per point)", title_justify="left", caption=_measure_note(model))
+    table = Table(title="Summary over points (nats per point)", title_justify="left", caption=_measure_note(evaluation))
     table.add_column("metric", style="bold")
     table.add_column("mean", justify="right")
     table.add_column("stderr", justify="right")
@@ -153,8 +187,15 @@ def _summary_table(evaluation: Evaluation, model: Model) -> Table:
         "bits/dim",
         _num(summary.bits_per_dim.mean),
         _num(summary.bits_per_dim.stderr),
-        f"-iwae / (D ln 2), D = {model.data_dims}",
+        f"-iwae / (D ln 2), D = {model.data_dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
     )
+    if summary.dequantized_bits_per_dim is not None:
+        table.add_row(
+            "dequant. bits/dim",
+            _num(summary.dequantized_bits_per_dim.mean),
+            _num(summary.dequantized_bits_per_dim.stderr),
+            escape(f"-(iwae + D log Δ) / (D ln 2), Δ = 1/{evaluation.scoring.data_levels - 1}: {DEQUANTIZATION}"),
+        )
     return table
 
 
@@ -274,3 +315,118 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _label(model: Model) -> str:
+    return model.path.stem if model.path else "model"
+
+
+def _settings_info(evaluation: Evaluation) -> dict[str, Any]:
+    settings = evaluation.settings
+    return {
+        "samples": settings.samples,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "chunk_size": settings.chunk_size,
+        "device": settings.device,
+    }
+
+
+def compare_document(comparison: Comparison, dataset: Dataset) -> dict[str, Any]:
+    """The ``vaeeval compare --json`` document (schema ``vaeeval.compare/1``)."""
+    models, evaluations = comparison.models, comparison.evaluations
+    paths = [str(model.path) if model.path else f"model {i}" for i, model in enumerate(models)]
+    return {
+        "schema": COMPARE_SCHEMA,
+        "units": "nats per data point; higher is better (kl: lower)",
+        "data": data_info(dataset),
+        "settings": _settings_info(evaluations[0]),
+        "models": [
+            {
+                "model": model_info(model),
+                "rank": comparison.rank(index),
+                "summary": summary_info(evaluation),
+                "points": points_info(evaluation),
+            }
+            for index, (model, evaluation) in enumerate(zip(models, evaluations))
+        ],
+        "rankings": [
+            {
+                "measure": group.measure,
+                "ranked": group.ranked,
+                "order": [paths[i] for i in group.members],
+                "reason": group.refusal,
+            }
+            for group in comparison.groups
+        ],
+        "differences": [
+            {
+                "model": paths[difference.model],
+                "versus": paths[difference.best],
+                "metric": "iwae",
+                "mean": difference.paired.mean,
+                "stderr": difference.paired.stderr,
+                "unpaired_stderr": difference.unpaired_stderr,
+            }
+            for difference in comparison.differences
+        ],
+        "notes": list(comparison.notes),
+    }
+
+
+def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -> None:
+    """Print the ``vaeeval compare`` table: a row per model, ranks, paired differences, notes."""
+    first = comparison.evaluations[0]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("data", escape(f"{dataset.path}: N = {dataset.n} points, D = {dataset.dims} dims"))
+    grid.add_row("values", f"{dataset.domain.describe()} (detected)")
+    grid.add_row("samples", f"K = {first.settings.samples}, seed {first.settings.seed}, the same for every model")
+    console.print(grid)
+    console.print()
+
+    by_model = {d.model: d for d in comparison.differences}
+    models = Table(title="Models", title_justify="left")
+    estimates = Table(title="Estimates (nats per point; ± is the standard error over points)", title_justify="left")
+    for column in ("#", "model", "family", "measure", "bits/dim"):
+        models.add_column(column, justify="right" if column in ("#", "bits/dim") else "left")
+    for column in ("#", "elbo", "recon", "kl", "iwae", "±", "Δ iwae", "± paired"):
+        estimates.add_column(column, justify="right", no_wrap=True)
+    for group in comparison.groups:
+        for index in group.members:
+            model, evaluation = comparison.models[index], comparison.evaluations[index]
+            summary = evaluation.summary
+            rank = comparison.rank(index)
+            models.add_row(
+                str(rank or "—"),
+                escape(_label(model)),
+                model.likelihood.family,
+                evaluation.scoring.label,
+                _num(summary.bits_per_dim.mean, 4),
+            )
+            difference = by_model.get(index)
+            if difference is None:
+                delta = ("best", "") if group.ranked else ("not ranked", "")
+            else:
+                delta = (_num(-difference.paired.mean, 2), _num(difference.paired.stderr, 2))
+            estimates.add_row(
+                str(rank or "—"),
+                *(_num(getattr(summary, name).mean, 2) for name in METRICS),
+                _num(summary.iwae.stderr, 2),
+                *delta,
+            )
+        models.add_section()
+        estimates.add_section()
+    console.print(models)
+    console.print(estimates)
+    if comparison.differences:
+        unpaired = ", ".join(
+            f"{_label(comparison.models[d.model])} {_num(d.unpaired_stderr, 2)}" for d in comparison.differences
+        )
+        console.print(
+            "[dim]Δ iwae: the model minus the best of its measure, point by point over the same points; "
+            f"± paired is that difference's standard error (treating the two means as independent: {unpaired}).[/]"
+        )
+    for note in comparison.notes:
+        console.print(escape(note))

@@ -1,0 +1,170 @@
+"""Rank models on the same data, only where their numbers measure the same thing.
+
+Every model is evaluated on the same points with the same seed. Numbers are
+ranked by iwae within a measure: log-probabilities of the observed values are
+comparable with each other whatever the family; log-densities are comparable
+with each other only on continuous data (on discrete data a density grows
+without bound as its scale shrinks onto the grid); a density and a probability
+never. Differences to the best model are paired per point: both models scored
+the same points, so the standard error of the mean difference is usually far
+smaller than the two models' errors combined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vaeeval.data import Dataset
+from vaeeval.errors import VaeevalError
+from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, Stat, evaluate
+from vaeeval.likelihoods import DENSITY, PROBABILITY
+from vaeeval.model import Model
+
+
+@dataclass(frozen=True)
+class Difference:
+    """iwae of the best model minus iwae of another, averaged over the same points."""
+
+    model: int  # index into Comparison.entries
+    best: int
+    paired: Stat  # mean and standard error of the per-point differences
+    unpaired_stderr: float | None  # what the error would be treating the two means as independent
+
+
+@dataclass(frozen=True)
+class Group:
+    """Models whose numbers share a measure; ranked unless ``refusal`` says why not."""
+
+    measure: str
+    members: tuple[int, ...]  # best first when ranked, else in the order given
+    ranked: bool
+    refusal: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Everything ``compare`` found."""
+
+    models: tuple[Model, ...]
+    evaluations: tuple[Evaluation, ...]
+    groups: tuple[Group, ...]
+    differences: tuple[Difference, ...]
+    notes: tuple[str, ...]
+
+    def rank(self, index: int) -> int | None:
+        """1 for the best of its group, 2 for the next...; ``None`` when its group is not ranked."""
+        for group in self.groups:
+            if group.ranked and index in group.members:
+                return group.members.index(index) + 1
+        return None
+
+
+def paired_difference(better: np.ndarray, other: np.ndarray) -> Stat:
+    """Mean of ``better - other`` per point and its standard error (ddof=1 over sqrt(N))."""
+    difference = np.asarray(better, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    stderr = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else None
+    return Stat(float(difference.mean()), stderr)
+
+
+def _unpaired(a: Stat, b: Stat) -> float | None:
+    return None if a.stderr is None or b.stderr is None else math.hypot(a.stderr, b.stderr)
+
+
+def _names(models: Sequence[Model], indices: Sequence[int]) -> str:
+    return ", ".join(str(models[i].path.name if models[i].path else f"model {i}") for i in indices)
+
+
+def rank(models: Sequence[Model], evaluations: Sequence[Evaluation], data_is_discrete: bool) -> Comparison:
+    """Group evaluations by measure, rank within a group, pair each with its group's best."""
+    by_measure: dict[str, list[int]] = {}
+    for index, evaluation in enumerate(evaluations):
+        by_measure.setdefault(evaluation.measure, []).append(index)
+    groups, differences, notes = [], [], []
+    if len(by_measure) > 1:
+        notes.append(
+            f"Not ranked against each other: {_names(models, by_measure[DENSITY])} give log-densities and "
+            f"{_names(models, by_measure[PROBABILITY])} log-probabilities, which measure different things"
+            + (" (drop --density to score the continuous models on the data's bins)." if data_is_discrete else ".")
+        )
+    for measure, members in by_measure.items():
+        if measure == DENSITY and data_is_discrete:
+            if len(members) > 1:
+                notes.append(
+                    f"Not ranked: {_names(models, members)} give densities of discrete data, which grow without "
+                    "bound as a model's scale shrinks onto the grid; score them on bins to compare."
+                )
+            groups.append(Group(measure, tuple(members), False, "densities of discrete data"))
+            continue
+        order = sorted(members, key=lambda i: -evaluations[i].summary.iwae.mean)
+        groups.append(Group(measure, tuple(order), True))
+        best = order[0]
+        for other in order[1:]:
+            paired = paired_difference(evaluations[best].points.iwae, evaluations[other].points.iwae)
+            unpaired = _unpaired(evaluations[best].summary.iwae, evaluations[other].summary.iwae)
+            differences.append(Difference(other, best, paired, unpaired))
+    return Comparison(tuple(models), tuple(evaluations), tuple(groups), tuple(differences), tuple(notes))
+
+
+def compare(
+    models: Sequence[Model],
+    datasets: Sequence[Dataset],
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    device: str = "cpu",
+    discretize: int | None = None,
+    density: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Evaluate every model on the same points with the same seed, then rank where comparable.
+
+    Args:
+        models: two or more loaded models.
+        datasets: the same data loaded (and so checked) once for each model, in the same order.
+        progress: called with the number of (model, point) pairs finished.
+        Other arguments as for ``evaluate``; on discrete data continuous models are
+        scored on the data's bins unless ``density`` is set.
+
+    Raises:
+        VaeevalError: fewer than two models, or datasets that are not the same points.
+    """
+    if len(models) < 2:
+        raise VaeevalError("compare needs at least two models")
+    if len(datasets) != len(models) or any(d.n != datasets[0].n for d in datasets):
+        raise VaeevalError("compare needs the same data points for every model")
+    evaluations = []
+    for position, (model, dataset) in enumerate(zip(models, datasets)):
+        offset = position * dataset.n
+        evaluations.append(
+            evaluate(
+                model,
+                dataset,
+                samples=samples,
+                seed=seed,
+                batch_size=batch_size,
+                max_memory=max_memory,
+                device=device,
+                discretize=discretize,
+                density=density,
+                progress=None if progress is None else (lambda done, offset=offset: progress(offset + done)),
+            )
+        )
+    data_is_discrete = datasets[0].domain.grid_levels is not None
+    comparison = rank(models, evaluations, data_is_discrete)
+    rescored = [i for i, e in enumerate(evaluations) if e.scoring.levels is not None]
+    if rescored:
+        levels = sorted({evaluations[i].scoring.levels for i in rescored})
+        notes = (
+            f"The data is discrete, so {_names(models, rescored)} "
+            f"{'is' if len(rescored) == 1 else 'are'} scored as the probability of each value's bin on "
+            f"{' / '.join(map(str, levels))} levels: every number is then a log-probability of the observed values.",
+            *comparison.notes,
+        )
+        comparison = Comparison(comparison.models, comparison.evaluations, comparison.groups, comparison.differences, notes)
+    return comparison
