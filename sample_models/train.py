@@ -1,16 +1,20 @@
-"""Train the two shipped sample models on scikit-learn's 8x8 digits, and save their test data.
+"""Train the shipped sample models on scikit-learn's 8x8 digits, and save their test data.
 
 Makes, in the output folder (default: this script's folder):
 
-* ``digits_bernoulli.safetensors`` -- MLP VAE, Bernoulli decoder (logits), on the
-  digits binarized at 8 (``images >= 8``);
-* ``digits_gaussian.safetensors`` -- the same architecture, Gaussian decoder (means)
-  with one learned scalar log-sigma, on the grey digits ``images / 16`` (17 levels k/16);
+* ``digits_bernoulli.safetensors`` -- Bernoulli decoder (logits) on the digits
+  binarized at 8 (``images >= 8``);
+* ``digits_gaussian.safetensors`` -- Gaussian decoder (means) with one learned
+  scalar log-sigma, on the grey digits ``images / 16`` (17 levels k/16);
+* ``digits_continuous_bernoulli.safetensors`` -- continuous Bernoulli decoder
+  (logits) on the grey digits;
+* ``digits_categorical.safetensors`` -- categorical decoder over the 17 grey
+  levels (17 blocks of 64 logits) on the grey digits;
 * ``digits_binary_test.npy`` and ``digits_grey_test.npy`` -- the held-out test
   points of each version, float32 ``[297, 64]``.
 
-Both VAEs have latent_dim 8, encoder 64-128-128-16 (8 means, then 8 log-variances)
-and decoder 8-128-128-64, ReLU in between. The split is fixed:
+All have latent_dim 8, encoder 64-128-128-16 (8 means, then 8 log-variances)
+and decoder 8-128-128-(P x 64), ReLU in between. The split is fixed:
 ``np.random.default_rng(0).permutation(1797)``: the first 1300 train, the next 200
 validate, the last 297 are the test points.
 Training maximizes the single-sample reparameterized ELBO (analytic KL to N(0, I),
@@ -54,10 +58,12 @@ try:
 except ImportError:  # run from a source checkout without installing: use the checkout's vaeeval
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from vaeeval import save_model
+from vaeeval.likelihoods import continuous_bernoulli_log_norm
 
 LATENT_DIM = 8
 HIDDEN = 128
 INPUT_DIM = 64
+GREY_LEVELS = 17  # the digits' pixels are 0..16
 TRAIN_POINTS = 1300
 VALIDATION_POINTS = 200
 CHECK_EVERY = 25  # epochs between validation checks
@@ -107,13 +113,15 @@ def make_encoder() -> nn.Sequential:
     return mlp([INPUT_DIM, HIDDEN, HIDDEN, 2 * LATENT_DIM])
 
 
-def make_decoder() -> nn.Sequential:
-    """z [B, 8] -> [B, 64]: one likelihood parameter per pixel."""
-    return mlp([LATENT_DIM, HIDDEN, HIDDEN, INPUT_DIM])
+def make_decoder(params_per_pixel: int = 1) -> nn.Sequential:
+    """z [B, 8] -> [B, P * 64]: P likelihood parameters per pixel, as P blocks of 64."""
+    return mlp([LATENT_DIM, HIDDEN, HIDDEN, params_per_pixel * INPUT_DIM])
 
 
 class BernoulliNLL(nn.Module):
     """-log p(x|z) for Bernoulli pixels; the decoder outputs logits."""
+
+    params_per_pixel = 1
 
     def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
@@ -124,6 +132,8 @@ class BernoulliNLL(nn.Module):
 
 class GaussianNLL(nn.Module):
     """-log p(x|z) for Normal(mean, sigma) pixels, one learned scalar log sigma; the decoder outputs means."""
+
+    params_per_pixel = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,6 +147,33 @@ class GaussianNLL(nn.Module):
         return {"family": "gaussian", "log_sigma": self.log_sigma.detach()}
 
 
+class ContinuousBernoulliNLL(nn.Module):
+    """-log p(x|z) for continuous Bernoulli pixels on [0, 1]; the decoder outputs logits."""
+
+    params_per_pixel = 1
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        return (bce - continuous_bernoulli_log_norm(logits)).sum(-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": "continuous_bernoulli"}
+
+
+class CategoricalNLL(nn.Module):
+    """-log p(x|z) for pixels taking one of 17 grey levels; the decoder outputs 17 blocks of 64 logits."""
+
+    params_per_pixel = GREY_LEVELS
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        levels = torch.round(x * (GREY_LEVELS - 1)).long()
+        blocks = logits.reshape(len(x), GREY_LEVELS, INPUT_DIM)
+        return F.cross_entropy(blocks, levels, reduction="none").sum(-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": "categorical", "levels": GREY_LEVELS}
+
+
 @dataclass(frozen=True)
 class SampleModel:
     """One shipped model: its files, data version, likelihood and training length."""
@@ -144,7 +181,7 @@ class SampleModel:
     name: str
     test_file: str
     prepare: Callable[[np.ndarray], np.ndarray]
-    nll: Callable[[], BernoulliNLL | GaussianNLL]
+    nll: Callable[[], nn.Module]
     data: dict[str, Any]
     data_words: str
     max_epochs: int  # the weights kept are those of the best validation ELBO up to here
@@ -171,6 +208,26 @@ SAMPLE_MODELS = (
         data_words="Gaussian decoder with one learned sigma on grey 8x8 digits (pixel / 16)",
         max_epochs=600,
         weight_decay=0.0,  # weight decay only lowered the held-out ELBO
+    ),
+    SampleModel(
+        name="digits_continuous_bernoulli",
+        test_file="digits_grey_test.npy",
+        prepare=grey,
+        nll=ContinuousBernoulliNLL,
+        data={"domain": "discrete", "levels": GREY_LEVELS},
+        data_words="continuous Bernoulli decoder on grey 8x8 digits (pixel / 16)",
+        max_epochs=1000,
+        weight_decay=0.0,
+    ),
+    SampleModel(
+        name="digits_categorical",
+        test_file="digits_grey_test.npy",
+        prepare=grey,
+        nll=CategoricalNLL,
+        data={"domain": "discrete", "levels": GREY_LEVELS},
+        data_words="categorical decoder over the 17 grey levels of 8x8 digits (pixel / 16)",
+        max_epochs=1000,
+        weight_decay=1e-3,
     ),
 )
 
@@ -245,7 +302,8 @@ def make_sample_model(
     """Train one model from scratch and write it and its test data to ``out``."""
     x_train, x_valid, x_test = (torch.from_numpy(spec.prepare(images)) for images in splits)
     np.save(out / spec.test_file, x_test.numpy())
-    encoder, decoder, nll = make_encoder(), make_decoder(), spec.nll()
+    nll = spec.nll()
+    encoder, decoder = make_encoder(), make_decoder(nll.params_per_pixel)
     print(f"{spec.name}: up to {spec.max_epochs} epochs on {len(x_train)} points, weight decay {spec.weight_decay:g}")
     started = time.perf_counter()
     epoch, valid_elbo = train(encoder, decoder, nll, x_train, x_valid, spec.max_epochs, spec.weight_decay)
