@@ -294,3 +294,24 @@ def test_continuous_bernoulli_bins_sum_to_one_and_match_quadrature(logit, levels
         k = levels // 2
         a, b = max(0.0, float(grid[k]) - half), min(1.0, float(grid[k]) + half)
         assert logs[k].item() == pytest.approx(math.log(quad(density, a, b)[0]), rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("log_scale", [-30.0, 30.0])
+def test_learned_scales_are_exact_at_extreme_log_scales_in_float32(log_scale):
+    x = torch.tensor([[0.25, -1.0]])
+    params = torch.tensor([[[0.0, -1.0], [log_scale, log_scale]]])  # the second point sits on its mean
+    scale, residual = math.exp(log_scale), np.array([0.25, 0.0])
+    closed_forms = {  # scipy's laplace.logpdf underflows to -inf here, so the closed forms
+        "gaussian": -0.5 * (residual / scale) ** 2 - log_scale - 0.5 * math.log(2 * math.pi),
+        "laplace": -np.abs(residual) / scale - log_scale - math.log(2),
+    }
+    for family, expected in closed_forms.items():
+        likelihood = likelihood_from_spec({"family": family}, {}, (2,))
+        assert likelihood.log_prob(params, x).item() == pytest.approx(expected.sum(), rel=1e-5)
+
+
+def test_categorical_is_exact_at_extreme_logits():
+    likelihood = likelihood_from_spec({"family": "categorical", "levels": 3}, {}, (1,))
+    params = torch.tensor([[[1e4], [-1e4], [0.0]]])
+    values = [likelihood.log_prob(params, torch.tensor([[v]])).item() for v in (0.0, 0.5, 1.0)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(-2e4) and values[2] == pytest.approx(-1e4)
