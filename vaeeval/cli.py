@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -85,41 +86,44 @@ def main() -> None:
     """
 
 
+_EVALUATION_OPTIONS = (
+    click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+                 help="K, importance samples from q(z|x) per point."),
+    click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+                 help="Noise seed; each point's samples depend only on (seed, point index)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                 help="Points per encoder pass. Results do not depend on it."),
+    click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
+                 help="Working-memory budget for a chunk of samples, e.g. 256M, 2G."),
+    click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points."),
+    click.option("--key", default=None, help="The array to use from an .npz file that holds several."),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
+                 help="Score continuous likelihoods as the probability of each value's bin on L levels."),
+    click.option("--density", is_flag=True,
+                 help="Keep continuous likelihoods' densities even when the data is discrete."),
+)
+
+
+def _evaluation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every evaluating command takes, passed on as keyword arguments."""
+    for option in reversed(_EVALUATION_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _data_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Split the data-loading options (``key``, ``limit``) off the evaluation options."""
+    return {"key": options.pop("key"), "limit": options.pop("limit")}
+
+
 @main.command()
 @click.argument("model", type=_PATH)
 @click.argument("data", type=_PATH)
-@click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
-              help="K, importance samples from q(z|x) per point.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="Noise seed; each point's samples depend only on (seed, point index).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
-              help="Points per encoder pass. Results do not depend on it.")
-@click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
-              help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points.")
-@click.option("--key", default=None, help="The array to use from an .npz file that holds several.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
-              help="Score a continuous likelihood as the probability of each value's bin on L levels.")
-@click.option("--density", is_flag=True,
-              help="Keep a continuous likelihood's density even when the data is discrete.")
+@_evaluation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.elbo/1) to stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every point in the table, not the first and worst.")
-def elbo(
-    model: Path,
-    data: Path,
-    samples: int,
-    seed: int,
-    batch_size: int,
-    max_memory: int,
-    limit: int | None,
-    key: str | None,
-    device: str,
-    discretize: int | None,
-    density: bool,
-    as_json: bool,
-    show_all: bool,
-) -> None:
+def elbo(model: Path, data: Path, as_json: bool, show_all: bool, **options: Any) -> None:
     """Estimate ELBO, reconstruction, KL and importance-weighted log p(x) per data point.
 
     MODEL is a format-1 .safetensors file; DATA a .npy or .npz array of shape
@@ -133,20 +137,9 @@ def elbo(
       vaeeval elbo model.safetensors data.npy -k 5000 --json | jq .summary.iwae.mean
     """
     loaded = load_model(model)
-    dataset = load_data(data, loaded, key=key, limit=limit)
+    dataset = load_data(data, loaded, **_data_options(options))
     with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
-        result = evaluate(
-            loaded,
-            dataset,
-            samples=samples,
-            seed=seed,
-            batch_size=batch_size,
-            max_memory=max_memory,
-            device=device,
-            discretize=discretize,
-            density=density,
-            progress=progress,
-        )
+        result = evaluate(loaded, dataset, progress=progress, **options)
     if as_json:
         click.echo(to_json(elbo_document(result, loaded, dataset)))
     else:
@@ -172,35 +165,9 @@ def inspect(model: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=_PATH, metavar="MODEL... DATA")
-@click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
-              help="K, importance samples from q(z|x) per point.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="Noise seed, the same for every model.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
-              help="Points per encoder pass. Results do not depend on it.")
-@click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
-              help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points.")
-@click.option("--key", default=None, help="The array to use from an .npz file that holds several.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
-              help="Score continuous likelihoods as the probability of each value's bin on L levels.")
-@click.option("--density", is_flag=True,
-              help="Keep continuous likelihoods' densities even when the data is discrete (they are then not ranked).")
+@_evaluation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
-def compare(
-    paths: tuple[Path, ...],
-    samples: int,
-    seed: int,
-    batch_size: int,
-    max_memory: int,
-    limit: int | None,
-    key: str | None,
-    device: str,
-    discretize: int | None,
-    density: bool,
-    as_json: bool,
-) -> None:
+def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
 
     Log-probabilities rank with log-probabilities; a log-density is never ranked
@@ -217,21 +184,10 @@ def compare(
         raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
     *model_paths, data = paths
     models = [load_model(path) for path in model_paths]
-    datasets = [load_data(data, model, key=key, limit=limit) for model in models]
-    total = datasets[0].n * len(models)
-    with ProgressBar(total, "evaluating models", Console(stderr=True)) as progress:
-        result = compare_models(
-            models,
-            datasets,
-            samples=samples,
-            seed=seed,
-            batch_size=batch_size,
-            max_memory=max_memory,
-            device=device,
-            discretize=discretize,
-            density=density,
-            progress=progress,
-        )
+    data_options = _data_options(options)
+    datasets = [load_data(data, model, **data_options) for model in models]
+    with ProgressBar(datasets[0].n * len(models), "evaluating models", Console(stderr=True)) as progress:
+        result = compare_models(models, datasets, progress=progress, **options)
     if as_json:
         click.echo(to_json(compare_document(result, datasets[0])))
     else:

@@ -326,6 +326,11 @@ class _LocationScale(Likelihood):
     scale_key: ClassVar[str]
     log_scale_key: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.keys = frozenset({cls.scale_key, cls.log_scale_key})
+        cls.tensor_keys = (cls.log_scale_key,)
+
     def __init__(
         self,
         spec: Mapping[str, Any],
@@ -383,8 +388,6 @@ class GaussianLikelihood(_LocationScale):
     """
 
     family = "gaussian"
-    keys = frozenset({"sigma", "log_sigma"})
-    tensor_keys = ("log_sigma",)
     base = Normal
     scale_key, log_scale_key = "sigma", "log_sigma"
 
@@ -398,8 +401,6 @@ class LaplaceLikelihood(_LocationScale):
     """Laplace(location, scale) per dimension: log p = -|x - mu| / b - log(2 b)."""
 
     family = "laplace"
-    keys = frozenset({"scale", "log_scale"})
-    tensor_keys = ("log_scale",)
     base = Laplace
     scale_key, log_scale_key = "scale", "log_scale"
 
