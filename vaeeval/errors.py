@@ -44,7 +44,7 @@ class SpecError(ValueError):
 
 @contextmanager
 def reading(path: Path, error: type[ModelFileError] | type[DataError], kind: str) -> Iterator[None]:
-    """Turn the OS errors of opening and reading ``path`` into one-line ``error``\ s.
+    """Turn the OS errors of opening and reading ``path`` into one-line errors of class ``error``.
 
     Args:
         path: the file being read.
