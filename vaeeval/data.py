@@ -136,6 +136,18 @@ def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: 
     return Dataset(array, path, key, total, domain)
 
 
+def point_shape(path: str | Path, *, key: str | None = None) -> tuple[int, ...]:
+    """The shape of one point of a data file (everything after N), read without loading it.
+
+    Raises:
+        DataError: unreadable, not numeric, or fewer than two axes.
+    """
+    array = _read_array(Path(path), key)
+    if array.ndim < 2:
+        raise DataError(path, f"data has shape {list(array.shape)}; it needs [N, ...], one row per point")
+    return tuple(array.shape[1:])
+
+
 def _read_array(path: Path, key: str | None) -> np.ndarray:
     with reading(path, DataError, "data file"), path.open("rb") as handle:
         magic = handle.read(6)

@@ -145,7 +145,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _row_bytes(model: Model) -> int:
     """Rough working memory of one (point, sample) row through the decoder and likelihood."""
-    widest = max(math.prod(layer.out_shape) for layer in model.layers if layer.part == "decoder")
+    widest = max(model.decoder_width, model.likelihood.params_per_dim * model.data_dims)
     dims = model.data_dims
     return 4 * (2 * widest + (model.likelihood.params_per_dim + 4) * dims) + 8 * (2 * dims + 8 * model.latent_dim)
 

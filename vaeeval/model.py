@@ -64,6 +64,7 @@ class Model:
     path: Path | None = None
     document: Mapping[str, Any] = field(default_factory=dict)
     extra_parameters: int = 0  # likelihood and prior tensors
+    decoder_width: int = 0  # the widest decoder activation per sample, for memory budgets
 
     @property
     def data_dims(self) -> int:
@@ -204,12 +205,27 @@ def _check_version(path: Path, document: Mapping[str, Any]) -> None:
         )
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The header and the tensors of a safetensors file, checked as a container; nothing is unpickled.
+
+    Raises:
+        ModelFileError: missing, unreadable, not safetensors, or truncated.
+    """
+    path = Path(path)
+    header = _read_header(path)
+    return header, _load_tensors(path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(path)
+        return load_file(path)
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelFileError(path, f"not a readable safetensors file ({reason})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors = _load_tensors(path)
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise ModelFileError(path, f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; format 1 weights are floating point")
@@ -299,6 +315,7 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
         path=path,
         document=dict(document),
         extra_parameters=sum(tensors[name].numel() for name in own),
+        decoder_width=max(math.prod(info.out_shape) for info in decoder_infos),
     )
 
 
