@@ -6,18 +6,22 @@ input (a file, an option, the data), reported as one line on stderr.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
 from vaeeval import __version__
+from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
 from vaeeval.compare import compare as compare_models
-from vaeeval.data import load_data
+from vaeeval.convert import convert as convert_model
+from vaeeval.data import load_data, point_shape
+from vaeeval.likelihoods import families
 from vaeeval.errors import VaeevalError
 from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, evaluate
 from vaeeval.model import load_model
@@ -117,27 +121,122 @@ def _data_options(options: dict[str, Any]) -> dict[str, Any]:
     return {"key": options.pop("key"), "limit": options.pop("limit")}
 
 
+_ARCH_OPTIONS = (
+    click.option("--arch", metavar="FILE.py:NAME", default=None,
+                 help="RUNS USER CODE: evaluate MODEL (then a safetensors state dict) with the class or factory "
+                      "NAME from FILE.py, package.module:NAME, or a name registered under the entry-point group "
+                      "vaeeval.architectures. Without --arch nothing from any file is executed."),
+    click.option("--arch-args", metavar="JSON", default=None,
+                 help="Keyword arguments for the class or factory, as a JSON object: '{\"latent_dim\": 20}'."),
+    click.option("--likelihood", type=click.Choice(families()), default=None,
+                 help="With --arch: the decoder's distribution."),
+    click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="With --arch: a fixed scale (gaussian sigma, laplace scale)."),
+    click.option("--log-sigma-tensor", metavar="NAME", default=None,
+                 help="With --arch: the state-dict tensor holding log sigma (gaussian) or log scale (laplace)."),
+    click.option("--levels", type=click.IntRange(min=2), default=None,
+                 help="With --arch: levels of a categorical or discretized_logistic likelihood."),
+    click.option("--decoder-output", type=click.Choice(DECODER_OUTPUTS), default="logits", show_default=True,
+                 help="With --arch: what decode returns: logits (format-1 parameters), probs, or mean."),
+    click.option("--encode-method", default="encode", show_default=True, help="With --arch: the encoding method."),
+    click.option("--decode-method", default="decode", show_default=True, help="With --arch: the decoding method."),
+    click.option("--input-shape", metavar="SHAPE", default=None,
+                 help="With --arch: the shape encode takes per point, e.g. 784 or 1,28,28 (default: the data's)."),
+)
+_SCALE_KEYS = {"gaussian": ("sigma", "log_sigma"), "laplace": ("scale", "log_scale")}
+
+
+def _arch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_ARCH_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"{text!r} is not a shape like 784 or 1,28,28", param_hint="--input-shape")
+    return shape
+
+
+def _read_arch(options: dict[str, Any]) -> ArchOptions | None:
+    """Take the --arch options out of ``options``; None when --arch is not given."""
+    arch = {name: options.pop(name) for name in (
+        "arch", "arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "decoder_output",
+        "encode_method", "decode_method", "input_shape",
+    )}
+    if arch["arch"] is None:
+        given = [name for name in ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape")
+                 if arch[name] is not None]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --arch")
+        return None
+    if arch["likelihood"] is None:
+        raise click.UsageError("--arch needs --likelihood: the distribution the decoder parameterizes")
+    try:
+        args = json.loads(arch["arch_args"]) if arch["arch_args"] else {}
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(f"not JSON ({error})", param_hint="--arch-args") from None
+    if not isinstance(args, dict):
+        raise click.BadParameter("must be a JSON object of keyword arguments", param_hint="--arch-args")
+    family = arch["likelihood"]
+    likelihood: dict[str, Any] = {"family": family}
+    scale_key, log_scale_key = _SCALE_KEYS.get(family, (None, None))
+    for value, key, flag in ((arch["sigma"], scale_key, "--sigma"), (arch["log_sigma_tensor"], log_scale_key, "--log-sigma-tensor"),
+                             (arch["levels"], "levels" if family in ("categorical", "discretized_logistic") else None, "--levels")):
+        if value is not None:
+            if key is None:
+                raise click.UsageError(f"{flag} does not apply to a {family} likelihood")
+            likelihood[key] = value
+    return ArchOptions(
+        spec=arch["arch"],
+        likelihood=likelihood,
+        args=args,
+        decoder_output=arch["decoder_output"],
+        encode_method=arch["encode_method"],
+        decode_method=arch["decode_method"],
+        encode_shape=_shape(arch["input_shape"]) if arch["input_shape"] else None,
+    )
+
+
+def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None):
+    """The model: a format-1 file, or with --arch a state dict read through the user's class."""
+    if arch is None:
+        return load_model(path)
+    shape = point_shape(data, key=key)
+    encode_shape = arch.encode_shape if arch.encode_shape != shape else None
+    return arch_model(path, ArchOptions(**{**arch.__dict__, "encode_shape": encode_shape}), shape)
+
+
 @main.command()
 @click.argument("model", type=_PATH)
 @click.argument("data", type=_PATH)
 @_evaluation_options
+@_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.elbo/1) to stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every point in the table, not the first and worst.")
 def elbo(model: Path, data: Path, as_json: bool, show_all: bool, **options: Any) -> None:
     """Estimate ELBO, reconstruction, KL and importance-weighted log p(x) per data point.
 
-    MODEL is a format-1 .safetensors file; DATA a .npy or .npz array of shape
-    [N, *input_shape] (or [N, D]). Numbers are nats per point, higher is better.
-    On discrete data (values on a grid k/(L-1)) a continuous likelihood is scored
-    as the probability of each value's bin, so every number is a probability.
+    MODEL is a format-1 .safetensors file (or, with --arch, a state dict); DATA a
+    .npy or .npz array of shape [N, *input_shape] (or [N, D]). Numbers are nats
+    per point, higher is better. On discrete data (values on a grid k/(L-1)) a
+    continuous likelihood is scored as the probability of each value's bin, so
+    every number is a probability.
 
     \b
     Example:
       vaeeval elbo sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
       vaeeval elbo model.safetensors data.npy -k 5000 --json | jq .summary.iwae.mean
+      vaeeval elbo weights.safetensors data.npy --arch vae.py:VAE --likelihood bernoulli --decoder-output probs
     """
-    loaded = load_model(model)
-    dataset = load_data(data, loaded, **_data_options(options))
+    arch = _read_arch(options)
+    data_options = _data_options(options)
+    loaded = _model_for(model, data, arch, data_options["key"])
+    dataset = load_data(data, loaded, **data_options)
     with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
         result = evaluate(loaded, dataset, progress=progress, **options)
     if as_json:
@@ -192,3 +291,46 @@ def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
         click.echo(to_json(compare_document(result, datasets[0])))
     else:
         render_compare(Console(), result, datasets[0])
+
+
+@main.command()
+@click.argument("weights", type=_PATH)
+@_arch_options
+@click.option("-o", "--output", type=_PATH, required=True, help="The format-1 file to write.")
+@click.option("--data", type=_PATH, default=None, help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
+@click.option("--key", default=None, help="The array to use from an .npz --data file.")
+@click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Samples per point for the verification.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Noise seed for the verification.")
+def convert(weights: Path, output: Path, data: Path | None, key: str | None, samples: int, seed: int, **options: Any) -> None:
+    """Write a user's model (--arch, RUNS USER CODE) as a self-contained format-1 file.
+
+    encode and decode are traced (torch.fx) into format-1 layers; two linear heads
+    on one input become one layer, and the final sigmoid of a decoder giving
+    probabilities is dropped (format 1 takes logits). The file is kept only if it
+    gives the original's numbers on the same data and seed; otherwise the message
+    names the operation format 1 cannot express, or the difference.
+
+    \b
+    Example:
+      vaeeval convert weights.safetensors --arch vae.py:VAE --likelihood bernoulli \\
+        --decoder-output probs --input-shape 784 -o model.safetensors
+    """
+    arch = _read_arch(options)
+    if arch is None:
+        raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
+    if arch.encode_shape is None and data is None:
+        raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
+    shape = arch.encode_shape or point_shape(data, key=key)
+    source = arch_model(weights, ArchOptions(**{**arch.__dict__, "encode_shape": None}), shape)
+    points = None
+    if data is not None:
+        points = load_data(data, source, key=key, limit=64).array
+    result = convert_model(source, output, data=points, samples=samples, seed=seed)
+    layers = result.model.layers
+    encoder_layers = sum(layer.part == "encoder" for layer in layers)
+    click.echo(
+        f"wrote {result.path}: format 1, {encoder_layers} encoder and {len(layers) - encoder_layers} decoder layers, "
+        f"{result.model.likelihood.family} likelihood; verified on {result.points} points, K = {result.samples}, "
+        f"seed {result.seed}: largest difference {result.largest_difference:.2g} nats"
+    )
