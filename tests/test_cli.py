@@ -82,6 +82,8 @@ def test_inspect_table_and_json(bernoulli_model):
 def test_help_has_examples():
     assert "Example:" in run("elbo", "--help").stdout
     assert "Example:" in run("inspect", "--help").stdout
+    help_text = " ".join(run("elbo", "--help").stdout.split())
+    assert "RUNS USER CODE" in help_text and "Without --arch nothing from any file is executed" in help_text
 
 
 def _quick_start_lines() -> list[str]:

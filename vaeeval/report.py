@@ -68,7 +68,8 @@ def model_info(model: Model) -> dict[str, Any]:
     """What a document says about the model."""
     return {
         "path": str(model.path) if model.path else None,
-        "format": 1,
+        "format": None if "arch" in model.document else 1,
+        "arch": model.document.get("arch"),  # the --arch the state dict was read through
         "description": model.description,
         "family": model.likelihood.family,
         "likelihood": model.likelihood.spec,

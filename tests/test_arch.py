@@ -1,0 +1,293 @@
+"""--arch and convert: a user's own VAE class, read through the protocol, and its format-1 twin."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from vaeeval import evaluate, load_data, load_model
+from vaeeval.arch import ArchOptions, arch_model
+from vaeeval.cli import main
+from vaeeval.convert import AGREEMENT
+
+# The VAE of pytorch/examples (vae/main.py), smaller: two encoder heads, a sigmoid output.
+EXAMPLES_VAE = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class VAE(nn.Module):
+    def __init__(self, dims=784, hidden=400, latent_dim=20):
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden)
+        self.fc21 = nn.Linear(hidden, latent_dim)
+        self.fc22 = nn.Linear(hidden, latent_dim)
+        self.fc3 = nn.Linear(latent_dim, hidden)
+        self.fc4 = nn.Linear(hidden, dims)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def decode(self, z):
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3))
+
+
+def make_vae(**kwargs):
+    return VAE(**kwargs)
+
+
+class Exploding(VAE):
+    def __init__(self, **kwargs):
+        raise ValueError("no GPU found")
+
+
+class WrongShape(VAE):
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)[:, :3]
+
+
+class Overshoot(VAE):
+    def decode(self, z):
+        return 1.5 * torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+
+
+class Untraceable(VAE):
+    def decode(self, z):
+        p = torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+        if p.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return p
+        return p
+
+
+class Residual(VAE):
+    def decode(self, z):
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3 + h3))
+
+
+class NormalEncoder(VAE):
+    def encode(self, x):
+        mean, log_var = super().encode(x)
+        return torch.distributions.Normal(mean, (0.5 * log_var).exp())
+'''
+
+# A convolutional VAE over [1, 8, 8] images: a chunked encoder output, a view in the decoder, logits.
+CONV_VAE = '''
+import torch
+from torch import nn
+
+
+class ConvVAE(nn.Module):
+    def __init__(self, latent_dim=3):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2 * latent_dim))
+        self.fc = nn.Linear(latent_dim, 8 * 2 * 2)
+        self.dec = nn.Sequential(nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.SiLU(),
+                                 nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1))
+
+    def encode(self, x):
+        mean, log_var = self.enc(x).chunk(2, dim=-1)
+        return mean, log_var
+
+    def decode(self, z):
+        return self.dec(torch.tanh(self.fc(z)).view(-1, 8, 2, 2))
+'''
+
+DIMS, HIDDEN, LATENT = 64, 32, 4
+ARGS = json.dumps({"dims": DIMS, "hidden": HIDDEN, "latent_dim": LATENT})
+
+
+@pytest.fixture
+def examples(tmp_path):
+    """vae.py, its state dict as safetensors, and binary data."""
+    (tmp_path / "vae.py").write_text(EXAMPLES_VAE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        vae_module = importlib.import_module("vae")
+        torch.manual_seed(0)
+        model = vae_module.VAE(DIMS, HIDDEN, LATENT)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("vae", None)
+    save_file(model.state_dict(), tmp_path / "weights.safetensors")
+    np.save(tmp_path / "data.npy", (np.random.default_rng(0).random((20, DIMS)) < 0.3).astype(np.float32))
+    return tmp_path
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return result
+
+
+def _arch_args(folder: Path, name: str = "VAE", *extra: str) -> list[str]:
+    return ["--arch", f"{folder / 'vae.py'}:{name}", "--arch-args", ARGS, "--likelihood", "bernoulli",
+            "--decoder-output", "probs", *extra]
+
+
+def test_examples_vae_via_arch_gives_the_numbers_of_its_format1_conversion(examples):
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    via_arch = json.loads(run("elbo", weights, data, "-k", "200", "--json", *_arch_args(examples)).stdout)
+    out = run("convert", weights, *_arch_args(examples), "--data", data, "-o", examples / "model.safetensors").stdout
+    assert out.startswith(f"wrote {examples / 'model.safetensors'}: format 1")
+    converted = load_model(examples / "model.safetensors")
+    assert [layer.type for layer in converted.layers] == ["linear", "relu", "linear", "linear", "relu", "linear"]
+    via_format1 = json.loads(run("elbo", examples / "model.safetensors", data, "-k", "200", "--json").stdout)
+    for a, b in zip(via_arch["points"], via_format1["points"]):
+        for name in ("elbo", "recon", "kl", "iwae"):
+            assert a[name] == pytest.approx(b[name], rel=AGREEMENT, abs=AGREEMENT)
+    assert via_arch["summary"]["measure"] == "probability"
+
+
+def test_probabilities_are_read_as_exact_logits_when_decode_traces(examples):
+    options = ArchOptions(f"{examples / 'vae.py'}:VAE", {"family": "bernoulli"}, json.loads(ARGS), "probs")
+    traced = arch_model(examples / "weights.safetensors", options, (DIMS,))
+    fallback = arch_model(examples / "weights.safetensors", ArchOptions(**{**options.__dict__, "spec": f"{examples / 'vae.py'}:Untraceable"}), (DIMS,))
+    assert "before its final sigmoid" in traced.description and "clamped" in fallback.description
+    z = torch.randn(70, LATENT)
+    with torch.inference_mode():
+        module = traced.decoder.module
+        logits = module.fc4(torch.relu(module.fc3(z)))
+        torch.testing.assert_close(traced.decode(z)[:, 0], logits)
+        # the fallback goes through float32 probabilities: close, not exact
+        torch.testing.assert_close(fallback.decode(z)[:, 0], logits, rtol=1e-3, atol=1e-3)
+
+
+def test_factory_and_package_module_forms(examples, monkeypatch):
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    monkeypatch.syspath_prepend(str(examples))
+    by_file = json.loads(run("elbo", weights, data, "-k", "16", "--json", *_arch_args(examples)).stdout)
+    by_module = json.loads(run("elbo", weights, data, "-k", "16", "--json", "--arch", "vae:make_vae", "--arch-args", ARGS,
+                               "--likelihood", "bernoulli", "--decoder-output", "probs").stdout)
+    assert by_file["points"] == by_module["points"]
+
+
+def test_entry_point_names_an_architecture(examples, monkeypatch):
+    dist = examples / "demo_vaes-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-vaes\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vaeeval.architectures]\nexamples-vae = vae:make_vae\n")
+    monkeypatch.syspath_prepend(str(examples))
+    out = run("elbo", examples / "weights.safetensors", examples / "data.npy", "-k", "8", "--json", "--arch", "examples-vae",
+              "--arch-args", ARGS, "--likelihood", "bernoulli", "--decoder-output", "probs")
+    assert json.loads(out.stdout)["data"]["n"] == 20
+    unknown = run("elbo", examples / "weights.safetensors", examples / "data.npy", "--arch", "nope", "--likelihood", "bernoulli", ok=False)
+    assert unknown.exit_code == 2 and "examples-vae" in unknown.stderr
+
+
+def test_conv_vae_via_arch_and_converted(tmp_path):
+    (tmp_path / "conv.py").write_text(CONV_VAE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import conv
+
+        torch.manual_seed(1)
+        model = conv.ConvVAE()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("conv", None)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(12, 1, 8, 8)).astype(np.float32))
+    arch = ["--arch", f"{tmp_path / 'conv.py'}:ConvVAE", "--likelihood", "gaussian", "--sigma", "0.5"]
+    via_arch = json.loads(run("elbo", tmp_path / "w.safetensors", tmp_path / "x.npy", "-k", "64", "--json", *arch).stdout)
+    run("convert", tmp_path / "w.safetensors", *arch, "--data", tmp_path / "x.npy", "-o", tmp_path / "c.safetensors")
+    converted = load_model(tmp_path / "c.safetensors")
+    assert [layer.type for layer in converted.layers] == [
+        "conv2d", "relu", "flatten", "linear", "linear", "tanh", "unflatten", "conv_transpose2d", "silu", "conv_transpose2d",
+    ]
+    result = evaluate(converted, load_data(tmp_path / "x.npy", converted), samples=64)
+    np.testing.assert_allclose([p["iwae"] for p in via_arch["points"]], result.points.iwae, rtol=AGREEMENT, atol=AGREEMENT)
+
+
+def test_normal_returning_encoder_and_flat_input_shape(examples):
+    """encode may return a Normal; image-shaped data reaches a flat encode through --input-shape."""
+    images = examples / "images.npy"
+    np.save(images, np.load(examples / "data.npy").reshape(20, 1, 8, 8))
+    flat = json.loads(run("elbo", examples / "weights.safetensors", examples / "data.npy", "-k", "16", "--json",
+                          *_arch_args(examples, "NormalEncoder")).stdout)
+    shaped = json.loads(run("elbo", examples / "weights.safetensors", images, "-k", "16", "--json",
+                            *_arch_args(examples, "VAE", "--input-shape", "64")).stdout)
+    for a, b in zip(flat["points"], shaped["points"]):
+        assert a["iwae"] == pytest.approx(b["iwae"], rel=1e-5)
+
+
+BROKEN = [
+    ("file not found", lambda f: ["--arch", f"{f / 'missing.py'}:VAE"], "missing.py: no such file"),
+    ("attribute missing", lambda f: ["--arch", f"{f / 'vae.py'}:VEA"], "has no attribute 'VEA' (it defines"),
+    ("construction raises", lambda f: ["--arch", f"{f / 'vae.py'}:Exploding", "--arch-args", ARGS], "raised ValueError: no GPU found"),
+    ("bad --arch-args", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", "{latent"], "--arch-args"),
+    ("state dict mismatch", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", json.dumps({"dims": DIMS, "hidden": 16, "latent_dim": LATENT})],
+     "fc1.weight is [32, 64] in the file, [16, 64] in the module"),
+    ("encode wrong shape", lambda f: ["--arch", f"{f / 'vae.py'}:WrongShape", "--arch-args", ARGS],
+     "encode(x) returned a mean of [2, 4] and a log-variance of [2, 3]"),
+    ("probs outside [0, 1]", lambda f: ["--arch", f"{f / 'vae.py'}:Overshoot", "--arch-args", ARGS, "--decoder-output", "probs"],
+     "outside [0, 1], but --decoder-output says probabilities"),
+    ("no such method", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", ARGS, "--encode-method", "embed"], "has no method 'embed'"),
+    ("options without --arch", lambda f: ["--sigma", "0.1"], "--sigma goes with --arch"),
+    ("--arch without --likelihood", lambda f: ["--arch", f"{f / 'vae.py'}:VAE"], "--arch needs --likelihood"),
+]
+
+
+@pytest.mark.parametrize(("case", "options", "phrase"), BROKEN, ids=[case for case, _, _ in BROKEN])
+def test_arch_errors_are_one_line_exit_2(examples, case, options, phrase):
+    args = options(examples)
+    if "--likelihood" not in args and "--arch" in args and case != "--arch without --likelihood":
+        args += ["--likelihood", "bernoulli"]
+    result = run("elbo", examples / "weights.safetensors", examples / "data.npy", "-k", "4", *args, ok=False)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vaeeval: error: ")
+    assert phrase in result.stderr
+
+
+def test_missing_and_unexpected_keys_are_listed_together(examples):
+    tensors = {"fc1.weight": torch.zeros(HIDDEN, DIMS), "extra.bias": torch.zeros(3)}
+    save_file(tensors, examples / "partial.safetensors")
+    result = run("elbo", examples / "partial.safetensors", examples / "data.npy", *_arch_args(examples), ok=False)
+    assert result.exit_code == 2
+    assert "missing fc1.bias, fc21.weight" in result.stderr and "unexpected extra.bias" in result.stderr
+
+
+def test_convert_names_what_format1_cannot_express(examples):
+    result = run("convert", examples / "weights.safetensors", *_arch_args(examples, "Residual"), "--input-shape", "64",
+                 "-o", examples / "r.safetensors", ok=False)
+    assert result.exit_code == 2 and "decode: call_function add" in result.stderr and "one chain" in result.stderr
+    assert not (examples / "r.safetensors").exists()
+
+
+def test_readme_worked_example_runs(tmp_path, monkeypatch):
+    """The README's --arch example, verbatim, on synthetic binarized 'MNIST' data."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Your own architecture", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    python_blocks = [code for language, code in blocks if language == "python"]
+    commands = [line for language, code in blocks if language == "sh" for line in code.splitlines() if line.startswith("vaeeval ")]
+    assert len(python_blocks) == 2 and len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "vae.py").write_text(python_blocks[0])
+    torch.manual_seed(0)
+    exec(compile(python_blocks[1], "save_weights.py", "exec"), {})
+    sys.modules.pop("vae", None)
+    np.save(tmp_path / "mnist_test.npy", (np.random.default_rng(0).random((10, 784)) < 0.2).astype(np.float32))
+    outputs = [run(*shlex.split(command)[1:], "-k", "32" if "convert" not in command else "16").stdout for command in commands]
+    assert "wrote vae.safetensors" in outputs[1]
+    first, last = (re.search(r"│ iwae\s+│\s+(-?[\d.]+)", text).group(1) for text in (outputs[0], outputs[2]))
+    assert float(first) == pytest.approx(float(last), abs=1e-3)
