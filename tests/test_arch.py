@@ -77,6 +77,15 @@ class Residual(VAE):
         return torch.sigmoid(self.fc4(h3 + h3))
 
 
+class GaussianVAE(VAE):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_sigma = nn.Parameter(torch.tensor(-0.7))
+
+    def decode(self, z):
+        return self.fc4(F.relu(self.fc3(z)))
+
+
 class NormalEncoder(VAE):
     def encode(self, x):
         mean, log_var = super().encode(x)
@@ -291,3 +300,29 @@ def test_readme_worked_example_runs(tmp_path, monkeypatch):
     assert "wrote vae.safetensors" in outputs[1]
     first, last = (re.search(r"│ iwae\s+│\s+(-?[\d.]+)", text).group(1) for text in (outputs[0], outputs[2]))
     assert float(first) == pytest.approx(float(last), abs=1e-3)
+
+
+def test_gaussian_with_a_log_sigma_tensor_and_mean_output(examples):
+    import importlib
+
+    monkey = str(examples)
+    sys.path.insert(0, monkey)
+    try:
+        torch.manual_seed(3)
+        model = importlib.import_module("vae").GaussianVAE(dims=DIMS, hidden=HIDDEN, latent_dim=LATENT)
+    finally:
+        sys.path.remove(monkey)
+        sys.modules.pop("vae", None)
+    save_file(model.state_dict(), examples / "g.safetensors")
+    np.save(examples / "real.npy", np.random.default_rng(4).normal(size=(15, DIMS)).astype(np.float32))
+    arch = ["--arch", f"{examples / 'vae.py'}:GaussianVAE", "--arch-args", ARGS, "--likelihood", "gaussian",
+            "--log-sigma-tensor", "log_sigma", "--decoder-output", "mean"]
+    via_arch = json.loads(run("elbo", examples / "g.safetensors", examples / "real.npy", "-k", "32", "--json", *arch).stdout)
+    assert via_arch["model"]["likelihood"] == {"family": "gaussian", "log_sigma": "log_sigma"}
+    run("convert", examples / "g.safetensors", *arch, "--data", examples / "real.npy", "-o", examples / "g1.safetensors")
+    converted = load_model(examples / "g1.safetensors")
+    assert converted.likelihood.scale.item() == pytest.approx(np.exp(-0.7))
+    result = evaluate(converted, load_data(examples / "real.npy", converted), samples=32)
+    np.testing.assert_allclose([p["iwae"] for p in via_arch["points"]], result.points.iwae, rtol=AGREEMENT, atol=AGREEMENT)
+    # the same numbers as scoring by hand with sigma = exp(-0.7): the tensor really is used
+    assert via_arch["summary"]["measure"] == "density"
