@@ -57,8 +57,10 @@ def test_table_shows_header_summary_first_and_worst(bernoulli_model, binary_data
         assert phrase in out, phrase
     rows = re.findall(r"│\s+(?:first|worst)?\s*│\s+(\d+) │", out)
     assert len(rows) == 10
-    every = run("elbo", bernoulli_model.path, binary_data, "-k", "50", "--all").stdout
+    every, trust = run("elbo", bernoulli_model.path, binary_data, "-k", "50", "--all").stdout.split("Trust per point")
     assert sorted(int(i) for i in re.findall(r"│\s+│\s+(\d+) │", every)) == list(range(23))
+    assert sorted(int(i) for i in re.findall(r"│\s+│\s+(\d+) │", trust)) == list(range(23))
+    assert "k-hat" in trust and "ESS/K" in trust
 
 
 def test_limit_and_npz_key(bernoulli_model, binary_data, tmp_path):

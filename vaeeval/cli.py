@@ -23,16 +23,20 @@ from vaeeval.convert import convert as convert_model
 from vaeeval.data import load_data, point_shape
 from vaeeval.likelihoods import families
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, evaluate
-from vaeeval.model import load_model
+from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, evaluate
+from vaeeval.latents import LatentHealth, latent_health
+from vaeeval.model import Model, load_model
+from vaeeval.plot import plot_diagnostics
 from vaeeval.report import (
     ProgressBar,
     compare_document,
     elbo_document,
     inspect_document,
+    latents_document,
     render_compare,
     render_elbo,
     render_inspect,
+    render_latents,
     to_json,
 )
 
@@ -218,7 +222,21 @@ def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None
 @_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.elbo/1) to stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every point in the table, not the first and worst.")
-def elbo(model: Path, data: Path, as_json: bool, show_all: bool, **options: Any) -> None:
+@click.option("--diagnostics", is_flag=True,
+              help="Per-point standard errors, ESS and k-hat in the table, and the latent-health section.")
+@click.option("--convergence", is_flag=True, help="IWAE at K = 1, 10, 100, ... from nested subsets of the samples.")
+@click.option("--plot", type=_PATH, default=None, metavar="FILE.png",
+              help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
+def elbo(
+    model: Path,
+    data: Path,
+    as_json: bool,
+    show_all: bool,
+    diagnostics: bool,
+    convergence: bool,
+    plot: Path | None,
+    **options: Any,
+) -> None:
     """Estimate ELBO, reconstruction, KL and importance-weighted log p(x) per data point.
 
     MODEL is a format-1 .safetensors file (or, with --arch, a state dict); DATA a
@@ -239,10 +257,48 @@ def elbo(model: Path, data: Path, as_json: bool, show_all: bool, **options: Any)
     dataset = load_data(data, loaded, **data_options)
     with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
         result = evaluate(loaded, dataset, progress=progress, **options)
+    health = _latent_health(result, loaded) if diagnostics else None
+    if plot is not None:
+        plot_diagnostics(result, plot)
     if as_json:
-        click.echo(to_json(elbo_document(result, loaded, dataset)))
+        click.echo(to_json(elbo_document(result, loaded, dataset, convergence=convergence, latents=health)))
     else:
-        render_elbo(Console(), result, loaded, dataset, show_all=show_all)
+        render_elbo(Console(), result, loaded, dataset, show_all=show_all, diagnostics=diagnostics,
+                    convergence=convergence, latents=health)
+
+
+def _latent_health(result: Evaluation, model: Model) -> LatentHealth:
+    return latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.argument("data", type=_PATH)
+@_evaluation_options
+@_arch_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.latents/1) to stdout.")
+def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
+    """Latent health: KL per unit, active units, I(x; z) under q, and the aggregate-posterior KL.
+
+    A unit is active when Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016). The mutual
+    information uses the aggregate posterior over the whole data set; by ELBO
+    surgery, mean KL = I(x; z) + KL(q(z) || p(z)).
+
+    \b
+    Example:
+      vaeeval latents sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
+    """
+    arch = _read_arch(options)
+    data_options = _data_options(options)
+    loaded = _model_for(model, data, arch, data_options["key"])
+    dataset = load_data(data, loaded, **data_options)
+    with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
+        result = evaluate(loaded, dataset, progress=progress, **options)
+    health = _latent_health(result, loaded)
+    if as_json:
+        click.echo(to_json(latents_document(health, loaded, dataset, result)))
+    else:
+        render_latents(Console(), health)
 
 
 @main.command()

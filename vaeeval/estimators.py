@@ -50,9 +50,42 @@ def fold_sum(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def fold_logsumexp(total: torch.Tensor, log_values: torch.Tensor) -> torch.Tensor:
     """``logaddexp(total, logsumexp_k log_values[:, k])`` for ``total [B]``, ``log_values [B, S]``."""
-    for block_lse in torch.logsumexp(_blocks(log_values, -math.inf), dim=2).unbind(dim=1):
+    return fold_logsumexp_prefixes(total, log_values, 0, ())[0]
+
+
+def fold_logsumexp_prefixes(
+    total: torch.Tensor, log_values: torch.Tensor, first: int, checkpoints: tuple[int, ...]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``fold_logsumexp``, also giving the running logsumexp after the first k samples.
+
+    Args:
+        total: ``[B]`` the logsumexp of samples ``0 .. first-1``.
+        log_values: ``[B, S]`` samples ``first .. first+S-1``; ``first`` is a multiple of ``BLOCK``.
+        checkpoints: sample counts k; those in ``(first, first + S]`` are reported.
+
+    Returns:
+        The new total and ``{k: logsumexp of samples 0 .. k-1}``, each prefix computed from
+        the total before its block, so independent of the chunking like the total.
+    """
+    blocks = _blocks(log_values, -math.inf)
+    prefixes = {}
+    for index, block_lse in enumerate(torch.logsumexp(blocks, dim=2).unbind(dim=1)):
+        start = first + index * BLOCK
+        for k in checkpoints:
+            if start < k <= start + BLOCK:
+                prefixes[k] = torch.logaddexp(total, torch.logsumexp(blocks[:, index, : k - start], dim=1))
         total = torch.logaddexp(total, block_lse)
-    return total
+    return total, prefixes
+
+
+def effective_sample_size(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 from the logs of both sums (Kong 1992)."""
+    return torch.exp(2 * log_sum_w - log_sum_w2)
+
+
+def iwae_stderr(ess: torch.Tensor, samples: int) -> torch.Tensor:
+    """Delta-method standard error of log(mean w): SE^2 = 1/ESS - 1/K (0 for equal weights)."""
+    return (1 / ess - 1 / samples).clamp(min=0).sqrt()
 
 
 def iwae_bound(logsumexp_w: torch.Tensor, samples: int) -> torch.Tensor:

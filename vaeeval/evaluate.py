@@ -19,7 +19,17 @@ from torch.distributions import Independent, Normal
 
 from vaeeval.data import Dataset, Domain, detect_domain
 from vaeeval.errors import VaeevalError
-from vaeeval.estimators import BLOCK, Moments, fold_logsumexp, iwae_bound, log_weights
+from vaeeval.estimators import (
+    BLOCK,
+    Moments,
+    effective_sample_size,
+    fold_logsumexp,
+    fold_logsumexp_prefixes,
+    iwae_bound,
+    iwae_stderr,
+    log_weights,
+)
+from vaeeval.psis import pareto_khat, reliability_threshold, top_size
 from vaeeval.model import Model
 from vaeeval.rng import standard_normal
 from vaeeval.scoring import Scoring, choose_scoring
@@ -45,7 +55,11 @@ class Settings:
 class PointResults:
     """Per-point estimates in nats, ``[N]`` float64 each, higher is better (but ``kl``).
 
-    ``kl_stderr`` is the Monte Carlo standard error of a ``monte_carlo`` KL (0 when analytic).
+    Diagnostics per point: ``elbo_stderr`` and ``kl_stderr`` are Monte Carlo standard
+    errors over the K samples (``kl_stderr`` 0 when the KL is analytic); ``iwae_stderr``
+    the delta-method standard error sqrt(1/ESS - 1/K); ``ess`` the effective sample
+    size of the importance weights; ``khat`` their Pareto tail shape (``psis``), with
+    ``unreliable`` where it exceeds ``psis.reliability_threshold(K)``.
     """
 
     index: np.ndarray
@@ -54,6 +68,11 @@ class PointResults:
     kl: np.ndarray
     iwae: np.ndarray
     kl_stderr: np.ndarray
+    elbo_stderr: np.ndarray
+    iwae_stderr: np.ndarray
+    ess: np.ndarray
+    khat: np.ndarray
+    unreliable: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,25 @@ class Stat:
 
     mean: float
     stderr: float | None
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """How far to trust the numbers, over the data set.
+
+    ``gap`` is iwae - elbo, a lower bound on the inference gap E_q[log q(z|x) / p(z|x)];
+    ``unreliable`` lists the flagged points, worst (largest k-hat) first.
+    """
+
+    threshold: float
+    unreliable: tuple[int, ...]
+    share: float
+    gap: Stat
+    ess: Stat
+    ess_fraction: Stat
+    khat: Stat
+    elbo_stderr: Stat
+    iwae_stderr: Stat
 
 
 @dataclass(frozen=True)
@@ -79,7 +117,20 @@ class Summary:
     kl: Stat
     iwae: Stat
     bits_per_dim: Stat
+    diagnostics: Diagnostics
     dequantized_bits_per_dim: Stat | None = None
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """IWAE from nested subsets of each point's samples: the first k of them, for k in ``samples``."""
+
+    samples: tuple[int, ...]
+    iwae: np.ndarray  # [N, len(samples)]
+
+    def summary(self) -> list[tuple[int, Stat]]:
+        """Mean and standard error over points of the IWAE at each k."""
+        return [(k, mean_and_stderr(self.iwae[:, j])) for j, k in enumerate(self.samples)]
 
 
 @dataclass(frozen=True)
@@ -92,6 +143,9 @@ class Evaluation:
     scoring: Scoring  # what kind of number recon and iwae are, and how it was made
     kl_kind: str  # "analytic" or "monte_carlo"
     domain: Domain  # the data's values, as detected
+    convergence: Convergence
+    latent_means: np.ndarray  # [N, latent_dim], the encoder's q(z|x) means
+    latent_vars: np.ndarray  # [N, latent_dim], and variances
 
     @property
     def measure(self) -> str:
@@ -106,12 +160,33 @@ def mean_and_stderr(values: np.ndarray) -> Stat:
     return Stat(float(values.mean()), stderr)
 
 
-def summarize(points: PointResults, dims: int, dequantization_offset: float | None = None) -> Summary:
-    """Means and standard errors over points, and bits per dimension of -iwae.
+def diagnose(points: PointResults, samples: int) -> Diagnostics:
+    """The data set's diagnostics from the per-point ones."""
+    flagged = np.flatnonzero(points.unreliable)
+    worst_first = flagged[np.argsort(-points.khat[flagged], kind="stable")]
+    finite_khat = points.khat[np.isfinite(points.khat)]
+    return Diagnostics(
+        threshold=reliability_threshold(samples),
+        unreliable=tuple(int(points.index[i]) for i in worst_first),
+        share=float(flagged.size / max(points.index.size, 1)),
+        gap=mean_and_stderr(points.iwae - points.elbo),
+        ess=mean_and_stderr(points.ess),
+        ess_fraction=mean_and_stderr(points.ess / samples),
+        khat=mean_and_stderr(finite_khat) if finite_khat.size else Stat(math.nan, None),
+        elbo_stderr=mean_and_stderr(points.elbo_stderr) if samples > 1 else Stat(math.nan, None),
+        iwae_stderr=mean_and_stderr(points.iwae_stderr),
+    )
+
+
+def summarize(
+    points: PointResults, dims: int, samples: int, dequantization_offset: float | None = None
+) -> Summary:
+    """Means and standard errors over points, bits per dimension of -iwae, and diagnostics.
 
     Args:
         points: the per-point estimates.
         dims: D, dimensions per point.
+        samples: K, samples per point.
         dequantization_offset: D log(bin width), for a density on discrete data.
     """
     per_dim = dims * math.log(2)
@@ -122,12 +197,18 @@ def summarize(points: PointResults, dims: int, dequantization_offset: float | No
         kl=mean_and_stderr(points.kl),
         iwae=mean_and_stderr(points.iwae),
         bits_per_dim=mean_and_stderr(-points.iwae / per_dim),
+        diagnostics=diagnose(points, samples),
         dequantized_bits_per_dim=(
             None
             if dequantization_offset is None
             else mean_and_stderr(-(points.iwae + dequantization_offset) / per_dim)
         ),
     )
+
+
+def convergence_checkpoints(samples: int) -> tuple[int, ...]:
+    """1, 10, 100, ... below K, and K."""
+    return tuple(10**j for j in range(int(math.log10(samples)) + 1) if 10**j < samples) + (samples,)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,27 +288,82 @@ def evaluate(
     model = model.to(device)
 
     n = array.shape[0]
-    results = {name: np.empty(n) for name in (*METRICS, "kl_stderr")}
+    checkpoints = convergence_checkpoints(samples)
+    columns: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             x = torch.from_numpy(np.array(array[start:stop], dtype=np.float32)).to(device)
-            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size, scoring.levels)
-            for name in results:
-                results[name][start:stop] = batch[name].cpu().numpy()
+            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size, scoring.levels, checkpoints)
+            for name, values in batch.items():
+                columns.setdefault(name, []).append(values.cpu().numpy())
             if progress is not None:
                 progress(stop)
 
-    points = PointResults(index=np.arange(n), **results)
+    merged = {name: np.concatenate(parts) for name, parts in columns.items()}
+    latent_means, latent_vars, convergence = merged.pop("q_mean"), merged.pop("q_var"), merged.pop("convergence")
+    khat = pareto_khat(merged.pop("top_log_w"), samples)
+    points = PointResults(
+        index=np.arange(n), khat=khat, unreliable=khat > reliability_threshold(samples), **merged
+    )
     _check_finite(points)
     return Evaluation(
         points=points,
-        summary=summarize(points, model.data_dims, scoring.dequantization_offset(model.data_dims)),
+        summary=summarize(points, model.data_dims, samples, scoring.dequantization_offset(model.data_dims)),
         settings=Settings(samples, seed, batch_size, chunk_size, str(device)),
         scoring=scoring,
         kl_kind=model.prior.kl_kind,
         domain=domain,
+        convergence=Convergence(checkpoints, convergence),
+        latent_means=latent_means,
+        latent_vars=latent_vars,
     )
+
+
+class _SampleStatistics:
+    """Everything kept per point while its K samples stream past in chunks: O(1) in K but the tail."""
+
+    def __init__(self, rows: int, samples: int, checkpoints: tuple[int, ...], like: torch.Tensor) -> None:
+        self.samples, self.checkpoints = samples, checkpoints
+        empty = torch.full((rows,), -math.inf, dtype=torch.float64, device=like.device)
+        self.log_sum_w, self.log_sum_w2 = empty, empty.clone()
+        self.top = torch.empty((rows, 0), dtype=torch.float64, device=like.device)
+        self.recon, self.log_w, self.log_ratio = Moments(), Moments(), Moments()
+        self.prefixes: dict[int, torch.Tensor] = {}
+
+    def update(self, first: int, log_px_z: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor) -> None:
+        log_w = log_weights(log_px_z, log_pz, log_qz)
+        self.log_sum_w, prefixes = fold_logsumexp_prefixes(self.log_sum_w, log_w, first, self.checkpoints)
+        self.prefixes.update(prefixes)
+        self.log_sum_w2 = fold_logsumexp(self.log_sum_w2, 2 * log_w)
+        kept = torch.cat([self.top, log_w], dim=1)
+        self.top = torch.topk(kept, min(top_size(self.samples), kept.shape[1]), dim=1).values
+        self.recon.update(log_px_z)
+        self.log_w.update(log_w)
+        self.log_ratio.update(log_qz - log_pz)
+
+    def finish(self, analytic_kl: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        samples = self.samples
+        recon = self.recon.mean(samples)
+        if analytic_kl is None:  # Monte Carlo KL from the same samples: the ELBO is the mean log-weight
+            kl, kl_stderr, elbo_stderr = self.log_ratio.mean(samples), self.log_ratio.stderr(samples), self.log_w.stderr(samples)
+        else:
+            kl, kl_stderr, elbo_stderr = analytic_kl, torch.zeros_like(analytic_kl), self.recon.stderr(samples)
+        ess = effective_sample_size(self.log_sum_w, self.log_sum_w2)
+        return {
+            "elbo": recon - kl,
+            "recon": recon,
+            "kl": kl,
+            "iwae": iwae_bound(self.log_sum_w, samples),
+            "kl_stderr": kl_stderr,
+            "elbo_stderr": elbo_stderr,
+            "iwae_stderr": iwae_stderr(ess, samples),
+            "ess": ess,
+            "top_log_w": self.top,
+            "convergence": torch.stack(
+                [iwae_bound(self.prefixes[k] if k < samples else self.log_sum_w, k) for k in self.checkpoints], dim=1
+            ),
+        }
 
 
 def _evaluate_batch(
@@ -238,17 +374,17 @@ def _evaluate_batch(
     seed: int,
     chunk_size: int,
     levels: int | None,
+    checkpoints: tuple[int, ...],
 ) -> dict[str, torch.Tensor]:
-    """The estimates, ``[B]`` float64 each, for one batch of points ``x``."""
+    """The estimates and diagnostics, ``[B, ...]`` float64, for one batch of points ``x``."""
     mean, log_var = model.encode(x)
     mean, std = mean.double(), (0.5 * log_var.double()).exp()
-    kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
+    analytic_kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
     q = Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
     prior = model.prior.distribution(mean)
 
     rows, latent = mean.shape
-    log_sum_w = torch.full((rows,), -math.inf, dtype=torch.float64, device=x.device)
-    recon, log_ratio = Moments(), Moments()  # log p(x|z); log q(z|x) - log p(z), the KL's sample
+    statistics = _SampleStatistics(rows, samples, checkpoints, mean)
     x_each = x[:, None]
     for first in range(0, samples, chunk_size):
         last = min(samples, first + chunk_size)
@@ -256,25 +392,8 @@ def _evaluate_batch(
         z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
         z64 = z.double()  # ...and exactly that point for the densities
         params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
-        log_px_z = model.likelihood.log_prob(params, x_each, levels)
-        log_qz, log_pz = q.log_prob(z64), prior.log_prob(z64)
-        log_sum_w = fold_logsumexp(log_sum_w, log_weights(log_px_z, log_pz, log_qz))
-        recon.update(log_px_z)
-        if kl is None:
-            log_ratio.update(log_qz - log_pz)
-
-    if kl is None:
-        kl, kl_stderr = log_ratio.mean(samples), log_ratio.stderr(samples)
-    else:
-        kl_stderr = torch.zeros_like(kl)
-    reconstruction = recon.mean(samples)
-    return {
-        "elbo": reconstruction - kl,
-        "recon": reconstruction,
-        "kl": kl,
-        "iwae": iwae_bound(log_sum_w, samples),
-        "kl_stderr": kl_stderr,
-    }
+        statistics.update(first, model.likelihood.log_prob(params, x_each, levels), prior.log_prob(z64), q.log_prob(z64))
+    return {**statistics.finish(analytic_kl), "q_mean": mean, "q_var": std * std}
 
 
 def _check_finite(points: PointResults) -> None:

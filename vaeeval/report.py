@@ -23,12 +23,14 @@ from rich.text import Text
 from vaeeval.compare import Comparison
 from vaeeval.data import Dataset
 from vaeeval.evaluate import METRICS, Evaluation, Stat
+from vaeeval.latents import ACTIVE_THRESHOLD, LatentHealth
 from vaeeval.layers import format_shape
 from vaeeval.likelihoods import DENSITY
 from vaeeval.model import Model
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
 COMPARE_SCHEMA = "vaeeval.compare/1"
+LATENTS_SCHEMA = "vaeeval.latents/1"
 DEQUANTIZATION = (
     "the uniform-dequantization figure for a density on discrete data, not a probability "
     "(log P(bin) >= E_u[log p(x + u)] + D log Δ bounds the bin probability only for the density "
@@ -49,13 +51,53 @@ def to_json(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, allow_nan=False)
 
 
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: an undefined number (a standard error from one sample) is null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _stat(stat: Stat) -> dict[str, float | None]:
-    return {"mean": stat.mean, "stderr": stat.stderr}
+    return {"mean": _finite(stat.mean), "stderr": _finite(stat.stderr)}
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: an undefined number (a standard error from one sample) is null."""
-    return value if math.isfinite(value) else None
+def diagnostics_info(evaluation: Evaluation) -> dict[str, Any]:
+    """The ``summary.diagnostics`` object: how far to trust the numbers."""
+    diagnostics = evaluation.summary.diagnostics
+    return {
+        "unreliable": {
+            "count": len(diagnostics.unreliable),
+            "share": diagnostics.share,
+            "khat_threshold": _finite(diagnostics.threshold),
+            "points": list(diagnostics.unreliable),  # worst (largest k-hat) first
+        },
+        "iwae_minus_elbo": _stat(diagnostics.gap),
+        "ess": _stat(diagnostics.ess),
+        "ess_fraction": _stat(diagnostics.ess_fraction),
+        "khat": _stat(diagnostics.khat),
+        "elbo_stderr": _stat(diagnostics.elbo_stderr),
+        "iwae_stderr": _stat(diagnostics.iwae_stderr),
+    }
+
+
+def convergence_info(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """The ``convergence`` list: IWAE over the first k samples of every point."""
+    return [{"samples": k, "iwae": _stat(stat)} for k, stat in evaluation.convergence.summary()]
+
+
+def latents_info(health: LatentHealth) -> dict[str, Any]:
+    """The ``latents`` object: latent health."""
+    return {
+        "kl_per_dim": None if health.kl_per_dim is None else health.kl_per_dim.tolist(),
+        "activity": health.activity.tolist(),
+        "active_threshold": ACTIVE_THRESHOLD,
+        "active_units": int(health.active.sum()),
+        "inactive": np.flatnonzero(~health.active).tolist(),
+        "mutual_information": health.mutual_information,
+        "mutual_information_max": health.max_information,
+        "mean_kl": health.mean_kl,
+        "aggregate_kl": health.aggregate_kl,
+        "warning": health.warning,
+    }
 
 
 def scoring_info(evaluation: Evaluation) -> dict[str, Any]:
@@ -110,38 +152,56 @@ def summary_info(evaluation: Evaluation) -> dict[str, Any]:
     }
     if summary.dequantized_bits_per_dim is not None:
         info["dequantized_bits_per_dim"] = {**_stat(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
+    info["diagnostics"] = diagnostics_info(evaluation)
     return info
 
 
 def points_info(evaluation: Evaluation) -> list[dict[str, Any]]:
     """The ``points`` list of a document: one object per point."""
     points = evaluation.points
-    names = (*METRICS, "kl_stderr") if evaluation.kl_kind == "monte_carlo" else METRICS
+    names = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat")
+    if evaluation.kl_kind == "monte_carlo":
+        names += ("kl_stderr",)
     columns = {name: getattr(points, name).tolist() for name in names}
+    fraction = (points.ess / evaluation.settings.samples).tolist()
+    unreliable = points.unreliable.tolist()
     return [
-        {"index": int(index), **{name: _finite(columns[name][row]) for name in names}}
+        {
+            "index": int(index),
+            **{name: _finite(columns[name][row]) for name in names},
+            "ess_fraction": fraction[row],
+            "unreliable": unreliable[row],
+        }
         for row, index in enumerate(points.index.tolist())
     ]
 
 
-def elbo_document(evaluation: Evaluation, model: Model, dataset: Dataset) -> dict[str, Any]:
-    """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``)."""
-    settings = evaluation.settings
-    return {
+def elbo_document(
+    evaluation: Evaluation,
+    model: Model,
+    dataset: Dataset,
+    *,
+    convergence: bool = False,
+    latents: LatentHealth | None = None,
+) -> dict[str, Any]:
+    """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``).
+
+    ``convergence`` adds the IWAE-versus-K list; ``latents`` the latent-health object.
+    """
+    document = {
         "schema": ELBO_SCHEMA,
         "units": "nats per data point; higher is better (kl: lower)",
         "model": model_info(model),
         "data": data_info(dataset),
-        "settings": {
-            "samples": settings.samples,
-            "seed": settings.seed,
-            "batch_size": settings.batch_size,
-            "chunk_size": settings.chunk_size,
-            "device": settings.device,
-        },
+        "settings": _settings_info(evaluation),
         "summary": summary_info(evaluation),
         "points": points_info(evaluation),
     }
+    if convergence:
+        document["convergence"] = convergence_info(evaluation)
+    if latents is not None:
+        document["latents"] = latents_info(latents)
+    return document
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -200,36 +260,145 @@ def _summary_table(evaluation: Evaluation, model: Model) -> Table:
     return table
 
 
-def _points_table(evaluation: Evaluation, show_all: bool, rows: int) -> Table:
+def _point_rows(evaluation: Evaluation, show_all: bool, rows: int) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """The title and the (label, rows) sections a per-point table shows."""
     points = evaluation.points
     n = points.index.size
     if show_all or n <= 2 * rows:
-        sections = [("", np.arange(n))]
-        title = "Every point"
-    else:
-        worst = np.argsort(points.iwae, kind="stable")[:rows]
-        sections = [("first", np.arange(rows)), ("worst", worst)]
-        title = f"First {rows} and worst {rows} points by iwae (--all for every point)"
+        return "Every point", [("", np.arange(n))]
+    worst = np.argsort(points.iwae, kind="stable")[:rows]
+    return f"First {rows} and worst {rows} points by iwae (--all for every point)", [("first", np.arange(rows)), ("worst", worst)]
+
+
+def _points_table(
+    title: str, index: np.ndarray, sections: list[tuple[str, np.ndarray]], columns: dict[str, Any]
+) -> Table:
+    """One row per shown point; ``columns`` maps a header to a function of the row number."""
     table = Table(title=title, title_justify="left")
-    for column in ("", "index", *METRICS):
-        table.add_column(column, justify="right" if column else "left", style="dim" if not column else None)
+    table.add_column("", style="dim")
+    table.add_column("index", justify="right")
+    for header in columns:
+        table.add_column(escape(header), justify="right")
     for label, rows_shown in sections:
         for position, row in enumerate(rows_shown):
-            values = [_num(float(getattr(points, name)[row])) for name in METRICS]
-            table.add_row(label if position == 0 else "", str(int(points.index[row])), *values)
+            table.add_row(label if position == 0 else "", str(int(index[row])), *(cell(row) for cell in columns.values()))
         table.add_section()
     return table
 
 
+def _estimate_columns(evaluation: Evaluation) -> dict[str, Any]:
+    points = evaluation.points
+    return {name: (lambda row, name=name: _num(float(getattr(points, name)[row]))) for name in METRICS}
+
+
+def _trust_columns(evaluation: Evaluation) -> dict[str, Any]:
+    points, samples = evaluation.points, evaluation.settings.samples
+    return {
+        "± elbo": lambda row: _num(float(points.elbo_stderr[row]), 3),
+        "± iwae": lambda row: _num(float(points.iwae_stderr[row]), 3),
+        "ESS/K": lambda row: _num(float(points.ess[row] / samples), 3),
+        "k-hat": lambda row: _num(float(points.khat[row]), 2) if np.isfinite(points.khat[row]) else str(points.khat[row]),
+        "": lambda row: "[red]unreliable[/]" if points.unreliable[row] else "",
+    }
+
+
+def _trust_lines(evaluation: Evaluation) -> list[str]:
+    diagnostics = evaluation.summary.diagnostics
+    flagged = diagnostics.unreliable
+    lines = [
+        f"IWAE − ELBO: {_num(diagnostics.gap.mean, 3)} ± {_num(diagnostics.gap.stderr, 3)} nats "
+        "(a lower bound on the inference gap); mean ESS/K "
+        f"{_num(diagnostics.ess_fraction.mean, 3)}; mean per-point stderr: elbo "
+        f"{_num(diagnostics.elbo_stderr.mean, 3)}, iwae {_num(diagnostics.iwae_stderr.mean, 3)}."
+    ]
+    if flagged:
+        shown = ", ".join(map(str, flagged[:10])) + (" ..." if len(flagged) > 10 else "")
+        lines.append(
+            f"[red]{len(flagged)} of {evaluation.summary.n} points ({100 * diagnostics.share:.1f}%) are unreliable[/]: "
+            f"k-hat > {diagnostics.threshold:.2f}, so importance sampling may be badly low there "
+            f"(worst first: {shown})."
+        )
+    else:
+        lines.append(f"No point is unreliable (every k-hat ≤ {_num(diagnostics.threshold, 2)}).")
+    return lines
+
+
+def _convergence_table(evaluation: Evaluation) -> Table:
+    table = Table(title="IWAE as K grows (the first k of the same samples)", title_justify="left")
+    for column in ("k", "iwae", "stderr", "change"):
+        table.add_column(column, justify="right")
+    previous = None
+    for k, stat in evaluation.convergence.summary():
+        change = "" if previous is None else _num(stat.mean - previous, 4)
+        table.add_row(str(k), _num(stat.mean), _num(stat.stderr), change)
+        previous = stat.mean
+    return table
+
+
+def _latents_table(health: LatentHealth) -> Table:
+    table = Table(title="Latent units", title_justify="left")
+    for column in ("unit", "KL (mean)", "Var_x E_q[z]", "active"):
+        table.add_column(escape(column), justify="right")
+    for unit, activity in enumerate(health.activity):
+        kl = "—" if health.kl_per_dim is None else _num(float(health.kl_per_dim[unit]), 4)
+        table.add_row(str(unit), kl, _num(float(activity), 4), "yes" if health.active[unit] else "[red]no[/]")
+    table.caption = escape(
+        f"active units {int(health.active.sum())} of {health.active.size}; I(x; z) under q "
+        f"{health.mutual_information:.3f} nats (at most log N = {health.max_information:.2f}); "
+        f"mean KL {health.mean_kl:.3f} = I + KL(q(z) || p(z)), so KL(q(z) || p(z)) = {health.aggregate_kl:.3f}"
+    )
+    return table
+
+
+def latents_document(health: LatentHealth, model: Model, dataset: Dataset, evaluation: Evaluation) -> dict[str, Any]:
+    """The ``vaeeval latents --json`` document (schema ``vaeeval.latents/1``)."""
+    return {
+        "schema": LATENTS_SCHEMA,
+        "model": model_info(model),
+        "data": data_info(dataset),
+        "settings": _settings_info(evaluation),
+        "latents": latents_info(health),
+    }
+
+
+def render_latents(console: Console, health: LatentHealth) -> None:
+    """Print the latent-health table and, when units collapsed, the warning."""
+    console.print(_latents_table(health))
+    if health.warning:
+        console.print(f"[red]{escape(health.warning)}[/]")
+
+
 def render_elbo(
-    console: Console, evaluation: Evaluation, model: Model, dataset: Dataset, *, show_all: bool = False, rows: int = 5
+    console: Console,
+    evaluation: Evaluation,
+    model: Model,
+    dataset: Dataset,
+    *,
+    show_all: bool = False,
+    diagnostics: bool = False,
+    convergence: bool = False,
+    latents: LatentHealth | None = None,
+    rows: int = 5,
 ) -> None:
-    """Print the ``vaeeval elbo`` report: header, summary, per-point table."""
+    """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections."""
     console.print(_header(evaluation, model, dataset))
     console.print()
     console.print(_summary_table(evaluation, model))
+    for line in _trust_lines(evaluation):
+        console.print(line)
     console.print()
-    console.print(_points_table(evaluation, show_all, rows))
+    title, sections = _point_rows(evaluation, show_all, rows)
+    index = evaluation.points.index
+    console.print(_points_table(title, index, sections, _estimate_columns(evaluation)))
+    if show_all or diagnostics:
+        console.print(_points_table("Trust per point (Monte Carlo standard errors, effective sample size, PSIS k-hat)",
+                                    index, sections, _trust_columns(evaluation)))
+    if convergence:
+        console.print()
+        console.print(_convergence_table(evaluation))
+    if latents is not None:
+        console.print()
+        render_latents(console, latents)
 
 
 def inspect_document(model: Model) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""Latent health: which units the encoder uses, and how much information q(z|x) carries about x.
+
+* KL per latent dimension, averaged over the data (priors that factorize over dimensions).
+* Active units (Burda, Grosse & Salakhutdinov 2016): unit u is active when
+  Var_x(E_q[z_u | x]) > 0.01.
+* The mutual information I(x; z) under the encoder's joint q(x, z) = p_data(x) q(z|x):
+  E_x E_{q(z|x)}[log q(z|x) - log q(z)], with the aggregate posterior
+  q(z) = (1/N) sum_n q(z|x_n) taken over the whole evaluation set, in chunks.
+* ELBO surgery (Hoffman & Johnson 2016): mean KL = I(x; z) + KL(q(z) || p(z)), so the
+  aggregate-posterior KL is the mean KL minus the mutual information.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from vaeeval.priors import GaussianPrior, Prior, StandardNormalPrior
+from vaeeval.rng import standard_normal
+
+ACTIVE_THRESHOLD = 0.01
+_CHUNK = 1024
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class LatentHealth:
+    """What the encoder does with its latent units, over a data set."""
+
+    kl_per_dim: np.ndarray | None  # [L] mean over points; None for a prior that does not factorize
+    activity: np.ndarray  # [L] Var_x(E_q[z_u])
+    active: np.ndarray  # [L] bool
+    mutual_information: float  # I(x; z) under q, nats
+    mean_kl: float  # mean over points of KL(q(z|x) || p(z))
+    aggregate_kl: float  # KL(q(z) || p(z)) = mean_kl - mutual_information
+    max_information: float  # log N: no estimate over N points can exceed it
+
+    @property
+    def warning(self) -> str | None:
+        """A plain-words warning when units have collapsed, else None."""
+        inactive = np.flatnonzero(~self.active)
+        if inactive.size == 0:
+            return None
+        if inactive.size == self.active.size:
+            return (
+                "Posterior collapse: no latent unit is active; q(z|x) barely depends on x, "
+                "so the decoder models the data without using z."
+            )
+        return (
+            f"{inactive.size} of {self.active.size} latent units are inactive (posterior collapse): "
+            f"units {', '.join(map(str, inactive.tolist()))} have Var_x(E_q[z]) <= {ACTIVE_THRESHOLD}; "
+            "their KL is near 0 and they carry no information about x."
+        )
+
+
+def _kl_per_dim(means: torch.Tensor, variances: torch.Tensor, prior: Prior) -> np.ndarray | None:
+    if isinstance(prior, StandardNormalPrior):
+        prior_mean, prior_var = torch.zeros_like(means[0]), torch.ones_like(means[0])
+    elif isinstance(prior, GaussianPrior):
+        prior_mean = prior.values["mean"].to(means)
+        prior_var = prior.values["log_var"].to(means).exp()
+    else:
+        return None
+    per_dim = kl_divergence(Normal(means, variances.sqrt()), Normal(prior_mean, prior_var.sqrt()))
+    return per_dim.mean(dim=0).numpy()
+
+
+def _log_gaussians(z: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """log N(z_i; mean_n, diag var_n) for every pair: ``[I, L] x [N, L] -> [I, N]``, by matrix products."""
+    precision = 1 / variances
+    quadratic = (z * z) @ precision.T - 2 * z @ (means * precision).T + (means * means * precision).sum(1)
+    return -0.5 * (quadratic + torch.log(variances).sum(1) + z.shape[1] * _LOG_2PI)
+
+
+def mutual_information(means: np.ndarray, variances: np.ndarray, seed: int = 0) -> float:
+    """I(x; z) under q, with one z_i ~ q(z|x_i) per point (the evaluation's sample 0) and q(z) over all N points."""
+    mu = torch.as_tensor(means, dtype=torch.float64)
+    var = torch.as_tensor(variances, dtype=torch.float64)
+    n, latent = mu.shape
+    eps = standard_normal(seed, np.arange(n), 0, 1, latent)[:, 0]
+    z = mu + var.sqrt() * eps
+    log_q_own = Independent(Normal(mu, var.sqrt()), 1).log_prob(z)
+    total = 0.0
+    for first in range(0, n, _CHUNK):
+        rows = slice(first, first + _CHUNK)
+        log_aggregate = torch.full((z[rows].shape[0],), -math.inf, dtype=torch.float64)
+        for inner in range(0, n, _CHUNK):
+            cols = slice(inner, inner + _CHUNK)
+            log_aggregate = torch.logaddexp(log_aggregate, torch.logsumexp(_log_gaussians(z[rows], mu[cols], var[cols]), 1))
+        total += float((log_q_own[rows] - (log_aggregate - math.log(n))).sum())
+    return total / n
+
+
+def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prior: Prior, seed: int = 0) -> LatentHealth:
+    """Latent health from the encoder's q(z|x) over a data set.
+
+    Args:
+        means, variances: ``[N, L]`` the parameters of q(z|x_n).
+        kl: ``[N]`` KL(q(z|x_n) || p(z)) (analytic or Monte Carlo, as evaluated).
+        prior: the model's prior.
+        seed: the evaluation's seed; z_i is its sample 0 of point i.
+    """
+    mu = torch.as_tensor(means, dtype=torch.float64)
+    var = torch.as_tensor(variances, dtype=torch.float64)
+    activity = mu.var(dim=0, unbiased=True).numpy() if mu.shape[0] > 1 else np.zeros(mu.shape[1])
+    information = mutual_information(means, variances, seed)
+    mean_kl = float(np.mean(kl))
+    return LatentHealth(
+        kl_per_dim=_kl_per_dim(mu, var, prior),
+        activity=activity,
+        active=activity > ACTIVE_THRESHOLD,
+        mutual_information=information,
+        mean_kl=mean_kl,
+        aggregate_kl=mean_kl - information,
+        max_information=math.log(mu.shape[0]),
+    )

@@ -1,0 +1,60 @@
+"""``--plot FILE.png``: the K-convergence curve and the histogram of per-point log p(x).
+
+matplotlib is an optional extra (``pip install 'vaeeval[plot]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vaeeval.errors import VaeevalError
+from vaeeval.evaluate import Evaluation
+
+
+def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
+    """Draw IWAE against K (mean ± stderr) and the per-point IWAE histogram, unreliable points marked.
+
+    Raises:
+        VaeevalError: matplotlib is not installed, or the file cannot be written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        raise VaeevalError("--plot needs matplotlib: pip install 'vaeeval[plot]'") from None
+    path = Path(path)
+    figure, (curve, histogram) = pyplot.subplots(1, 2, figsize=(11, 4))
+    steps = evaluation.convergence.summary()
+    ks = [k for k, _ in steps]
+    means = np.array([stat.mean for _, stat in steps])
+    errors = np.array([stat.stderr or 0.0 for _, stat in steps])
+    curve.errorbar(ks, means, yerr=errors, marker="o", capsize=3)
+    curve.set_xscale("log")
+    curve.set_xlabel("K, importance samples (the first K of the same samples)")
+    curve.set_ylabel(f"mean IWAE ({evaluation.measure}, nats)")
+    curve.set_title("Has the estimate stopped moving?")
+
+    points = evaluation.points
+    bins = np.histogram_bin_edges(points.iwae, bins=40)
+    histogram.hist(
+        [points.iwae[~points.unreliable], points.iwae[points.unreliable]],
+        bins=bins,
+        stacked=True,
+        color=["tab:blue", "tab:red"],
+        label=["reliable", "unreliable (k-hat)"],
+    )
+    histogram.set_xlabel(f"per-point IWAE estimate of log p(x) ({evaluation.measure}, nats)")
+    histogram.set_ylabel("points")
+    histogram.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as error:
+        raise VaeevalError(f"{path}: cannot write the plot ({error.strerror or error})") from None
+    finally:
+        pyplot.close(figure)
+    return path
