@@ -84,6 +84,12 @@ class _ByteSize(click.ParamType):
 _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
 
 
+def _stdout() -> Console:
+    """Where tables go: the terminal's width, or 120 columns into a file or pipe (not rich's 80)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vaeeval")
 def main() -> None:
@@ -263,7 +269,7 @@ def elbo(
     if as_json:
         click.echo(to_json(elbo_document(result, loaded, dataset, convergence=convergence, latents=health)))
     else:
-        render_elbo(Console(), result, loaded, dataset, show_all=show_all, diagnostics=diagnostics,
+        render_elbo(_stdout(), result, loaded, dataset, show_all=show_all, diagnostics=diagnostics,
                     convergence=convergence, latents=health)
 
 
@@ -298,7 +304,7 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(to_json(latents_document(health, loaded, dataset, result)))
     else:
-        render_latents(Console(), health)
+        render_latents(_stdout(), health)
 
 
 @main.command()
@@ -315,7 +321,7 @@ def inspect(model: Path, as_json: bool) -> None:
     if as_json:
         click.echo(to_json(inspect_document(loaded)))
     else:
-        render_inspect(Console(), loaded)
+        render_inspect(_stdout(), loaded)
 
 
 @main.command()
@@ -346,7 +352,7 @@ def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(to_json(compare_document(result, datasets[0])))
     else:
-        render_compare(Console(), result, datasets[0])
+        render_compare(_stdout(), result, datasets[0])
 
 
 @main.command()

@@ -559,8 +559,8 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
     by_model = {d.model: d for d in comparison.differences}
     models = Table(title="Models", title_justify="left")
     estimates = Table(title="Estimates (nats per point; ± is the standard error over points)", title_justify="left")
-    for column in ("#", "model", "family", "measure", "bits/dim"):
-        models.add_column(column, justify="right" if column in ("#", "bits/dim") else "left")
+    for column in ("#", "model", "family", "measure", "bits/dim", "unreliable"):
+        models.add_column(column, justify="right" if column in ("#", "bits/dim", "unreliable") else "left")
     for column in ("#", "elbo", "recon", "kl", "iwae", "±", "Δ iwae", "± paired"):
         estimates.add_column(column, justify="right", no_wrap=True)
     for group in comparison.groups:
@@ -574,6 +574,7 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
                 model.likelihood.family,
                 evaluation.scoring.label,
                 _num(summary.bits_per_dim.mean, 4),
+                f"{100 * summary.diagnostics.share:.0f}%",
             )
             difference = by_model.get(index)
             if difference is None:
@@ -600,3 +601,9 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
         )
     for note in comparison.notes:
         console.print(escape(note))
+    shaky = [_label(m) for m, e in zip(comparison.models, comparison.evaluations) if e.summary.diagnostics.share > 0.1]
+    if shaky:
+        console.print(
+            f"[red]k-hat flags over 10% of the points of {', '.join(shaky)}[/]: those IWAE estimates may still be "
+            "low (see vaeeval elbo --diagnostics --convergence); a larger K or a better encoder makes them trustworthy."
+        )
