@@ -30,9 +30,11 @@ from vaeeval.plot import plot_diagnostics
 from vaeeval.report import (
     ProgressBar,
     compare_document,
+    data_info,
     elbo_document,
     inspect_document,
     latents_document,
+    model_info,
     render_compare,
     render_elbo,
     render_inspect,
@@ -267,9 +269,9 @@ def elbo(
     if plot is not None:
         plot_diagnostics(result, plot)
     if as_json:
-        click.echo(to_json(elbo_document(result, loaded, dataset, convergence=convergence, latents=health)))
+        click.echo(to_json(elbo_document(result, model_info(loaded), data_info(dataset), convergence=convergence, latents=health)))
     else:
-        render_elbo(_stdout(), result, loaded, dataset, show_all=show_all, diagnostics=diagnostics,
+        render_elbo(_stdout(), result, model_info(loaded), data_info(dataset), show_all=show_all, diagnostics=diagnostics,
                     convergence=convergence, latents=health)
 
 

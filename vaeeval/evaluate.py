@@ -10,8 +10,9 @@ in fixed blocks, so results do not depend on the batch or chunk size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,15 @@ class PointResults:
     ess: np.ndarray
     khat: np.ndarray
     unreliable: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PointResults]) -> PointResults:
+        """The points of several parts, in the order given."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def take(self, rows: np.ndarray) -> PointResults:
+        """These rows, in this order."""
+        return type(self)(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -143,9 +153,9 @@ class Evaluation:
     scoring: Scoring  # what kind of number recon and iwae are, and how it was made
     kl_kind: str  # "analytic" or "monte_carlo"
     domain: Domain  # the data's values, as detected
-    convergence: Convergence
-    latent_means: np.ndarray  # [N, latent_dim], the encoder's q(z|x) means
-    latent_vars: np.ndarray  # [N, latent_dim], and variances
+    convergence: Convergence | None = None  # None when read back from per-point records
+    latent_means: np.ndarray | None = None  # [N, latent_dim], the encoder's q(z|x) means
+    latent_vars: np.ndarray | None = None  # [N, latent_dim], and variances
 
     @property
     def measure(self) -> str:
@@ -238,21 +248,23 @@ def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int)
     return blocks * BLOCK
 
 
-def evaluate(
-    model: Model,
-    data: Dataset | np.ndarray,
-    *,
-    samples: int = DEFAULT_SAMPLES,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    chunk_size: int | None = None,
-    device: str | torch.device = "cpu",
-    discretize: int | None = None,
-    density: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> Evaluation:
-    """Estimate ELBO, reconstruction, KL and IWAE for every point.
+@dataclass(frozen=True)
+class Part:
+    """The results for some of the points: a batch, a shard, or what a stopped run had done."""
+
+    points: PointResults
+    convergence: np.ndarray  # [n, len(checkpoints)]
+    latent_means: np.ndarray  # [n, latent_dim]
+    latent_vars: np.ndarray
+
+
+class Evaluator:
+    """An evaluation made ready: settings checked, scoring chosen, the model on its device.
+
+    ``parts`` evaluates any subset of the points, batch by batch; ``finish`` turns the
+    parts into one ``Evaluation``. Every point's numbers depend only on the seed and its
+    index, so parts computed in any order, by any process, combine into the numbers of
+    one uninterrupted run.
 
     Args:
         model: a loaded model.
@@ -265,7 +277,120 @@ def evaluate(
         device: where to compute.
         discretize: score a continuous likelihood as bin probabilities on this many levels.
         density: keep a continuous likelihood's density even when the data is discrete.
+
+    Raises:
+        VaeevalError: bad settings.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        data: Dataset | np.ndarray,
+        *,
+        samples: int = DEFAULT_SAMPLES,
+        seed: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        chunk_size: int | None = None,
+        device: str | torch.device = "cpu",
+        discretize: int | None = None,
+        density: bool = False,
+    ) -> None:
+        self.array = data.array if isinstance(data, Dataset) else np.asarray(data)
+        if samples < 1 or batch_size < 1:
+            raise VaeevalError("--samples and --batch-size must be at least 1")
+        if not 0 <= seed < 2**64:
+            raise VaeevalError(f"--seed must be between 0 and 2**64 - 1, found {seed}")
+        if chunk_size is None:
+            chunk_size = chunk_size_for(model, batch_size, samples, max_memory)
+        elif chunk_size < 1 or chunk_size % BLOCK:
+            raise VaeevalError(f"the chunk size must be a positive multiple of {BLOCK}, found {chunk_size}")
+        self.domain = data.domain if isinstance(data, Dataset) else detect_domain(self.array)
+        self.scoring = choose_scoring(model.likelihood, self.domain, model.domain, discretize=discretize, density=density)
+        device = resolve_device(str(device))
+        self.model = model.to(device)
+        self.settings = Settings(samples, seed, batch_size, chunk_size, str(device))
+        self.checkpoints = convergence_checkpoints(samples)
+
+    @property
+    def n(self) -> int:
+        return int(self.array.shape[0])
+
+    def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[Part]:
+        """Evaluate the points ``indices`` (default: all, in order), one batch per part.
+
+        Args:
+            indices: rows of the data, in the order to evaluate them.
+            progress: called after each batch with the number of points done so far.
+        """
+        indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        settings, device = self.settings, self.settings.device
+        with torch.inference_mode():
+            for start in range(0, indices.size, settings.batch_size):
+                rows = indices[start : start + settings.batch_size]
+                contiguous = rows.size and rows[-1] - rows[0] == rows.size - 1
+                batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
+                x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
+                found = _evaluate_batch(
+                    self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
+                    self.scoring.levels, self.checkpoints,
+                )
+                found = {name: values.cpu().numpy() for name, values in found.items()}
+                khat = pareto_khat(found.pop("top_log_w"), settings.samples)
+                part = Part(
+                    points=PointResults(
+                        index=rows.copy(),
+                        khat=khat,
+                        unreliable=khat > reliability_threshold(settings.samples),
+                        **{name: found.pop(name) for name in _POINT_COLUMNS},
+                    ),
+                    convergence=found.pop("convergence"),
+                    latent_means=found.pop("q_mean"),
+                    latent_vars=found.pop("q_var"),
+                )
+                _check_finite(part.points)
+                yield part
+                if progress is not None:
+                    progress(start + rows.size)
+
+    def finish(self, parts: Sequence[Part]) -> Evaluation:
+        """One evaluation from parts covering each point once, in index order."""
+        points = PointResults.concatenate([p.points for p in parts])
+        order = np.argsort(points.index, kind="stable")
+        return Evaluation(
+            points=points.take(order),
+            summary=summarize(
+                points.take(order), self.model.data_dims, self.settings.samples,
+                self.scoring.dequantization_offset(self.model.data_dims),
+            ),
+            settings=self.settings,
+            scoring=self.scoring,
+            kl_kind=self.model.prior.kl_kind,
+            domain=self.domain,
+            convergence=Convergence(self.checkpoints, np.concatenate([p.convergence for p in parts])[order]),
+            latent_means=np.concatenate([p.latent_means for p in parts])[order],
+            latent_vars=np.concatenate([p.latent_vars for p in parts])[order],
+        )
+
+
+_POINT_COLUMNS = ("elbo", "recon", "kl", "iwae", "kl_stderr", "elbo_stderr", "iwae_stderr", "ess")
+
+
+def evaluate(
+    model: Model,
+    data: Dataset | np.ndarray,
+    *,
+    progress: Callable[[int], None] | None = None,
+    **options: Any,
+) -> Evaluation:
+    """Estimate ELBO, reconstruction, KL and IWAE, with their diagnostics, for every point.
+
+    Args:
+        model: a loaded model.
+        data: ``[N, *input_shape]`` points, already checked (``load_data``).
         progress: called with the number of points finished after each batch.
+        **options: ``samples``, ``seed``, ``batch_size``, ``max_memory``, ``chunk_size``,
+            ``device``, ``discretize``, ``density``: see ``Evaluator``.
 
     Returns:
         Per-point estimates (points numbered by their row in ``data``) and their summary.
@@ -273,51 +398,8 @@ def evaluate(
     Raises:
         VaeevalError: bad settings, or a point whose estimate is not finite.
     """
-    array = data.array if isinstance(data, Dataset) else np.asarray(data)
-    if samples < 1 or batch_size < 1:
-        raise VaeevalError("--samples and --batch-size must be at least 1")
-    if not 0 <= seed < 2**64:
-        raise VaeevalError(f"--seed must be between 0 and 2**64 - 1, found {seed}")
-    if chunk_size is None:
-        chunk_size = chunk_size_for(model, batch_size, samples, max_memory)
-    elif chunk_size < 1 or chunk_size % BLOCK:
-        raise VaeevalError(f"the chunk size must be a positive multiple of {BLOCK}, found {chunk_size}")
-    domain = data.domain if isinstance(data, Dataset) else detect_domain(array)
-    scoring = choose_scoring(model.likelihood, domain, model.domain, discretize=discretize, density=density)
-    device = resolve_device(str(device))
-    model = model.to(device)
-
-    n = array.shape[0]
-    checkpoints = convergence_checkpoints(samples)
-    columns: dict[str, list[np.ndarray]] = {}
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            x = torch.from_numpy(np.array(array[start:stop], dtype=np.float32)).to(device)
-            batch = _evaluate_batch(model, x, np.arange(start, stop), samples, seed, chunk_size, scoring.levels, checkpoints)
-            for name, values in batch.items():
-                columns.setdefault(name, []).append(values.cpu().numpy())
-            if progress is not None:
-                progress(stop)
-
-    merged = {name: np.concatenate(parts) for name, parts in columns.items()}
-    latent_means, latent_vars, convergence = merged.pop("q_mean"), merged.pop("q_var"), merged.pop("convergence")
-    khat = pareto_khat(merged.pop("top_log_w"), samples)
-    points = PointResults(
-        index=np.arange(n), khat=khat, unreliable=khat > reliability_threshold(samples), **merged
-    )
-    _check_finite(points)
-    return Evaluation(
-        points=points,
-        summary=summarize(points, model.data_dims, samples, scoring.dequantization_offset(model.data_dims)),
-        settings=Settings(samples, seed, batch_size, chunk_size, str(device)),
-        scoring=scoring,
-        kl_kind=model.prior.kl_kind,
-        domain=domain,
-        convergence=Convergence(checkpoints, convergence),
-        latent_means=latent_means,
-        latent_vars=latent_vars,
-    )
+    evaluator = Evaluator(model, data, **options)
+    return evaluator.finish(list(evaluator.parts(progress=progress)))
 
 
 class _SampleStatistics:

@@ -178,21 +178,25 @@ def points_info(evaluation: Evaluation) -> list[dict[str, Any]]:
 
 def elbo_document(
     evaluation: Evaluation,
-    model: Model,
-    dataset: Dataset,
+    model: dict[str, Any],
+    data: dict[str, Any],
     *,
     convergence: bool = False,
     latents: LatentHealth | None = None,
 ) -> dict[str, Any]:
     """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``).
 
-    ``convergence`` adds the IWAE-versus-K list; ``latents`` the latent-health object.
+    Args:
+        evaluation: the results.
+        model, data: ``model_info`` and ``data_info`` of what was evaluated.
+        convergence: add the IWAE-versus-K list.
+        latents: add the latent-health object.
     """
     document = {
         "schema": ELBO_SCHEMA,
         "units": "nats per data point; higher is better (kl: lower)",
-        "model": model_info(model),
-        "data": data_info(dataset),
+        "model": model,
+        "data": data,
         "settings": _settings_info(evaluation),
         "summary": summary_info(evaluation),
         "points": points_info(evaluation),
@@ -215,26 +219,27 @@ def _measure_note(evaluation: Evaluation) -> str:
     return note
 
 
-def _header(evaluation: Evaluation, model: Model, dataset: Dataset) -> Table:
+def _header(evaluation: Evaluation, model: dict[str, Any], data: dict[str, Any]) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("model", escape(f"{model.path}"))
-    if model.description:
-        grid.add_row("", f"[dim]{escape(model.description)}[/]")
-    grid.add_row("likelihood", f"{model.likelihood.family}, reported as {evaluation.scoring.label}")
-    grid.add_row("prior", f"{model.prior.family}, KL {evaluation.kl_kind.replace('_', ' ')}")
-    grid.add_row("latent dim", str(model.latent_dim))
-    shown = f"{dataset.n} of {dataset.total}" if dataset.n != dataset.total else str(dataset.n)
-    key = f" [{dataset.key}]" if dataset.key else ""
-    grid.add_row("data", escape(f"{dataset.path}{key}: N = {shown} points, D = {model.data_dims} dims"))
+    grid.add_row("model", escape(f"{model['path']}"))
+    if model["description"]:
+        grid.add_row("", f"[dim]{escape(model['description'])}[/]")
+    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
+    grid.add_row("prior", f"{model['prior']['family']}, KL {evaluation.kl_kind.replace('_', ' ')}")
+    grid.add_row("latent dim", str(model["latent_dim"]))
+    n, total = data["n"], data["total"]
+    shown = f"{n} of {total}" if n != total else str(n)
+    key = f" [{data['key']}]" if data["key"] else ""
+    grid.add_row("data", escape(f"{data['path']}{key}: N = {shown} points, D = {model['dims']} dims"))
     grid.add_row("values", f"{evaluation.domain.describe()} (detected)")
     settings = evaluation.settings
     grid.add_row("samples", f"K = {settings.samples}, seed {settings.seed}, on {settings.device}")
     return grid
 
 
-def _summary_table(evaluation: Evaluation, model: Model) -> Table:
+def _summary_table(evaluation: Evaluation, dims: int) -> Table:
     table = Table(title="Summary over points (nats per point)", title_justify="left", caption=_measure_note(evaluation))
     table.add_column("metric", style="bold")
     table.add_column("mean", justify="right")
@@ -248,7 +253,7 @@ def _summary_table(evaluation: Evaluation, model: Model) -> Table:
         "bits/dim",
         _num(summary.bits_per_dim.mean),
         _num(summary.bits_per_dim.stderr),
-        f"-iwae / (D ln 2), D = {model.data_dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
+        f"-iwae / (D ln 2), D = {dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
     )
     if summary.dequantized_bits_per_dim is not None:
         table.add_row(
@@ -371,8 +376,8 @@ def render_latents(console: Console, health: LatentHealth) -> None:
 def render_elbo(
     console: Console,
     evaluation: Evaluation,
-    model: Model,
-    dataset: Dataset,
+    model: dict[str, Any],
+    data: dict[str, Any],
     *,
     show_all: bool = False,
     diagnostics: bool = False,
@@ -380,10 +385,13 @@ def render_elbo(
     latents: LatentHealth | None = None,
     rows: int = 5,
 ) -> None:
-    """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections."""
-    console.print(_header(evaluation, model, dataset))
+    """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections.
+
+    ``model`` and ``data`` are ``model_info`` and ``data_info`` of what was evaluated.
+    """
+    console.print(_header(evaluation, model, data))
     console.print()
-    console.print(_summary_table(evaluation, model))
+    console.print(_summary_table(evaluation, model["dims"]))
     for line in _trust_lines(evaluation):
         console.print(line)
     console.print()
