@@ -23,12 +23,17 @@ from vaeeval.convert import convert as convert_model
 from vaeeval.data import load_data, point_shape
 from vaeeval.likelihoods import families
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, evaluate
+from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, Evaluator, evaluate
+from vaeeval.gates import GATED, GateFailed, Threshold, check_baseline, check_thresholds
 from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.model import Model, load_model
 from vaeeval.plot import plot_diagnostics
+from vaeeval.run import distributed_world, run, run_distributed
+from vaeeval.schemas import schema_names, schema_text
+from vaeeval.stream import Shard, check_complete, evaluation_from_records, header_record, read_results, read_stream
 from vaeeval.report import (
     ProgressBar,
+    check_document,
     compare_document,
     data_info,
     elbo_document,
@@ -39,9 +44,11 @@ from vaeeval.report import (
     render_elbo,
     render_inspect,
     render_latents,
+    summary_info,
     to_json,
 )
 
+EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -57,6 +64,9 @@ class _Group(click.Group):
             _fail(f"{error.format_message()}{hint}")
         except VaeevalError as error:
             _fail(str(error))
+        except GateFailed as error:
+            click.echo(f"vaeeval: check failed: {error}", err=True)
+            sys.exit(EXIT_CHECK_FAILED)
         except click.Abort:
             click.echo("vaeeval: interrupted", err=True)
             sys.exit(130)
@@ -235,6 +245,13 @@ def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None
 @click.option("--convergence", is_flag=True, help="IWAE at K = 1, 10, 100, ... from nested subsets of the samples.")
 @click.option("--plot", type=_PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
+@click.option("--output", type=_PATH, default=None, metavar="FILE.jsonl",
+              help="Stream one JSON line per point as it is computed (plus a header and a summary line).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from the points it already holds.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Evaluate only slice I of N (0-based) into --output; combine the parts with vaeeval merge.")
+@click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
+              help="Exit 1 when the mean of elbo, recon or iwae is below VALUE (repeatable).")
 def elbo(
     model: Path,
     data: Path,
@@ -243,6 +260,10 @@ def elbo(
     diagnostics: bool,
     convergence: bool,
     plot: Path | None,
+    output: Path | None,
+    resume: bool,
+    shard: str | None,
+    fail_under: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Estimate ELBO, reconstruction, KL and importance-weighted log p(x) per data point.
@@ -251,28 +272,64 @@ def elbo(
     .npy or .npz array of shape [N, *input_shape] (or [N, D]). Numbers are nats
     per point, higher is better. On discrete data (values on a grid k/(L-1)) a
     continuous likelihood is scored as the probability of each value's bin, so
-    every number is a probability.
+    every number is a probability. Under torchrun the points are split across the
+    processes and rank 0 prints (and writes) the combined result.
 
     \b
     Example:
       vaeeval elbo sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
       vaeeval elbo model.safetensors data.npy -k 5000 --json | jq .summary.iwae.mean
+      vaeeval elbo model.safetensors data.npy --output run.jsonl --resume --fail-under iwae=-85
+      torchrun --nproc-per-node 2 -m vaeeval elbo model.safetensors data.npy --json
       vaeeval elbo weights.safetensors data.npy --arch vae.py:VAE --likelihood bernoulli --decoder-output probs
     """
+    thresholds = [Threshold.parse(text) for text in fail_under]
+    distributed = distributed_world() is not None
+    if resume and output is None:
+        raise click.UsageError("--resume continues the run in --output: give --output")
+    if shard is not None and (output is None or distributed):
+        raise click.UsageError("--shard writes one part for vaeeval merge: give --output (and not under torchrun)")
+    streamed = (output is not None or shard is not None) and not distributed
+    if streamed and (convergence or diagnostics or plot):
+        raise click.UsageError(
+            "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
+        )
     arch = _read_arch(options)
     data_options = _data_options(options)
     loaded = _model_for(model, data, arch, data_options["key"])
     dataset = load_data(data, loaded, **data_options)
-    with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
-        result = evaluate(loaded, dataset, progress=progress, **options)
+    evaluator = Evaluator(loaded, dataset, **options)
+    part = None if shard is None else Shard.parse(shard, evaluator.n)
+    about_model, about_data = model_info(loaded), data_info(dataset)
+    header = header_record(
+        evaluator.settings, evaluator.scoring, loaded.prior.kl_kind, dataset.domain.to_spec(), about_model, about_data, part
+    )
+    total = evaluator.n if part is None else part.stop - part.start
+    with ProgressBar(total, "evaluating points", Console(stderr=True)) as progress:
+        if distributed:
+            outcome = run_distributed(evaluator, header, output=output, progress=progress)
+            if outcome is None:  # not rank 0: rank 0 reports for everyone
+                return
+        else:
+            outcome = run(evaluator, header, output=output, resume=resume, shard=part, progress=progress)
+    result = outcome.evaluation
+    if outcome.interrupted:
+        render_elbo(_stdout(), result, about_model, about_data)
+        click.echo(
+            f"vaeeval: interrupted after {result.summary.n} of {outcome.asked} points; the summary above is of those"
+            + (f"; --resume continues {output}" if output else ""),
+            err=True,
+        )
+        sys.exit(130)
     health = _latent_health(result, loaded) if diagnostics else None
     if plot is not None:
         plot_diagnostics(result, plot)
     if as_json:
-        click.echo(to_json(elbo_document(result, model_info(loaded), data_info(dataset), convergence=convergence, latents=health)))
+        click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health)))
     else:
-        render_elbo(_stdout(), result, model_info(loaded), data_info(dataset), show_all=show_all, diagnostics=diagnostics,
+        render_elbo(_stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
                     convergence=convergence, latents=health)
+    check_thresholds(result.summary, thresholds)
 
 
 def _latent_health(result: Evaluation, model: Model) -> LatentHealth:
@@ -398,3 +455,78 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
         f"{result.model.likelihood.family} likelihood; verified on {result.points} points, K = {result.samples}, "
         f"seed {result.seed}: largest difference {result.largest_difference:.2g} nats"
     )
+
+
+@main.command()
+@click.argument("new", type=_PATH)
+@click.option("--baseline", type=_PATH, required=True, help="The earlier run: an elbo --json document or results file.")
+@click.option("--metric", type=click.Choice(GATED), default="iwae", show_default=True, help="The metric to compare.")
+@click.option("--tolerance", type=float, default=0.0, show_default=True,
+              help="How many nats per point the metric may drop before the check fails.")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="One-sided confidence that the drop exceeds the tolerance before failing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.check/1) to stdout.")
+def check(new: Path, baseline: Path, metric: str, tolerance: float, confidence: float, as_json: bool) -> None:
+    """Fail (exit 1) when NEW is worse than --baseline by more than --tolerance, beyond Monte Carlo noise.
+
+    Both runs must cover the same points (the same data digest): the check pairs
+    them point by point, so the standard error of the difference is small, and
+    fails only when even the optimistic end of the confidence interval is worse
+    than the tolerance. NEW and the baseline are vaeeval elbo --json documents or
+    --output results files.
+
+    \b
+    Example:
+      vaeeval check new.json --baseline old.json --metric iwae --tolerance 0.5
+    """
+    result = check_baseline(read_results(new), read_results(baseline), metric=metric, tolerance=tolerance, confidence=confidence)
+    if as_json:
+        click.echo(to_json(check_document(result)))
+    else:
+        click.echo(result.reason)
+    if not result.passed:
+        raise GateFailed(result.reason)
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, type=_PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print the vaeeval.elbo/1 document a single run gives.")
+@click.option("--output", type=_PATH, default=None, metavar="FILE.jsonl", help="Write the results file a single run gives.")
+@click.option("--all", "show_all", is_flag=True, help="List every point in the table.")
+def merge(parts: tuple[Path, ...], as_json: bool, output: Path | None, show_all: bool) -> None:
+    """Combine the results files of --shard runs into the results of one run.
+
+    Every point must be in exactly one file, and every file must come from the
+    same model, data, samples and seed.
+
+    \b
+    Example:
+      vaeeval merge part0.jsonl part1.jsonl part2.jsonl --json > run.json
+    """
+    runs = [read_stream(path) for path in parts]
+    records = check_complete(runs)
+    header = {**runs[0].header, "shard": None}
+    result = evaluation_from_records(header, records)
+    if output is not None:
+        with output.open("w") as handle:
+            for line in (header, *records, {"kind": "summary", "summary": summary_info(result)}):
+                handle.write(json.dumps(line, allow_nan=False) + "\n")
+    if as_json:
+        click.echo(to_json(elbo_document(result, header["model"], header["data"])))
+    elif output is None:
+        render_elbo(_stdout(), result, header["model"], header["data"], show_all=show_all)
+
+
+@main.command()
+@click.argument("name", required=False)
+def schema(name: str | None) -> None:
+    """Print the JSON Schema of a --json output (vaeeval.elbo/1, ...); without NAME, list them.
+
+    \b
+    Example:
+      vaeeval schema vaeeval.elbo/1 > elbo.schema.json
+    """
+    if name is None:
+        click.echo("\n".join(schema_names()))
+    else:
+        click.echo(schema_text(name), nl=False)

@@ -7,6 +7,7 @@ A failure names the point, the element and the value found, and what was needed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zipfile
 from fractions import Fraction
@@ -134,6 +135,23 @@ def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: 
         array = array[:limit]
     domain = check_values(Dataset(array, path, key, total), model)
     return Dataset(array, path, key, total, domain)
+
+
+def data_digest(array: np.ndarray) -> str:
+    """``sha256:<hex>`` of the points as evaluated: their dtype, shape and values, block by block."""
+    digest = hashlib.sha256(f"{array.dtype.str}{list(array.shape)}".encode())
+    for _, block in _blocks(array):
+        digest.update(np.ascontiguousarray(block).tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def file_digest(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def point_shape(path: str | Path, *, key: str | None = None) -> tuple[int, ...]:

@@ -21,8 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from vaeeval.compare import Comparison
-from vaeeval.data import Dataset
-from vaeeval.evaluate import METRICS, Evaluation, Stat
+from vaeeval.gates import BaselineCheck
+from vaeeval.data import Dataset, data_digest, file_digest
+from vaeeval.evaluate import METRICS, Evaluation, PointResults, Stat
 from vaeeval.latents import ACTIVE_THRESHOLD, LatentHealth
 from vaeeval.layers import format_shape
 from vaeeval.likelihoods import DENSITY
@@ -30,6 +31,7 @@ from vaeeval.model import Model
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
 COMPARE_SCHEMA = "vaeeval.compare/1"
+CHECK_SCHEMA = "vaeeval.check/1"
 LATENTS_SCHEMA = "vaeeval.latents/1"
 DEQUANTIZATION = (
     "the uniform-dequantization figure for a density on discrete data, not a probability "
@@ -103,7 +105,7 @@ def latents_info(health: LatentHealth) -> dict[str, Any]:
 def scoring_info(evaluation: Evaluation) -> dict[str, Any]:
     """What a document says about how the numbers were made."""
     scoring = evaluation.scoring
-    return {"measure": scoring.measure, "levels": scoring.levels, "note": scoring.note}
+    return {"measure": scoring.measure, "levels": scoring.levels, "data_levels": scoring.data_levels, "note": scoring.note}
 
 
 def model_info(model: Model) -> dict[str, Any]:
@@ -123,6 +125,7 @@ def model_info(model: Model) -> dict[str, Any]:
         "dims": model.data_dims,
         "domain": model.domain.to_spec() if model.domain else None,
         "parameters": model.parameter_count,
+        "digest": file_digest(model.path) if model.path else None,  # of the model (or weights) file
     }
 
 
@@ -136,6 +139,7 @@ def data_info(dataset: Dataset) -> dict[str, Any]:
         "shape": list(dataset.array.shape),
         "dims": dataset.dims,
         "domain": dataset.domain.to_spec(),  # as detected from the values
+        "digest": data_digest(dataset.array),  # of the evaluated points: runs on the same data share it
     }
 
 
@@ -158,12 +162,14 @@ def summary_info(evaluation: Evaluation) -> dict[str, Any]:
 
 def points_info(evaluation: Evaluation) -> list[dict[str, Any]]:
     """The ``points`` list of a document: one object per point."""
-    points = evaluation.points
-    names = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat")
-    if evaluation.kl_kind == "monte_carlo":
-        names += ("kl_stderr",)
+    return point_records(evaluation.points, evaluation.settings.samples, evaluation.kl_kind == "monte_carlo")
+
+
+def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
+    """One JSON object per point; also the point lines of a results file."""
+    names = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat") + (("kl_stderr",) if monte_carlo_kl else ())
     columns = {name: getattr(points, name).tolist() for name in names}
-    fraction = (points.ess / evaluation.settings.samples).tolist()
+    fraction = (points.ess / samples).tolist()
     unreliable = points.unreliable.tolist()
     return [
         {
@@ -615,3 +621,19 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
             f"[red]k-hat flags over 10% of the points of {', '.join(shaky)}[/]: those IWAE estimates may still be "
             "low (see vaeeval elbo --diagnostics --convergence); a larger K or a better encoder makes them trustworthy."
         )
+
+
+def check_document(result: BaselineCheck) -> dict[str, Any]:
+    """The ``vaeeval check --json`` document (schema ``vaeeval.check/1``)."""
+    return {
+        "schema": CHECK_SCHEMA,
+        "metric": result.metric,
+        "new": result.new,
+        "baseline": result.baseline,
+        "difference": _stat(result.difference),
+        "points": result.points,
+        "tolerance": result.tolerance,
+        "confidence": result.confidence,
+        "passed": result.passed,
+        "reason": result.reason,
+    }

@@ -1,0 +1,135 @@
+"""Gates for CI: fail a build when a model got worse, and only when it really did.
+
+``--fail-under iwae=-85`` compares a run's mean with a fixed threshold.
+``vaeeval check NEW --baseline OLD`` compares two runs on the same points: the
+per-point paired difference has a much smaller standard error than the two
+means apart, so it fails only when the drop exceeds the tolerance with the
+given confidence (one-sided), never on Monte Carlo noise alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from vaeeval.compare import paired_difference
+from vaeeval.errors import VaeevalError
+from vaeeval.evaluate import Stat, Summary
+from vaeeval.stream import StoredRun
+
+GATED = ("elbo", "recon", "iwae")  # higher is better
+
+
+class GateFailed(Exception):
+    """The run worked, but a requested check failed (exit code 1); ``str`` is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """``metric`` must have a mean of at least ``value``."""
+
+    metric: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Threshold:
+        """``iwae=-85.0`` -> the threshold."""
+        metric, _, value = text.partition("=")
+        metric = metric.strip()
+        if metric not in GATED:
+            raise VaeevalError(f"--fail-under {text!r}: gate one of {', '.join(GATED)} (higher is better), as METRIC=VALUE")
+        try:
+            number = float(value)
+        except ValueError:
+            raise VaeevalError(f"--fail-under {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise VaeevalError(f"--fail-under {text!r}: the threshold must be finite")
+        return cls(metric, number)
+
+
+def check_thresholds(summary: Summary, thresholds: list[Threshold]) -> None:
+    """Raise ``GateFailed`` naming every threshold the summary's means fall below."""
+    failures = [
+        f"{t.metric} mean {getattr(summary, t.metric).mean:.4f} < {t.value:g}"
+        for t in thresholds
+        if getattr(summary, t.metric).mean < t.value
+    ]
+    if failures:
+        raise GateFailed("; ".join(failures))
+
+
+@dataclass(frozen=True)
+class BaselineCheck:
+    """The outcome of ``vaeeval check``."""
+
+    metric: str
+    new: float
+    baseline: float
+    difference: Stat  # new - baseline, paired per point
+    points: int
+    tolerance: float
+    confidence: float
+    passed: bool
+
+    @property
+    def reason(self) -> str:
+        """One line saying what was compared and why it passed or failed."""
+        se = self.difference.stderr or 0.0
+        head = (
+            f"{self.metric}: {self.new:.4f} vs baseline {self.baseline:.4f}, change {self.difference.mean:+.4f} "
+            f"± {se:.4f} (paired over {self.points} points)"
+        )
+        if self.passed:
+            return f"{head}; not worse by more than {self.tolerance:g} at {self.confidence:.0%} confidence"
+        bound = self.difference.mean + NormalDist().inv_cdf(self.confidence) * se
+        return f"{head}; worse by more than {self.tolerance:g} at {self.confidence:.0%} confidence (upper bound {bound:+.4f})"
+
+
+def check_baseline(
+    new: StoredRun, baseline: StoredRun, *, metric: str = "iwae", tolerance: float = 0.0, confidence: float = 0.95
+) -> BaselineCheck:
+    """Is ``new`` worse than ``baseline`` in ``metric`` by more than ``tolerance``, beyond noise?
+
+    Fails when the one-sided upper confidence bound of the mean paired difference
+    (new - baseline) lies below -tolerance.
+
+    Raises:
+        VaeevalError: different data or points, unknown metric, or a file without per-point results.
+    """
+    if metric not in GATED:
+        raise VaeevalError(f"--metric {metric!r}: check one of {', '.join(GATED)}")
+    if not 0.5 <= confidence < 1:
+        raise VaeevalError(f"--confidence {confidence}: choose a level in [0.5, 1)")
+    if tolerance < 0:
+        raise VaeevalError(f"--tolerance {tolerance}: must be >= 0")
+    digests = new.header["data"].get("digest"), baseline.header["data"].get("digest")
+    if digests[0] != digests[1]:
+        raise VaeevalError(
+            f"{new.path} and {baseline.path} cover different data ({digests[0]} vs {digests[1]}); "
+            "a baseline check pairs the same points"
+        )
+    new_points = {r["index"]: r[metric] for r in new.points}
+    old_points = {r["index"]: r[metric] for r in baseline.points}
+    if not new_points or set(new_points) != set(old_points):
+        raise VaeevalError(
+            f"{new.path} and {baseline.path} cover different points ({len(new_points)} vs {len(old_points)}); "
+            "a baseline check pairs the same points"
+        )
+    order = sorted(new_points)
+    a = np.array([new_points[i] for i in order], dtype=np.float64)
+    b = np.array([old_points[i] for i in order], dtype=np.float64)
+    difference = paired_difference(a, b)
+    bound = difference.mean + NormalDist().inv_cdf(confidence) * (difference.stderr or 0.0)
+    return BaselineCheck(
+        metric=metric,
+        new=float(a.mean()),
+        baseline=float(b.mean()),
+        difference=difference,
+        points=len(order),
+        tolerance=tolerance,
+        confidence=confidence,
+        passed=bound >= -tolerance,
+    )

@@ -1,0 +1,236 @@
+"""JSON Schemas (draft 2020-12) of every ``--json`` output and of results files.
+
+They state the contract: the keys CI scripts may rely on are ``required``;
+every object allows more keys, since later versions may add them (never rename).
+``vaeeval schema NAME`` prints one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vaeeval.errors import VaeevalError
+
+_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+NUMBER = {"type": "number"}
+MAYBE_NUMBER = {"type": ["number", "null"]}
+INTEGER = {"type": "integer", "minimum": 0}
+STRING = {"type": "string"}
+MAYBE_STRING = {"type": ["string", "null"]}
+
+
+def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": {**required, **(optional or {})}}
+
+
+STAT = _object({"mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
+METRIC_NAMES = ("elbo", "recon", "kl", "iwae")
+
+MODEL = _object(
+    {
+        "path": MAYBE_STRING,
+        "family": STRING,
+        "likelihood": {"type": "object", "required": ["family"]},
+        "measure": {"enum": ["density", "probability"]},
+        "prior": {"type": "object", "required": ["family"]},
+        "latent_dim": {"type": "integer", "minimum": 1},
+        "input_shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "dims": {"type": "integer", "minimum": 1},
+        "parameters": INTEGER,
+    },
+    {"format": {"enum": [1, None]}, "arch": MAYBE_STRING, "digest": MAYBE_STRING, "description": STRING},
+)
+DOMAIN = _object({"domain": {"enum": ["binary", "discrete", "unit_interval", "real"]}}, {"levels": INTEGER})
+DATA = _object(
+    {
+        "path": MAYBE_STRING,
+        "n": INTEGER,
+        "total": INTEGER,
+        "shape": {"type": "array", "items": INTEGER},
+        "dims": INTEGER,
+        "domain": DOMAIN,
+        "digest": STRING,
+    },
+    {"key": MAYBE_STRING},
+)
+SETTINGS = _object(
+    {
+        "samples": {"type": "integer", "minimum": 1},
+        "seed": INTEGER,
+        "batch_size": {"type": "integer", "minimum": 1},
+        "chunk_size": {"type": "integer", "minimum": 1},
+        "device": STRING,
+    }
+)
+SCORING = _object(
+    {
+        "measure": {"enum": ["density", "probability"]},
+        "levels": {"type": ["integer", "null"]},
+        "data_levels": {"type": ["integer", "null"]},
+        "note": STRING,
+    }
+)
+DIAGNOSTICS = _object(
+    {
+        "unreliable": _object(
+            {"count": INTEGER, "share": NUMBER, "khat_threshold": MAYBE_NUMBER, "points": {"type": "array", "items": INTEGER}}
+        ),
+        "iwae_minus_elbo": STAT,
+        "ess": STAT,
+        "ess_fraction": STAT,
+        "khat": STAT,
+        "elbo_stderr": STAT,
+        "iwae_stderr": STAT,
+    }
+)
+SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": {"enum": ["density", "probability"]},
+        "scoring": SCORING,
+        "kl_kind": {"enum": ["analytic", "monte_carlo"]},
+        **{name: STAT for name in METRIC_NAMES},
+        "bits_per_dim": STAT,
+        "diagnostics": DIAGNOSTICS,
+    },
+    {"dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}}},
+)
+POINT = _object(
+    {
+        "index": INTEGER,
+        **{name: NUMBER for name in METRIC_NAMES},
+        "elbo_stderr": MAYBE_NUMBER,
+        "iwae_stderr": NUMBER,
+        "ess": NUMBER,
+        "ess_fraction": NUMBER,
+        "khat": MAYBE_NUMBER,
+        "unreliable": {"type": "boolean"},
+    },
+    {"kl_stderr": MAYBE_NUMBER},
+)
+LATENTS = _object(
+    {
+        "kl_per_dim": {"type": ["array", "null"], "items": NUMBER},
+        "activity": {"type": "array", "items": NUMBER},
+        "active_threshold": NUMBER,
+        "active_units": INTEGER,
+        "inactive": {"type": "array", "items": INTEGER},
+        "mutual_information": NUMBER,
+        "mutual_information_max": NUMBER,
+        "mean_kl": NUMBER,
+        "aggregate_kl": NUMBER,
+        "warning": MAYBE_STRING,
+    }
+)
+CONVERGENCE = {"type": "array", "items": _object({"samples": {"type": "integer", "minimum": 1}, "iwae": STAT})}
+
+
+def _document(name: str, title: str, required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = _object({"schema": {"const": name}, **required}, optional)
+    return {"$schema": _DRAFT, "$id": name, "title": title, **body}
+
+
+SHARD = {"type": ["object", "null"], "required": ["index", "count", "start", "stop"]}
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "vaeeval.elbo/1": _document(
+        "vaeeval.elbo/1",
+        "vaeeval elbo --json: per-point and summary ELBO, reconstruction, KL and IWAE, in nats",
+        {"model": MODEL, "data": DATA, "settings": SETTINGS, "summary": SUMMARY, "points": {"type": "array", "items": POINT}},
+        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS},
+    ),
+    "vaeeval.compare/1": _document(
+        "vaeeval.compare/1",
+        "vaeeval compare --json: several models on the same points, ranked where comparable",
+        {
+            "data": DATA,
+            "settings": SETTINGS,
+            "models": {
+                "type": "array",
+                "items": _object(
+                    {"model": MODEL, "rank": {"type": ["integer", "null"]}, "summary": SUMMARY,
+                     "points": {"type": "array", "items": POINT}}
+                ),
+            },
+            "rankings": {
+                "type": "array",
+                "items": _object(
+                    {"measure": STRING, "ranked": {"type": "boolean"}, "order": {"type": "array", "items": STRING},
+                     "reason": MAYBE_STRING}
+                ),
+            },
+            "differences": {
+                "type": "array",
+                "items": _object(
+                    {"model": STRING, "versus": STRING, "metric": STRING, "mean": NUMBER, "stderr": MAYBE_NUMBER,
+                     "unpaired_stderr": MAYBE_NUMBER}
+                ),
+            },
+            "notes": {"type": "array", "items": STRING},
+        },
+        {"units": STRING},
+    ),
+    "vaeeval.inspect/1": _document(
+        "vaeeval.inspect/1",
+        "vaeeval inspect --json: a model file's layers, likelihood, prior and data domain",
+        {
+            "model": MODEL,
+            "layers": {
+                "type": "array",
+                "items": _object(
+                    {"part": {"enum": ["encoder", "decoder"]}, "index": INTEGER, "type": STRING, "detail": STRING,
+                     "output_shape": {"type": "array", "items": INTEGER}, "parameters": INTEGER}
+                ),
+            },
+        },
+    ),
+    "vaeeval.latents/1": _document(
+        "vaeeval.latents/1",
+        "vaeeval latents --json: latent health",
+        {"model": MODEL, "data": DATA, "settings": SETTINGS, "latents": LATENTS},
+    ),
+    "vaeeval.check/1": _document(
+        "vaeeval.check/1",
+        "vaeeval check --json: a run against its baseline, paired over the same points",
+        {
+            "metric": STRING, "new": NUMBER, "baseline": NUMBER, "difference": STAT, "points": INTEGER,
+            "tolerance": NUMBER, "confidence": NUMBER, "passed": {"type": "boolean"}, "reason": STRING,
+        },
+    ),
+    "vaeeval.elbo-stream/1": {
+        "$schema": _DRAFT,
+        "$id": "vaeeval.elbo-stream/1",
+        "title": "one line of a results file (elbo --output): the header, a point, or the final summary",
+        "oneOf": [
+            _object(
+                {"kind": {"const": "header"}, "schema": {"const": "vaeeval.elbo-stream/1"}, "model": MODEL,
+                 "data": DATA, "settings": SETTINGS, "scoring": SCORING,
+                 "kl_kind": {"enum": ["analytic", "monte_carlo"]}, "domain": DOMAIN, "shard": SHARD}
+            ),
+            _object({"kind": {"const": "summary"}, "summary": SUMMARY}),
+            {**POINT, "not": {"required": ["kind"]}},
+        ],
+    },
+}
+
+
+def schema_names() -> tuple[str, ...]:
+    """Every schema's name, e.g. ``vaeeval.elbo/1``."""
+    return tuple(_SCHEMAS)
+
+
+def schema(name: str) -> dict[str, Any]:
+    """The schema called ``name`` (``vaeeval.elbo/1``, or just ``elbo``).
+
+    Raises:
+        VaeevalError: no such schema.
+    """
+    full = name if name in _SCHEMAS else f"vaeeval.{name}/1"
+    if full not in _SCHEMAS:
+        raise VaeevalError(f"no schema {name!r}; vaeeval has {', '.join(_SCHEMAS)}")
+    return _SCHEMAS[full]
+
+
+def schema_text(name: str) -> str:
+    """The schema as indented JSON text, ending in a newline."""
+    return json.dumps(schema(name), indent=2) + "\n"
