@@ -20,7 +20,7 @@ from vaeeval import __version__
 from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
 from vaeeval.compare import compare as compare_models
 from vaeeval.convert import convert as convert_model
-from vaeeval.data import load_data, point_shape
+from vaeeval.data import Dataset, load_data, point_shape
 from vaeeval.likelihoods import families
 from vaeeval.errors import VaeevalError
 from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, Evaluator, evaluate
@@ -224,13 +224,21 @@ def _read_arch(options: dict[str, Any]) -> ArchOptions | None:
     )
 
 
-def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None):
+def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None) -> Model:
     """The model: a format-1 file, or with --arch a state dict read through the user's class."""
     if arch is None:
         return load_model(path)
     shape = point_shape(data, key=key)
     encode_shape = arch.encode_shape if arch.encode_shape != shape else None
     return arch_model(path, ArchOptions(**{**arch.__dict__, "encode_shape": encode_shape}), shape)
+
+
+def _load(model: Path, data: Path, options: dict[str, Any]) -> tuple[Model, Dataset]:
+    """The model (a format-1 file, or --arch) and its checked data; takes their options out of ``options``."""
+    arch = _read_arch(options)
+    data_options = _data_options(options)
+    loaded = _model_for(model, data, arch, data_options["key"])
+    return loaded, load_data(data, loaded, **data_options)
 
 
 @main.command()
@@ -294,10 +302,7 @@ def elbo(
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
-    arch = _read_arch(options)
-    data_options = _data_options(options)
-    loaded = _model_for(model, data, arch, data_options["key"])
-    dataset = load_data(data, loaded, **data_options)
+    loaded, dataset = _load(model, data, options)
     evaluator = Evaluator(loaded, dataset, **options)
     part = None if shard is None else Shard.parse(shard, evaluator.n)
     about_model, about_data = model_info(loaded), data_info(dataset)
@@ -353,10 +358,7 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     Example:
       vaeeval latents sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
     """
-    arch = _read_arch(options)
-    data_options = _data_options(options)
-    loaded = _model_for(model, data, arch, data_options["key"])
-    dataset = load_data(data, loaded, **data_options)
+    loaded, dataset = _load(model, data, options)
     with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
         result = evaluate(loaded, dataset, progress=progress, **options)
     health = _latent_health(result, loaded)
