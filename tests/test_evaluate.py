@@ -104,3 +104,56 @@ def test_overflowing_model_is_an_error_not_a_number(tmp_path):
                        input_shape=[2], latent_dim=1)
     with pytest.raises(VaeevalError, match="point 0"):
         evaluate(model, np.zeros((2, 2)), samples=4)
+
+
+FAMILIES = [
+    ({"family": "bernoulli"}, 1, "binary"),
+    ({"family": "gaussian", "sigma": 0.4}, 1, "grey"),
+    ({"family": "gaussian"}, 2, "real"),
+    ({"family": "laplace"}, 2, "grey"),
+    ({"family": "continuous_bernoulli"}, 1, "grey"),
+    ({"family": "categorical", "levels": 5}, 5, "grey"),
+    ({"family": "discretized_logistic", "levels": 5}, 2, "grey"),
+]
+
+
+@pytest.mark.parametrize(("likelihood", "outputs", "kind"), FAMILIES, ids=[f[0]["family"] + str(f[1]) for f in FAMILIES])
+def test_every_family_and_activation_is_bitwise_batch_independent(tmp_path, likelihood, outputs, kind):
+    """Every layer type and family, scored as densities and on bins: the same bits whatever the batching."""
+    torch.manual_seed(0)
+    dims = 12
+    encoder = nn.Sequential(nn.Linear(dims, 16), nn.ELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 6))
+    decoder = nn.Sequential(
+        nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 16), nn.Sigmoid(),
+        nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, outputs * dims),
+    )
+    model = save_model(tmp_path / "m.safetensors", encoder, decoder, likelihood=likelihood, input_shape=[dims], latent_dim=3)
+    rng = np.random.default_rng(0)
+    data = {
+        "binary": (rng.random((37, dims)) < 0.5),
+        "grey": rng.integers(0, 5, (37, dims)) / 4,
+        "real": rng.normal(size=(37, dims)),
+    }[kind].astype(np.float32)
+    for options in ({}, {"density": True}) if kind == "grey" else ({},):
+        runs = [
+            evaluate(model, data, samples=130, seed=3, batch_size=b, chunk_size=c, **options)
+            for b, c in ((37, 1024), (1, 64), (5, 128), (16, 192))
+        ]
+        for other in runs[1:]:
+            for name in ("elbo", "recon", "kl", "iwae", "ess", "khat"):
+                assert np.array_equal(getattr(runs[0].points, name), getattr(other.points, name), equal_nan=True), name
+
+
+def test_memory_stays_bounded_at_k_20000_under_a_tight_budget(bernoulli_model, binary_data):
+    """K = 20000 under a 64 KiB working-memory budget: chunks of one block, numbers as with a big budget."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    data = load_data(binary_data, bernoulli_model, limit=8)
+    tight = evaluate(bernoulli_model, data, samples=20_000, seed=1, batch_size=8, max_memory=2**16)
+    assert tight.settings.chunk_size == BLOCK
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 50 * 1024  # KiB: nothing of size K was held (20000 x 8 points x 8 B per number is 1.2 MB a column)
+    roomy = evaluate(bernoulli_model, data, samples=20_000, seed=1, batch_size=8, max_memory=2**30)
+    assert roomy.settings.chunk_size > tight.settings.chunk_size
+    assert np.array_equal(tight.points.iwae, roomy.points.iwae)

@@ -29,9 +29,10 @@ from vaeeval.estimators import (
     iwae_bound,
     iwae_stderr,
     log_weights,
+    row_sums,
 )
 from vaeeval.psis import pareto_khat, reliability_threshold, top_size
-from vaeeval.model import Model
+from vaeeval.model import Model, rows_independently
 from vaeeval.rng import standard_normal
 from vaeeval.scoring import Scoring, choose_scoring
 
@@ -468,14 +469,35 @@ def _evaluate_batch(
     rows, latent = mean.shape
     statistics = _SampleStatistics(rows, samples, checkpoints, mean)
     x_each = x[:, None]
+    shortcut = _linear_shortcut(model, x, levels)
     for first in range(0, samples, chunk_size):
         last = min(samples, first + chunk_size)
         eps = standard_normal(seed, indices, first, last, latent).to(x.device)
         z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
         z64 = z.double()  # ...and exactly that point for the densities
-        params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
-        statistics.update(first, model.likelihood.log_prob(params, x_each, levels), prior.log_prob(z64), q.log_prob(z64))
+        if shortcut is None:
+            params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
+            log_px_z = model.likelihood.log_prob(params, x_each, levels)
+        else:
+            trunk, head, projected, offset = shortcut
+            hidden, logits = model.decode_through_head(z.reshape(-1, latent), trunk, head)
+            log_px_z = model.likelihood.log_prob_through_linear(
+                hidden.reshape(rows, last - first, -1), logits.reshape(rows, last - first, -1), projected, offset
+            )
+        statistics.update(first, log_px_z, prior.log_prob(z64), q.log_prob(z64))
     return {**statistics.finish(analytic_kl), "q_mean": mean, "q_var": std * std}
+
+
+def _linear_shortcut(model: Model, x: torch.Tensor, levels: int | None):
+    """When the decoder ends in a linear layer and the family allows it, (trunk, head, x W, x . b)."""
+    parts = model.linear_head()
+    if parts is None or levels is not None or not model.likelihood.linear_shortcut:
+        return None
+    trunk, head = parts
+    flat = x.reshape(x.shape[0], -1)
+    offset = row_sums(flat * head.bias) if head.bias is not None else flat.new_zeros(flat.shape[0], dtype=torch.float64)
+    projected = rows_independently(lambda rows: rows @ head.weight, flat)
+    return trunk, head, projected, offset
 
 
 def _check_finite(points: PointResults) -> None:

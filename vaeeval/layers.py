@@ -203,20 +203,47 @@ def _conv_transpose2d(spec, tensors, in_shape, label):
     return BuiltLayer(_assign(module, weight, bias), (out_ch, *size), names)
 
 
+class Elementwise(nn.Module):
+    """An activation computed from elementwise operations whose result does not depend on position.
+
+    torch's vectorized CPU kernels for sigmoid, SiLU, softplus and (float64) ELU handle
+    a tensor's last few elements with a scalar path that rounds differently, so an
+    element's value would depend on where it sits in the batch. These forms (through
+    log-sigmoid, exp and expm1, which do not) give every point the same numbers whatever
+    the batch and chunk sizes; they agree with torch's to a unit in the last place.
+    """
+
+    def __init__(self, name: str, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.name, self.function = name, function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(nn.functional.logsigmoid(x))
+
+
+_POSITION_INDEPENDENT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
+    "softplus": lambda x: -nn.functional.logsigmoid(-x),
+    "elu": lambda x: torch.where(x > 0, x, torch.expm1(x)),
+}
+
+
 def _activation(name: str, make: Callable[[], nn.Module]) -> None:
     register(name)(lambda spec, tensors, in_shape, label: BuiltLayer(make(), in_shape, ()))
 
 
-for _name, _make in {
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "softplus": nn.Softplus,
-}.items():
+for _name, _make in {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}.items():
     _activation(_name, _make)
+for _name, _function in _POSITION_INDEPENDENT.items():
+    _activation(_name, lambda name=_name, function=_function: Elementwise(name, function))
 
 
 @register("leaky_relu", ("negative_slope",))

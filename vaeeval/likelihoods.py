@@ -27,6 +27,7 @@ from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Dis
 
 from vaeeval.data import Domain
 from vaeeval.errors import SpecError
+from vaeeval.estimators import row_sums
 
 DENSITY = "density"
 PROBABILITY = "probability"
@@ -53,6 +54,7 @@ class Likelihood(ABC):
     keys: ClassVar[frozenset[str]] = frozenset()
     tensor_keys: ClassVar[tuple[str, ...]] = ()
     levels: int | None = None
+    linear_shortcut: ClassVar[bool] = False  # log_prob_through_linear is implemented
 
     def __init__(self, spec: Mapping[str, Any], input_shape: tuple[int, ...], params_per_dim: int) -> None:
         self.spec = dict(spec)
@@ -128,7 +130,22 @@ class Likelihood(ABC):
             elementwise = self.elementwise_log_prob(params, x)
         else:
             elementwise = self.log_bin_probability(params.double(), x.double(), levels)
-        return elementwise.double().flatten(start_dim=elementwise.dim() - len(self.input_shape)).sum(-1)
+        return row_sums(elementwise.flatten(start_dim=elementwise.dim() - len(self.input_shape)))
+
+    def log_prob_through_linear(
+        self, hidden: torch.Tensor, logits: torch.Tensor, projected: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(x|z) when the decoder ends in a linear layer, for families that allow the shortcut.
+
+        Args:
+            hidden: ``[B, S, H]`` the last linear layer's input.
+            logits: ``[B, S, D]`` its output.
+            projected, offset: ``x W`` ``[B, H]`` and ``x . b`` ``[B]``, once per point.
+
+        Returns:
+            ``[B, S]`` float64.
+        """
+        raise NotImplementedError(f"{self.family} has no linear-layer shortcut")
 
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The P parameter blocks of ``params`` ``[..., P, *input_shape]``."""
@@ -179,8 +196,12 @@ def likelihood_from_spec(
 
 
 def log1mexp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012)."""
-    return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012).
+
+    Above log 2, 1 - exp(-d) >= 1/2 is exact enough for ``log``; torch's ``log1p`` is
+    avoided because its CPU result depends on the element's position in the tensor.
+    """
+    return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log(1 - torch.exp(-d)))
 
 
 def bin_edges(x: torch.Tensor, levels: int, low_end: float, high_end: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,12 +267,19 @@ class BernoulliLikelihood(Likelihood):
     measure = PROBABILITY
     support = "exactly 0 or 1"
     levels = 2
+    linear_shortcut = True
 
     def distribution(self, params: torch.Tensor) -> Distribution:
         return Bernoulli(logits=self.split(params)[0], validate_args=False)
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return (x != 0) & (x != 1)
+
+    def log_prob_through_linear(self, hidden, logits, projected, offset):
+        """sum_d x_d l_d - softplus(l_d), with sum_d x_d l_d = h . (x W) + x . b: one softplus per element."""
+        # elementwise products and blocked sums, not a matrix product: row by row the same whatever the shapes
+        agreement = row_sums(hidden * projected[:, None, :]) + offset[:, None].double()
+        return agreement + row_sums(F.logsigmoid(-logits))  # -softplus, position-independent on CPU
 
 
 class _GridLikelihood(Likelihood):
@@ -407,7 +435,7 @@ class LaplaceLikelihood(_LocationScale):
     @staticmethod
     def standard_log_cdf(t: torch.Tensor) -> torch.Tensor:
         # F(t) = exp(t) / 2 below 0 and 1 - exp(-t) / 2 above; clamps keep the unused branch finite
-        return torch.where(t < 0, _LOG_HALF + t.clamp(max=0), torch.log1p(-0.5 * torch.exp(-t.clamp(min=0))))
+        return torch.where(t < 0, _LOG_HALF + t.clamp(max=0), torch.log(1 - 0.5 * torch.exp(-t.clamp(min=0))))
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
@@ -428,7 +456,7 @@ def continuous_bernoulli_log_norm(logits: torch.Tensor) -> torch.Tensor:
     """log C(eta) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), stable for any logit."""
     a = logits.abs()
     safe = a.clamp(min=1e-2)
-    exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
+    exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log(1 + torch.exp(-safe))
     series = math.log(2.0) + a**2 / 12 - 7 * a**4 / 1440
     return torch.where(a < 1e-2, series, exact)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 
 from vaeeval.data import Domain, domain_from_spec
 from vaeeval.errors import ModelFileError, SpecError, VaeevalError, reading
-from vaeeval.layers import Reshape, Shape, build_layer, describe, format_shape
+from vaeeval.layers import Elementwise, Reshape, Shape, build_layer, describe, format_shape
 from vaeeval.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.priors import Prior, prior_from_spec
 
@@ -96,12 +96,28 @@ class Model:
         out = _run(self.encoder, x).reshape(x.shape[0], 2 * self.latent_dim)
         return out[:, : self.latent_dim], out[:, self.latent_dim :]
 
+    def linear_head(self) -> tuple[nn.Module, nn.Linear] | None:
+        """(everything before, the last layer) when the decoder ends in a linear layer, else None."""
+        if isinstance(self.decoder, nn.Sequential) and isinstance(self.decoder[-1], nn.Linear):
+            return self.decoder[:-1], self.decoder[-1]
+        return None
+
+    def decode_through_head(self, z: torch.Tensor, trunk: nn.Module, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last linear layer's input ``[B, H]`` and output ``[B, P*D]`` (see ``linear_head``)."""
+        hidden = _run(trunk, z) if len(trunk) else z
+        return hidden, _run(head, hidden)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters: ``z [B, latent_dim]`` -> ``[B, P, *input_shape]``."""
         return _run(self.decoder, z).reshape(z.shape[0], *self.decode_shape)
 
 
-def _run(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rows_independently(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``net(x)``, each row's result independent of how many rows came with it (see ``_MIN_ROWS``)."""
+    return _run(net, x)
+
+
+def _run(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     if rows >= _MIN_ROWS:
         return net(x)
@@ -489,6 +505,8 @@ def _layer_spec(name: str, module: nn.Module) -> dict[str, Any] | None:
         return {"type": "unflatten", "shape": [int(s) for s in module.unflattened_size]}
     if isinstance(module, Reshape):
         return {"type": "unflatten", "shape": list(module.shape)}
+    if isinstance(module, Elementwise):
+        return {"type": module.name}
     raise refuse("format 1 has no such layer")
 
 
