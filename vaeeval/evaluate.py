@@ -37,7 +37,7 @@ from vaeeval.rng import standard_normal
 from vaeeval.scoring import Scoring, choose_scoring
 
 DEFAULT_SAMPLES = 1000
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_MEMORY = 512 * 2**20
 METRICS = ("elbo", "recon", "kl", "iwae")
 
@@ -495,8 +495,7 @@ def _linear_shortcut(model: Model, x: torch.Tensor, levels: int | None):
         return None
     trunk, head = parts
     flat = x.reshape(x.shape[0], -1)
-    offset = row_sums(flat * head.bias) if head.bias is not None else flat.new_zeros(flat.shape[0], dtype=torch.float64)
-    projected = rows_independently(lambda rows: rows @ head.weight, flat)
+    projected, offset = rows_independently(lambda rows: model.likelihood.linear_projection(rows, head), flat)
     return trunk, head, projected, offset
 
 

@@ -112,17 +112,16 @@ class Model:
         return _run(self.decoder, z).reshape(z.shape[0], *self.decode_shape)
 
 
-def rows_independently(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``net(x)``, each row's result independent of how many rows came with it (see ``_MIN_ROWS``)."""
-    return _run(net, x)
-
-
-def _run(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def rows_independently(net: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """``net(x)`` (a tensor or a tuple of them), each row's result independent of how many rows came with it."""
     rows = x.shape[0]
     if rows >= _MIN_ROWS:
         return net(x)
-    padded = torch.cat([x, x.new_zeros((_MIN_ROWS - rows, *x.shape[1:]))])
-    return net(padded)[:rows]
+    result = net(torch.cat([x, x.new_zeros((_MIN_ROWS - rows, *x.shape[1:]))]))
+    return tuple(part[:rows] for part in result) if isinstance(result, tuple) else result[:rows]
+
+
+_run = rows_independently
 
 
 # ---------------------------------------------------------------- reading
