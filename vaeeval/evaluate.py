@@ -242,10 +242,17 @@ def _row_bytes(model: Model) -> int:
     return 4 * (2 * widest + (model.likelihood.params_per_dim + 4) * dims) + 8 * (2 * dims + 8 * model.latent_dim)
 
 
+# Rows (points x samples) per decoder call: large enough for efficient matrix products,
+# small enough that the elementwise passes after them run from cache (measured on the
+# MNIST-size benchmark: 2-3k rows are fastest, 13k rows 25% slower).
+TARGET_ROWS = 3072
+
+
 def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int) -> int:
-    """Samples per chunk: whole blocks that fit ``max_memory`` for ``batch_size`` points, at least one block."""
+    """Samples per chunk: whole blocks, about ``TARGET_ROWS`` rows, within ``max_memory``; at least one block."""
     fitting = max_memory // (_row_bytes(model) * batch_size)
-    blocks = max(1, min(fitting // BLOCK, math.ceil(samples / BLOCK)))
+    wanted = max(TARGET_ROWS // batch_size, 1)
+    blocks = max(1, min(fitting // BLOCK, wanted // BLOCK, math.ceil(samples / BLOCK)))
     return blocks * BLOCK
 
 
