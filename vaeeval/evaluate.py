@@ -9,6 +9,9 @@ in fixed blocks, so results do not depend on the batch or chunk size.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -242,6 +245,29 @@ def _row_bytes(model: Model) -> int:
     return 4 * (2 * widest + (model.likelihood.params_per_dim + 4) * dims) + 8 * (2 * dims + 8 * model.latent_dim)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed tensor memory instead of unmapping it (once per process; Linux only).
+
+    Each chunk allocates and frees the same few tensors of some megabytes. By default
+    glibc serves those with fresh ``mmap``s, which the kernel zeroes page by page on
+    first touch: a quarter of the run time on the benchmark. Raising the mmap and trim
+    thresholds (as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would) keeps
+    them in the heap for reuse. This is process-wide; peak memory is unchanged.
+
+    Returns:
+        Whether the setting could be made (False off glibc).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 # Rows (points x samples) per decoder call: large enough for efficient matrix products,
 # small enough that the elementwise passes after them run from cache (measured on the
 # MNIST-size benchmark: 2-3k rows are fastest, 13k rows 25% slower).
@@ -272,7 +298,8 @@ class Evaluator:
     ``parts`` evaluates any subset of the points, batch by batch; ``finish`` turns the
     parts into one ``Evaluation``. Every point's numbers depend only on the seed and its
     index, so parts computed in any order, by any process, combine into the numbers of
-    one uninterrupted run.
+    one uninterrupted run. Creating one calls ``keep_freed_memory`` (a process-wide
+    glibc setting that makes the chunked loop about a quarter faster).
 
     Args:
         model: a loaded model.
@@ -304,6 +331,7 @@ class Evaluator:
         discretize: int | None = None,
         density: bool = False,
     ) -> None:
+        keep_freed_memory()
         self.array = data.array if isinstance(data, Dataset) else np.asarray(data)
         if samples < 1 or batch_size < 1:
             raise VaeevalError("--samples and --batch-size must be at least 1")
