@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +166,7 @@ def test_examples_vae_via_arch_gives_the_numbers_of_its_format1_conversion(examp
 def test_probabilities_are_read_as_exact_logits_when_decode_traces(examples):
     options = ArchOptions(f"{examples / 'vae.py'}:VAE", {"family": "bernoulli"}, json.loads(ARGS), "probs")
     traced = arch_model(examples / "weights.safetensors", options, (DIMS,))
-    fallback = arch_model(examples / "weights.safetensors", ArchOptions(**{**options.__dict__, "spec": f"{examples / 'vae.py'}:Untraceable"}), (DIMS,))
+    fallback = arch_model(examples / "weights.safetensors", replace(options, spec=f"{examples / 'vae.py'}:Untraceable"), (DIMS,))
     assert "before its final sigmoid" in traced.description and "clamped" in fallback.description
     z = torch.randn(70, LATENT)
     with torch.inference_mode():

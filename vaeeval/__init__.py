@@ -10,18 +10,23 @@ importance-weighted log p(x)::
     result.summary.iwae.mean
 """
 
+from vaeeval.compare import Comparison, compare
 from vaeeval.data import Dataset, Domain, load_data
 from vaeeval.errors import DataError, ModelFileError, VaeevalError
-from vaeeval.evaluate import Evaluation, PointResults, Settings, Stat, Summary, evaluate, summarize
+from vaeeval.evaluate import Evaluation, Evaluator, PointResults, Settings, Stat, Summary, evaluate, summarize
+from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.model import Model, load_model, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "DataError",
     "Dataset",
     "Domain",
     "Evaluation",
+    "Evaluator",
+    "LatentHealth",
     "Model",
     "ModelFileError",
     "PointResults",
@@ -29,7 +34,9 @@ __all__ = [
     "Stat",
     "Summary",
     "VaeevalError",
+    "compare",
     "evaluate",
+    "latent_health",
     "load_data",
     "load_model",
     "save_model",

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,7 @@ def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None
         return load_model(path)
     shape = point_shape(data, key=key)
     encode_shape = arch.encode_shape if arch.encode_shape != shape else None
-    return arch_model(path, ArchOptions(**{**arch.__dict__, "encode_shape": encode_shape}), shape)
+    return arch_model(path, replace(arch, encode_shape=encode_shape), shape)
 
 
 def _load(model: Path, data: Path, options: dict[str, Any]) -> tuple[Model, Dataset]:
@@ -445,7 +446,7 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
     shape = arch.encode_shape or point_shape(data, key=key)
-    source = arch_model(weights, ArchOptions(**{**arch.__dict__, "encode_shape": None}), shape)
+    source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None
     if data is not None:
         points = load_data(data, source, key=key, limit=64).array
