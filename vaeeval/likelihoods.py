@@ -284,7 +284,7 @@ class BernoulliLikelihood(Likelihood):
         depend on the element's position in the tensor (torch's softplus does).
         """
         agreement = row_sums(hidden * projected[:, None, :]) + offset[:, None]
-        magnitude = logits.abs()
+        magnitude = logits.abs_()
         even = magnitude.neg().exp_().log1p_().add_(magnitude, alpha=0.5)
         return agreement - row_sums(even)
 
