@@ -364,7 +364,7 @@ class Evaluator:
         with torch.inference_mode():
             for start in range(0, indices.size, settings.batch_size):
                 rows = indices[start : start + settings.batch_size]
-                contiguous = rows.size and rows[-1] - rows[0] == rows.size - 1
+                contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
                 batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
                 x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
                 found = _evaluate_batch(
@@ -391,14 +391,13 @@ class Evaluator:
 
     def finish(self, parts: Sequence[Part]) -> Evaluation:
         """One evaluation from parts covering each point once, in index order."""
-        points = PointResults.concatenate([p.points for p in parts])
-        order = np.argsort(points.index, kind="stable")
+        gathered = PointResults.concatenate([p.points for p in parts])
+        order = np.argsort(gathered.index, kind="stable")
+        points = gathered.take(order)
+        dims = self.model.data_dims
         return Evaluation(
-            points=points.take(order),
-            summary=summarize(
-                points.take(order), self.model.data_dims, self.settings.samples,
-                self.scoring.dequantization_offset(self.model.data_dims),
-            ),
+            points=points,
+            summary=summarize(points, dims, self.settings.samples, self.scoring.dequantization_offset(dims)),
             settings=self.settings,
             scoring=self.scoring,
             kl_kind=self.model.prior.kl_kind,

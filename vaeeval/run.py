@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,47 +78,45 @@ def run(
         with the points done so far (``interrupted``); the file then has no summary line.
     """
     indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
-    old: list[dict[str, Any]] = []
-    handle = None
-    if output is not None:
-        path = Path(output)
-        if resume and path.exists():
-            stored = _resumed(path, header)
-            old = stored.points
-            if stored.summary is not None:  # finished already: nothing to compute
-                return Outcome(evaluation_from_records(header, old), False, indices.size)
-            handle = path.open("a")
-        else:
-            handle = path.open("w")
-            ResultsWriter(handle).write([header])
-    done = np.array([record["index"] for record in old], dtype=np.int64)
-    remaining = indices[~np.isin(indices, done)]
-    if progress is not None and done.size:
-        progress(done.size)
-        progress = (lambda finished, offset=done.size, report=progress: report(offset + finished))
-    parts: list[Part] = []
-    interrupted = False
-    try:
-        writer = None if handle is None else ResultsWriter(handle)
-        for part in evaluator.parts(remaining, progress):
-            parts.append(part)
-            if writer is not None:
-                writer.write(_records(evaluator, part))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if handle is not None and interrupted:
-            handle.close()
-    if output is None and not interrupted and shard is None:
-        evaluation = evaluator.finish(parts)
-    else:
-        records = old + [record for part in parts for record in _records(evaluator, part)]
+    with ExitStack() as stack:
+        old: list[dict[str, Any]] = []
+        writer = None
+        if output is not None:
+            path = Path(output)
+            if resume and path.exists():
+                stored = _resumed(path, header)
+                old = stored.points
+                if stored.summary is not None:  # finished already: nothing to compute
+                    return Outcome(evaluation_from_records(header, old), False, indices.size)
+                writer = ResultsWriter(stack.enter_context(path.open("a")))
+            else:
+                writer = ResultsWriter(stack.enter_context(path.open("w")))
+                writer.write([header])
+        done = np.array([record["index"] for record in old], dtype=np.int64)
+        remaining = indices[~np.isin(indices, done)]
+        if progress is not None and done.size:
+            progress(done.size)
+            progress = (lambda finished, offset=done.size, report=progress: report(offset + finished))
+        parts: list[Part] = []
+        records = list(old)  # every point line, old and new, when they are needed
+        interrupted = False
+        try:
+            for part in evaluator.parts(remaining, progress):
+                parts.append(part)
+                if writer is not None:
+                    records.extend(_records(evaluator, part))
+                    writer.write(records[-part.points.index.size :])
+        except KeyboardInterrupt:
+            interrupted = True
+        if writer is None and not interrupted and shard is None:
+            return Outcome(evaluator.finish(parts), False, indices.size)
+        if writer is None:
+            records = [record for part in parts for record in _records(evaluator, part)]
         if not records:
             raise VaeevalError("interrupted before any point was done")
         evaluation = evaluation_from_records(header, records)
-    if handle is not None and not interrupted:
-        ResultsWriter(handle).write([{"kind": "summary", "summary": summary_info(evaluation)}])
-        handle.close()
+        if writer is not None and not interrupted:
+            writer.write([{"kind": "summary", "summary": summary_info(evaluation)}])
     return Outcome(evaluation, interrupted, indices.size)
 
 
