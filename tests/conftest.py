@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from vaeeval import Model, save_model
+
+# property tests draw the same examples on every run: CI is reproducible, failures replayable
+settings.register_profile("vaeeval", derandomize=True, deadline=None)
+settings.load_profile("vaeeval")
 
 
 def linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
