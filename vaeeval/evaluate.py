@@ -440,8 +440,10 @@ def evaluate(
 class _SampleStatistics:
     """Everything kept per point while its K samples stream past in chunks: O(1) in K but the tail."""
 
-    def __init__(self, rows: int, samples: int, checkpoints: tuple[int, ...], like: torch.Tensor) -> None:
-        self.samples, self.checkpoints = samples, checkpoints
+    def __init__(
+        self, rows: int, samples: int, checkpoints: tuple[int, ...], like: torch.Tensor, monte_carlo_kl: bool
+    ) -> None:
+        self.samples, self.checkpoints, self.monte_carlo_kl = samples, checkpoints, monte_carlo_kl
         empty = torch.full((rows,), -math.inf, dtype=torch.float64, device=like.device)
         self.log_sum_w, self.log_sum_w2 = empty, empty.clone()
         self.top = torch.empty((rows, 0), dtype=torch.float64, device=like.device)
@@ -456,8 +458,9 @@ class _SampleStatistics:
         kept = torch.cat([self.top, log_w], dim=1)
         self.top = torch.topk(kept, min(top_size(self.samples), kept.shape[1]), dim=1).values
         self.recon.update(log_px_z)
-        self.log_w.update(log_w)
-        self.log_ratio.update(log_qz - log_pz)
+        if self.monte_carlo_kl:  # the KL and the ELBO's error then come from these samples
+            self.log_w.update(log_w)
+            self.log_ratio.update(log_qz - log_pz)
 
     def finish(self, analytic_kl: torch.Tensor | None) -> dict[str, torch.Tensor]:
         samples = self.samples
@@ -501,7 +504,7 @@ def _evaluate_batch(
     prior = model.prior.distribution(mean)
 
     rows, latent = mean.shape
-    statistics = _SampleStatistics(rows, samples, checkpoints, mean)
+    statistics = _SampleStatistics(rows, samples, checkpoints, mean, monte_carlo_kl=analytic_kl is None)
     x_each = x[:, None]
     shortcut = _linear_shortcut(model, x, levels)
     for first in range(0, samples, chunk_size):
