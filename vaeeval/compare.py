@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from vaeeval.data import Dataset
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, Stat, evaluate
+from vaeeval.evaluate import Evaluation, Stat, evaluate
 from vaeeval.likelihoods import DENSITY, PROBABILITY
 from vaeeval.model import Model
 
@@ -113,14 +114,8 @@ def compare(
     models: Sequence[Model],
     datasets: Sequence[Dataset],
     *,
-    samples: int = DEFAULT_SAMPLES,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    device: str = "cpu",
-    discretize: int | None = None,
-    density: bool = False,
     progress: Callable[[int], None] | None = None,
+    **options: Any,
 ) -> Comparison:
     """Evaluate every model on the same points with the same seed, then rank where comparable.
 
@@ -128,8 +123,8 @@ def compare(
         models: two or more loaded models.
         datasets: the same data loaded (and so checked) once for each model, in the same order.
         progress: called with the number of (model, point) pairs finished.
-        Other arguments as for ``evaluate``; on discrete data continuous models are
-        scored on the data's bins unless ``density`` is set.
+        **options: as for ``evaluate`` (``samples``, ``seed``, ``discretize``, ``density``, ...);
+            on discrete data continuous models are scored on the data's bins unless ``density``.
 
     Raises:
         VaeevalError: fewer than two models, or datasets that are not the same points.
@@ -141,20 +136,8 @@ def compare(
     evaluations = []
     for position, (model, dataset) in enumerate(zip(models, datasets)):
         offset = position * dataset.n
-        evaluations.append(
-            evaluate(
-                model,
-                dataset,
-                samples=samples,
-                seed=seed,
-                batch_size=batch_size,
-                max_memory=max_memory,
-                device=device,
-                discretize=discretize,
-                density=density,
-                progress=None if progress is None else (lambda done, offset=offset: progress(offset + done)),
-            )
-        )
+        report = None if progress is None else (lambda done, offset=offset: progress(offset + done))
+        evaluations.append(evaluate(model, dataset, progress=report, **options))
     data_is_discrete = datasets[0].domain.grid_levels is not None
     comparison = rank(models, evaluations, data_is_discrete)
     rescored = [i for i, e in enumerate(evaluations) if e.scoring.levels is not None]

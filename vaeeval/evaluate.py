@@ -32,7 +32,6 @@ from vaeeval.estimators import (
     iwae_bound,
     iwae_stderr,
     log_weights,
-    row_sums,
 )
 from vaeeval.psis import pareto_khat, reliability_threshold, top_size
 from vaeeval.model import Model, rows_independently

@@ -47,11 +47,6 @@ def register(name: str, keys: tuple[str, ...] = ()) -> Callable[[Builder], Build
     return decorate
 
 
-def layer_types() -> tuple[str, ...]:
-    """All registered layer type names."""
-    return tuple(_BUILDERS)
-
-
 def describe(spec: Mapping[str, Any]) -> str:
     """A short label for a layer spec: ``linear "encoder.0"``."""
     kind = spec.get("type", "?")
