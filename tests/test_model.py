@@ -95,3 +95,22 @@ def test_save_refuses_wrong_output_sizes(tmp_path):
     with pytest.raises(VaeevalError, match=r"needs P x D = 2 x 4 = 8"):
         save_model(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(2, 4)),
                    likelihood={"family": "gaussian"}, input_shape=[4], latent_dim=2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_layers_compute_nn_linear_and_each_row_alone(bias, monkeypatch):
+    """A loaded linear layer: F.linear's numbers to float32 rounding, oneDNN or not, whatever rows come with a row."""
+    from vaeeval.layers import Linear
+    from vaeeval.model import rows_independently
+
+    torch.manual_seed(0)
+    layer = Linear(400, 784, bias=bias).requires_grad_(False)
+    x = torch.randn(3000, 400)
+    expected = nn.functional.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.inference_mode():
+        found = layer(x)
+        torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-4)
+        for rows in (1, 63, 64, 65, 1000):
+            assert torch.equal(rows_independently(layer, x[:rows]), found[:rows])
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
