@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaeeval.estimators import BLOCK, fold_logsumexp, fold_sum, iwae_bound, log_weights
+from vaeeval.estimators import (
+    BLOCK,
+    fold_,
+    fold_logsumexp,
+    fold_sum,
+    iwae_bound,
+    log_weights,
+    row_sums,
+)
 
 
 def _streamed(values: torch.Tensor, chunk: int, fold, start: float) -> torch.Tensor:
@@ -50,3 +57,26 @@ def test_iwae_of_equal_weights_is_the_weight():
 def test_log_weights_is_the_importance_ratio():
     px, pz, qz = (torch.tensor([v]) for v in (-3.0, -1.5, -2.0))
     assert log_weights(px, pz, qz).item() == -3.0 - 1.5 + 2.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims=st.integers(1, 3000), rows=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_row_sums_are_float64_accurate_and_row_independent(dims, rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, dims, generator=generator) * 10
+    exact = values.double().sum(-1)
+    found = row_sums(values)
+    assert torch.equal(found, row_sums(values.clone(), consume=True))
+    assert all(torch.equal(found[i : i + 1], row_sums(values[i : i + 1])) for i in range(rows))
+    # float32 pairwise partial sums of at most dims/32 terms: errors of a few float32 ulps of the partials
+    torch.testing.assert_close(found, exact, rtol=0, atol=1e-6 * float(values.abs().sum(-1).max()) + 1e-12)
+
+
+@given(dims=st.integers(1, 5000), most=st.integers(2, 40))
+@settings(max_examples=60, deadline=None)
+def test_fold_multiplies_every_factor_once_and_caps_the_terms(dims, most):
+    powers = torch.arange(dims, dtype=torch.float64)  # fold by adding exponents: each column's count
+    counts = fold_(torch.ones(1, dims, dtype=torch.float64), torch.add, most=most)
+    assert counts.sum().item() == dims and counts.max().item() <= most
+    products = fold_((2.0 ** (powers / dims))[None].clone(), torch.mul, most=most)
+    assert math.isclose(products.log2().sum().item(), (dims - 1) / 2, rel_tol=1e-12, abs_tol=1e-12)

@@ -315,3 +315,27 @@ def test_categorical_is_exact_at_extreme_logits():
     params = torch.tensor([[[1e4], [-1e4], [0.0]]])
     values = [likelihood.log_prob(params, torch.tensor([[v]])).item() for v in (0.0, 0.5, 1.0)]
     assert values[0] == 0.0 and values[1] == pytest.approx(-2e4) and values[2] == pytest.approx(-1e4)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 60.0])
+@pytest.mark.parametrize("dims", [1, 7, 784, 1001])
+def test_bernoulli_through_the_last_linear_layer_is_the_log_pmf(scale, dims):
+    """The shortcut (one dot product, one exp per element, logs of products) against float64 scipy."""
+    rng = np.random.default_rng(dims)
+    likelihood = likelihood_from_spec({"family": "bernoulli"}, {}, (dims,))
+    head = torch.nn.Linear(30, dims)
+    with torch.no_grad():
+        head.weight.normal_(0, scale / math.sqrt(30), generator=torch.Generator().manual_seed(dims))
+        head.bias.normal_(0, scale, generator=torch.Generator().manual_seed(dims + 1))
+    hidden = torch.as_tensor(rng.normal(size=(3, 5, 30)), dtype=torch.float32)
+    x = torch.as_tensor(rng.random((3, dims)) < 0.4, dtype=torch.float32)
+    with torch.inference_mode():
+        logits = head(hidden)
+        projected, offset = likelihood.linear_projection(x, head)
+        found = likelihood.log_prob_through_linear(hidden.clone(), logits.clone(), projected, offset).numpy()
+    exact = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x[:, None].double()).numpy()
+    assert np.allclose(exact[np.abs(logits.numpy()) < 20], stats.bernoulli.logpmf(
+        x.numpy()[:, None], torch.sigmoid(logits.double()).numpy())[np.abs(logits.numpy()) < 20], rtol=1e-6)
+    # the shortcut's dot products round differently from the logits': a relative 1e-7 of their size
+    tolerance = 1e-6 * np.abs(logits.numpy()).sum(-1) + 1e-6
+    assert np.all(np.abs(found - exact.sum(-1)) <= tolerance)

@@ -21,27 +21,65 @@ the state one at a time, in sample order; chunks hold whole blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 BLOCK = 64
 
 
-def row_sums(values: torch.Tensor, block: int = 16) -> torch.Tensor:
+def fold_(values: torch.Tensor, combine: Callable[..., torch.Tensor], *, narrowest: int = 64, most: int | None = None) -> torch.Tensor:
+    """Combine the last axis of ``values`` pairwise, in place, until at most ``narrowest`` columns are left.
+
+    Column j takes column j + w/2 at each halving (an odd last column goes into column
+    0 first), so each result column is a balanced tree of the inputs. The tree depends
+    only on the width, and ``combine`` (``torch.add``, ``torch.mul``) is exactly rounded
+    elementwise, so a row's result never depends on the other rows or on vectorization.
+
+    Args:
+        values: ``[..., D]`` float tensor, overwritten.
+        combine: a binary elementwise torch function taking ``out=``.
+        narrowest: stop at this many columns or fewer.
+        most: stop before any column would combine more than this many inputs.
+
+    Returns:
+        ``[..., w]``, a view of ``values``' first ``w <= max(narrowest, ...)`` columns.
+    """
+    width, terms = values.shape[-1], 1
+    while width > narrowest:
+        grown = terms * (3 if width % 2 else 2)
+        if most is not None and grown > most:
+            break
+        if width % 2:
+            combine(values[..., :1], values[..., width - 1 : width], out=values[..., :1])
+            width -= 1
+        half = width // 2
+        combine(values[..., :half], values[..., half:width], out=values[..., :half])
+        width, terms = half, grown
+    return values[..., :width]
+
+
+def row_sums(values: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
     """Sums over the last axis in float64, ``[..., D] -> [...]``, without a float64 copy of ``values``.
 
-    Runs of ``block`` elements are added in the input's dtype (16 float32 terms lose
-    nothing that matters), and those partial sums in float64: nearly float64 accuracy
-    for a fraction of the cost of converting the whole tensor.
+    Float32 values are added pairwise in float32 (``fold_``) down to at most 64 partial
+    sums of about D/64 terms each, and those are added in float64: nearly float64
+    accuracy for about the cost of one pass over ``values``.
+
+    Args:
+        values: ``[..., D]``.
+        consume: ``values`` may be overwritten (saves a half-size scratch tensor).
     """
-    if values.dtype == torch.float64:
-        return values.sum(-1)
     dims = values.shape[-1]
-    whole = dims - dims % block
-    total = values[..., :whole].reshape(*values.shape[:-1], whole // block, block).sum(-1).sum(-1, dtype=torch.float64)
-    if whole < dims:
-        total = total + values[..., whole:].sum(-1, dtype=torch.float64)
-    return total
+    if values.dtype == torch.float64 or dims <= 64:
+        return values.sum(-1, dtype=torch.float64)
+    if not consume:  # fold_'s first step, into a new tensor: ``values`` is left as it was
+        half = dims // 2
+        scratch = values[..., :half] + values[..., half : 2 * half]
+        if dims % 2:
+            torch.add(values[..., :1] + values[..., dims - 1 :], values[..., half : half + 1], out=scratch[..., :1])
+        values = scratch
+    return fold_(values, torch.add).sum(-1, dtype=torch.float64)
 
 
 def log_weights(log_px_z: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor) -> torch.Tensor:
