@@ -18,6 +18,10 @@ Workloads:
   and vaeeval's peak RSS at K = 500 and K = 5000.
 * ``conv``: a convolutional VAE on 28x28 images, K = 5000, 20 points.
 
+Beside the limit, the run times vaeeval's own decoder alone on the same number of
+latent rows (its matrix products and ReLU, no sampling, likelihood or statistics):
+the floor that vaeeval's time is measured against.
+
 The limit: the FLOPs of every encoder and decoder pass vaeeval makes (one
 encoder pass per point, one decoder pass per sample), divided by the peak
 float32 GEMM rate measured in the same run (a 1024^3 matmul).
@@ -114,6 +118,27 @@ def child_vaeeval(workload: str, samples: int, points: int) -> dict:
     return {"seconds": seconds, "flops": flops, "mean_log_px": result.summary.iwae.mean, "stderr": iwae_se}
 
 
+def child_products(samples: int, points: int) -> dict:
+    """The floor under vaeeval's time: its loaded decoder alone, on as many latent rows, in its chunk size."""
+    import torch
+
+    from vaeeval import save_model
+    from vaeeval.evaluate import DEFAULT_BATCH_SIZE, chunk_size_for
+
+    encoder, decoder = _mlp_modules()
+    with tempfile.TemporaryDirectory() as folder:
+        model = save_model(Path(folder) / "m.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
+                           input_shape=[MLP["dims"]], latent_dim=MLP["latent"])
+    rows = DEFAULT_BATCH_SIZE * chunk_size_for(model, DEFAULT_BATCH_SIZE, samples, 2**40)
+    latents = torch.randn(points * samples, MLP["latent"]).split(rows)
+    with torch.inference_mode():
+        model.decoder(latents[0])
+        started = time.perf_counter()
+        for z in latents:
+            model.decoder(z)
+        return {"seconds": time.perf_counter() - started}
+
+
 def child_pythae(workload: str, samples: int, points: int, batch_size: int) -> dict:
     import torch
     from pythae.models import VAE, VAEConfig
@@ -180,7 +205,9 @@ def measure(repeats: int, conv: bool) -> dict:
 
     peak = statistics.median(_child(["peak"])["gflops"] for _ in range(3))
     runs: dict[str, list[dict]] = {"vaeeval": [], "pythae_100": [], "pythae_1000": []}
+    products = []
     for _ in range(repeats):  # alternating, so drifts in machine load hit every contender alike
+        products.append(_child(["products", str(SAMPLES), str(POINTS)])["seconds"])
         runs["vaeeval"].append(_child(["vaeeval", "mlp", str(SAMPLES), str(POINTS)]))
         runs["pythae_100"].append(_child(["pythae", "mlp", str(SAMPLES), str(POINTS), "100"]))
         runs["pythae_1000"].append(_child(["pythae", "mlp", str(SAMPLES), str(POINTS), "1000"]))
@@ -195,6 +222,7 @@ def measure(repeats: int, conv: bool) -> dict:
             "samples": SAMPLES,
             "flops": flops,
             "limit_seconds": flops / (peak * 1e9),
+            "decoder_products_seconds": statistics.median(products),
             "contenders": {
                 name: {
                     "seconds": median[name],
@@ -235,7 +263,8 @@ def render(result: dict) -> str:
     mlp = result["mlp"]
     rows = [
         f"peak float32 GEMM (1024^3 matmul): {result['machine']['peak_gemm_gflops']:.1f} GFLOP/s",
-        f"MLP 784-400-20 Bernoulli, {mlp['points']} points x K = {mlp['samples']}: limit {mlp['limit_seconds']:.3f} s",
+        f"MLP 784-400-20 Bernoulli, {mlp['points']} points x K = {mlp['samples']}: limit {mlp['limit_seconds']:.3f} s; "
+        f"vaeeval's decoder products alone {mlp['decoder_products_seconds']:.3f} s",
         "",
         f"{'':14}{'seconds':>9}{'points*K/s':>12}{'GFLOP/s':>9}{'of peak':>9}{'RSS MB':>8}{'mean log p(x)':>15}",
     ]
@@ -274,6 +303,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "peak":
             out = child_peak()
+        elif kind == "products":
+            out = child_products(int(rest[0]), int(rest[1]))
         elif kind == "vaeeval":
             out = child_vaeeval(rest[0], int(rest[1]), int(rest[2]))
         else:
