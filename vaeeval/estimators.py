@@ -43,7 +43,7 @@ def fold_(values: torch.Tensor, combine: Callable[..., torch.Tensor], *, narrowe
         most: stop before any column would combine more than this many inputs.
 
     Returns:
-        ``[..., w]``, a view of ``values``' first ``w <= max(narrowest, ...)`` columns.
+        ``[..., w]``, a view of ``values``' first ``w`` columns: ``w <= narrowest`` unless ``most`` stopped the folding first.
     """
     width, terms = values.shape[-1], 1
     while width > narrowest:

@@ -133,7 +133,7 @@ class Linear(nn.Linear):
     torch's own compiler (inductor) emits for CPU linear layers. Like SGEMM, each row of
     its result is independent of the other rows once there are 64 or more
     (``model.rows_independently``). Off the CPU, for other dtypes, with a torch built
-    without oneDNN or with ``torch.backends.mkldnn`` disabled, this is ``nn.Linear``.
+    without oneDNN, with ``torch.backends.mkldnn`` disabled or when gradients are wanted, this is ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +142,7 @@ class Linear(nn.Linear):
             and torch.backends.mkldnn.enabled
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no autograd there
         ):
             return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
