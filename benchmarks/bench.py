@@ -50,9 +50,9 @@ def _mlp_modules():
     from torch import nn
 
     torch.manual_seed(0)
-    d, h, l = MLP["dims"], MLP["hidden"], MLP["latent"]
-    encoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, 2 * l))
-    decoder = nn.Sequential(nn.Linear(l, h), nn.ReLU(), nn.Linear(h, d))
+    d, h, latent = MLP["dims"], MLP["hidden"], MLP["latent"]
+    encoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, 2 * latent))
+    decoder = nn.Sequential(nn.Linear(latent, h), nn.ReLU(), nn.Linear(h, d))
     return encoder, decoder
 
 

@@ -157,7 +157,7 @@ def test_examples_vae_via_arch_gives_the_numbers_of_its_format1_conversion(examp
     converted = load_model(examples / "model.safetensors")
     assert [layer.type for layer in converted.layers] == ["linear", "relu", "linear", "linear", "relu", "linear"]
     via_format1 = json.loads(run("elbo", examples / "model.safetensors", data, "-k", "200", "--json").stdout)
-    for a, b in zip(via_arch["points"], via_format1["points"]):
+    for a, b in zip(via_arch["points"], via_format1["points"], strict=False):
         for name in ("elbo", "recon", "kl", "iwae"):
             assert a[name] == pytest.approx(b[name], rel=AGREEMENT, abs=AGREEMENT)
     assert via_arch["summary"]["measure"] == "probability"
@@ -231,7 +231,7 @@ def test_normal_returning_encoder_and_flat_input_shape(examples):
                           *_arch_args(examples, "NormalEncoder")).stdout)
     shaped = json.loads(run("elbo", examples / "weights.safetensors", images, "-k", "16", "--json",
                             *_arch_args(examples, "VAE", "--input-shape", "64")).stdout)
-    for a, b in zip(flat["points"], shaped["points"]):
+    for a, b in zip(flat["points"], shaped["points"], strict=False):
         assert a["iwae"] == pytest.approx(b["iwae"], rel=1e-5)
 
 
@@ -240,13 +240,15 @@ BROKEN = [
     ("attribute missing", lambda f: ["--arch", f"{f / 'vae.py'}:VEA"], "has no attribute 'VEA' (it defines"),
     ("construction raises", lambda f: ["--arch", f"{f / 'vae.py'}:Exploding", "--arch-args", ARGS], "raised ValueError: no GPU found"),
     ("bad --arch-args", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", "{latent"], "--arch-args"),
-    ("state dict mismatch", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", json.dumps({"dims": DIMS, "hidden": 16, "latent_dim": LATENT})],
+    ("state dict mismatch",
+     lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", json.dumps({"dims": DIMS, "hidden": 16, "latent_dim": LATENT})],
      "fc1.weight is [32, 64] in the file, [16, 64] in the module"),
     ("encode wrong shape", lambda f: ["--arch", f"{f / 'vae.py'}:WrongShape", "--arch-args", ARGS],
      "encode(x) returned a mean of [2, 4] and a log-variance of [2, 3]"),
     ("probs outside [0, 1]", lambda f: ["--arch", f"{f / 'vae.py'}:Overshoot", "--arch-args", ARGS, "--decoder-output", "probs"],
      "outside [0, 1], but --decoder-output says probabilities"),
-    ("no such method", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", ARGS, "--encode-method", "embed"], "has no method 'embed'"),
+    ("no such method", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", ARGS, "--encode-method", "embed"],
+     "has no method 'embed'"),
     ("options without --arch", lambda f: ["--sigma", "0.1"], "--sigma goes with --arch"),
     ("--arch without --likelihood", lambda f: ["--arch", f"{f / 'vae.py'}:VAE"], "--arch needs --likelihood"),
 ]

@@ -19,7 +19,7 @@ from torch import nn
 
 from vaeeval import save_model
 from vaeeval.cli import main
-from vaeeval.schemas import schema, schema_names
+from vaeeval.output.schemas import schema, schema_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,14 +117,14 @@ def test_baseline_check_is_paired_and_statistical(bernoulli_model, second_model,
     ok = run("check", noise, "--baseline", old, "--metric", "iwae", "--tolerance", "0.05")
     assert ok.stdout.startswith("iwae: ") and "paired over 23 points" in ok.stdout
     # the other model is worse or better; the check says which, beyond its paired standard error
-    change = np.mean([b["iwae"] - a["iwae"] for a, b in zip(documents[old]["points"], documents[other]["points"])])
+    change = np.mean([b["iwae"] - a["iwae"] for a, b in zip(documents[old]["points"], documents[other]["points"], strict=False)])
     worse, better = (other, old) if change < 0 else (old, other)
     gap = abs(change)
     failed = run("check", worse, "--baseline", better, "--tolerance", f"{gap / 4}", code=1)
     assert failed.stderr.startswith("vaeeval: check failed: iwae:") and failed.stderr.count("\n") == 1
     run("check", worse, "--baseline", better, "--tolerance", f"{gap * 4}")
     verdict = json.loads(run("check", worse, "--baseline", better, "--tolerance", f"{gap * 4}", "--json").stdout)
-    paired = np.array([a["iwae"] - b["iwae"] for a, b in zip(documents[worse]["points"], documents[better]["points"])])
+    paired = np.array([a["iwae"] - b["iwae"] for a, b in zip(documents[worse]["points"], documents[better]["points"], strict=False)])
     assert verdict["difference"]["mean"] == pytest.approx(paired.mean())
     assert verdict["difference"]["stderr"] == pytest.approx(paired.std(ddof=1) / np.sqrt(paired.size))
 
@@ -175,7 +175,7 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path):
     assert fresh.returncode == 0, fresh.stderr
     resumed_doc, fresh_doc = json.loads(resumed.stdout), json.loads(fresh.stdout)
     assert resumed_doc["points"] == fresh_doc["points"] and resumed_doc["summary"] == fresh_doc["summary"]
-    by_index = lambda records: sorted((r for r in records if "kind" not in r), key=lambda r: r["index"])  # noqa: E731
+    by_index = lambda records: sorted((r for r in records if "kind" not in r), key=lambda r: r["index"])
     assert by_index(lines(output)) == by_index(lines(fresh_output))
     assert lines(output)[-1] == lines(fresh_output)[-1]  # the summary line
 

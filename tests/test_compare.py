@@ -14,6 +14,7 @@ from torch import nn
 from vaeeval import evaluate, load_data, save_model
 from vaeeval.cli import main
 from vaeeval.compare import compare
+from vaeeval.evaluate import EvaluationOptions
 
 DIMS = 4
 
@@ -43,7 +44,7 @@ def models(tmp_path):
 
 def _run(models, data_path, **options):
     datasets = [load_data(data_path, m) for m in models]
-    return compare(models, datasets, samples=64, seed=3, **options), datasets
+    return compare(models, datasets, EvaluationOptions(samples=64, seed=3, **options)), datasets
 
 
 def test_discrete_data_rescores_continuous_models_and_ranks_all(models, grey):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-import vaeeval.data as data_module
+import vaeeval.domains as domains_module
 from vaeeval import DataError, Dataset, Domain, VaeevalError, load_data, save_model
-from vaeeval.data import domain_from_spec
+from vaeeval.domains import domain_from_spec
 from vaeeval.errors import SpecError
 
 D = 6
@@ -231,9 +231,9 @@ ERROR_CASES = [
     ("truncated-npz", _truncated_npz, ["truncated or corrupt"]),
     ("object-npy", _npy("bernoulli", _object_array, allow_pickle=True), ["dtype object", "never unpickles"]),
     ("string-npy", _npy("bernoulli", np.full((N, D), "1")), ["<U1", "numeric"]),
-    ("npz-several-no-key", _npz("bernoulli", {"a": binary(), "b": binary()}), ["several arrays (a, b)", "--key"]),
+    ("npz-several-no-key", _npz("bernoulli", {"a": binary(), "b": binary()}), ["several arrays (a, b)", "choose one with key"]),
     ("npz-missing-key", _npz("bernoulli", {"a": binary(), "b": binary()}, key="c"), ["no array 'c'", "a, b"]),
-    ("key-on-npy", lambda root: ("bernoulli", save_npy(root / "x.npy", binary()), {"key": "a"}), ["--key"]),
+    ("key-on-npy", lambda root: ("bernoulli", save_npy(root / "x.npy", binary()), {"key": "a"}), ["key selects an array"]),
     ("wrong-shape", _npy("bernoulli", np.zeros((N, 7), np.float32)), ["[10, 7]", "[N, 6]"]),
     ("wrong-shape-image", _npy("image", np.zeros((N, 2, 3), np.float32)), ["[10, 2, 3]", "[N, 1, 2, 3] or [N, 6]"]),
     ("no-points", _npy("bernoulli", np.zeros((0, D), np.float32)), ["no data points"]),
@@ -282,7 +282,7 @@ def test_corrupt_file_does_not_leak_the_file(tmp_path, models, make):
 
 def test_first_bad_value_is_reported_across_scan_blocks(tmp_path, models, monkeypatch):
     """The scan goes block by block; the point index is the row in the file, not in the block."""
-    monkeypatch.setattr(data_module, "_SCAN_ELEMENTS", 2 * D)  # two points per block
+    monkeypatch.setattr(domains_module, "_SCAN_ELEMENTS", 2 * D)  # two points per block
     x = binary()
     x[7, 3] = 0.5
     x[9, 0] = np.nan

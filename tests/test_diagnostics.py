@@ -8,11 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import LOG_2PI, PPCA, make_ppca
 from scipy.special import logsumexp
 
-from conftest import LOG_2PI, PPCA, make_ppca
 from vaeeval import evaluate
 from vaeeval.cli import main
 from vaeeval.latents import latent_health

@@ -11,7 +11,8 @@ from torch import nn
 
 from vaeeval import VaeevalError, evaluate, load_data, save_model
 from vaeeval.estimators import BLOCK
-from vaeeval.evaluate import chunk_size_for, mean_and_stderr
+from vaeeval.evaluate import chunk_size_for
+from vaeeval.results import mean_and_stderr
 
 METRICS = ("elbo", "recon", "kl", "iwae")
 

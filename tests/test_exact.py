@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import LOG_2PI, PPCA, gaussian_kl_to_standard, linear
 from scipy.special import log_expit, logsumexp
 from torch import nn
 
-from conftest import LOG_2PI, PPCA, gaussian_kl_to_standard, linear
 from vaeeval import evaluate, save_model
 
 Z = 4.0  # standard errors allowed for a Monte Carlo estimate

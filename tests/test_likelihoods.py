@@ -164,7 +164,7 @@ def test_continuous_bernoulli_density_integrates_to_one():
         likelihood = likelihood_from_spec({"family": "continuous_bernoulli"}, {}, (1,))
         params = torch.full((1, 1, 1), logit, dtype=torch.float64)
 
-        def density(v: float) -> float:
+        def density(v: float, likelihood=likelihood, params=params) -> float:
             return math.exp(likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64)).item())
 
         assert quad(density, 0, 1, points=[0.01, 0.99], limit=200)[0] == pytest.approx(1.0, rel=1e-6)
@@ -288,7 +288,7 @@ def test_continuous_bernoulli_bins_sum_to_one_and_match_quadrature(logit, levels
     logs = torch.stack([likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64), levels=levels) for v in grid])
     assert torch.logsumexp(logs, 0).item() == pytest.approx(0.0, abs=1e-9)
     if abs(logit) <= 20:
-        def density(v: float) -> float:
+        def density(v: float, likelihood=likelihood, params=params) -> float:
             return math.exp(likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64)).item())
         half = 0.5 / (levels - 1)
         k = levels // 2

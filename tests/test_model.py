@@ -29,7 +29,7 @@ def test_mlp_round_trip(tmp_path_factory, widths, activation, bias, latent, dims
 
     def mlp(sizes):
         layers = []
-        for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
             layers.append(nn.Linear(a, b, bias=bias))
             if i < len(sizes) - 2:
                 layers.append(activation())
@@ -62,7 +62,8 @@ def test_document_names_tensors_like_state_dict(tmp_path):
     assert [layer.get("tensor") for layer in document["encoder"]] == ["encoder.0", None, "encoder.3"]
     assert document["decoder"][0] == {"type": "linear", "tensor": "decoder.0.0"}
     assert document["likelihood"] == {"family": "gaussian", "log_sigma": "likelihood.log_sigma"}
-    assert names == {f"{p}.{k}" for p in ("encoder.0", "encoder.3", "decoder.0.0", "decoder.1") for k in ("weight", "bias")} | {"likelihood.log_sigma"}
+    layers = ("encoder.0", "encoder.3", "decoder.0.0", "decoder.1")
+    assert names == {f"{p}.{k}" for p in layers for k in ("weight", "bias")} | {"likelihood.log_sigma"}
     model = load_model(tmp_path / "m.safetensors")
     assert model.domain.kind == "real" and model.likelihood.params_per_dim == 1
     assert model.parameter_count == sum(p.numel() for p in [*encoder.parameters(), *decoder.parameters()]) + 4

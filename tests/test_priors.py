@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import PPCA, linear, make_ppca
 from torch import nn
 
-from conftest import PPCA, linear, make_ppca
 from vaeeval import evaluate, save_model
 from vaeeval.errors import SpecError
 from vaeeval.priors import prior_from_spec

@@ -8,7 +8,8 @@ import math
 import pytest
 from rich.console import Console
 
-from vaeeval.report import ProgressBar, to_json
+from vaeeval.output.records import to_json
+from vaeeval.output.tables import ProgressBar
 
 
 def test_json_refuses_nan_and_infinity():

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from scipy import stats
 from torch import nn
 
-from vaeeval import VaeevalError, evaluate, load_data, save_model
+from vaeeval import VaeevalError, evaluate, save_model
 from vaeeval.cli import main
-from vaeeval.data import Domain, detect_domain
+from vaeeval.domains import Domain, detect_domain
 from vaeeval.likelihoods import likelihood_from_spec
 from vaeeval.scoring import choose_scoring
 

@@ -8,14 +8,19 @@ importance-weighted log p(x)::
     model = load_model("model.safetensors")
     result = evaluate(model, load_data("data.npy", model), samples=1000)
     result.summary.iwae.mean
+
+``vaeeval.tuning.keep_freed_memory()`` makes evaluations about a quarter
+faster; it changes a process-wide allocator setting, so it is yours to call.
 """
 
 from vaeeval.compare import Comparison, compare
-from vaeeval.data import Dataset, Domain, load_data
+from vaeeval.data import Dataset, load_data
+from vaeeval.domains import Domain
 from vaeeval.errors import DataError, ModelFileError, VaeevalError
-from vaeeval.evaluate import Evaluation, Evaluator, PointResults, Settings, Stat, Summary, evaluate, summarize
+from vaeeval.evaluate import EvaluationOptions, Evaluator, evaluate
 from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.model import Model, load_model, save_model
+from vaeeval.results import Evaluation, PointResults, Settings, Stat, Summary, summarize
 
 __version__ = "0.1.0"
 
@@ -25,6 +30,7 @@ __all__ = [
     "Dataset",
     "Domain",
     "Evaluation",
+    "EvaluationOptions",
     "Evaluator",
     "LatentHealth",
     "Model",

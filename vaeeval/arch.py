@@ -34,15 +34,14 @@ from torch import fx, nn
 from torch.distributions import Independent, Normal
 from torch.distributions.utils import probs_to_logits
 
-from vaeeval.errors import VaeevalError
-from vaeeval.likelihoods import Likelihood, likelihood_from_spec
+from vaeeval.errors import VaeevalError, listing, option
+from vaeeval.files import file_digest
+from vaeeval.likelihoods import BINARY, Likelihood, likelihood_from_spec
 from vaeeval.model import Model, read_safetensors
 from vaeeval.priors import prior_from_spec
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
 DECODER_OUTPUTS = ("logits", "probs", "mean")
-_PROBABILITY_FAMILIES = ("bernoulli", "continuous_bernoulli", "categorical")
-_SIGMOID_FAMILIES = ("bernoulli", "continuous_bernoulli")
 _SHAPE_ONLY = {"view", "reshape", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze"}
 
 
@@ -81,18 +80,18 @@ def _first_line(error: BaseException) -> str:
 
 def _import_file(spec: str, path: Path) -> Any:
     if not path.is_file():
-        raise VaeevalError(f"--arch {spec}: {path}: no such file")
+        raise VaeevalError(f"{option('arch')} {spec}: {path}: no such file")
     name = f"vaeeval_arch_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
+    sys.modules[name] = module  # while it runs, as for any import (dataclasses look themselves up there)
     sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the user's code: any failure is reported, in one line
-        sys.modules.pop(name, None)
-        raise VaeevalError(f"--arch {spec}: running {path} raised {_first_line(error)}") from None
+        raise VaeevalError(f"{option('arch')} {spec}: running {path} raised {_first_line(error)}") from None
     finally:
+        sys.modules.pop(name, None)
         sys.path.remove(str(path.resolve().parent))
     return module
 
@@ -101,7 +100,7 @@ def _import_module(spec: str, name: str) -> Any:
     try:
         return importlib.import_module(name)
     except Exception as error:
-        raise VaeevalError(f"--arch {spec}: importing {name} raised {_first_line(error)}") from None
+        raise VaeevalError(f"{option('arch')} {spec}: importing {name} raised {_first_line(error)}") from None
 
 
 def load_architecture(spec: str) -> Callable[..., Any]:
@@ -115,12 +114,12 @@ def load_architecture(spec: str) -> Callable[..., Any]:
         if spec not in registered:
             known = ", ".join(sorted(registered)) or "none are installed"
             raise VaeevalError(
-                f"--arch {spec}: not FILE.py:NAME, package.module:NAME or a registered architecture ({known})"
+                f"{option('arch')} {spec}: not FILE.py:NAME, package.module:NAME or a registered architecture ({known})"
             )
         try:
             return registered[spec].load()
         except Exception as error:
-            raise VaeevalError(f"--arch {spec}: loading its entry point raised {_first_line(error)}") from None
+            raise VaeevalError(f"{option('arch')} {spec}: loading its entry point raised {_first_line(error)}") from None
     source, _, attribute = spec.rpartition(":")
     looks_like_file = source.endswith(".py") or "/" in source or "\\" in source
     module = _import_file(spec, Path(source)) if looks_like_file else _import_module(spec, source)
@@ -129,7 +128,7 @@ def load_architecture(spec: str) -> Callable[..., Any]:
         if not hasattr(target, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
             raise VaeevalError(
-                f"--arch {spec}: {source} has no attribute {attribute!r} (it defines {', '.join(public) or 'nothing callable'})"
+                f"{option('arch')} {spec}: {source} has no attribute {attribute!r} (it defines {', '.join(public) or 'nothing callable'})"
             )
         target = getattr(target, part)
     return target
@@ -139,16 +138,16 @@ def build_module(spec: str, factory: Callable[..., Any], args: Mapping[str, Any]
     """Call the class or factory with ``args``; the result must be an ``nn.Module``."""
     if isinstance(factory, nn.Module):
         if args:
-            raise VaeevalError(f"--arch {spec}: names a module instance, which takes no --arch-args")
+            raise VaeevalError(f"{option('arch')} {spec}: names a module instance, which takes no {option('arch_args')}")
         module = factory
     else:
         try:
             module = factory(**args)
         except Exception as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-            raise VaeevalError(f"--arch {spec}: {spec.rpartition(':')[2]}({shown}) raised {_first_line(error)}") from None
+            raise VaeevalError(f"{option('arch')} {spec}: {spec.rpartition(':')[2]}({shown}) raised {_first_line(error)}") from None
     if not isinstance(module, nn.Module):
-        raise VaeevalError(f"--arch {spec}: built a {type(module).__name__}, not a torch.nn.Module")
+        raise VaeevalError(f"{option('arch')} {spec}: built a {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
@@ -168,18 +167,13 @@ def load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: Pat
     ]
     problems = []
     if missing:
-        problems.append(f"missing {_listing(missing)}")
+        problems.append(f"missing {listing(missing, 6, counted=True)}")
     if unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
+        problems.append(f"unexpected {listing(unexpected, 6, counted=True)}")
     problems.extend(wrong[:5])
     if problems:
-        raise VaeevalError(f"{path}: does not fit --arch {spec}: " + "; ".join(problems))
+        raise VaeevalError(f"{path}: does not fit {option('arch')} {spec}: " + "; ".join(problems))
     module.load_state_dict({name: tensors[name] for name in expected}, strict=True)
-
-
-def _listing(names: Sequence[str], most: int = 6) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 # ---------------------------------------------------------------- the protocol
@@ -248,10 +242,10 @@ class DecoderAdapter(nn.Module):
         outside = ~((output >= 0) & (output <= 1))
         if outside.any():
             raise VaeevalError(
-                f"{self.method}(z) gave {output[outside][0].item():.6g}, outside [0, 1], but --decoder-output "
-                "says probabilities"
+                f"{self.method}(z) gave {output[outside][0].item():.6g}, outside [0, 1], but "
+                f"{option('decoder_output')} says probabilities"
             )
-        return probs_to_logits(output, is_binary=self.probabilities == "binary")
+        return probs_to_logits(output, is_binary=self.probabilities == BINARY)
 
 
 def _flat(output: Any, method: str) -> torch.Tensor:
@@ -316,15 +310,13 @@ def logits_graph(module: nn.Module, method: str) -> fx.GraphModule | None:
     return graph_module
 
 
-def probabilities_kind(family: str, decoder_output: str) -> str | None:
+def probabilities_kind(likelihood: Likelihood, decoder_output: str) -> str | None:
     """How the decoder's output must be turned into logits: None, ``binary`` or ``categorical``."""
     if decoder_output not in DECODER_OUTPUTS:
-        raise VaeevalError(f"--decoder-output {decoder_output!r}: choose one of {', '.join(DECODER_OUTPUTS)}")
-    if decoder_output == "logits" or (decoder_output == "mean" and family in ("gaussian", "laplace")):
-        return None
-    if decoder_output == "probs" and family in _PROBABILITY_FAMILIES or (decoder_output == "mean" and family == "bernoulli"):
-        return "categorical" if family == "categorical" else "binary"
-    raise VaeevalError(f"--decoder-output {decoder_output} does not describe a {family} decoder")
+        raise VaeevalError(f"{option('decoder_output')} {decoder_output!r}: choose one of {', '.join(DECODER_OUTPUTS)}")
+    if decoder_output not in likelihood.decoder_outputs:
+        raise VaeevalError(f"{option('decoder_output')} {decoder_output} does not describe a {likelihood.family} decoder")
+    return likelihood.decoder_outputs[decoder_output]
 
 
 # ---------------------------------------------------------------- the model
@@ -359,23 +351,23 @@ def arch_model(weights: str | Path, options: ArchOptions, input_shape: Sequence[
     load_state(module, tensors, weights, options.spec, extra=likelihood_tensor_names)
     for method in (options.encode_method, options.decode_method):
         if not callable(getattr(module, method, None)):
-            flag = "--encode-method" if method == options.encode_method else "--decode-method"
-            raise VaeevalError(f"--arch {options.spec}: {type(module).__name__} has no method {method!r} (see {flag})")
+            flag = option("encode_method" if method == options.encode_method else "decode_method")
+            raise VaeevalError(f"{option('arch')} {options.spec}: {type(module).__name__} has no method {method!r} (see {flag})")
 
     input_shape = tuple(int(s) for s in input_shape)
     float_tensors = {name: t.float() for name, t in tensors.items() if t.is_floating_point()}
     try:
         likelihood: Likelihood = likelihood_from_spec(options.likelihood, float_tensors, input_shape)
     except ValueError as error:
-        raise VaeevalError(f"--likelihood: {error}") from None
-    kind = probabilities_kind(likelihood.family, options.decoder_output)
-    traced = logits_graph(module, options.decode_method) if kind == "binary" else None
+        raise VaeevalError(f"{option('likelihood')}: {error}") from None
+    kind = probabilities_kind(likelihood, options.decoder_output)
+    traced = logits_graph(module, options.decode_method) if kind == BINARY else None
     encoder = EncoderAdapter(module, options.encode_method, options.encode_shape)
     decoder = DecoderAdapter(module, options.decode_method, kind, traced)
 
     if options.encode_shape is not None and math.prod(options.encode_shape) != math.prod(input_shape):
         raise VaeevalError(
-            f"--input-shape {list(options.encode_shape)} holds {math.prod(options.encode_shape)} values; "
+            f"{option('input_shape')} {list(options.encode_shape)} holds {math.prod(options.encode_shape)} values; "
             f"a data point holds {math.prod(input_shape)}"
         )
     encoded = _call(f"{options.encode_method}(x)", lambda: encoder(torch.zeros(2, *input_shape)))
@@ -387,7 +379,7 @@ def arch_model(weights: str | Path, options: ArchOptions, input_shape: Sequence[
             f"{options.decode_method}(z) gives {decoded.shape[1]} values per point; the {likelihood.family} "
             f"likelihood needs P x D = {likelihood.params_per_dim} x {math.prod(input_shape)} = {needed}"
         )
-    if kind == "binary":
+    if kind == BINARY:
         how = "logits read before its final sigmoid" if traced is not None else (
             "probabilities clamped to [eps, 1 - eps] (decode could not be traced to its logits)"
         )
@@ -402,10 +394,8 @@ def arch_model(weights: str | Path, options: ArchOptions, input_shape: Sequence[
         latent_dim=latent_dim,
         description=f"--arch {options.spec} ({type(module).__name__}); decoder: {how}",
         path=weights,
-        document={
-            "arch": options.spec,
-            "likelihood_tensors": {k: float_tensors[v] for k, v in options.likelihood.items() if k in likelihood.tensor_keys},
-        },
+        digest=file_digest(weights),
+        arch=options.spec,
         extra_parameters=sum(p.numel() for p in module.parameters()),
         decoder_width=max((p.shape[0] for p in module.parameters() if p.dim() > 0), default=0),
     )

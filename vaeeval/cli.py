@@ -1,7 +1,9 @@
 """The ``vaeeval`` command line: parse, make one library call, render, map errors to exit codes.
 
 Exit codes: 0 success; 1 the run worked but a requested check failed; 2 bad
-input (a file, an option, the data), reported as one line on stderr.
+input (a file, an option, the data), reported as one line on stderr; 130
+interrupted. The library names its parameters (``samples``); here they become
+the flags a user typed (``--samples``).
 """
 
 from __future__ import annotations
@@ -10,47 +12,36 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
-from vaeeval import __version__
+from vaeeval import __version__, tuning
 from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
 from vaeeval.compare import compare as compare_models
 from vaeeval.convert import convert as convert_model
-from vaeeval.data import Dataset, load_data, point_shape
-from vaeeval.likelihoods import families
+from vaeeval.data import load_data, point_shape
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, Evaluation, Evaluator, evaluate
+from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, EvaluationOptions, Evaluator
 from vaeeval.gates import GATED, GateFailed, Threshold, check_baseline, check_thresholds
 from vaeeval.latents import LatentHealth, latent_health
+from vaeeval.likelihoods import families, likelihood_spec
 from vaeeval.model import Model, load_model
-from vaeeval.plot import plot_diagnostics
-from vaeeval.run import distributed_world, run, run_distributed
-from vaeeval.schemas import schema_names, schema_text
-from vaeeval.stream import Shard, check_complete, evaluation_from_records, header_record, read_results, read_stream
-from vaeeval.report import (
-    ProgressBar,
-    check_document,
-    compare_document,
-    data_info,
-    elbo_document,
-    inspect_document,
-    latents_document,
-    model_info,
-    render_compare,
-    render_elbo,
-    render_inspect,
-    render_latents,
-    summary_info,
-    to_json,
-)
+from vaeeval.output.documents import check_document, compare_document, elbo_document, inspect_document, latents_document
+from vaeeval.output.plot import plot_diagnostics
+from vaeeval.output.records import to_json
+from vaeeval.output.schemas import schema_names, schema_text
+from vaeeval.output.tables import ProgressBar, render_compare, render_elbo, render_inspect, render_latents
+from vaeeval.results import Evaluation
+from vaeeval.run import distributed_world, local_processes, run
+from vaeeval.sources import load
+from vaeeval.stream import Shard, merge_runs, read_results, read_stream, write_results
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -64,16 +55,24 @@ class _Group(click.Group):
             hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
             _fail(f"{error.format_message()}{hint}")
         except VaeevalError as error:
-            _fail(str(error))
+            _fail(error.render(self.flag))
         except GateFailed as error:
             click.echo(f"vaeeval: check failed: {error}", err=True)
             sys.exit(EXIT_CHECK_FAILED)
         except click.Abort:
             click.echo("vaeeval: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as error:
             _fail(error.format_message())
         sys.exit(code if isinstance(code, int) else 0)
+
+    def flag(self, parameter: str) -> str:
+        """The flag a user types for the library's ``parameter``: its longest option string."""
+        for command in self.commands.values():
+            for param in command.params:
+                if param.name == parameter and param.opts:
+                    return max(param.opts, key=len)
+        return "--" + parameter.replace("_", "-")
 
 
 def _fail(message: str) -> None:
@@ -103,6 +102,10 @@ def _stdout() -> Console:
     return console if console.is_terminal else Console(width=120)
 
 
+def _progress(total: int, label: str) -> ProgressBar:
+    return ProgressBar(total, label, Console(stderr=True))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vaeeval")
 def main() -> None:
@@ -111,9 +114,23 @@ def main() -> None:
     Models are format-1 .safetensors files (FORMAT.md); nothing in a model or
     data file is ever executed or unpickled.
     """
+    tuning.keep_freed_memory()
+    if distributed_world() is not None:
+        tuning.share_cores(local_processes())
 
 
-_EVALUATION_OPTIONS = (
+def _options(*decorators: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply a group of click options, the first listed first in --help."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+_evaluation_options = _options(
     click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
                  help="K, importance samples from q(z|x) per point."),
     click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
@@ -132,19 +149,21 @@ _EVALUATION_OPTIONS = (
 )
 
 
-def _evaluation_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every evaluating command takes, passed on as keyword arguments."""
-    for option in reversed(_EVALUATION_OPTIONS):
-        command = option(command)
-    return command
+def _evaluation(options: dict[str, Any]) -> EvaluationOptions:
+    """The evaluation settings, taken out of the command's options."""
+    return EvaluationOptions(
+        samples=options.pop("samples"),
+        seed=options.pop("seed"),
+        batch_size=options.pop("batch_size"),
+        max_memory=options.pop("max_memory"),
+        device=options.pop("device"),
+        discretize=options.pop("discretize"),
+        density=options.pop("density"),
+    )
 
 
-def _data_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Split the data-loading options (``key``, ``limit``) off the evaluation options."""
-    return {"key": options.pop("key"), "limit": options.pop("limit")}
-
-
-_ARCH_OPTIONS = (
+_ARCH_ONLY = ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape")
+_arch_options = _options(
     click.option("--arch", metavar="FILE.py:NAME", default=None,
                  help="RUNS USER CODE: evaluate MODEL (then a safetensors state dict) with the class or factory "
                       "NAME from FILE.py, package.module:NAME, or a name registered under the entry-point group "
@@ -166,13 +185,6 @@ _ARCH_OPTIONS = (
     click.option("--input-shape", metavar="SHAPE", default=None,
                  help="With --arch: the shape encode takes per point, e.g. 784 or 1,28,28 (default: the data's)."),
 )
-_SCALE_KEYS = {"gaussian": ("sigma", "log_sigma"), "laplace": ("scale", "log_scale")}
-
-
-def _arch_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_ARCH_OPTIONS):
-        command = option(command)
-    return command
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -185,15 +197,11 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _read_arch(options: dict[str, Any]) -> ArchOptions | None:
-    """Take the --arch options out of ``options``; None when --arch is not given."""
-    arch = {name: options.pop(name) for name in (
-        "arch", "arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "decoder_output",
-        "encode_method", "decode_method", "input_shape",
-    )}
+def _arch(options: dict[str, Any]) -> ArchOptions | None:
+    """The --arch options, taken out of the command's options; None when --arch is not given."""
+    arch = {name: options.pop(name) for name in ("arch", "decoder_output", "encode_method", "decode_method", *_ARCH_ONLY)}
     if arch["arch"] is None:
-        given = [name for name in ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape")
-                 if arch[name] is not None]
+        given = [name for name in _ARCH_ONLY if arch[name] is not None]
         if given:
             raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --arch")
         return None
@@ -205,41 +213,17 @@ def _read_arch(options: dict[str, Any]) -> ArchOptions | None:
         raise click.BadParameter(f"not JSON ({error})", param_hint="--arch-args") from None
     if not isinstance(args, dict):
         raise click.BadParameter("must be a JSON object of keyword arguments", param_hint="--arch-args")
-    family = arch["likelihood"]
-    likelihood: dict[str, Any] = {"family": family}
-    scale_key, log_scale_key = _SCALE_KEYS.get(family, (None, None))
-    for value, key, flag in ((arch["sigma"], scale_key, "--sigma"), (arch["log_sigma_tensor"], log_scale_key, "--log-sigma-tensor"),
-                             (arch["levels"], "levels" if family in ("categorical", "discretized_logistic") else None, "--levels")):
-        if value is not None:
-            if key is None:
-                raise click.UsageError(f"{flag} does not apply to a {family} likelihood")
-            likelihood[key] = value
     return ArchOptions(
         spec=arch["arch"],
-        likelihood=likelihood,
+        likelihood=likelihood_spec(
+            arch["likelihood"], scale=arch["sigma"], log_scale_tensor=arch["log_sigma_tensor"], levels=arch["levels"]
+        ),
         args=args,
         decoder_output=arch["decoder_output"],
         encode_method=arch["encode_method"],
         decode_method=arch["decode_method"],
         encode_shape=_shape(arch["input_shape"]) if arch["input_shape"] else None,
     )
-
-
-def _model_for(path: Path, data: Path, arch: ArchOptions | None, key: str | None) -> Model:
-    """The model: a format-1 file, or with --arch a state dict read through the user's class."""
-    if arch is None:
-        return load_model(path)
-    shape = point_shape(data, key=key)
-    encode_shape = arch.encode_shape if arch.encode_shape != shape else None
-    return arch_model(path, replace(arch, encode_shape=encode_shape), shape)
-
-
-def _load(model: Path, data: Path, options: dict[str, Any]) -> tuple[Model, Dataset]:
-    """The model (a format-1 file, or --arch) and its checked data; takes their options out of ``options``."""
-    arch = _read_arch(options)
-    data_options = _data_options(options)
-    loaded = _model_for(model, data, arch, data_options["key"])
-    return loaded, load_data(data, loaded, **data_options)
 
 
 @main.command()
@@ -303,22 +287,16 @@ def elbo(
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
-    loaded, dataset = _load(model, data, options)
-    evaluator = Evaluator(loaded, dataset, **options)
+    settings = _evaluation(options)
+    loaded, dataset = load(model, data, arch=_arch(options), **options)
+    evaluator = Evaluator(loaded, dataset, settings)
     part = None if shard is None else Shard.parse(shard, evaluator.n)
-    about_model, about_data = model_info(loaded), data_info(dataset)
-    header = header_record(
-        evaluator.settings, evaluator.scoring, loaded.prior.kl_kind, dataset.domain.to_spec(), about_model, about_data, part
-    )
     total = evaluator.n if part is None else part.stop - part.start
-    with ProgressBar(total, "evaluating points", Console(stderr=True)) as progress:
-        if distributed:
-            outcome = run_distributed(evaluator, header, output=output, progress=progress)
-            if outcome is None:  # not rank 0: rank 0 reports for everyone
-                return
-        else:
-            outcome = run(evaluator, header, output=output, resume=resume, shard=part, progress=progress)
-    result = outcome.evaluation
+    with _progress(total, "evaluating points") as progress:
+        outcome = run(evaluator, output=output, resume=resume, shard=part, progress=progress)
+    if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone
+        return
+    result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
     if outcome.interrupted:
         render_elbo(_stdout(), result, about_model, about_data)
         click.echo(
@@ -326,7 +304,7 @@ def elbo(
             + (f"; --resume continues {output}" if output else ""),
             err=True,
         )
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     health = _latent_health(result, loaded) if diagnostics else None
     if plot is not None:
         plot_diagnostics(result, plot)
@@ -359,9 +337,10 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     Example:
       vaeeval latents sample_models/digits_bernoulli.safetensors sample_models/digits_binary_test.npy
     """
-    loaded, dataset = _load(model, data, options)
-    with ProgressBar(dataset.n, "evaluating points", Console(stderr=True)) as progress:
-        result = evaluate(loaded, dataset, progress=progress, **options)
+    settings = _evaluation(options)
+    loaded, dataset = load(model, data, arch=_arch(options), **options)
+    with _progress(dataset.n, "evaluating points") as progress:
+        result = Evaluator(loaded, dataset, settings).evaluate(progress)
     health = _latent_health(result, loaded)
     if as_json:
         click.echo(to_json(latents_document(health, loaded, dataset, result)))
@@ -406,11 +385,11 @@ def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     if len(paths) < 3:
         raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
     *model_paths, data = paths
-    models = [load_model(path) for path in model_paths]
-    data_options = _data_options(options)
-    datasets = [load_data(data, model, **data_options) for model in models]
-    with ProgressBar(datasets[0].n * len(models), "evaluating models", Console(stderr=True)) as progress:
-        result = compare_models(models, datasets, progress=progress, **options)
+    settings = _evaluation(options)
+    loaded = [load(path, data, **options) for path in model_paths]
+    models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
+    with _progress(datasets[0].n * len(models), "evaluating models") as progress:
+        result = compare_models(models, datasets, settings, progress=progress)
     if as_json:
         click.echo(to_json(compare_document(result, datasets[0])))
     else:
@@ -421,7 +400,8 @@ def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
 @click.argument("weights", type=_PATH)
 @_arch_options
 @click.option("-o", "--output", type=_PATH, required=True, help="The format-1 file to write.")
-@click.option("--data", type=_PATH, default=None, help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
+@click.option("--data", type=_PATH, default=None,
+              help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
 @click.option("--key", default=None, help="The array to use from an .npz --data file.")
 @click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per point for the verification.")
@@ -440,16 +420,14 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
       vaeeval convert weights.safetensors --arch vae.py:VAE --likelihood bernoulli \\
         --decoder-output probs --input-shape 784 -o model.safetensors
     """
-    arch = _read_arch(options)
+    arch = _arch(options)
     if arch is None:
         raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
     shape = arch.encode_shape or point_shape(data, key=key)
-    source = arch_model(weights, replace(arch, encode_shape=None), shape)
-    points = None
-    if data is not None:
-        points = load_data(data, source, key=key, limit=64).array
+    source = arch_model(weights, ArchOptions(**{**vars(arch), "encode_shape": None}), shape)
+    points = None if data is None else load_data(data, source, key=key, limit=64).array
     result = convert_model(source, output, data=points, samples=samples, seed=seed)
     layers = result.model.layers
     encoder_layers = sum(layer.part == "encoder" for layer in layers)
@@ -506,18 +484,14 @@ def merge(parts: tuple[Path, ...], as_json: bool, output: Path | None, show_all:
     Example:
       vaeeval merge part0.jsonl part1.jsonl part2.jsonl --json > run.json
     """
-    runs = [read_stream(path) for path in parts]
-    records = check_complete(runs)
-    header = {**runs[0].header, "shard": None}
-    result = evaluation_from_records(header, records)
+    merged = merge_runs([read_stream(path) for path in parts])
+    model, data = merged.header["model"], merged.header["data"]
     if output is not None:
-        with output.open("w") as handle:
-            for line in (header, *records, {"kind": "summary", "summary": summary_info(result)}):
-                handle.write(json.dumps(line, allow_nan=False) + "\n")
+        write_results(output, merged.header, merged.records, merged.evaluation)
     if as_json:
-        click.echo(to_json(elbo_document(result, header["model"], header["data"])))
+        click.echo(to_json(elbo_document(merged.evaluation, model, data)))
     elif output is None:
-        render_elbo(_stdout(), result, header["model"], header["data"], show_all=show_all)
+        render_elbo(_stdout(), merged.evaluation, model, data, show_all=show_all)
 
 
 @main.command()

@@ -15,15 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from vaeeval.data import Dataset
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import Evaluation, Stat, evaluate
-from vaeeval.likelihoods import DENSITY, PROBABILITY
+from vaeeval.evaluate import EvaluationOptions, Evaluator
 from vaeeval.model import Model
+from vaeeval.results import DENSITY, PROBABILITY, Evaluation, Stat, mean_and_stderr
 
 
 @dataclass(frozen=True)
@@ -64,13 +61,6 @@ class Comparison:
         return None
 
 
-def paired_difference(better: np.ndarray, other: np.ndarray) -> Stat:
-    """Mean of ``better - other`` per point and its standard error (ddof=1 over sqrt(N))."""
-    difference = np.asarray(better, dtype=np.float64) - np.asarray(other, dtype=np.float64)
-    stderr = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else None
-    return Stat(float(difference.mean()), stderr)
-
-
 def _unpaired(a: Stat, b: Stat) -> float | None:
     return None if a.stderr is None or b.stderr is None else math.hypot(a.stderr, b.stderr)
 
@@ -104,7 +94,7 @@ def rank(models: Sequence[Model], evaluations: Sequence[Evaluation], data_is_dis
         groups.append(Group(measure, tuple(order), True))
         best = order[0]
         for other in order[1:]:
-            paired = paired_difference(evaluations[best].points.iwae, evaluations[other].points.iwae)
+            paired = mean_and_stderr(evaluations[best].points.iwae - evaluations[other].points.iwae)
             unpaired = _unpaired(evaluations[best].summary.iwae, evaluations[other].summary.iwae)
             differences.append(Difference(other, best, paired, unpaired))
     return Comparison(tuple(models), tuple(evaluations), tuple(groups), tuple(differences), tuple(notes))
@@ -113,18 +103,18 @@ def rank(models: Sequence[Model], evaluations: Sequence[Evaluation], data_is_dis
 def compare(
     models: Sequence[Model],
     datasets: Sequence[Dataset],
+    options: EvaluationOptions | None = None,
     *,
     progress: Callable[[int], None] | None = None,
-    **options: Any,
 ) -> Comparison:
     """Evaluate every model on the same points with the same seed, then rank where comparable.
 
     Args:
         models: two or more loaded models.
         datasets: the same data loaded (and so checked) once for each model, in the same order.
+        options: how to evaluate each model (the same for all); on discrete data continuous
+            models are scored on the data's bins unless ``options.density``.
         progress: called with the number of (model, point) pairs finished.
-        **options: as for ``evaluate`` (``samples``, ``seed``, ``discretize``, ``density``, ...);
-            on discrete data continuous models are scored on the data's bins unless ``density``.
 
     Raises:
         VaeevalError: fewer than two models, or datasets that are not the same points.
@@ -134,10 +124,10 @@ def compare(
     if len(datasets) != len(models) or any(d.n != datasets[0].n for d in datasets):
         raise VaeevalError("compare needs the same data points for every model")
     evaluations = []
-    for position, (model, dataset) in enumerate(zip(models, datasets)):
+    for position, (model, dataset) in enumerate(zip(models, datasets, strict=False)):
         offset = position * dataset.n
         report = None if progress is None else (lambda done, offset=offset: progress(offset + done))
-        evaluations.append(evaluate(model, dataset, progress=report, **options))
+        evaluations.append(Evaluator(model, dataset, options).evaluate(report))
     data_is_discrete = datasets[0].domain.grid_levels is not None
     comparison = rank(models, evaluations, data_is_discrete)
     rescored = [i for i, e in enumerate(evaluations) if e.scoring.levels is not None]

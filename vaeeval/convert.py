@@ -14,40 +14,22 @@ number agrees to float32 rounding (``AGREEMENT``).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from vaeeval.arch import DecoderAdapter, EncoderAdapter, final_sigmoid, trace
-from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import METRICS, evaluate
-from vaeeval.model import Model, Reshape, load_model, save_model
+from vaeeval.errors import VaeevalError, option
+from vaeeval.evaluate import evaluate
+from vaeeval.layers import Reshape, function_layer, is_layer_module, method_layer
+from vaeeval.likelihoods import BINARY, CATEGORICAL
+from vaeeval.model import Model, save_model
+from vaeeval.results import METRICS
 
-_MODULES = (
-    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-    nn.Softplus, nn.LeakyReLU, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity,
-)
-_FUNCTIONS: dict[Any, Callable[..., nn.Module]] = {
-    F.relu: lambda *a, **k: nn.ReLU(),
-    torch.relu: lambda *a, **k: nn.ReLU(),
-    torch.sigmoid: lambda *a, **k: nn.Sigmoid(),
-    F.sigmoid: lambda *a, **k: nn.Sigmoid(),
-    torch.tanh: lambda *a, **k: nn.Tanh(),
-    F.tanh: lambda *a, **k: nn.Tanh(),
-    F.silu: lambda *a, **k: nn.SiLU(),
-    F.gelu: lambda *a, approximate="none", **k: nn.GELU(approximate),
-    F.elu: lambda *a, alpha=1.0, **k: nn.ELU(alpha),
-    F.softplus: lambda *a, beta=1.0, threshold=20.0, **k: nn.Softplus(beta, threshold),
-    F.leaky_relu: lambda *a, negative_slope=0.01, **k: nn.LeakyReLU(a[0] if a else negative_slope),
-    torch.flatten: lambda *a, start_dim=1, end_dim=-1, **k: nn.Flatten(*(a or (start_dim, end_dim))),
-}
-_METHODS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 _RESHAPES = {"view", "reshape"}
 
 
@@ -75,20 +57,21 @@ def _layer(graph_module: fx.GraphModule, method: str, node: fx.Node) -> nn.Modul
     """The format-1-expressible module a node computes (None for a no-op)."""
     if node.op == "call_module":
         module = graph_module.get_submodule(node.target)
-        if not isinstance(module, _MODULES):
+        if not is_layer_module(module):
             raise _refuse(method, node, f"{type(module).__name__} is not a format-1 layer")
         return module
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        return _FUNCTIONS[node.target](*node.args[1:], **node.kwargs)
-    if node.op == "call_method" and node.target in _METHODS:
-        return _METHODS[node.target]()
-    if node.op == "call_method" and node.target in _RESHAPES:
-        return _reshape_layer(method, node)
-    if node.op == "call_method" and node.target == "flatten":
-        return nn.Flatten(*node.args[1:])
     if node.op == "call_method" and node.target == "contiguous":
         return None
-    raise _refuse(method, node)
+    if node.op == "call_method" and node.target in _RESHAPES:
+        return _reshape_layer(method, node)
+    layer = None
+    if node.op == "call_function":
+        layer = function_layer(node.target, node.args[1:], node.kwargs)
+    elif node.op == "call_method":
+        layer = method_layer(node.target, node.args[1:])
+    if layer is None:
+        raise _refuse(method, node)
+    return layer
 
 
 def _chain(graph_module: fx.GraphModule, method: str, end: fx.Node) -> list[nn.Module]:
@@ -178,14 +161,7 @@ AGREEMENT = 1e-5
 
 def verification_data(model: Model, points: int = 64, seed: int = 0) -> np.ndarray:
     """Points in the likelihood's support, when the user gives no data to verify on."""
-    rng = np.random.default_rng(seed)
-    shape = (points, *model.input_shape)
-    likelihood = model.likelihood
-    if likelihood.levels is not None:
-        return (rng.integers(0, likelihood.levels, shape) / (likelihood.levels - 1)).astype(np.float32)
-    if likelihood.family == "continuous_bernoulli":
-        return rng.random(shape).astype(np.float32)
-    return rng.standard_normal(shape).astype(np.float32)
+    return model.likelihood.verification_points(np.random.default_rng(seed), (points, *model.input_shape))
 
 
 def convert(
@@ -210,14 +186,16 @@ def convert(
     out = Path(out)
     encoder, decoder = source.encoder, source.decoder
     if not isinstance(encoder, EncoderAdapter) or not isinstance(decoder, DecoderAdapter):
-        raise VaeevalError("convert takes a model built with --arch")
+        raise VaeevalError(f"convert takes a model built with {option('arch')}")
     if encoder.encode_shape is not None:
-        raise VaeevalError("convert: --input-shape reshapes inside vaeeval; give the data in the shape encode takes")
-    if decoder.probabilities == "categorical":
+        raise VaeevalError(
+            f"convert: {option('input_shape')} reshapes inside vaeeval; give the data in the shape encode takes"
+        )
+    if decoder.probabilities == CATEGORICAL:
         raise VaeevalError(f"{decoder.method}: gives categorical probabilities; format 1 needs the logits before the softmax")
     encoder_layers = to_sequential(encoder.module, encoder.method)
-    decoder_layers = to_sequential(decoder.module, decoder.method, drop_final_sigmoid=decoder.probabilities == "binary")
-    likelihood = {**source.likelihood.spec, **source.document.get("likelihood_tensors", {})}
+    decoder_layers = to_sequential(decoder.module, decoder.method, drop_final_sigmoid=decoder.probabilities == BINARY)
+    likelihood = {**source.likelihood.spec, **source.likelihood.values}
     saved = save_model(
         out,
         encoder_layers,
@@ -242,4 +220,4 @@ def convert(
                 f"{worst} (more than float32 rounding); {out} not written"
             )
         largest = max(largest, float(gap.max()))
-    return Conversion(out, load_model(out), len(points), samples, seed, largest)
+    return Conversion(out, saved, len(points), samples, seed, largest)

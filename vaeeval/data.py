@@ -10,85 +10,22 @@ from __future__ import annotations
 import hashlib
 import math
 import zipfile
-from fractions import Fraction
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vaeeval.errors import DataError, SpecError, reading
+from vaeeval.domains import Domain, DomainDetector, row_blocks
+from vaeeval.errors import DataError, option
+from vaeeval.files import reading
 
 if TYPE_CHECKING:
     from vaeeval.model import Model
 
 _NUMERIC_KINDS = "biuf"
-_GRID_TOLERANCE = 1e-4  # in units of one grid step: float32 k/(L-1) is well within it
-_SCAN_ELEMENTS = 1 << 22
-_FLOAT32_MAX = float(np.finfo(np.float32).max)  # elements per block when scanning data for bad values
-
-
-@dataclass(frozen=True)
-class Domain:
-    """What the model expects its data to look like (format 1's ``data.domain``)."""
-
-    kind: str
-    levels: int | None = None
-
-    def outside(self, x: np.ndarray) -> np.ndarray:
-        """Boolean mask of the (finite) values of ``x`` outside this domain."""
-        if self.kind == "binary":
-            return (x != 0) & (x != 1)
-        if self.kind == "real":
-            return np.zeros(x.shape, dtype=bool)
-        outside = (x < 0) | (x > 1)
-        if self.kind == "discrete":
-            steps = np.asarray(x, dtype=np.float64) * (self.levels - 1)
-            outside |= np.abs(steps - np.round(steps)) > _GRID_TOLERANCE
-        return outside
-
-    def describe(self) -> str:
-        """In words, for messages and tables."""
-        return {
-            "binary": "binary data (0 or 1)",
-            "discrete": f"discrete data on {self.levels} levels k/{(self.levels or 2) - 1}",
-            "unit_interval": "data in [0, 1]",
-            "real": "real-valued data",
-        }[self.kind]
-
-    @property
-    def grid_levels(self) -> int | None:
-        """The number of values k/(L-1) this domain allows, for binary and discrete data."""
-        return 2 if self.kind == "binary" else self.levels
-
-    def to_spec(self) -> dict[str, Any]:
-        """The format-1 ``data`` block."""
-        return {"domain": self.kind} if self.levels is None else {"domain": self.kind, "levels": self.levels}
-
-
-DOMAINS = ("binary", "discrete", "unit_interval", "real")
-
-
-def domain_from_spec(spec: Any) -> Domain | None:
-    """Parse a format-1 ``data`` block (``None`` when absent).
-
-    Raises:
-        SpecError: not an object, unknown domain, or ``discrete`` without valid ``levels``.
-    """
-    if spec is None:
-        return None
-    if not isinstance(spec, Mapping) or "domain" not in spec:
-        raise SpecError(f"\"data\" must be an object with a \"domain\", found {spec!r}")
-    kind = spec["domain"]
-    if kind not in DOMAINS:
-        raise SpecError(f"data domain {kind!r} is not one of {', '.join(DOMAINS)}")
-    if kind != "discrete":
-        return Domain(kind)
-    levels = spec.get("levels")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise SpecError(f"data domain \"discrete\" needs \"levels\", an integer >= 2, found {levels!r}")
-    return Domain(kind, levels)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -102,7 +39,7 @@ class Dataset:
     array: np.ndarray
     path: Path | None = None
     key: str | None = None
-    total: int = 0  # points in the file, before --limit
+    total: int = 0  # points in the file, before a limit
     domain: Domain = Domain("real")
 
     @property
@@ -112,6 +49,11 @@ class Dataset:
     @property
     def dims(self) -> int:
         return math.prod(self.array.shape[1:])
+
+    @cached_property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the points as evaluated (see ``data_digest``), computed once."""
+        return data_digest(self.array)
 
 
 def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: int | None = None) -> Dataset:
@@ -140,17 +82,8 @@ def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: 
 def data_digest(array: np.ndarray) -> str:
     """``sha256:<hex>`` of the points as evaluated: their dtype, shape and values, block by block."""
     digest = hashlib.sha256(f"{array.dtype.str}{list(array.shape)}".encode())
-    for _, block in _blocks(array):
+    for _, block in row_blocks(array):
         digest.update(np.ascontiguousarray(block).tobytes())
-    return f"sha256:{digest.hexdigest()}"
-
-
-def file_digest(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -172,7 +105,7 @@ def _read_array(path: Path, key: str | None) -> np.ndarray:
     if magic.startswith(b"\x80"):
         raise DataError(path, "a Python pickle; vaeeval never unpickles files — save the array with numpy.save")
     if key is not None and not magic.startswith(b"PK"):
-        raise DataError(path, "--key selects an array of an .npz file, and this is not one")
+        raise DataError(path, f"{option('key')} selects an array of an .npz file, and this is not one")
     try:
         if magic == b"\x93NUMPY":
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -210,7 +143,7 @@ def _npz_member(path: Path, archive: np.lib.npyio.NpzFile, key: str | None) -> n
             raise DataError(path, "an .npz file with no arrays")
         if key is None:
             if len(names) > 1:
-                raise DataError(path, f"holds several arrays ({', '.join(names)}); choose one with --key")
+                raise DataError(path, f"holds several arrays ({', '.join(names)}); choose one with {option('key')}")
             key = names[0]
         if key not in names:
             raise DataError(path, f"has no array {key!r}; it holds {', '.join(names)}")
@@ -232,12 +165,6 @@ def _shaped(path: Path, array: np.ndarray, input_shape: tuple[int, ...]) -> np.n
     return shaped
 
 
-def _blocks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    rows = max(1, _SCAN_ELEMENTS // max(1, math.prod(array.shape[1:])))
-    for start in range(0, array.shape[0], rows):
-        yield start, np.asarray(array[start : start + rows])
-
-
 def _first_bad(start: int, block: np.ndarray, mask: np.ndarray) -> str:
     index = np.argwhere(mask)[0]
     point, element = start + int(index[0]), [int(i) for i in index[1:]]
@@ -256,7 +183,7 @@ def check_values(dataset: Dataset, model: Model) -> Domain:
     """
     likelihood, domain = model.likelihood, model.domain
     detector = DomainDetector()
-    for start, block in _blocks(dataset.array):
+    for start, block in row_blocks(dataset.array):
         detector.update(block)
         if block.dtype.kind == "f":
             bad = ~np.isfinite(block)
@@ -282,56 +209,3 @@ def check_values(dataset: Dataset, model: Model) -> Domain:
                     f"{_first_bad(start, block, bad)}; the model declares {domain.describe()}",
                 )
     return detector.domain()
-
-
-def detect_domain(array: np.ndarray) -> Domain:
-    """The smallest domain (binary, discrete, unit_interval, real) holding every value of ``array``."""
-    detector = DomainDetector()
-    for _, block in _blocks(array):
-        detector.update(block)
-    return detector.domain()
-
-
-class DomainDetector:
-    """Finds the smallest domain holding every value seen, block by block.
-
-    Discrete data is recognized on grids of up to ``MAX_LEVELS`` levels: the
-    distinct values (at most that many are kept) are read as fractions, and the
-    grid is the least common multiple of their denominators.
-    """
-
-    MAX_LEVELS = 4097
-
-    def __init__(self) -> None:
-        self.low, self.high = math.inf, -math.inf
-        self.values: np.ndarray | None = np.empty(0)
-
-    def update(self, block: np.ndarray) -> None:
-        if block.size == 0:
-            return
-        self.low, self.high = min(self.low, float(block.min())), max(self.high, float(block.max()))
-        if self.values is not None:
-            self.values = np.union1d(self.values, np.unique(block).astype(np.float64))
-            if self.values.size > self.MAX_LEVELS:
-                self.values = None  # too many distinct values for a grid
-
-    def domain(self) -> Domain:
-        if self.low < 0 or self.high > 1:
-            return Domain("real")
-        levels = None if self.values is None else grid_levels(self.values, self.MAX_LEVELS)
-        if levels is None:
-            return Domain("unit_interval")
-        return Domain("binary") if levels == 2 else Domain("discrete", levels)
-
-
-def grid_levels(values: np.ndarray, max_levels: int) -> int | None:
-    """The smallest L <= max_levels with every value (in [0, 1]) on the grid k/(L-1), or None."""
-    step = 1
-    for value in values:
-        step = math.lcm(step, Fraction(float(value)).limit_denominator(max_levels - 1).denominator)
-        if step > max_levels - 1:
-            return None
-    scaled = values * step
-    if np.any(np.abs(scaled - np.round(scaled)) > _GRID_TOLERANCE):
-        return None
-    return step + 1

@@ -2,17 +2,48 @@
 
 Every message is one line a user can act on: what is wrong, where, what was
 expected and what was found. The CLI prints it and exits with code 2.
+
+A message names a parameter through ``option(name)``: a library caller reads
+the parameter's name (``samples``), the command line its flag (``--samples``),
+rendered by ``VaeevalError.render``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+_MARK = "\x00"
+_OPTION = re.compile(f"{_MARK}([a-z_]+){_MARK}")
+
+
+def option(name: str) -> str:
+    """How a message names the parameter ``name``: as itself in the library, as its flag on the command line."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def listing(names: Sequence[object], most: int = 5, *, counted: bool = False) -> str:
+    """``a, b, c, d, e ...``: the first ``most`` names, then an ellipsis (``counted``: "and 3 more")."""
+    rest = len(names) - most
+    tail = "" if rest <= 0 else f" and {rest} more" if counted else " ..."
+    return ", ".join(map(str, names[:most])) + tail
+
+
+def plain(text: str) -> str:
+    """``text`` with each parameter ``option`` marked written as its name."""
+    return _OPTION.sub(lambda match: match.group(1), text)
 
 
 class VaeevalError(Exception):
     """A problem with what the user gave vaeeval (a file, an option, data)."""
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter ``option`` marked written as ``name(parameter)``."""
+        return _OPTION.sub(lambda match: name(match.group(1)), super().__str__())
+
+    def __str__(self) -> str:
+        return plain(super().__str__())
 
 
 class ModelFileError(VaeevalError):
@@ -20,7 +51,7 @@ class ModelFileError(VaeevalError):
 
     def __init__(self, path: str | Path | None, message: str) -> None:
         self.path = path
-        self.reason = message
+        self.reason = plain(message)
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
@@ -29,7 +60,7 @@ class DataError(VaeevalError):
 
     def __init__(self, path: str | Path | None, message: str) -> None:
         self.path = path
-        self.reason = message
+        self.reason = plain(message)
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
@@ -41,23 +72,3 @@ class SpecError(ValueError):
     ``ModelFileError``.
     """
 
-
-@contextmanager
-def reading(path: Path, error: type[ModelFileError] | type[DataError], kind: str) -> Iterator[None]:
-    """Turn the OS errors of opening and reading ``path`` into one-line errors of class ``error``.
-
-    Args:
-        path: the file being read.
-        error: the error class to raise.
-        kind: what the file should be, for "is a directory, not a <kind>".
-    """
-    try:
-        yield
-    except FileNotFoundError:
-        raise error(path, "no such file") from None
-    except IsADirectoryError:
-        raise error(path, f"is a directory, not a {kind}") from None
-    except PermissionError:
-        raise error(path, "cannot be read (permission denied)") from None
-    except OSError as os_error:
-        raise error(path, f"cannot be read ({os_error.strerror or os_error})") from None

@@ -15,9 +15,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from vaeeval.compare import paired_difference
-from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import Stat, Summary
+from vaeeval.errors import VaeevalError, option
+from vaeeval.results import Stat, Summary, mean_and_stderr
 from vaeeval.stream import StoredRun
 
 GATED = ("elbo", "recon", "iwae")  # higher is better
@@ -40,13 +39,13 @@ class Threshold:
         metric, _, value = text.partition("=")
         metric = metric.strip()
         if metric not in GATED:
-            raise VaeevalError(f"--fail-under {text!r}: gate one of {', '.join(GATED)} (higher is better), as METRIC=VALUE")
+            raise VaeevalError(f"{option('fail_under')} {text!r}: gate one of {', '.join(GATED)} (higher is better), as METRIC=VALUE")
         try:
             number = float(value)
         except ValueError:
-            raise VaeevalError(f"--fail-under {text!r}: {value!r} is not a number") from None
+            raise VaeevalError(f"{option('fail_under')} {text!r}: {value!r} is not a number") from None
         if not math.isfinite(number):
-            raise VaeevalError(f"--fail-under {text!r}: the threshold must be finite")
+            raise VaeevalError(f"{option('fail_under')} {text!r}: the threshold must be finite")
         return cls(metric, number)
 
 
@@ -100,11 +99,11 @@ def check_baseline(
         VaeevalError: different data or points, unknown metric, or a file without per-point results.
     """
     if metric not in GATED:
-        raise VaeevalError(f"--metric {metric!r}: check one of {', '.join(GATED)}")
+        raise VaeevalError(f"{option('metric')} {metric!r}: check one of {', '.join(GATED)}")
     if not 0.5 <= confidence < 1:
-        raise VaeevalError(f"--confidence {confidence}: choose a level in [0.5, 1)")
+        raise VaeevalError(f"{option('confidence')} {confidence}: choose a level in [0.5, 1)")
     if tolerance < 0:
-        raise VaeevalError(f"--tolerance {tolerance}: must be >= 0")
+        raise VaeevalError(f"{option('tolerance')} {tolerance}: must be >= 0")
     digests = new.header["data"].get("digest"), baseline.header["data"].get("digest")
     if digests[0] != digests[1]:
         raise VaeevalError(
@@ -121,7 +120,7 @@ def check_baseline(
     order = sorted(new_points)
     a = np.array([new_points[i] for i in order], dtype=np.float64)
     b = np.array([old_points[i] for i in order], dtype=np.float64)
-    difference = paired_difference(a, b)
+    difference = mean_and_stderr(a - b)
     bound = difference.mean + NormalDist().inv_cdf(confidence) * (difference.stderr or 0.0)
     return BaselineCheck(
         metric=metric,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Independent, Normal
 
-from vaeeval.priors import GaussianPrior, Prior, StandardNormalPrior
+from vaeeval.priors import Prior
 from vaeeval.rng import standard_normal
 
 ACTIVE_THRESHOLD = 0.01
@@ -38,6 +38,7 @@ class LatentHealth:
     mean_kl: float  # mean over points of KL(q(z|x) || p(z))
     aggregate_kl: float  # KL(q(z) || p(z)) = mean_kl - mutual_information
     max_information: float  # log N: no estimate over N points can exceed it
+    threshold: float = ACTIVE_THRESHOLD  # a unit is active when its activity exceeds this
 
     @property
     def warning(self) -> str | None:
@@ -52,21 +53,9 @@ class LatentHealth:
             )
         return (
             f"{inactive.size} of {self.active.size} latent units are inactive (posterior collapse): "
-            f"units {', '.join(map(str, inactive.tolist()))} have Var_x(E_q[z]) <= {ACTIVE_THRESHOLD}; "
+            f"units {', '.join(map(str, inactive.tolist()))} have Var_x(E_q[z]) <= {self.threshold}; "
             "their KL is near 0 and they carry no information about x."
         )
-
-
-def _kl_per_dim(means: torch.Tensor, variances: torch.Tensor, prior: Prior) -> np.ndarray | None:
-    if isinstance(prior, StandardNormalPrior):
-        prior_mean, prior_var = torch.zeros_like(means[0]), torch.ones_like(means[0])
-    elif isinstance(prior, GaussianPrior):
-        prior_mean = prior.values["mean"].to(means)
-        prior_var = prior.values["log_var"].to(means).exp()
-    else:
-        return None
-    per_dim = kl_divergence(Normal(means, variances.sqrt()), Normal(prior_mean, prior_var.sqrt()))
-    return per_dim.mean(dim=0).numpy()
 
 
 def _log_gaussians(z: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
@@ -109,8 +98,9 @@ def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prio
     activity = mu.var(dim=0, unbiased=True).numpy() if mu.shape[0] > 1 else np.zeros(mu.shape[1])
     information = mutual_information(means, variances, seed)
     mean_kl = float(np.mean(kl))
+    kl_per_dim = prior.kl_per_dim(mu, var)
     return LatentHealth(
-        kl_per_dim=_kl_per_dim(mu, var, prior),
+        kl_per_dim=None if kl_per_dim is None else kl_per_dim.mean(dim=0).numpy(),
         activity=activity,
         active=activity > ACTIVE_THRESHOLD,
         mutual_information=information,

@@ -1,23 +1,29 @@
-"""The layer table of format 1 (FORMAT.md, "Layers") as torch modules.
+"""The layer table of format 1 (FORMAT.md, "Layers"): one registry entry per layer type.
 
-Each layer type registers a builder. A builder checks its keys and tensors
-against the shape that reaches it (a dry shape check: nothing is computed) and
-returns the module and the shape it gives, so a file whose shapes do not chain
-is refused with the layer and both shapes named before any data is touched.
-Shapes here never include the batch axis.
+A ``LayerType`` says everything vaeeval knows about one layer: the keys its spec
+takes, how to build it, which torch modules are that layer (for ``save_model``)
+and which traced function and method calls compute it (for ``convert``). Adding
+a layer type means adding one entry here.
+
+A builder checks its keys and tensors against the shape that reaches it (a dry
+shape check: nothing is computed) and returns the module and the shape it
+gives, so a file whose shapes do not chain is refused with the layer and both
+shapes named before any data is touched. Shapes here never include the batch axis.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vaeeval.errors import SpecError
+from vaeeval.errors import SpecError, VaeevalError
+from vaeeval.specs import is_integer, named_tensor
 
 Shape = tuple[int, ...]
 
@@ -32,16 +38,65 @@ class BuiltLayer:
 
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor], Shape, str], BuiltLayer]
-_BUILDERS: dict[str, Builder] = {}
-_KEYS: dict[str, frozenset[str]] = {}
+SpecOf = Callable[[nn.Module], dict[str, Any]]  # a module -> its spec (without "tensor"); SpecError: why not
 
 
-def register(name: str, keys: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
-    """Register a builder for layer type ``name`` taking the optional ``keys``."""
+@dataclass(frozen=True)
+class LayerType:
+    """One format-1 layer type.
+
+    Attributes:
+        name: the spec's ``type``.
+        keys: the keys its spec may take besides ``type``.
+        build: spec -> checked module (``Builder``).
+        modules: the torch module classes that are this layer (``save_model``, ``convert``).
+        exact: match ``modules`` by exact class (activations: a subclass may compute something else).
+        spec_of: a matching module -> its spec; raises ``SpecError`` saying why format 1 cannot hold it.
+        functions: traced torch functions computing this layer -> a module doing the same,
+            called with the call's arguments after the input.
+        methods: tensor method names (``x.relu()``) -> such a module factory.
+    """
+
+    name: str
+    keys: frozenset[str]
+    build: Builder
+    modules: tuple[type[nn.Module], ...] = ()
+    exact: bool = False
+    spec_of: SpecOf | None = None
+    functions: Mapping[Any, Callable[..., nn.Module]] = field(default_factory=dict)
+    methods: Mapping[str, Callable[..., nn.Module]] = field(default_factory=dict)
+
+    def matches(self, module: nn.Module) -> bool:
+        """``module`` computes this layer type."""
+        if isinstance(module, Elementwise):
+            return module.name == self.name
+        return type(module) in self.modules if self.exact else isinstance(module, self.modules)
+
+    @property
+    def holds_tensors(self) -> bool:
+        return "tensor" in self.keys
+
+
+LAYER_TYPES: dict[str, LayerType] = {}
+DROPPED = (nn.Dropout, nn.Identity)  # identities at evaluation time: left out of format 1
+
+
+def register(
+    name: str,
+    keys: tuple[str, ...] = (),
+    *,
+    modules: tuple[type[nn.Module], ...] = (),
+    exact: bool = False,
+    spec_of: SpecOf | None = None,
+    functions: Mapping[Any, Callable[..., nn.Module]] | None = None,
+    methods: Mapping[str, Callable[..., nn.Module]] | None = None,
+) -> Callable[[Builder], Builder]:
+    """Register the builder of layer type ``name`` and what else is known of it (see ``LayerType``)."""
 
     def decorate(builder: Builder) -> Builder:
-        _BUILDERS[name] = builder
-        _KEYS[name] = frozenset(("type", *keys))
+        LAYER_TYPES[name] = LayerType(
+            name, frozenset(keys), builder, modules, exact, spec_of, dict(functions or {}), dict(methods or {})
+        )
         return builder
 
     return decorate
@@ -70,12 +125,52 @@ def build_layer(
     if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
         raise SpecError(f"{label}: a layer must be an object with a string \"type\", found {spec!r}")
     kind = spec["type"]
-    if kind not in _BUILDERS:
-        raise SpecError(f"{label}: unknown layer type {kind!r}; format 1 has {', '.join(_BUILDERS)}")
-    unknown = sorted(set(spec) - _KEYS[kind])
+    if kind not in LAYER_TYPES:
+        raise SpecError(f"{label}: unknown layer type {kind!r}; format 1 has {', '.join(LAYER_TYPES)}")
+    layer_type = LAYER_TYPES[kind]
+    unknown = sorted(set(spec) - layer_type.keys - {"type"})
     if unknown:
         raise SpecError(f"{label}: unknown key(s) {', '.join(unknown)} for a {kind} layer")
-    return _BUILDERS[kind](spec, tensors, in_shape, label)
+    return layer_type.build(spec, tensors, in_shape, label)
+
+
+def layer_spec(name: str, module: nn.Module) -> dict[str, Any] | None:
+    """The format-1 spec of ``module`` (named ``name`` in its state dict); None for a module left out.
+
+    Raises:
+        VaeevalError: no layer type holds this module, naming it and why.
+    """
+    if isinstance(module, DROPPED):
+        return None
+    for layer_type in LAYER_TYPES.values():
+        if layer_type.matches(module):
+            try:
+                spec = {"type": layer_type.name, **(layer_type.spec_of(module) if layer_type.spec_of else {})}
+            except SpecError as why:
+                raise VaeevalError(f"{name} ({type(module).__name__}) cannot be expressed in format 1: {why}") from None
+            return {**spec, "tensor": name} if layer_type.holds_tensors else spec
+    raise VaeevalError(f"{name} ({type(module).__name__}) cannot be expressed in format 1: format 1 has no such layer")
+
+
+def is_layer_module(module: nn.Module) -> bool:
+    """A module some layer type matches (or one left out, like Dropout)."""
+    return isinstance(module, DROPPED) or any(t.matches(module) for t in LAYER_TYPES.values())
+
+
+def function_layer(target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> nn.Module | None:
+    """The module computing a traced call of function ``target`` (args after the input), or None."""
+    for layer_type in LAYER_TYPES.values():
+        if target in layer_type.functions:
+            return layer_type.functions[target](*args, **kwargs)
+    return None
+
+
+def method_layer(name: str, args: tuple[Any, ...]) -> nn.Module | None:
+    """The module computing a traced tensor method call ``x.name(*args)``, or None."""
+    for layer_type in LAYER_TYPES.values():
+        if name in layer_type.methods:
+            return layer_type.methods[name](*args)
+    return None
 
 
 def _fmt(shape: tuple[int, ...] | torch.Size) -> str:
@@ -93,9 +188,7 @@ def _weight_and_bias(
     if not isinstance(prefix, str) or not prefix:
         raise SpecError(f"{label}: needs \"tensor\", the name prefix of its weights")
     weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
-    if weight_name not in tensors:
-        raise SpecError(f"{label}: names tensor {weight_name!r}, which the file does not have")
-    weight = tensors[weight_name]
+    weight = named_tensor(tensors, weight_name, f"{label}:")
     if weight.dim() != rank:
         raise SpecError(f"{label}: {weight_name} is {_fmt(weight.shape)}, a {rank}-D tensor is needed")
     bias = tensors.get(bias_name)
@@ -134,9 +227,12 @@ class Linear(nn.Linear):
     its result is independent of the other rows once there are 64 or more
     (``model.rows_independently``). Off the CPU, for other dtypes, with a torch built
     without oneDNN, with ``torch.backends.mkldnn`` disabled or when gradients are wanted, this is ``nn.Linear``.
+    The operator is private torch API: should a call to it fail (a torch that changed
+    it), it is dropped for the rest of the process and ``nn.Linear`` computes instead.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _ONEDNN_LINEAR
         if (
             _ONEDNN_LINEAR is not None
             and torch.backends.mkldnn.enabled
@@ -144,11 +240,14 @@ class Linear(nn.Linear):
             and x.dtype == self.weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no autograd there
         ):
-            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+            try:
+                return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+            except (RuntimeError, TypeError):
+                _ONEDNN_LINEAR = None
         return super().forward(x)
 
 
-@register("linear", ("tensor",))
+@register("linear", ("tensor",), modules=(nn.Linear,))
 def _linear(spec, tensors, in_shape, label):
     weight, bias, names = _weight_and_bias(spec, tensors, 2, label)
     out_features, in_features = weight.shape
@@ -165,11 +264,7 @@ def _linear(spec, tensors, in_shape, label):
 def _pair(spec: Mapping[str, Any], key: str, default: int, minimum: int, label: str) -> tuple[int, int]:
     value = spec.get(key, default)
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(pair, (list, tuple))
-        or len(pair) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
-    ):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(is_integer(v, minimum) for v in pair):
         raise SpecError(f"{label}: {key} must be an integer >= {minimum} or a pair of them, found {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -193,7 +288,23 @@ def _checked_size(size: tuple[int, int], in_shape: Shape, label: str) -> tuple[i
     return size
 
 
-@register("conv2d", ("tensor", "stride", "padding"))
+def _int_or_pair(value: Any) -> int | list[int]:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    return int(pair[0]) if pair[0] == pair[1] else [int(pair[0]), int(pair[1])]
+
+
+def _conv_spec(module: nn.Module) -> dict[str, Any]:
+    if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
+        raise SpecError("only groups=1, dilation=1 and zero padding are in format 1")
+    if isinstance(module.padding, str):
+        raise SpecError(f"padding={module.padding!r}; give the padding as numbers")
+    spec = {"stride": _int_or_pair(module.stride), "padding": _int_or_pair(module.padding)}
+    if isinstance(module, nn.ConvTranspose2d):
+        spec["output_padding"] = _int_or_pair(module.output_padding)
+    return spec
+
+
+@register("conv2d", ("tensor", "stride", "padding"), modules=(nn.Conv2d,), spec_of=_conv_spec)
 def _conv2d(spec, tensors, in_shape, label):
     weight, bias, names = _weight_and_bias(spec, tensors, 4, label)
     out_ch, in_ch, kh, kw = weight.shape
@@ -210,7 +321,8 @@ def _conv2d(spec, tensors, in_shape, label):
     return BuiltLayer(_assign(module, weight, bias), (out_ch, *size), names)
 
 
-@register("conv_transpose2d", ("tensor", "stride", "padding", "output_padding"))
+@register("conv_transpose2d", ("tensor", "stride", "padding", "output_padding"), modules=(nn.ConvTranspose2d,),
+          spec_of=_conv_spec)
 def _conv_transpose2d(spec, tensors, in_shape, label):
     weight, bias, names = _weight_and_bias(spec, tensors, 4, label, out_axis=1)
     in_ch, out_ch, kh, kw = weight.shape
@@ -268,17 +380,61 @@ _POSITION_INDEPENDENT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _activation(name: str, make: Callable[[], nn.Module]) -> None:
-    register(name)(lambda spec, tensors, in_shape, label: BuiltLayer(make(), in_shape, ()))
+def _plain(make: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
+    """A factory ignoring a traced call's extra arguments (``inplace=True``)."""
+    return lambda *args, **kwargs: make()
 
 
-for _name, _make in {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}.items():
-    _activation(_name, _make)
-for _name, _function in _POSITION_INDEPENDENT.items():
-    _activation(_name, lambda name=_name, function=_function: Elementwise(name, function))
+def _require(condition: bool, why: str) -> None:
+    if not condition:
+        raise SpecError(why)
 
 
-@register("leaky_relu", ("negative_slope",))
+def _exact_gelu(module: nn.Module) -> dict[str, Any]:
+    _require(module.approximate == "none", "approximate='tanh'; format 1's gelu is the exact one")
+    return {}
+
+
+def _unit_elu(module: nn.Module) -> dict[str, Any]:
+    _require(module.alpha == 1.0, f"alpha={module.alpha}; format 1's elu has alpha 1")
+    return {}
+
+
+def _plain_softplus(module: nn.Module) -> dict[str, Any]:
+    _require(module.beta == 1 and module.threshold == 20, "format 1's softplus has beta 1 and threshold 20")
+    return {}
+
+
+_ACTIVATIONS: dict[str, dict[str, Any]] = {  # registration order is the order messages list the types in
+    "relu": {"modules": (nn.ReLU,), "functions": {F.relu: _plain(nn.ReLU), torch.relu: _plain(nn.ReLU)},
+             "methods": {"relu": _plain(nn.ReLU)}},
+    "gelu": {"modules": (nn.GELU,), "spec_of": _exact_gelu,
+             "functions": {F.gelu: lambda *a, approximate="none", **k: nn.GELU(approximate)}},
+    "tanh": {"modules": (nn.Tanh,), "functions": {torch.tanh: _plain(nn.Tanh), F.tanh: _plain(nn.Tanh)},
+             "methods": {"tanh": _plain(nn.Tanh)}},
+    "sigmoid": {"modules": (nn.Sigmoid,), "functions": {torch.sigmoid: _plain(nn.Sigmoid), F.sigmoid: _plain(nn.Sigmoid)},
+                "methods": {"sigmoid": _plain(nn.Sigmoid)}},
+    "silu": {"modules": (nn.SiLU,), "functions": {F.silu: _plain(nn.SiLU)}},
+    "softplus": {"modules": (nn.Softplus,), "spec_of": _plain_softplus,
+                 "functions": {F.softplus: lambda *a, beta=1.0, threshold=20.0, **k: nn.Softplus(beta, threshold)}},
+    "elu": {"modules": (nn.ELU,), "spec_of": _unit_elu,
+            "functions": {F.elu: lambda *a, alpha=1.0, **k: nn.ELU(alpha)}},
+}
+for _name, _known in _ACTIVATIONS.items():
+    _function = _POSITION_INDEPENDENT.get(_name)
+    _make = _known["modules"][0] if _function is None else (
+        lambda name=_name, function=_function: Elementwise(name, function)
+    )
+    register(_name, exact=True, **_known)(
+        lambda spec, tensors, in_shape, label, make=_make: BuiltLayer(make(), in_shape, ())
+    )
+
+
+@register(
+    "leaky_relu", ("negative_slope",), modules=(nn.LeakyReLU,),
+    spec_of=lambda module: {"negative_slope": module.negative_slope},
+    functions={F.leaky_relu: lambda *a, negative_slope=0.01, **k: nn.LeakyReLU(a[0] if a else negative_slope)},
+)
 def _leaky_relu(spec, tensors, in_shape, label):
     slope = spec.get("negative_slope", 0.01)
     if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
@@ -286,7 +442,16 @@ def _leaky_relu(spec, tensors, in_shape, label):
     return BuiltLayer(nn.LeakyReLU(float(slope)), in_shape, ())
 
 
-@register("flatten")
+def _flatten_spec(module: nn.Module) -> dict[str, Any]:
+    _require(module.start_dim == 1 and module.end_dim == -1, "format 1's flatten flattens every axis but the batch axis")
+    return {}
+
+
+@register(
+    "flatten", modules=(nn.Flatten,), spec_of=_flatten_spec,
+    functions={torch.flatten: lambda *a, start_dim=1, end_dim=-1, **k: nn.Flatten(*(a or (start_dim, end_dim)))},
+    methods={"flatten": lambda *a: nn.Flatten(*a)},
+)
 def _flatten(spec, tensors, in_shape, label):
     return BuiltLayer(nn.Flatten(), (math.prod(in_shape),), ())
 
@@ -305,14 +470,17 @@ class Reshape(nn.Module):
         return f"shape={list(self.shape)}"
 
 
-@register("unflatten", ("shape",))
+def _unflatten_spec(module: nn.Module) -> dict[str, Any]:
+    if isinstance(module, Reshape):
+        return {"shape": list(module.shape)}
+    _require(module.dim in (1, -1), "format 1's unflatten reshapes the features of a flat input")
+    return {"shape": [int(s) for s in module.unflattened_size]}
+
+
+@register("unflatten", ("shape",), modules=(nn.Unflatten, Reshape), spec_of=_unflatten_spec)
 def _unflatten(spec, tensors, in_shape, label):
     shape = spec.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-    ):
+    if not isinstance(shape, list) or not shape or not all(is_integer(s, 1) for s in shape):
         raise SpecError(f"{label}: shape must be a list of positive integers, found {shape!r}")
     if math.prod(shape) != math.prod(in_shape):
         raise SpecError(

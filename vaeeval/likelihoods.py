@@ -24,14 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Distribution, Laplace, Normal
+from torch.distributions.utils import broadcast_all
 
-from vaeeval.data import Domain
-from vaeeval.errors import SpecError
+from vaeeval.domains import Domain
+from vaeeval.errors import SpecError, VaeevalError, option
 from vaeeval.estimators import fold_, row_sums
+from vaeeval.results import DENSITY, PROBABILITY
+from vaeeval.specs import levels as levels_value
+from vaeeval.specs import named_tensor
 
-DENSITY = "density"
-PROBABILITY = "probability"
 _LOG_HALF = math.log(0.5)
+BINARY, CATEGORICAL = "binary", "categorical"  # how probabilities become logits: sigmoid or softmax outputs
 
 
 class Likelihood(ABC):
@@ -46,6 +49,12 @@ class Likelihood(ABC):
         tensor_keys: spec keys whose value names a tensor of the file.
         params_per_dim: P, the decoder outputs per data dimension.
         levels: for a discrete family, the number of values one dimension takes.
+        decoder_outputs: what a user's decoder may return for this family, and how
+            it becomes format-1 parameters: ``None`` as it is, ``"binary"`` probabilities
+            through a sigmoid's inverse, ``"categorical"`` through a softmax's.
+        scale_keys: for a location-scale family, the spec keys of a fixed scale and
+            of a log-scale tensor.
+        values: the tensors the spec names, by spec key, as the file holds them.
     """
 
     family: ClassVar[str]
@@ -55,11 +64,14 @@ class Likelihood(ABC):
     tensor_keys: ClassVar[tuple[str, ...]] = ()
     levels: int | None = None
     linear_shortcut: ClassVar[bool] = False  # log_prob_through_linear is implemented
+    decoder_outputs: ClassVar[Mapping[str, str | None]] = {"logits": None}
+    scale_keys: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, spec: Mapping[str, Any], input_shape: tuple[int, ...], params_per_dim: int) -> None:
         self.spec = dict(spec)
         self.input_shape = tuple(input_shape)
         self.params_per_dim = params_per_dim
+        self.values: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_spec(
@@ -158,6 +170,12 @@ class Likelihood(ABC):
         """This likelihood with its tensors on ``device``."""
         return self
 
+    def verification_points(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Points in the family's support, ``[*shape]`` float32, to check a conversion on."""
+        if self.levels is not None:
+            return (rng.integers(0, self.levels, shape) / (self.levels - 1)).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec})"
 
@@ -174,6 +192,45 @@ def register(cls: type[Likelihood]) -> type[Likelihood]:
 def families() -> tuple[str, ...]:
     """The registered family names."""
     return tuple(_FAMILIES)
+
+
+def family(name: str) -> type[Likelihood]:
+    """The class registered for family ``name``.
+
+    Raises:
+        VaeevalError: no such family.
+    """
+    if name not in _FAMILIES:
+        raise VaeevalError(f"{option('likelihood')} {name!r} is not a family; known: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def likelihood_spec(
+    name: str, *, scale: float | None = None, log_scale_tensor: str | None = None, levels: int | None = None
+) -> dict[str, Any]:
+    """A ``likelihood`` block for family ``name`` from the values a user gives by hand.
+
+    Args:
+        scale: a fixed scale (Gaussian sigma, Laplace scale).
+        log_scale_tensor: the name of a tensor holding log sigma or the log-scale.
+        levels: levels of a categorical or discretized logistic family.
+
+    Raises:
+        VaeevalError: a value the family does not take, naming its parameter.
+    """
+    cls = family(name)
+    scale_key, log_scale_key = cls.scale_keys or (None, None)
+    spec: dict[str, Any] = {"family": name}
+    for value, key, parameter in (
+        (scale, scale_key, "sigma"),
+        (log_scale_tensor, log_scale_key, "log_sigma_tensor"),
+        (levels, "levels" if "levels" in cls.keys else None, "levels"),
+    ):
+        if value is not None:
+            if key is None:
+                raise VaeevalError(f"{option(parameter)} does not apply to a {name} likelihood")
+            spec[key] = value
+    return spec
 
 
 def likelihood_from_spec(
@@ -234,25 +291,18 @@ def _positive_number(spec: Mapping[str, Any], key: str) -> float:
 
 
 def _levels(spec: Mapping[str, Any], family: str) -> int:
-    levels = spec.get("levels")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise SpecError(f"likelihood: {family} needs \"levels\", an integer >= 2, found {levels!r}")
-    return levels
+    return levels_value(spec.get("levels"), f"likelihood: {family}")
 
 
 def _scale_tensor(
     spec: Mapping[str, Any], key: str, tensors: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]
 ) -> torch.Tensor:
     name = spec[key]
-    if not isinstance(name, str) or name not in tensors:
-        raise SpecError(f"likelihood: {key} names tensor {name!r}, which the file does not have")
-    tensor = tensors[name]
+    tensor = named_tensor(tensors, name, f"likelihood: {key}", finite=True)
     if tuple(tensor.shape) not in ((), input_shape):
         raise SpecError(
             f"likelihood: {key} tensor {name!r} is {list(tensor.shape)}, expected [] or {list(input_shape)}"
         )
-    if not torch.isfinite(tensor).all():
-        raise SpecError(f"likelihood: {key} tensor {name!r} has non-finite values")
     return tensor
 
 
@@ -268,6 +318,7 @@ class BernoulliLikelihood(Likelihood):
     support = "exactly 0 or 1"
     levels = 2
     linear_shortcut = True
+    decoder_outputs = {"logits": None, "probs": BINARY, "mean": BINARY}
 
     def distribution(self, params: torch.Tensor) -> Distribution:
         return Bernoulli(logits=self.split(params)[0], validate_args=False)
@@ -322,6 +373,7 @@ class CategoricalLikelihood(_GridLikelihood):
     """Categorical over L levels per dimension; the decoder gives L blocks of logits."""
 
     family = "categorical"
+    decoder_outputs = {"logits": None, "probs": CATEGORICAL}
 
     @classmethod
     def _from_spec(cls, spec, tensors, input_shape):
@@ -371,10 +423,13 @@ class _LocationScale(Likelihood):
     scale_key: ClassVar[str]
     log_scale_key: ClassVar[str]
 
+    decoder_outputs = {"logits": None, "mean": None}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.keys = frozenset({cls.scale_key, cls.log_scale_key})
         cls.tensor_keys = (cls.log_scale_key,)
+        cls.scale_keys = (cls.scale_key, cls.log_scale_key)
 
     def __init__(
         self,
@@ -393,7 +448,10 @@ class _LocationScale(Likelihood):
         if cls.scale_key in spec:
             return cls(spec, input_shape, 1, _positive_number(spec, cls.scale_key))
         if cls.log_scale_key in spec:
-            return cls(spec, input_shape, 1, _scale_tensor(spec, cls.log_scale_key, tensors, input_shape).exp())
+            log_scale = _scale_tensor(spec, cls.log_scale_key, tensors, input_shape)
+            likelihood = cls(spec, input_shape, 1, log_scale.exp())
+            likelihood.values = {cls.log_scale_key: log_scale}
+            return likelihood
         return cls(spec, input_shape, 2, None)
 
     def location_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,7 +478,9 @@ class _LocationScale(Likelihood):
 
     def to(self, device):
         if isinstance(self.scale, torch.Tensor):
-            return type(self)(self.spec, self.input_shape, self.params_per_dim, self.scale.to(device))
+            moved = type(self)(self.spec, self.input_shape, self.params_per_dim, self.scale.to(device))
+            moved.values = self.values
+            return moved
         return self
 
 
@@ -456,17 +516,20 @@ class LaplaceLikelihood(_LocationScale):
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
-    """torch's ContinuousBernoulli with its log-normalizer computed from the logits.
+    """torch's ContinuousBernoulli whose ``log_prob`` takes its log-normalizer from the logits.
 
     torch computes log C from clamped probabilities, so for |logit| > ~16 in
     float32 it stops growing (0.6 nats per dimension too low at logit 30). In
     logits eta, C = eta / tanh(eta / 2), and with a = |eta|
     log C = log a - log(1 - exp(-a)) + log(1 + exp(-a)), whose pieces are stable
     for all a; below 1e-2 the series log 2 + a^2/12 - 7 a^4/1440 is used.
+    ``log_prob`` is torch's own formula (minus the binary cross-entropy, plus log C)
+    with that log C, written out here rather than through torch's private hook.
     """
 
-    def _cont_bern_log_norm(self) -> torch.Tensor:
-        return continuous_bernoulli_log_norm(self.logits)
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits, value = broadcast_all(self.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none") + continuous_bernoulli_log_norm(self.logits)
 
 
 def continuous_bernoulli_log_norm(logits: torch.Tensor) -> torch.Tensor:
@@ -485,6 +548,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
     family = "continuous_bernoulli"
     measure = DENSITY
     support = "values in [0, 1]"
+    decoder_outputs = {"logits": None, "probs": BINARY}
 
     def distribution(self, params: torch.Tensor) -> Distribution:
         return StableContinuousBernoulli(logits=self.split(params)[0], validate_args=False)
@@ -500,3 +564,6 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return (x < 0) | (x > 1)
+
+    def verification_points(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return rng.random(shape).astype(np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaeeval.data import Domain, domain_from_spec
-from vaeeval.errors import ModelFileError, SpecError, VaeevalError, reading
-from vaeeval.layers import Elementwise, Reshape, Shape, build_layer, describe, format_shape
+from vaeeval.domains import Domain, domain_from_spec
+from vaeeval.errors import ModelFileError, SpecError, VaeevalError, listing
+from vaeeval.files import file_digest, reading
+from vaeeval.layers import Shape, build_layer, describe, format_shape, layer_spec
 from vaeeval.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.priors import Prior, prior_from_spec
+from vaeeval.specs import is_integer
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vaeeval"
@@ -62,7 +64,8 @@ class Model:
     description: str = ""
     layers: tuple[LayerInfo, ...] = ()
     path: Path | None = None
-    document: Mapping[str, Any] = field(default_factory=dict)
+    digest: str | None = None  # of the file read: the model, or the weights of an --arch model
+    arch: str | None = None  # the class an --arch model was read through (None: format 1)
     extra_parameters: int = 0  # likelihood and prior tensors
     decoder_width: int = 0  # the widest decoder activation per sample, for memory budgets
 
@@ -158,9 +161,10 @@ def load_model(path: str | Path) -> Model:
     _check_version(path, document)
     tensors = _read_tensors(path)
     try:
-        return _build(document, tensors, path)
+        model = _build(document, tensors, path)
     except SpecError as error:
         raise ModelFileError(path, str(error)) from None
+    return replace(model, digest=file_digest(path))
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -243,24 +247,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = _load_tensors(path)
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise ModelFileError(path, f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; format 1 weights are floating point")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ModelFileError(path, f"tensor {name!r} is {dtype}; format 1 weights are floating point")
     return {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
 
 
 def _positive_int(document: Mapping[str, Any], key: str) -> int:
     value = document.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value, 1):
         raise SpecError(f"\"{key}\" must be a positive integer, found {value!r}")
     return value
 
 
 def _input_shape(document: Mapping[str, Any]) -> Shape:
     value = document.get("input_shape")
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)
-    ):
+    if not isinstance(value, list) or not value or not all(is_integer(s, 1) for s in value):
         raise SpecError(f"\"input_shape\" must be a non-empty list of positive integers, found {value!r}")
     return tuple(value)
 
@@ -314,7 +315,7 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
     own = set(likelihood.tensors) | set(prior.tensors)
     unused = sorted(set(tensors) - encoder_used - decoder_used - own)
     if unused:
-        shown = ", ".join(repr(name) for name in unused[:5]) + (" ..." if len(unused) > 5 else "")
+        shown = listing([repr(name) for name in unused])
         raise SpecError(f"{len(unused)} tensor(s) not used by any layer, likelihood or prior: {shown}")
     description = document.get("description", "")
     return Model(
@@ -328,7 +329,6 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
         description=description if isinstance(description, str) else str(description),
         layers=tuple(encoder_infos + decoder_infos),
         path=path,
-        document=dict(document),
         extra_parameters=sum(tensors[name].numel() for name in own),
         decoder_width=max(math.prod(info.out_shape) for info in decoder_infos),
     )
@@ -346,14 +346,6 @@ def _dry_run(net: nn.Sequential, in_shape: Shape, expected: Shape, part: str) ->
 
 
 # ---------------------------------------------------------------- writing
-
-_ACTIVATION_TYPES: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.SiLU: "silu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-}
-
 
 def save_model(
     path: str | Path,
@@ -441,7 +433,7 @@ def _sequential_specs(net: nn.Module, prefix: str, tensors: dict[str, torch.Tens
         raise VaeevalError(f"{prefix}: save_model takes an nn.Sequential, found {type(net).__name__}")
     specs = []
     for name, module in _leaves(net, prefix):
-        spec = _layer_spec(name, module)
+        spec = layer_spec(name, module)
         if spec is None:
             continue
         if "tensor" in spec:
@@ -449,64 +441,6 @@ def _sequential_specs(net: nn.Module, prefix: str, tensors: dict[str, torch.Tens
                 tensors[f"{name}.{key}"] = value
         specs.append(spec)
     return specs
-
-
-def _int_or_pair(value: Any) -> int | list[int]:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    return int(pair[0]) if pair[0] == pair[1] else [int(pair[0]), int(pair[1])]
-
-
-def _layer_spec(name: str, module: nn.Module) -> dict[str, Any] | None:
-    def refuse(why: str) -> VaeevalError:
-        return VaeevalError(f"{name} ({type(module).__name__}) cannot be expressed in format 1: {why}")
-
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        return None
-    if type(module) in _ACTIVATION_TYPES:
-        return {"type": _ACTIVATION_TYPES[type(module)]}
-    if isinstance(module, nn.Linear):
-        return {"type": "linear", "tensor": name}
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
-            raise refuse("only groups=1, dilation=1 and zero padding are in format 1")
-        if isinstance(module.padding, str):
-            raise refuse(f"padding={module.padding!r}; give the padding as numbers")
-        spec = {
-            "type": "conv2d" if isinstance(module, nn.Conv2d) else "conv_transpose2d",
-            "tensor": name,
-            "stride": _int_or_pair(module.stride),
-            "padding": _int_or_pair(module.padding),
-        }
-        if isinstance(module, nn.ConvTranspose2d):
-            spec["output_padding"] = _int_or_pair(module.output_padding)
-        return spec
-    if isinstance(module, nn.LeakyReLU):
-        return {"type": "leaky_relu", "negative_slope": module.negative_slope}
-    if isinstance(module, nn.ELU):
-        if module.alpha != 1.0:
-            raise refuse(f"alpha={module.alpha}; format 1's elu has alpha 1")
-        return {"type": "elu"}
-    if isinstance(module, nn.GELU):
-        if module.approximate != "none":
-            raise refuse("approximate='tanh'; format 1's gelu is the exact one")
-        return {"type": "gelu"}
-    if isinstance(module, nn.Softplus):
-        if module.beta != 1 or module.threshold != 20:
-            raise refuse("format 1's softplus has beta 1 and threshold 20")
-        return {"type": "softplus"}
-    if isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise refuse("format 1's flatten flattens every axis but the batch axis")
-        return {"type": "flatten"}
-    if isinstance(module, nn.Unflatten):
-        if module.dim not in (1, -1):
-            raise refuse("format 1's unflatten reshapes the features of a flat input")
-        return {"type": "unflatten", "shape": [int(s) for s in module.unflattened_size]}
-    if isinstance(module, Reshape):
-        return {"type": "unflatten", "shape": list(module.shape)}
-    if isinstance(module, Elementwise):
-        return {"type": module.name}
-    raise refuse("format 1 has no such layer")
 
 
 def _check_reproduces(original: nn.Module, loaded: nn.Module, in_shape: list[int], part: str, path: Path) -> None:

@@ -15,13 +15,15 @@ import torch
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal, kl_divergence
 
 from vaeeval.errors import SpecError
+from vaeeval.results import ANALYTIC, MONTE_CARLO
+from vaeeval.specs import named_tensor
 
 
 class Prior(ABC):
     """p(z) for one format-1 ``prior`` block, bound to its tensors."""
 
     family: ClassVar[str]
-    kl_kind: ClassVar[str] = "analytic"
+    kl_kind: ClassVar[str] = ANALYTIC
     keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: Mapping[str, Any], latent_dim: int) -> None:
@@ -55,6 +57,11 @@ class Prior(ABC):
     def distribution(self, like: torch.Tensor) -> Distribution:
         """p(z) with event shape ``[latent_dim]``, in the dtype and on the device of ``like``."""
 
+    @property
+    def monte_carlo_kl(self) -> bool:
+        """KL(q || p) has no closed form: it is estimated from the samples."""
+        return self.kl_kind == MONTE_CARLO
+
     def kl(self, q: Distribution) -> torch.Tensor | None:
         """KL(q || p) per batch element, ``[B]``, for q with event shape ``[latent_dim]``.
 
@@ -62,6 +69,17 @@ class Prior(ABC):
         Monte Carlo from the same samples as the other terms.
         """
         return kl_divergence(q, self.distribution(q.mean))
+
+    def marginals(self, like: torch.Tensor) -> Normal | None:
+        """p(z) as independent Normals per dimension, ``[latent_dim]``; None when it does not factorize so."""
+        return None
+
+    def kl_per_dim(self, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor | None:
+        """KL(N(mean, var) || p) per latent dimension, ``[N, L] -> [N, L]``; None when p does not factorize."""
+        marginals = self.marginals(means)
+        if marginals is None:
+            return None
+        return kl_divergence(Normal(means, variances.sqrt()), marginals)
 
     def to(self, device: torch.device | str) -> Prior:
         """This prior with its tensors on ``device``."""
@@ -79,12 +97,7 @@ class Prior(ABC):
 
 
 def _tensor(spec: Mapping[str, Any], key: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    name = spec[key]
-    if not isinstance(name, str) or name not in tensors:
-        raise SpecError(f"prior: {key} names tensor {name!r}, which the file does not have")
-    if not torch.isfinite(tensors[name]).all():
-        raise SpecError(f"prior: {key} tensor {name!r} has non-finite values")
-    return tensors[name]
+    return named_tensor(tensors, spec[key], f"prior: {key}", finite=True)
 
 
 _FAMILIES: dict[str, type[Prior]] = {}
@@ -123,9 +136,12 @@ class StandardNormalPrior(Prior):
 
     family = "standard_normal"
 
-    def distribution(self, like: torch.Tensor) -> Distribution:
+    def marginals(self, like: torch.Tensor) -> Normal:
         zeros = torch.zeros(self.latent_dim, dtype=like.dtype, device=like.device)
-        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+        return Normal(zeros, torch.ones_like(zeros), validate_args=False)
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        return Independent(self.marginals(like), 1)
 
 
 @register
@@ -140,9 +156,12 @@ class GaussianPrior(Prior):
         for key in self.keys:
             self._check_shape(key, (self.latent_dim,))
 
-    def distribution(self, like: torch.Tensor) -> Distribution:
+    def marginals(self, like: torch.Tensor) -> Normal:
         mean, log_var = self._value("mean", like), self._value("log_var", like)
-        return Independent(Normal(mean, (0.5 * log_var).exp(), validate_args=False), 1)
+        return Normal(mean, (0.5 * log_var).exp(), validate_args=False)
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        return Independent(self.marginals(like), 1)
 
 
 @register
@@ -153,7 +172,7 @@ class MixturePrior(Prior):
     """
 
     family = "mixture_of_gaussians"
-    kl_kind = "monte_carlo"
+    kl_kind = MONTE_CARLO
     keys = frozenset({"logits", "means", "log_vars"})
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:

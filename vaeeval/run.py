@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import Evaluation, Evaluator, Part
-from vaeeval.report import point_records, summary_info
+from vaeeval.errors import VaeevalError, option
+from vaeeval.evaluate import Evaluator
+from vaeeval.output.records import data_record, evaluation_from_records, model_record, point_records
+from vaeeval.results import Evaluation, Part
 from vaeeval.stream import (
     ResultsWriter,
     Shard,
     StoredRun,
     describe_difference,
-    evaluation_from_records,
+    header_record,
     read_stream,
+    summary_line,
+    write_results,
 )
 
 
@@ -37,10 +39,24 @@ class Outcome:
     evaluation: Evaluation
     interrupted: bool
     asked: int  # points this run was to cover
+    header: dict[str, Any]  # the results file's header: the model, data and settings records
+
+
+def run_header(evaluator: Evaluator, shard: Shard | None = None) -> dict[str, Any]:
+    """The header line of a results file for this evaluation (or one shard of it)."""
+    return header_record(
+        evaluator.settings,
+        evaluator.scoring,
+        evaluator.model.prior.kl_kind,
+        evaluator.domain.to_spec(),
+        model_record(evaluator.model),
+        data_record(evaluator.dataset),
+        shard,
+    )
 
 
 def _records(evaluator: Evaluator, part: Part) -> list[dict[str, Any]]:
-    return point_records(part.points, evaluator.settings.samples, evaluator.model.prior.kl_kind == "monte_carlo")
+    return point_records(part.points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl)
 
 
 def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
@@ -49,24 +65,25 @@ def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
     if difference is None and stored.header.get("shard") != header.get("shard"):
         difference = f"the shard differs ({stored.header.get('shard')} vs {header.get('shard')})"
     if difference:
-        raise VaeevalError(f"--resume: {path} holds another run: {difference}")
+        raise VaeevalError(f"{option('resume')}: {path} holds another run: {difference}")
     return stored
 
 
 def run(
     evaluator: Evaluator,
-    header: dict[str, Any],
     *,
     output: str | Path | None = None,
     resume: bool = False,
     shard: Shard | None = None,
     progress: Callable[[int], None] | None = None,
-) -> Outcome:
+) -> Outcome | None:
     """Evaluate the data (or one shard), streaming point lines to ``output`` as they are computed.
+
+    Under torchrun (``distributed_world``) the points are split across the processes
+    and rank 0 gathers them (``run_distributed``); the other ranks return None.
 
     Args:
         evaluator: the prepared evaluation.
-        header: the results file's header line (``stream.header_record``).
         output: the results file; without it nothing is written.
         resume: continue ``output`` from the points it already holds.
         shard: evaluate only this slice of the points.
@@ -76,7 +93,15 @@ def run(
         The evaluation: with K-convergence and latents when computed in one go without a
         file, else from the point records (the same numbers). Ctrl-C ends the run early
         with the points done so far (``interrupted``); the file then has no summary line.
+
+    Raises:
+        VaeevalError: a results file of another run, or an interruption before any point was done.
     """
+    if distributed_world() is not None:
+        if resume or shard is not None:
+            raise VaeevalError(f"{option('resume')} and {option('shard')} are for single-process runs, not torchrun")
+        return run_distributed(evaluator, output=output, progress=progress)
+    header = run_header(evaluator, shard)
     indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
     with ExitStack() as stack:
         old: list[dict[str, Any]] = []
@@ -87,7 +112,7 @@ def run(
                 stored = _resumed(path, header)
                 old = stored.points
                 if stored.summary is not None:  # finished already: nothing to compute
-                    return Outcome(evaluation_from_records(header, old), False, indices.size)
+                    return Outcome(evaluation_from_records(header, old), False, indices.size, header)
                 writer = ResultsWriter(stack.enter_context(path.open("a")))
             else:
                 writer = ResultsWriter(stack.enter_context(path.open("w")))
@@ -109,15 +134,15 @@ def run(
         except KeyboardInterrupt:
             interrupted = True
         if writer is None and not interrupted and shard is None:
-            return Outcome(evaluator.finish(parts), False, indices.size)
+            return Outcome(evaluator.finish(parts), False, indices.size, header)
         if writer is None:
             records = [record for part in parts for record in _records(evaluator, part)]
         if not records:
             raise VaeevalError("interrupted before any point was done")
         evaluation = evaluation_from_records(header, records)
         if writer is not None and not interrupted:
-            writer.write([{"kind": "summary", "summary": summary_info(evaluation)}])
-    return Outcome(evaluation, interrupted, indices.size)
+            writer.write([summary_line(evaluation)])
+    return Outcome(evaluation, interrupted, indices.size, header)
 
 
 # ---------------------------------------------------------------- torchrun
@@ -129,20 +154,25 @@ def distributed_world() -> tuple[int, int] | None:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
 
 
+def local_processes() -> int:
+    """How many processes torchrun started on this machine (1 outside torchrun)."""
+    world = distributed_world()
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world[1])) if world else 1
+
+
 def run_distributed(
-    evaluator: Evaluator, header: dict[str, Any], *, output: str | Path | None = None,
-    progress: Callable[[int], None] | None = None,
+    evaluator: Evaluator, *, output: str | Path | None = None, progress: Callable[[int], None] | None = None
 ) -> Outcome | None:
     """Under torchrun: each rank evaluates its shard; rank 0 gathers and returns the whole run.
 
     gloo on the CPU, nccl on CUDA devices. Other ranks return None. Rank 0 writes
-    ``output`` (all points, then the summary) once everything is gathered.
+    ``output`` (all points, then the summary) once everything is gathered. Each
+    process uses the threads torch gives it; ``tuning.share_cores(local_processes())``
+    divides the machine's cores among them (the command line does).
     """
     import torch.distributed as dist
 
     rank, world = distributed_world()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     backend = "nccl" if evaluator.settings.device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -156,10 +186,8 @@ def run_distributed(
     if rank != 0:
         return None
     evaluation = evaluator.finish([part for parts in gathered for part in parts])
+    header = run_header(evaluator)
     if output is not None:
-        with Path(output).open("w") as handle:
-            writer = ResultsWriter(handle)
-            writer.write([header])
-            writer.write(point_records(evaluation.points, evaluation.settings.samples, evaluation.kl_kind == "monte_carlo"))
-            writer.write([{"kind": "summary", "summary": summary_info(evaluation)}])
-    return Outcome(evaluation, False, evaluator.n)
+        records = point_records(evaluation.points, evaluation.settings.samples, evaluation.monte_carlo_kl)
+        write_results(output, header, records, evaluation)
+    return Outcome(evaluation, False, evaluator.n, header)

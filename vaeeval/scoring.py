@@ -13,41 +13,10 @@ bins.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-from vaeeval.data import Domain
-from vaeeval.errors import VaeevalError
-from vaeeval.likelihoods import DENSITY, PROBABILITY, Likelihood
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """How a model is scored on some data.
-
-    Attributes:
-        measure: ``"density"`` or ``"probability"``: what kind of number recon and iwae are.
-        levels: the bins a continuous family is scored on (``None``: its density,
-            or a discrete family, whose own levels are the event).
-        data_levels: the levels of the data's grid, when it is discrete.
-        note: one sentence saying what the numbers are, for the output.
-    """
-
-    measure: str
-    levels: int | None
-    data_levels: int | None
-    note: str
-
-    @property
-    def label(self) -> str:
-        """``density``, ``probability`` or ``probability (17 bins)``."""
-        return f"{self.measure} ({self.levels} bins)" if self.levels else self.measure
-
-    def dequantization_offset(self, dims: int) -> float | None:
-        """D log(bin width) for a density on discrete data (the uniform-dequantization correction)."""
-        if self.measure != DENSITY or self.data_levels is None:
-            return None
-        return dims * math.log(1.0 / (self.data_levels - 1))
+from vaeeval.domains import Domain
+from vaeeval.errors import VaeevalError, option
+from vaeeval.likelihoods import Likelihood
+from vaeeval.results import DENSITY, PROBABILITY, Scoring
 
 
 def _on_grid(detected: Domain, levels: int) -> bool:
@@ -76,15 +45,15 @@ def choose_scoring(
         VaeevalError: contradictory options, or bins the data is not on.
     """
     if discretize is not None and density:
-        raise VaeevalError("--discretize and --density contradict each other: choose one")
+        raise VaeevalError(f"{option('discretize')} and {option('density')} contradict each other: choose one")
     if discretize is not None and discretize < 2:
-        raise VaeevalError(f"--discretize needs at least 2 levels, found {discretize}")
+        raise VaeevalError(f"{option('discretize')} needs at least 2 levels, found {discretize}")
     data_levels = (declared.grid_levels if declared else None) or detected.grid_levels
     family = likelihood.family
     if not likelihood.continuous:
         if discretize is not None and discretize != likelihood.levels:
             raise VaeevalError(
-                f"--discretize {discretize}: the {family} model's own event is one of {likelihood.levels} levels"
+                f"{option('discretize')} {discretize}: the {family} model's own event is one of {likelihood.levels} levels"
             )
         return Scoring(PROBABILITY, None, data_levels, f"log-probabilities of the data ({family})")
     if density:
@@ -94,7 +63,7 @@ def choose_scoring(
         return Scoring(DENSITY, None, None, f"log-densities ({family}; the data is continuous)")
     if not _on_grid(detected, levels):
         raise VaeevalError(
-            f"--discretize {levels}: the data is not on the grid k/{levels - 1} "
+            f"{option('discretize')} {levels}: the data is not on the grid k/{levels - 1} "
             f"(it is {detected.describe()})"
         )
     source = "--discretize" if discretize is not None else "the data is discrete"

@@ -12,20 +12,16 @@ uninterrupted run, bit for bit.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
+from vaeeval.errors import DataError, VaeevalError, listing, option
+from vaeeval.output.records import evaluation_from_records, scoring_record, settings_record, summary_record
+from vaeeval.output.schemas import ELBO_SCHEMA, STREAM_SCHEMA
+from vaeeval.results import Evaluation, Scoring, Settings
 
-from vaeeval.data import domain_from_spec
-from vaeeval.errors import DataError, VaeevalError
-from vaeeval.evaluate import Evaluation, PointResults, Settings, summarize
-from vaeeval.scoring import Scoring
-
-STREAM_SCHEMA = "vaeeval.elbo-stream/1"
 _IDENTITY_SETTINGS = ("samples", "seed")  # the settings that change the numbers
 
 
@@ -41,7 +37,7 @@ class Shard:
     @classmethod
     def of(cls, index: int, count: int, n: int) -> Shard:
         if not 0 <= index < count:
-            raise VaeevalError(f"--shard {index}/{count}: the index must be between 0 and {count - 1}")
+            raise VaeevalError(f"{option('shard')} {index}/{count}: the index must be between 0 and {count - 1}")
         return cls(index, count, index * n // count, (index + 1) * n // count)
 
     @classmethod
@@ -50,7 +46,7 @@ class Shard:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise VaeevalError(f"--shard {text!r}: write it as i/n, e.g. 0/4") from None
+            raise VaeevalError(f"{option('shard')} {text!r}: write it as i/n, e.g. 0/4") from None
         return cls.of(index, count, n)
 
     def to_record(self) -> dict[str, int]:
@@ -72,7 +68,7 @@ class StoredRun:
 
 
 def header_record(
-    evaluation_settings: Settings,
+    settings: Settings,
     scoring: Scoring,
     kl_kind: str,
     domain: dict[str, Any],
@@ -80,29 +76,30 @@ def header_record(
     data: dict[str, Any],
     shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """The first line of a results file."""
+    """The first line of a results file.
+
+    Args:
+        settings, scoring, kl_kind: the evaluation's.
+        domain: the data's detected domain, as its spec.
+        model, data: ``model_record`` and ``data_record`` of what is evaluated.
+        shard: the slice of the points this file holds, if any.
+    """
     return {
         "kind": "header",
         "schema": STREAM_SCHEMA,
         "model": model,
         "data": data,
-        "settings": {
-            "samples": evaluation_settings.samples,
-            "seed": evaluation_settings.seed,
-            "batch_size": evaluation_settings.batch_size,
-            "chunk_size": evaluation_settings.chunk_size,
-            "device": evaluation_settings.device,
-        },
-        "scoring": {
-            "measure": scoring.measure,
-            "levels": scoring.levels,
-            "data_levels": scoring.data_levels,
-            "note": scoring.note,
-        },
+        "settings": settings_record(settings),
+        "scoring": scoring_record(scoring),
         "kl_kind": kl_kind,
         "domain": domain,
         "shard": None if shard is None else shard.to_record(),
     }
+
+
+def summary_line(evaluation: Evaluation) -> dict[str, Any]:
+    """The last line of a finished results file."""
+    return {"kind": "summary", "summary": summary_record(evaluation)}
 
 
 def identity(header: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +181,10 @@ def read_results(path: str | Path) -> StoredRun:
         return read_stream(path)
     except OSError as error:
         raise DataError(path, f"cannot be read ({error.strerror or error})") from None
-    if not isinstance(document, dict) or document.get("schema") != "vaeeval.elbo/1":
+    if not isinstance(document, dict) or document.get("schema") != ELBO_SCHEMA:
         if isinstance(document, dict) and document.get("schema") == STREAM_SCHEMA:
             return read_stream(path)  # a results file holding only its header
-        raise DataError(path, "neither a vaeeval.elbo/1 document nor a vaeeval results file")
+        raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
     summary = document["summary"]
     header = {
         "kind": "header",
@@ -201,44 +198,6 @@ def read_results(path: str | Path) -> StoredRun:
         "shard": None,
     }
     return StoredRun(path, header, document["points"], {"kind": "summary", "summary": summary})
-
-
-def _column(records: Sequence[dict[str, Any]], name: str, default: float = math.nan) -> np.ndarray:
-    return np.array([default if r.get(name) is None else r[name] for r in records], dtype=np.float64)
-
-
-def points_from_records(records: Sequence[dict[str, Any]]) -> PointResults:
-    """Per-point results from point records (``null`` numbers become NaN), sorted by index."""
-    records = sorted(records, key=lambda r: r["index"])
-    return PointResults(
-        index=np.array([r["index"] for r in records], dtype=np.int64),
-        elbo=_column(records, "elbo"),
-        recon=_column(records, "recon"),
-        kl=_column(records, "kl"),
-        iwae=_column(records, "iwae"),
-        kl_stderr=_column(records, "kl_stderr", 0.0),
-        elbo_stderr=_column(records, "elbo_stderr"),
-        iwae_stderr=_column(records, "iwae_stderr"),
-        ess=_column(records, "ess"),
-        khat=_column(records, "khat"),
-        unreliable=np.array([bool(r["unreliable"]) for r in records]),
-    )
-
-
-def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> Evaluation:
-    """The evaluation the records of one run (or all its shards) add up to."""
-    settings = Settings(**header["settings"])
-    scoring = Scoring(**header["scoring"])
-    points = points_from_records(records)
-    dims = header["model"]["dims"]
-    return Evaluation(
-        points=points,
-        summary=summarize(points, dims, settings.samples, scoring.dequantization_offset(dims)),
-        settings=settings,
-        scoring=scoring,
-        kl_kind=header["kl_kind"],
-        domain=domain_from_spec(header["domain"]),
-    )
 
 
 def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
@@ -261,6 +220,32 @@ def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
     n = first.header["data"]["n"]
     missing = sorted(set(range(n)) - set(records))
     if missing:
-        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        shown = listing(missing)
         raise VaeevalError(f"the files hold {len(records)} of {n} points; missing {shown} (a shard not finished or not given)")
     return [records[index] for index in range(n)]
+
+
+@dataclass(frozen=True)
+class MergedRun:
+    """The run the files of its shards add up to."""
+
+    header: dict[str, Any]  # the header of one unsharded run
+    records: list[dict[str, Any]]  # every point once, by index
+    evaluation: Evaluation
+
+
+def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
+    """One run from the files of its shards.
+
+    Raises:
+        VaeevalError: as ``check_complete``.
+    """
+    records = check_complete(runs)
+    header = {**runs[0].header, "shard": None}
+    return MergedRun(header, records, evaluation_from_records(header, records))
+
+
+def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Evaluation) -> None:
+    """Write a finished results file in one go: the header, every point, the summary."""
+    with Path(path).open("w") as handle:
+        ResultsWriter(handle).write([header, *records, summary_line(evaluation)])

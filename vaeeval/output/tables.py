@@ -1,17 +1,11 @@
-"""Results -> rich tables for people, JSON-ready dicts for programs.
-
-Nothing here computes an estimate; it only lays out what ``evaluate`` and
-``load_model`` found. JSON keys named in the issue tracker and the README
-(``schema``, ``model``, ``data``, ``settings``, ``summary``, ``points`` and the
-metric names) are a contract: add keys, never rename them.
-"""
+"""Results -> rich tables for people (stdout), and a progress bar (stderr)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console, Group
@@ -20,25 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from vaeeval.compare import Comparison
-from vaeeval.gates import BaselineCheck
-from vaeeval.data import Dataset, data_digest, file_digest
-from vaeeval.evaluate import METRICS, Evaluation, PointResults, Stat
-from vaeeval.latents import ACTIVE_THRESHOLD, LatentHealth
+from vaeeval.errors import listing
 from vaeeval.layers import format_shape
-from vaeeval.likelihoods import DENSITY
-from vaeeval.model import Model
+from vaeeval.output.records import DEQUANTIZATION
+from vaeeval.results import DENSITY, METRICS, Evaluation
 
-ELBO_SCHEMA = "vaeeval.elbo/1"
-COMPARE_SCHEMA = "vaeeval.compare/1"
-CHECK_SCHEMA = "vaeeval.check/1"
-LATENTS_SCHEMA = "vaeeval.latents/1"
-DEQUANTIZATION = (
-    "the uniform-dequantization figure for a density on discrete data, not a probability "
-    "(log P(bin) >= E_u[log p(x + u)] + D log Δ bounds the bin probability only for the density "
-    "averaged over the bin; this uses it at the bin's centre)"
-)
-INSPECT_SCHEMA = "vaeeval.inspect/1"
+if TYPE_CHECKING:
+    from vaeeval.compare import Comparison
+    from vaeeval.data import Dataset
+    from vaeeval.latents import LatentHealth
+    from vaeeval.model import Model
 
 _MEANINGS = {
     "elbo": "ELBO = recon - KL, a lower bound on log p(x)",
@@ -46,172 +31,6 @@ _MEANINGS = {
     "kl": "KL(q(z|x) || p(z))",
     "iwae": "importance-weighted estimate of log p(x)",
 }
-
-
-def to_json(document: dict[str, Any]) -> str:
-    """Serialize a document; NaN and infinity are refused, never written."""
-    return json.dumps(document, indent=2, allow_nan=False)
-
-
-def _finite(value: float | None) -> float | None:
-    """JSON has no NaN or infinity: an undefined number (a standard error from one sample) is null."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _stat(stat: Stat) -> dict[str, float | None]:
-    return {"mean": _finite(stat.mean), "stderr": _finite(stat.stderr)}
-
-
-def diagnostics_info(evaluation: Evaluation) -> dict[str, Any]:
-    """The ``summary.diagnostics`` object: how far to trust the numbers."""
-    diagnostics = evaluation.summary.diagnostics
-    return {
-        "unreliable": {
-            "count": len(diagnostics.unreliable),
-            "share": diagnostics.share,
-            "khat_threshold": _finite(diagnostics.threshold),
-            "points": list(diagnostics.unreliable),  # worst (largest k-hat) first
-        },
-        "iwae_minus_elbo": _stat(diagnostics.gap),
-        "ess": _stat(diagnostics.ess),
-        "ess_fraction": _stat(diagnostics.ess_fraction),
-        "khat": _stat(diagnostics.khat),
-        "elbo_stderr": _stat(diagnostics.elbo_stderr),
-        "iwae_stderr": _stat(diagnostics.iwae_stderr),
-    }
-
-
-def convergence_info(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """The ``convergence`` list: IWAE over the first k samples of every point."""
-    return [{"samples": k, "iwae": _stat(stat)} for k, stat in evaluation.convergence.summary()]
-
-
-def latents_info(health: LatentHealth) -> dict[str, Any]:
-    """The ``latents`` object: latent health."""
-    return {
-        "kl_per_dim": None if health.kl_per_dim is None else health.kl_per_dim.tolist(),
-        "activity": health.activity.tolist(),
-        "active_threshold": ACTIVE_THRESHOLD,
-        "active_units": int(health.active.sum()),
-        "inactive": np.flatnonzero(~health.active).tolist(),
-        "mutual_information": health.mutual_information,
-        "mutual_information_max": health.max_information,
-        "mean_kl": health.mean_kl,
-        "aggregate_kl": health.aggregate_kl,
-        "warning": health.warning,
-    }
-
-
-def scoring_info(evaluation: Evaluation) -> dict[str, Any]:
-    """What a document says about how the numbers were made."""
-    scoring = evaluation.scoring
-    return {"measure": scoring.measure, "levels": scoring.levels, "data_levels": scoring.data_levels, "note": scoring.note}
-
-
-def model_info(model: Model) -> dict[str, Any]:
-    """What a document says about the model."""
-    return {
-        "path": str(model.path) if model.path else None,
-        "format": None if "arch" in model.document else 1,
-        "arch": model.document.get("arch"),  # the --arch the state dict was read through
-        "description": model.description,
-        "family": model.likelihood.family,
-        "likelihood": model.likelihood.spec,
-        "measure": model.likelihood.measure,  # the family's own; summary.measure is what was reported
-        "prior": model.prior.spec,
-        "kl": model.prior.kl_kind,
-        "latent_dim": model.latent_dim,
-        "input_shape": list(model.input_shape),
-        "dims": model.data_dims,
-        "domain": model.domain.to_spec() if model.domain else None,
-        "parameters": model.parameter_count,
-        "digest": file_digest(model.path) if model.path else None,  # of the model (or weights) file
-    }
-
-
-def data_info(dataset: Dataset) -> dict[str, Any]:
-    """What a document says about the data."""
-    return {
-        "path": str(dataset.path) if dataset.path else None,
-        "key": dataset.key,
-        "n": dataset.n,
-        "total": dataset.total,
-        "shape": list(dataset.array.shape),
-        "dims": dataset.dims,
-        "domain": dataset.domain.to_spec(),  # as detected from the values
-        "digest": data_digest(dataset.array),  # of the evaluated points: runs on the same data share it
-    }
-
-
-def summary_info(evaluation: Evaluation) -> dict[str, Any]:
-    """The ``summary`` object of a document."""
-    summary = evaluation.summary
-    info = {
-        "n": summary.n,
-        "measure": evaluation.measure,
-        "scoring": scoring_info(evaluation),
-        "kl_kind": evaluation.kl_kind,
-        **{name: _stat(getattr(summary, name)) for name in METRICS},
-        "bits_per_dim": _stat(summary.bits_per_dim),
-    }
-    if summary.dequantized_bits_per_dim is not None:
-        info["dequantized_bits_per_dim"] = {**_stat(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
-    info["diagnostics"] = diagnostics_info(evaluation)
-    return info
-
-
-def points_info(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """The ``points`` list of a document: one object per point."""
-    return point_records(evaluation.points, evaluation.settings.samples, evaluation.kl_kind == "monte_carlo")
-
-
-def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
-    """One JSON object per point; also the point lines of a results file."""
-    names = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat") + (("kl_stderr",) if monte_carlo_kl else ())
-    columns = {name: getattr(points, name).tolist() for name in names}
-    fraction = (points.ess / samples).tolist()
-    unreliable = points.unreliable.tolist()
-    return [
-        {
-            "index": int(index),
-            **{name: _finite(columns[name][row]) for name in names},
-            "ess_fraction": fraction[row],
-            "unreliable": unreliable[row],
-        }
-        for row, index in enumerate(points.index.tolist())
-    ]
-
-
-def elbo_document(
-    evaluation: Evaluation,
-    model: dict[str, Any],
-    data: dict[str, Any],
-    *,
-    convergence: bool = False,
-    latents: LatentHealth | None = None,
-) -> dict[str, Any]:
-    """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``).
-
-    Args:
-        evaluation: the results.
-        model, data: ``model_info`` and ``data_info`` of what was evaluated.
-        convergence: add the IWAE-versus-K list.
-        latents: add the latent-health object.
-    """
-    document = {
-        "schema": ELBO_SCHEMA,
-        "units": "nats per data point; higher is better (kl: lower)",
-        "model": model,
-        "data": data,
-        "settings": _settings_info(evaluation),
-        "summary": summary_info(evaluation),
-        "points": points_info(evaluation),
-    }
-    if convergence:
-        document["convergence"] = convergence_info(evaluation)
-    if latents is not None:
-        document["latents"] = latents_info(latents)
-    return document
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -323,7 +142,7 @@ def _trust_lines(evaluation: Evaluation) -> list[str]:
         f"{_num(diagnostics.elbo_stderr.mean, 3)}, iwae {_num(diagnostics.iwae_stderr.mean, 3)}."
     ]
     if flagged:
-        shown = ", ".join(map(str, flagged[:10])) + (" ..." if len(flagged) > 10 else "")
+        shown = listing(flagged, 10)
         lines.append(
             f"[red]{len(flagged)} of {evaluation.summary.n} points ({100 * diagnostics.share:.1f}%) are unreliable[/]: "
             f"k-hat > {diagnostics.threshold:.2f}, so importance sampling may be badly low there "
@@ -361,17 +180,6 @@ def _latents_table(health: LatentHealth) -> Table:
     return table
 
 
-def latents_document(health: LatentHealth, model: Model, dataset: Dataset, evaluation: Evaluation) -> dict[str, Any]:
-    """The ``vaeeval latents --json`` document (schema ``vaeeval.latents/1``)."""
-    return {
-        "schema": LATENTS_SCHEMA,
-        "model": model_info(model),
-        "data": data_info(dataset),
-        "settings": _settings_info(evaluation),
-        "latents": latents_info(health),
-    }
-
-
 def render_latents(console: Console, health: LatentHealth) -> None:
     """Print the latent-health table and, when units collapsed, the warning."""
     console.print(_latents_table(health))
@@ -393,7 +201,7 @@ def render_elbo(
 ) -> None:
     """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections.
 
-    ``model`` and ``data`` are ``model_info`` and ``data_info`` of what was evaluated.
+    ``model`` and ``data`` are ``model_record`` and ``data_record`` of what was evaluated.
     """
     console.print(_header(evaluation, model, data))
     console.print()
@@ -413,25 +221,6 @@ def render_elbo(
     if latents is not None:
         console.print()
         render_latents(console, latents)
-
-
-def inspect_document(model: Model) -> dict[str, Any]:
-    """The ``vaeeval inspect --json`` document (schema ``vaeeval.inspect/1``)."""
-    return {
-        "schema": INSPECT_SCHEMA,
-        "model": model_info(model),
-        "layers": [
-            {
-                "part": layer.part,
-                "index": layer.index,
-                "type": layer.type,
-                "detail": layer.detail,
-                "output_shape": list(layer.out_shape),
-                "parameters": layer.parameters,
-            }
-            for layer in model.layers
-        ],
-    }
 
 
 def render_inspect(console: Console, model: Model) -> None:
@@ -505,59 +294,6 @@ def _label(model: Model) -> str:
     return model.path.stem if model.path else "model"
 
 
-def _settings_info(evaluation: Evaluation) -> dict[str, Any]:
-    settings = evaluation.settings
-    return {
-        "samples": settings.samples,
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-        "chunk_size": settings.chunk_size,
-        "device": settings.device,
-    }
-
-
-def compare_document(comparison: Comparison, dataset: Dataset) -> dict[str, Any]:
-    """The ``vaeeval compare --json`` document (schema ``vaeeval.compare/1``)."""
-    models, evaluations = comparison.models, comparison.evaluations
-    paths = [str(model.path) if model.path else f"model {i}" for i, model in enumerate(models)]
-    return {
-        "schema": COMPARE_SCHEMA,
-        "units": "nats per data point; higher is better (kl: lower)",
-        "data": data_info(dataset),
-        "settings": _settings_info(evaluations[0]),
-        "models": [
-            {
-                "model": model_info(model),
-                "rank": comparison.rank(index),
-                "summary": summary_info(evaluation),
-                "points": points_info(evaluation),
-            }
-            for index, (model, evaluation) in enumerate(zip(models, evaluations))
-        ],
-        "rankings": [
-            {
-                "measure": group.measure,
-                "ranked": group.ranked,
-                "order": [paths[i] for i in group.members],
-                "reason": group.refusal,
-            }
-            for group in comparison.groups
-        ],
-        "differences": [
-            {
-                "model": paths[difference.model],
-                "versus": paths[difference.best],
-                "metric": "iwae",
-                "mean": difference.paired.mean,
-                "stderr": difference.paired.stderr,
-                "unpaired_stderr": difference.unpaired_stderr,
-            }
-            for difference in comparison.differences
-        ],
-        "notes": list(comparison.notes),
-    }
-
-
 def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -> None:
     """Print the ``vaeeval compare`` table: a row per model, ranks, paired differences, notes."""
     first = comparison.evaluations[0]
@@ -615,25 +351,9 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
         )
     for note in comparison.notes:
         console.print(escape(note))
-    shaky = [_label(m) for m, e in zip(comparison.models, comparison.evaluations) if e.summary.diagnostics.share > 0.1]
+    shaky = [_label(m) for m, e in zip(comparison.models, comparison.evaluations, strict=False) if e.summary.diagnostics.share > 0.1]
     if shaky:
         console.print(
             f"[red]k-hat flags over 10% of the points of {', '.join(shaky)}[/]: those IWAE estimates may still be "
             "low (see vaeeval elbo --diagnostics --convergence); a larger K or a better encoder makes them trustworthy."
         )
-
-
-def check_document(result: BaselineCheck) -> dict[str, Any]:
-    """The ``vaeeval check --json`` document (schema ``vaeeval.check/1``)."""
-    return {
-        "schema": CHECK_SCHEMA,
-        "metric": result.metric,
-        "new": result.new,
-        "baseline": result.baseline,
-        "difference": _stat(result.difference),
-        "points": result.points,
-        "tolerance": result.tolerance,
-        "confidence": result.confidence,
-        "passed": result.passed,
-        "reason": result.reason,
-    }

@@ -10,7 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from vaeeval.domains import DOMAINS
 from vaeeval.errors import VaeevalError
+from vaeeval.output.records import POINT_MONTE_CARLO
+from vaeeval.results import KL_KINDS, MEASURES, METRICS
+
+ELBO_SCHEMA = "vaeeval.elbo/1"
+COMPARE_SCHEMA = "vaeeval.compare/1"
+CHECK_SCHEMA = "vaeeval.check/1"
+LATENTS_SCHEMA = "vaeeval.latents/1"
+INSPECT_SCHEMA = "vaeeval.inspect/1"
+STREAM_SCHEMA = "vaeeval.elbo-stream/1"
 
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 NUMBER = {"type": "number"}
@@ -25,14 +35,15 @@ def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) ->
 
 
 STAT = _object({"mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
-METRIC_NAMES = ("elbo", "recon", "kl", "iwae")
+MEASURE = {"enum": list(MEASURES)}
+KL_KIND = {"enum": list(KL_KINDS)}
 
 MODEL = _object(
     {
         "path": MAYBE_STRING,
         "family": STRING,
         "likelihood": {"type": "object", "required": ["family"]},
-        "measure": {"enum": ["density", "probability"]},
+        "measure": MEASURE,
         "prior": {"type": "object", "required": ["family"]},
         "latent_dim": {"type": "integer", "minimum": 1},
         "input_shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
@@ -41,7 +52,7 @@ MODEL = _object(
     },
     {"format": {"enum": [1, None]}, "arch": MAYBE_STRING, "digest": MAYBE_STRING, "description": STRING},
 )
-DOMAIN = _object({"domain": {"enum": ["binary", "discrete", "unit_interval", "real"]}}, {"levels": INTEGER})
+DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER})
 DATA = _object(
     {
         "path": MAYBE_STRING,
@@ -65,7 +76,7 @@ SETTINGS = _object(
 )
 SCORING = _object(
     {
-        "measure": {"enum": ["density", "probability"]},
+        "measure": MEASURE,
         "levels": {"type": ["integer", "null"]},
         "data_levels": {"type": ["integer", "null"]},
         "note": STRING,
@@ -87,19 +98,19 @@ DIAGNOSTICS = _object(
 SUMMARY = _object(
     {
         "n": INTEGER,
-        "measure": {"enum": ["density", "probability"]},
+        "measure": MEASURE,
         "scoring": SCORING,
-        "kl_kind": {"enum": ["analytic", "monte_carlo"]},
-        **{name: STAT for name in METRIC_NAMES},
+        "kl_kind": KL_KIND,
+        **dict.fromkeys(METRICS, STAT),
         "bits_per_dim": STAT,
         "diagnostics": DIAGNOSTICS,
     },
     {"dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}}},
 )
-POINT = _object(
+POINT = _object(  # the keys of output.records.point_records (a test holds them equal)
     {
         "index": INTEGER,
-        **{name: NUMBER for name in METRIC_NAMES},
+        **dict.fromkeys(METRICS, NUMBER),
         "elbo_stderr": MAYBE_NUMBER,
         "iwae_stderr": NUMBER,
         "ess": NUMBER,
@@ -107,7 +118,7 @@ POINT = _object(
         "khat": MAYBE_NUMBER,
         "unreliable": {"type": "boolean"},
     },
-    {"kl_stderr": MAYBE_NUMBER},
+    dict.fromkeys(POINT_MONTE_CARLO, MAYBE_NUMBER),
 )
 LATENTS = _object(
     {
@@ -132,15 +143,15 @@ def _document(name: str, title: str, required: dict[str, Any], optional: dict[st
 
 
 SHARD = {"type": ["object", "null"], "required": ["index", "count", "start", "stop"]}
-_SCHEMAS: dict[str, dict[str, Any]] = {
-    "vaeeval.elbo/1": _document(
-        "vaeeval.elbo/1",
+_SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
+    _document(
+        ELBO_SCHEMA,
         "vaeeval elbo --json: per-point and summary ELBO, reconstruction, KL and IWAE, in nats",
         {"model": MODEL, "data": DATA, "settings": SETTINGS, "summary": SUMMARY, "points": {"type": "array", "items": POINT}},
         {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS},
     ),
-    "vaeeval.compare/1": _document(
-        "vaeeval.compare/1",
+    _document(
+        COMPARE_SCHEMA,
         "vaeeval compare --json: several models on the same points, ranked where comparable",
         {
             "data": DATA,
@@ -170,8 +181,8 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         },
         {"units": STRING},
     ),
-    "vaeeval.inspect/1": _document(
-        "vaeeval.inspect/1",
+    _document(
+        INSPECT_SCHEMA,
         "vaeeval inspect --json: a model file's layers, likelihood, prior and data domain",
         {
             "model": MODEL,
@@ -184,34 +195,34 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             },
         },
     ),
-    "vaeeval.latents/1": _document(
-        "vaeeval.latents/1",
+    _document(
+        LATENTS_SCHEMA,
         "vaeeval latents --json: latent health",
         {"model": MODEL, "data": DATA, "settings": SETTINGS, "latents": LATENTS},
     ),
-    "vaeeval.check/1": _document(
-        "vaeeval.check/1",
+    _document(
+        CHECK_SCHEMA,
         "vaeeval check --json: a run against its baseline, paired over the same points",
         {
             "metric": STRING, "new": NUMBER, "baseline": NUMBER, "difference": STAT, "points": INTEGER,
             "tolerance": NUMBER, "confidence": NUMBER, "passed": {"type": "boolean"}, "reason": STRING,
         },
     ),
-    "vaeeval.elbo-stream/1": {
+    {
         "$schema": _DRAFT,
-        "$id": "vaeeval.elbo-stream/1",
+        "$id": STREAM_SCHEMA,
         "title": "one line of a results file (elbo --output): the header, a point, or the final summary",
         "oneOf": [
             _object(
-                {"kind": {"const": "header"}, "schema": {"const": "vaeeval.elbo-stream/1"}, "model": MODEL,
+                {"kind": {"const": "header"}, "schema": {"const": STREAM_SCHEMA}, "model": MODEL,
                  "data": DATA, "settings": SETTINGS, "scoring": SCORING,
-                 "kl_kind": {"enum": ["analytic", "monte_carlo"]}, "domain": DOMAIN, "shard": SHARD}
+                 "kl_kind": KL_KIND, "domain": DOMAIN, "shard": SHARD}
             ),
             _object({"kind": {"const": "summary"}, "summary": SUMMARY}),
             {**POINT, "not": {"required": ["kind"]}},
         ],
     },
-}
+)}
 
 
 def schema_names() -> tuple[str, ...]:

@@ -1,6 +1,8 @@
 """``--plot FILE.png``: the K-convergence curve and the histogram of per-point log p(x).
 
-matplotlib is an optional extra (``pip install 'vaeeval[plot]'``), imported only here.
+matplotlib is an optional extra (``pip install 'vaeeval[plot]'``), imported only here. The figure
+is drawn through matplotlib's object interface, never pyplot, so no backend is
+chosen or switched for the process (a notebook's stays as it was).
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import Evaluation
+from vaeeval.errors import VaeevalError, option
+from vaeeval.results import Evaluation
 
 
 def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
@@ -20,14 +22,12 @@ def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
         VaeevalError: matplotlib is not installed, or the file cannot be written.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
+        from matplotlib.figure import Figure
     except ImportError:
-        raise VaeevalError("--plot needs matplotlib: pip install 'vaeeval[plot]'") from None
+        raise VaeevalError(f"{option('plot')} needs matplotlib: pip install 'vaeeval[plot]'") from None
     path = Path(path)
-    figure, (curve, histogram) = pyplot.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    curve, histogram = figure.subplots(1, 2)
     steps = evaluation.convergence.summary()
     ks = [k for k, _ in steps]
     means = np.array([stat.mean for _, stat in steps])
@@ -55,6 +55,4 @@ def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
         figure.savefig(path, dpi=100)
     except OSError as error:
         raise VaeevalError(f"{path}: cannot write the plot ({error.strerror or error})") from None
-    finally:
-        pyplot.close(figure)
     return path

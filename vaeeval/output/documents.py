@@ -1,0 +1,152 @@
+"""The ``--json`` documents, assembled from records: one function per schema."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vaeeval.output.records import (
+    convergence_records,
+    data_record,
+    evaluation_points,
+    latents_record,
+    model_record,
+    settings_record,
+    stat_record,
+    summary_record,
+)
+from vaeeval.output.schemas import CHECK_SCHEMA, COMPARE_SCHEMA, ELBO_SCHEMA, INSPECT_SCHEMA, LATENTS_SCHEMA
+from vaeeval.results import Evaluation
+
+if TYPE_CHECKING:
+    from vaeeval.compare import Comparison
+    from vaeeval.data import Dataset
+    from vaeeval.gates import BaselineCheck
+    from vaeeval.latents import LatentHealth
+    from vaeeval.model import Model
+
+UNITS = "nats per data point; higher is better (kl: lower)"
+
+
+def elbo_document(
+    evaluation: Evaluation,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    *,
+    convergence: bool = False,
+    latents: LatentHealth | None = None,
+) -> dict[str, Any]:
+    """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``).
+
+    Args:
+        evaluation: the results.
+        model, data: ``model_record`` and ``data_record`` of what was evaluated.
+        convergence: add the IWAE-versus-K list.
+        latents: add the latent-health object.
+    """
+    document = {
+        "schema": ELBO_SCHEMA,
+        "units": UNITS,
+        "model": model,
+        "data": data,
+        "settings": settings_record(evaluation.settings),
+        "summary": summary_record(evaluation),
+        "points": evaluation_points(evaluation),
+    }
+    if convergence:
+        document["convergence"] = convergence_records(evaluation)
+    if latents is not None:
+        document["latents"] = latents_record(latents)
+    return document
+
+
+def latents_document(health: LatentHealth, model: Model, dataset: Dataset, evaluation: Evaluation) -> dict[str, Any]:
+    """The ``vaeeval latents --json`` document (schema ``vaeeval.latents/1``)."""
+    return {
+        "schema": LATENTS_SCHEMA,
+        "model": model_record(model),
+        "data": data_record(dataset),
+        "settings": settings_record(evaluation.settings),
+        "latents": latents_record(health),
+    }
+
+
+def inspect_document(model: Model) -> dict[str, Any]:
+    """The ``vaeeval inspect --json`` document (schema ``vaeeval.inspect/1``)."""
+    return {
+        "schema": INSPECT_SCHEMA,
+        "model": model_record(model),
+        "layers": [
+            {
+                "part": layer.part,
+                "index": layer.index,
+                "type": layer.type,
+                "detail": layer.detail,
+                "output_shape": list(layer.out_shape),
+                "parameters": layer.parameters,
+            }
+            for layer in model.layers
+        ],
+    }
+
+
+def model_label(model: Model, index: int) -> str:
+    """How documents name a model: its path, or its position."""
+    return str(model.path) if model.path else f"model {index}"
+
+
+def compare_document(comparison: Comparison, dataset: Dataset) -> dict[str, Any]:
+    """The ``vaeeval compare --json`` document (schema ``vaeeval.compare/1``)."""
+    models, evaluations = comparison.models, comparison.evaluations
+    paths = [model_label(model, i) for i, model in enumerate(models)]
+    return {
+        "schema": COMPARE_SCHEMA,
+        "units": UNITS,
+        "data": data_record(dataset),
+        "settings": settings_record(evaluations[0].settings),
+        "models": [
+            {
+                "model": model_record(model),
+                "rank": comparison.rank(index),
+                "summary": summary_record(evaluation),
+                "points": evaluation_points(evaluation),
+            }
+            for index, (model, evaluation) in enumerate(zip(models, evaluations, strict=False))
+        ],
+        "rankings": [
+            {
+                "measure": group.measure,
+                "ranked": group.ranked,
+                "order": [paths[i] for i in group.members],
+                "reason": group.refusal,
+            }
+            for group in comparison.groups
+        ],
+        "differences": [
+            {
+                "model": paths[difference.model],
+                "versus": paths[difference.best],
+                "metric": "iwae",
+                "mean": difference.paired.mean,
+                "stderr": difference.paired.stderr,
+                "unpaired_stderr": difference.unpaired_stderr,
+            }
+            for difference in comparison.differences
+        ],
+        "notes": list(comparison.notes),
+    }
+
+
+def check_document(result: BaselineCheck) -> dict[str, Any]:
+    """The ``vaeeval check --json`` document (schema ``vaeeval.check/1``)."""
+    return {
+        "schema": CHECK_SCHEMA,
+        "metric": result.metric,
+        "new": result.new,
+        "baseline": result.baseline,
+        "difference": stat_record(result.difference),
+        "points": result.points,
+        "tolerance": result.tolerance,
+        "confidence": result.confidence,
+        "passed": result.passed,
+        "reason": result.reason,
+    }

@@ -1,0 +1,50 @@
+"""Where a model and its data come from: a format-1 file, or a state dict read through the user's class.
+
+The one entry point the command line uses to turn MODEL and DATA arguments
+into a loaded model and data checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from vaeeval.arch import ArchOptions, arch_model
+from vaeeval.data import Dataset, load_data, point_shape
+from vaeeval.model import Model, load_model
+
+
+def model_for(path: str | Path, data: str | Path, arch: ArchOptions | None, *, key: str | None = None) -> Model:
+    """The model at ``path``: a format-1 file, or with ``arch`` a state dict read through the user's class.
+
+    An ``--arch`` model takes points shaped as in ``data``; ``arch.encode_shape`` reshapes them for ``encode``.
+    """
+    if arch is None:
+        return load_model(path)
+    shape = point_shape(data, key=key)
+    encode_shape = arch.encode_shape if arch.encode_shape != shape else None
+    return arch_model(path, replace(arch, encode_shape=encode_shape), shape)
+
+
+def load(
+    model: str | Path,
+    data: str | Path,
+    *,
+    arch: ArchOptions | None = None,
+    key: str | None = None,
+    limit: int | None = None,
+) -> tuple[Model, Dataset]:
+    """The model (a format-1 file, or ``arch``) and its data, checked against it.
+
+    Args:
+        model: the model file (with ``arch``: the safetensors state dict).
+        data: the ``.npy`` or ``.npz`` data file.
+        arch: how to read the state dict through the user's class (runs the user's code).
+        key: the array to use from an ``.npz`` that holds several.
+        limit: use only the first ``limit`` points.
+
+    Raises:
+        VaeevalError: a model or data file that cannot be read or does not fit.
+    """
+    loaded = model_for(model, data, arch, key=key)
+    return loaded, load_data(data, loaded, key=key, limit=limit)
