@@ -100,7 +100,9 @@ def _flops(module, input_shape) -> int:
 
 
 def child_vaeeval(workload: str, samples: int, points: int) -> dict:
-    from vaeeval import evaluate, save_model
+    from vaeeval import evaluate, save_model, tuning
+
+    tuning.keep_freed_memory()  # as the vaeeval command does
 
     encoder, decoder = _mlp_modules() if workload == "mlp" else _conv_modules()
     shape = [MLP["dims"]] if workload == "mlp" else [1, 28, 28]
