@@ -1,4 +1,4 @@
-"""Shared builders: tiny models written with ``save_model`` into tmp_path, and exact answers.
+"""Shared builders: tiny models written with ``save_model`` into tmp_path, exact answers, and a CLI runner.
 
 ``ppca`` builds a linear-Gaussian VAE (probabilistic PCA, Tipping & Bishop 1999)
 whose decoder has orthogonal columns, so its posterior is a diagonal Gaussian
@@ -7,17 +7,22 @@ and everything has a closed form.
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from hypothesis import settings
 from torch import nn
 
 from vaeeval import Model, save_model
+from vaeeval.cli import main
 
 # property tests draw the same examples on every run: CI is reproducible, failures replayable
 settings.register_profile("vaeeval", derandomize=True, deadline=None)
@@ -123,3 +128,36 @@ def binary_data(tmp_path: Path) -> Path:
 
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+def arviz_khat(log_w: np.ndarray) -> np.ndarray:
+    """arviz's PSIS k-hat of each row of log-weights: the reference implementation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arviz announces its refactor on import
+        import arviz
+
+        return arviz.psislw(log_w.copy())[1]
+
+
+@pytest.fixture
+def second_model(tmp_path: Path) -> Model:
+    """The ``bernoulli_model`` network with its output logits shifted by +1.5: clearly worse on the same data."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    decoder = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 6))
+    with torch.no_grad():
+        decoder[2].bias += 1.5
+    return save_model(tmp_path / "other.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
+                      input_shape=[6], latent_dim=2, data={"domain": "binary"})
+
+
+def cli(*args: Any, code: int = 0) -> Result:
+    """Run ``vaeeval`` in-process (stdout and stderr apart); its exit code must be ``code``."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (result.exit_code, result.stderr, repr(result.exception))
+    return result
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a results file)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from vaeeval import evaluate, load_data, load_model
-from vaeeval.arch import ArchOptions, arch_model
+from vaeeval import VaeevalError, evaluate, load_data, load_model
+from vaeeval.arch import ArchOptions, arch_model, load_architecture
 from vaeeval.cli import main
 from vaeeval.convert import AGREEMENT
 
@@ -233,6 +233,18 @@ def test_normal_returning_encoder_and_flat_input_shape(examples):
                             *_arch_args(examples, "VAE", "--input-shape", "64")).stdout)
     for a, b in zip(flat["points"], shaped["points"], strict=False):
         assert a["iwae"] == pytest.approx(b["iwae"], rel=1e-5)
+
+
+def test_loading_a_file_leaves_sys_modules_and_sys_path_as_they_were(examples):
+    """The file runs as a module while it is imported, with its folder on sys.path; neither stays behind."""
+    path, modules = list(sys.path), set(sys.modules)
+    factory = load_architecture(f"{examples / 'vae.py'}:make_vae")
+    assert isinstance(factory(dims=4, hidden=3, latent_dim=2), torch.nn.Module)
+    (examples / "broken.py").write_text("raise ValueError('no GPU found')\n")
+    with pytest.raises(VaeevalError, match="running .*broken.py raised ValueError: no GPU found"):
+        load_architecture(f"{examples / 'broken.py'}:VAE")
+    assert sys.path == path
+    assert [name for name in set(sys.modules) - modules if name.startswith("vaeeval_arch_") or name == "vae"] == []
 
 
 BROKEN = [

@@ -62,6 +62,29 @@ def test_table_shows_header_summary_first_and_worst(bernoulli_model, binary_data
     assert "k-hat" in trust and "ESS/K" in trust
 
 
+def test_json_carries_the_diagnostics_contract(bernoulli_model, binary_data, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["elbo", str(bernoulli_model.path), str(binary_data), "-k", "100", "--json", "--convergence", "--diagnostics",
+         "--plot", str(tmp_path / "p.png")],
+    )
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    point = document["points"][0]
+    assert {"elbo_stderr", "iwae_stderr", "ess", "khat", "unreliable"} <= set(point)
+    assert isinstance(point["unreliable"], bool)
+    diagnostics = document["summary"]["diagnostics"]
+    assert set(diagnostics["unreliable"]) == {"count", "share", "khat_threshold", "points"}
+    assert diagnostics["iwae_minus_elbo"]["mean"] > 0
+    assert [step["samples"] for step in document["convergence"]] == [1, 10, 100]
+    assert document["latents"]["active_units"] + len(document["latents"]["inactive"]) == 2
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = CliRunner().invoke(main, ["latents", str(bernoulli_model.path), str(binary_data), "-k", "20"])
+    assert table.exit_code == 0 and "Latent units" in table.stdout and "I(x; z)" in table.stdout
+    plain = json.loads(CliRunner().invoke(main, ["elbo", str(bernoulli_model.path), str(binary_data), "-k", "8", "--json"]).stdout)
+    assert "convergence" not in plain and "latents" not in plain
+
+
 def test_limit_and_npz_key(bernoulli_model, binary_data, tmp_path):
     np.savez(tmp_path / "d.npz", train=np.zeros((3, 6)), test=np.load(binary_data))
     document = json.loads(

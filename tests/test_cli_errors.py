@@ -10,8 +10,10 @@ by the one thing each case breaks.
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
+import re
 import traceback
 import warnings
 from collections.abc import Callable
@@ -26,8 +28,9 @@ from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 from torch import nn
 
-from vaeeval import save_model
+from vaeeval import VaeevalError, evaluate, load_data, load_model, save_model
 from vaeeval.cli import main
+from vaeeval.likelihoods import likelihood_spec
 
 ERROR_PREFIX = "vaeeval: error: "
 D = 6  # data dimensions of the small test models
@@ -685,3 +688,94 @@ def test_limit_skips_bad_points_after_it(tmp_path, files):
     np.save(path, binary(p7_e0=0.5))
     _assert_ok(run("elbo", files["bernoulli"], path, "-k", "4", "--limit", "7"))
     assert_one_line_error(run("elbo", files["bernoulli"], path, "-k", "4", "--limit", "8"), path, "point 7")
+
+
+# ----------------------------------------------------------------- parameter names and flags
+#
+# The library names a parameter as its caller wrote it (``device``); the command line
+# renders the same message with the flag a user typed (``--device``).
+
+MARK = "\x00"  # how vaeeval.errors.option marks a parameter inside a message
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY_ONLY = {"chunk_size"}  # parameters of the library the command line does not offer
+
+
+def _library_error(call: Callable[[], Any]) -> VaeevalError:
+    with pytest.raises(VaeevalError) as caught:
+        call()
+    return caught.value
+
+
+NAMED = [
+    ("device", ["--device", "tpu"], lambda model, data: evaluate(model, data, samples=4, device="tpu"),
+     "device 'tpu' is not a device name", "--device 'tpu' is not a device name"),
+    ("log_sigma_tensor", ["--arch", "vae.py:VAE", "--likelihood", "bernoulli", "--log-sigma-tensor", "x"],
+     lambda model, data: likelihood_spec("bernoulli", log_sigma_tensor="x"),
+     "log_sigma_tensor does not apply to a bernoulli likelihood", "--log-sigma-tensor does not apply to a bernoulli likelihood"),
+    ("discretize-density", ["--discretize", "5", "--density"],
+     lambda model, data: evaluate(model, data, samples=4, discretize=5, density=True),
+     "discretize and density contradict each other", "--discretize and --density contradict each other"),
+]
+
+
+@pytest.mark.parametrize(("name", "flags", "call", "library", "command_line"), NAMED, ids=[case[0] for case in NAMED])
+def test_the_library_names_the_parameter_and_the_cli_its_flag(files, name, flags, call, library, command_line):
+    model = load_model(files["bernoulli"])
+    error = _library_error(lambda: call(model, load_data(files["binary_data"], model)))
+    assert str(error).startswith(library) and "--" not in str(error) and MARK not in str(error)
+    message = assert_one_line_error(run("elbo", files["bernoulli"], files["binary_data"], "-k", "4", *flags), None)
+    assert message.startswith(command_line) and MARK not in message
+
+
+def test_a_parameter_whose_flag_is_not_its_name(files):
+    """batch_size -> --batch-size, samples -> --samples (not -k), as_json -> --json: _Group.flag reads click's options."""
+    expected = {"samples": "--samples", "batch_size": "--batch-size", "log_sigma_tensor": "--log-sigma-tensor",
+                "fail_under": "--fail-under", "as_json": "--json", "show_all": "--all", "chunk_size": "--chunk-size"}
+    assert {name: main.flag(name) for name in expected} == expected
+    model = load_model(files["bernoulli"])
+    error = _library_error(lambda: evaluate(model, np.zeros((2, D), np.float32), batch_size=0))
+    assert str(error) == "samples and batch_size must be at least 1"
+    assert error.render(main.flag) == "--samples and --batch-size must be at least 1"
+
+
+def _marked_names(error: VaeevalError) -> list[str]:
+    names: list[str] = []
+    error.render(lambda name: names.append(name) or name)
+    return names
+
+
+def _modules_the_cli_imports() -> set[Path]:
+    """The source files of vaeeval.cli and every vaeeval module it imports, directly or not."""
+
+    def source(dotted: str) -> Path:
+        path = ROOT.joinpath(*dotted.split("."))
+        return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+    found: set[Path] = set()
+    pending = ["vaeeval.cli"]
+    while pending:
+        dotted = pending.pop()
+        path = source(dotted)
+        if path in found or not path.is_file():
+            continue
+        found.add(path)
+        pending += [dotted.rsplit(".", 1)[0]] if "." in dotted else []  # its package's __init__
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names if alias.name.startswith("vaeeval")]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("vaeeval"):
+                pending += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return found
+
+
+def test_every_parameter_a_message_of_the_cli_names_is_one_of_its_flags():
+    """A renamed option would otherwise be rendered as a flag that does not exist."""
+    source = "\n".join(path.read_text() for path in _modules_the_cli_imports())
+    calls = re.findall(r"(?<![\w.])option\(([^)]*)\)", source)
+    names = {name for call in calls for name in re.findall(r"[\"']([a-z_]+)[\"']", call)}
+    for value in ({"sigma": 1.0}, {"log_sigma_tensor": "t"}, {"levels": 3}):  # likelihood_spec names them through a variable
+        names.update(_marked_names(_library_error(lambda value=value: likelihood_spec("bernoulli", **value))))
+    assert {"samples", "device", "sigma", "log_sigma_tensor", "levels", "arch", "shard", "plot", "tolerance"} <= names
+    flags = {opt for command in main.commands.values() for param in command.params for opt in param.opts}
+    assert {name for name in names - LIBRARY_ONLY if main.flag(name) not in flags} == set()
+    assert {main.flag(name) for name in LIBRARY_ONLY} & flags == set()

@@ -15,6 +15,7 @@ from vaeeval import evaluate, load_data, save_model
 from vaeeval.cli import main
 from vaeeval.compare import compare
 from vaeeval.evaluate import EvaluationOptions
+from vaeeval.results import mean_and_stderr
 
 DIMS = 4
 
@@ -74,6 +75,15 @@ def test_paired_standard_error_is_the_direct_computation(models, grey):
         se_a = np.std(a, ddof=1) / math.sqrt(a.size)
         se_b = np.std(b, ddof=1) / math.sqrt(b.size)
         assert difference.unpaired_stderr == pytest.approx(math.hypot(se_a, se_b))
+
+
+def test_paired_difference_is_the_summary_statistic_of_the_per_point_differences(models, grey):
+    """The same mean_and_stderr every summary uses, of best - other point by point: equal, not just close."""
+    comparison, _ = _run(models, grey)
+    assert len(comparison.differences) == 2
+    for difference in comparison.differences:
+        best, other = (comparison.evaluations[i].points.iwae for i in (difference.best, difference.model))
+        assert difference.paired == mean_and_stderr(best - other)
 
 
 def test_paired_error_is_smaller_when_points_vary_together(tmp_path, grey):

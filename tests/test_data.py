@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 import vaeeval.domains as domains_module
-from vaeeval import DataError, Dataset, Domain, VaeevalError, load_data, save_model
-from vaeeval.domains import domain_from_spec
-from vaeeval.errors import SpecError
+from vaeeval import DataError, Dataset, VaeevalError, load_data, save_model
 
 D = 6
 N = 10
@@ -308,106 +306,3 @@ def test_nan_is_reported_as_nan_before_support(tmp_path, models):
     path = save_npy(tmp_path / "x.npy", x)
     with pytest.raises(DataError, match="nan; data must be finite"):
         load_data(path, models["bernoulli"])
-
-
-# ----------------------------------------------------------------- Domain
-
-
-def test_binary_domain():
-    x = np.array([0, 1, 0.5, -1, 2, 1e-7, 1 - 1e-7], dtype=np.float64)
-    np.testing.assert_array_equal(Domain("binary").outside(x), [False, False, True, True, True, True, True])
-    assert not Domain("binary").outside(np.array([[True, False]])).any()
-    assert not Domain("binary").outside(np.array([0, 1], dtype=np.uint8)).any()
-
-
-def test_real_domain():
-    x = np.array([[-1e30, 0.0, 3.5], [1e30, -0.0, 1.0]], dtype=np.float32)
-    mask = Domain("real").outside(x)
-    assert mask.shape == x.shape and mask.dtype == bool and not mask.any()
-
-
-def test_unit_interval_domain():
-    x = np.array([0.0, 1.0, 0.5, 0.3, 1e-30, -1e-7, 1 + 1e-6, 2.0, -3.0], dtype=np.float32)
-    np.testing.assert_array_equal(
-        Domain("unit_interval").outside(x), [False] * 5 + [True] * 4
-    )
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("levels", [2, 5, 17, 256])
-def test_discrete_domain_accepts_its_grid(levels, dtype):
-    grid = (np.arange(levels) / (levels - 1)).astype(dtype)
-    mask = Domain("discrete", levels).outside(grid.reshape(1, -1))
-    assert mask.shape == (1, levels)
-    assert not mask.any()
-
-
-def test_discrete_domain_grid_tolerance():
-    domain = Domain("discrete", 17)
-    on_grid = (np.arange(17, dtype=np.float32) / np.float32(16)).astype(np.float32)
-    assert not domain.outside(on_grid).any()
-    # k/16 computed in float32 another way (and via float16) is still on the grid.
-    assert not domain.outside(np.float32(np.arange(17)) * np.float32(0.0625)).any()
-    assert not domain.outside(on_grid.astype(np.float16)).any()
-    off_grid = np.array([0.03, 1 / 32, 0.5 + 0.01, 0.999, -1 / 16, 1 + 1 / 16], dtype=np.float32)
-    np.testing.assert_array_equal(domain.outside(off_grid), [True] * 6)
-
-
-def test_discrete_domain_is_not_binary_only():
-    x = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 0.3, 0.2], dtype=np.float32)
-    np.testing.assert_array_equal(Domain("discrete", 5).outside(x), [False] * 5 + [True] * 2)
-    np.testing.assert_array_equal(Domain("discrete", 2).outside(x), [False, True, True, True, False, True, True])
-
-
-def test_outside_keeps_the_shape():
-    x = np.full((3, 1, 2, 3), 0.5, dtype=np.float32)
-    for domain in (Domain("binary"), Domain("real"), Domain("unit_interval"), Domain("discrete", 3)):
-        mask = domain.outside(x)
-        assert mask.shape == x.shape and mask.dtype == bool
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        (None, None),
-        ({"domain": "binary"}, Domain("binary")),
-        ({"domain": "real"}, Domain("real")),
-        ({"domain": "unit_interval"}, Domain("unit_interval")),
-        ({"domain": "discrete", "levels": 256}, Domain("discrete", 256)),
-        ({"domain": "discrete", "levels": 2}, Domain("discrete", 2)),
-    ],
-)
-def test_domain_from_spec(spec, expected):
-    domain = domain_from_spec(spec)
-    assert domain == expected
-    if domain is not None:
-        assert domain_from_spec(domain.to_spec()) == domain
-        assert domain.to_spec() == spec
-        assert domain.describe()
-
-
-@pytest.mark.parametrize(
-    ("spec", "phrase"),
-    [
-        ("binary", 'must be an object with a "domain"'),
-        ({}, 'must be an object with a "domain"'),
-        ({"domain": "pixels"}, "'pixels' is not one of binary, discrete, unit_interval, real"),
-        ({"domain": "discrete"}, 'needs "levels", an integer >= 2, found None'),
-        ({"domain": "discrete", "levels": 1}, "found 1"),
-        ({"domain": "discrete", "levels": True}, "found True"),
-        ({"domain": "discrete", "levels": 4.0}, "found 4.0"),
-        ({"domain": "discrete", "levels": "5"}, "found '5'"),
-    ],
-    ids=["string", "empty", "unknown", "no-levels", "levels-1", "levels-bool", "levels-float", "levels-str"],
-)
-def test_domain_from_spec_errors(spec, phrase):
-    with pytest.raises(SpecError) as caught:
-        domain_from_spec(spec)
-    assert phrase in str(caught.value)
-
-
-def test_domain_describe():
-    assert Domain("binary").describe() == "binary data (0 or 1)"
-    assert Domain("discrete", 5).describe() == "discrete data on 5 levels k/4"
-    assert Domain("unit_interval").describe() == "data in [0, 1]"
-    assert Domain("real").describe() == "real-valued data"

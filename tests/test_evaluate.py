@@ -1,4 +1,4 @@
-"""The evaluation loop: reproducible bit for bit, chunked, and consistent with its summary."""
+"""The evaluation loop: reproducible bit for bit, chunked, consistent with its summary; per-point diagnostics."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import LOG_2PI, PPCA, arviz_khat
+from scipy.special import logsumexp
 from torch import nn
 
 from vaeeval import VaeevalError, evaluate, load_data, save_model
 from vaeeval.estimators import BLOCK
 from vaeeval.evaluate import chunk_size_for
+from vaeeval.psis import reliability_threshold
 from vaeeval.results import mean_and_stderr
+from vaeeval.rng import standard_normal
 
 METRICS = ("elbo", "recon", "kl", "iwae")
 
@@ -145,16 +149,141 @@ def test_every_family_and_activation_is_bitwise_batch_independent(tmp_path, like
                 assert np.array_equal(getattr(runs[0].points, name), getattr(other.points, name), equal_nan=True), name
 
 
-def test_memory_stays_bounded_at_k_20000_under_a_tight_budget(bernoulli_model, binary_data):
-    """K = 20000 under a 64 KiB working-memory budget: chunks of one block, numbers as with a big budget."""
-    import resource
+_MEMORY_PROBE = """
+import resource, sys
+import numpy as np
+from vaeeval import evaluate, load_data, load_model
+model = load_model(sys.argv[1])
+data = load_data(sys.argv[2], model, limit=8)
+evaluate(model, data, samples=64, seed=1, batch_size=8, max_memory=2**16)  # warm-up: kernels, threads, allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = evaluate(model, data, samples=int(sys.argv[3]), seed=1, batch_size=8, max_memory=2**16)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown, result.settings.chunk_size, float(result.summary.iwae.mean))
+"""
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def test_memory_stays_bounded_at_a_large_k_under_a_tight_budget(bernoulli_model, binary_data):
+    """K = 200 000 under a 64 KiB budget, in a fresh process whose peak RSS no earlier test has raised.
+
+    Holding the samples of the 8 points at once would take 8 x 200 000 rows of the
+    decoder's activations, log-densities and noise: over 300 MB. Streamed, the peak
+    barely moves: only the per-point state and each point's largest log-weights
+    (for k-hat, 3 sqrt(K) of them) depend on K.
+    """
+    import subprocess
+    import sys
+
+    samples = 200_000
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(bernoulli_model.path), str(binary_data), str(samples)],
+        capture_output=True, text=True, check=True,
+    )
+    grown_kib, chunk_size, _ = done.stdout.split()
+    held = 8 * samples * (2 * 16 + 6 + 2 * 8) * 4  # bytes: hidden and output activations, noise and latents, float32
+    assert int(chunk_size) == BLOCK
+    assert held > 300e6
+    assert int(grown_kib) * 1024 < 30e6, f"peak RSS grew by {int(grown_kib) / 1024:.0f} MiB"
+
+
+def test_a_tight_budget_changes_no_number(bernoulli_model, binary_data):
     data = load_data(binary_data, bernoulli_model, limit=8)
     tight = evaluate(bernoulli_model, data, samples=20_000, seed=1, batch_size=8, max_memory=2**16)
-    assert tight.settings.chunk_size == BLOCK
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert grown < 50 * 1024  # KiB: nothing of size K was held (20000 x 8 points x 8 B per number is 1.2 MB a column)
     roomy = evaluate(bernoulli_model, data, samples=20_000, seed=1, batch_size=8, max_memory=2**30)
-    assert roomy.settings.chunk_size > tight.settings.chunk_size
+    assert tight.settings.chunk_size == BLOCK < roomy.settings.chunk_size
     assert np.array_equal(tight.points.iwae, roomy.points.iwae)
+
+
+# ---------------------------------------------------------------- per-point diagnostics
+
+
+def _log_weights_by_hand(ppca: PPCA, model, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """log w for every point and sample, recomputed in numpy float64 from the same noise."""
+    weight = model.encoder[0].weight.double().numpy()
+    bias = model.encoder[0].bias.double().numpy()
+    out = x @ weight.T + bias
+    latent = ppca.W.shape[1]
+    mean, var = out[:, :latent], np.exp(out[:, latent:])
+    eps = standard_normal(seed, np.arange(len(x)), 0, samples, latent).numpy()
+    z = (mean[:, None] + np.sqrt(var)[:, None] * eps).astype(np.float32).astype(np.float64)
+    residual = x[:, None, :] - z @ ppca.W.T - ppca.b
+    log_px_z = -0.5 * np.sum(residual**2, -1) / ppca.sigma**2 - ppca.dims * (math.log(ppca.sigma) + 0.5 * LOG_2PI)
+    log_pz = -0.5 * np.sum(z**2, -1) - 0.5 * latent * LOG_2PI
+    log_qz = -0.5 * np.sum((z - mean[:, None]) ** 2 / var[:, None] + np.log(var[:, None]) + LOG_2PI, -1)
+    return log_px_z + log_pz - log_qz
+
+
+def test_per_point_diagnostics_are_what_they_say(ppca: PPCA, tmp_path):
+    samples, seed = 2000, 4
+    model = ppca.save(tmp_path / "m.safetensors", mean_scale=0.7, log_var_shift=-0.6)
+    x = ppca.sample(25, np.random.default_rng(1))
+    result = evaluate(model, x, samples=samples, seed=seed, chunk_size=256)
+    log_w = _log_weights_by_hand(ppca, model, x, samples, seed)
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    ess = w.sum(1) ** 2 / (w**2).sum(1)
+    np.testing.assert_allclose(result.points.iwae, logsumexp(log_w, axis=1) - math.log(samples), rtol=1e-6)
+    np.testing.assert_allclose(result.points.ess, ess, rtol=1e-5)
+    np.testing.assert_allclose(result.points.iwae_stderr, np.sqrt(1 / ess - 1 / samples), rtol=1e-5)
+    np.testing.assert_allclose(result.points.khat, arviz_khat(log_w), atol=1e-3)  # float32 network noise
+    assert np.array_equal(result.points.unreliable, result.points.khat > reliability_threshold(samples))
+    assert result.summary.diagnostics.unreliable == tuple(
+        sorted(np.flatnonzero(result.points.unreliable), key=lambda i: -result.points.khat[i])
+    )
+
+
+def test_narrow_q_has_the_known_tail_index(ppca: PPCA, tmp_path):
+    """q = N(m, r s2) for a Gaussian posterior N(m, s2): w has Pareto tail index k = 1 - r."""
+    x = ppca.sample(16, np.random.default_rng(2))
+    for ratio in (0.8, 0.5, 0.2):
+        model = ppca.save(tmp_path / f"r{ratio}.safetensors", log_var_shift=math.log(ratio))
+        khat = evaluate(model, x, samples=20_000, seed=1).points.khat
+        assert abs(khat.mean() - (1 - ratio)) < 0.05, (ratio, khat.mean())
+
+
+def test_too_narrow_encoder_is_flagged_and_the_exact_posterior_is_not(ppca: PPCA, tmp_path):
+    x = ppca.sample(40, np.random.default_rng(3))
+    exact = evaluate(ppca.save(tmp_path / "exact.safetensors"), x, samples=1000)
+    assert not exact.points.unreliable.any() and exact.summary.diagnostics.unreliable == ()
+    assert np.all(exact.points.iwae_stderr < 1e-6)
+    assert np.all(exact.points.ess > 0.999 * 1000)
+    narrow = evaluate(ppca.save(tmp_path / "narrow.safetensors", log_var_shift=math.log(0.1)), x, samples=1000)
+    assert narrow.points.unreliable.mean() > 0.6  # true k = 0.9 > 0.67: most k-hats say so
+    assert narrow.summary.diagnostics.share == narrow.points.unreliable.mean()
+    # and the unreliable estimate is badly low, as PSIS warns
+    assert np.mean(narrow.points.iwae - ppca.log_px(x)) < -0.3
+
+
+def test_iwae_stderr_covers_the_truth_at_the_nominal_rate(ppca: PPCA, tmp_path):
+    model = ppca.save(tmp_path / "m.safetensors", mean_scale=0.9, log_var_shift=0.3)
+    x = ppca.sample(100, np.random.default_rng(5))
+    truth = ppca.log_px(x)
+    covered = []
+    for seed in range(4):
+        result = evaluate(model, x, samples=200, seed=seed)
+        covered.append(np.abs(result.points.iwae - truth) <= 1.96 * result.points.iwae_stderr)
+    rate = np.mean(covered)
+    assert 0.9 <= rate <= 0.99, rate
+
+
+def test_elbo_stderr_is_the_monte_carlo_error_of_the_reconstruction(ppca: PPCA, tmp_path):
+    model = ppca.save(tmp_path / "m.safetensors", mean_scale=0.8)
+    x = ppca.sample(10, np.random.default_rng(6))
+    big = evaluate(model, x, samples=50_000, seed=9)
+    small = [evaluate(model, x, samples=100, seed=seed) for seed in range(80)]
+    spread = np.std([r.points.elbo for r in small], axis=0, ddof=1)
+    predicted = np.mean([r.points.elbo_stderr for r in small], axis=0)
+    # 80 replicates of a skewed (chi-square-like) term: each point's spread is known to ~15%, their mean to ~5%
+    assert 0.9 < spread.mean() / predicted.mean() < 1.1
+    np.testing.assert_allclose(predicted, spread, rtol=0.4)
+    assert np.all(big.points.elbo_stderr < predicted)
+
+
+def test_convergence_uses_nested_subsets_of_the_same_samples(ppca: PPCA, tmp_path):
+    model = ppca.save(tmp_path / "m.safetensors", mean_scale=0.8, log_var_shift=-0.3)
+    x = ppca.sample(12, np.random.default_rng(7))
+    full = evaluate(model, x, samples=1000, seed=2, chunk_size=128)
+    assert full.convergence.samples == (1, 10, 100, 1000)
+    np.testing.assert_array_equal(full.convergence.iwae[:, -1], full.points.iwae)
+    for column, k in enumerate(full.convergence.samples[:-1]):
+        alone = evaluate(model, x, samples=k, seed=2)
+        np.testing.assert_allclose(full.convergence.iwae[:, column], alone.points.iwae, rtol=1e-12, atol=1e-12)

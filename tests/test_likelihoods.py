@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch.distributions import ContinuousBernoulli
 
 from vaeeval.errors import SpecError
-from vaeeval.likelihoods import likelihood_from_spec
+from vaeeval.likelihoods import StableContinuousBernoulli, likelihood_from_spec
 
 SHAPE = (2, 3, 4)  # an image-like input shape: P splits the axis before it
 
@@ -155,6 +156,31 @@ def test_continuous_bernoulli_agrees_with_torch_where_torch_is_right():
     x = torch.rand(1, 50)
     reference = torch.distributions.ContinuousBernoulli(logits=logits[:, 0].double()).log_prob(x.double()).sum()
     assert likelihood.log_prob(logits, x).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_stable_continuous_bernoulli_is_torchs_for_moderate_logits():
+    logits = torch.linspace(-4.99, 4.99, 101, dtype=torch.float64)[:, None]  # 0 among them
+    x = torch.linspace(0, 1, 11, dtype=torch.float64)
+    found = StableContinuousBernoulli(logits=logits).log_prob(x)
+    torch.testing.assert_close(found, ContinuousBernoulli(logits=logits).log_prob(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("logit", [30.0, 60.0, 120.0])
+def test_stable_continuous_bernoulli_keeps_growing_like_log_logit_where_torch_clamps(logit):
+    """At the mode, log p = log C(eta) - softplus(-|eta|) = log |eta| + O(e^-|eta|); torch's stalls near 3.58."""
+    eta = torch.tensor([logit, -logit], dtype=torch.float64)
+    at_mode = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    found = StableContinuousBernoulli(logits=eta).log_prob(at_mode)
+    assert torch.isfinite(found).all()
+    torch.testing.assert_close(found, torch.full((2,), math.log(logit), dtype=torch.float64), rtol=1e-12, atol=0)
+    if logit >= 60:
+        assert (math.log(logit) - ContinuousBernoulli(logits=eta).log_prob(at_mode) > 0.5).all()  # torch's is wrong here
+
+
+def test_stable_continuous_bernoulli_does_not_override_torchs_private_hook():
+    """It writes log_prob out with its own normalizer; torch's private _cont_bern_log_norm stays torch's."""
+    assert "_cont_bern_log_norm" not in StableContinuousBernoulli.__dict__
+    assert "log_prob" in StableContinuousBernoulli.__dict__
 
 
 def test_continuous_bernoulli_density_integrates_to_one():

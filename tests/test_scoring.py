@@ -14,7 +14,7 @@ from torch import nn
 
 from vaeeval import VaeevalError, evaluate, save_model
 from vaeeval.cli import main
-from vaeeval.domains import Domain, detect_domain
+from vaeeval.domains import Domain
 from vaeeval.likelihoods import likelihood_from_spec
 from vaeeval.scoring import choose_scoring
 
@@ -53,23 +53,6 @@ def test_scoring_choice(likelihood, detected, declared, options, measure, levels
 def test_scoring_refuses_what_cannot_be_meant(likelihood, detected, options, phrase):
     with pytest.raises(VaeevalError, match=phrase):
         choose_scoring(likelihood, detected, None, **options)
-
-
-@pytest.mark.parametrize(
-    ("values", "domain"),
-    [
-        ([0, 1, 1, 0], Domain("binary")),
-        ([0, 0, 0], Domain("binary")),
-        (np.arange(17) / 16, Domain("discrete", 17)),
-        (np.array([0, 4, 16]) / 16, Domain("discrete", 5)),  # the smallest grid that holds them
-        ((np.arange(256) / 255).astype(np.float32), Domain("discrete", 256)),
-        (np.random.default_rng(0).random(500), Domain("unit_interval")),
-        ([-0.5, 0.25], Domain("real")),
-        ([0.0, 2.0], Domain("real")),
-    ],
-)
-def test_domain_detection(values, domain):
-    assert detect_domain(np.asarray(values, dtype=np.float64).reshape(-1, 1)) == domain
 
 
 def _constant_gaussian(path, mean: np.ndarray, sigma: float):

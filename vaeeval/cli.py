@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,23 +20,54 @@ import click
 from rich.console import Console
 
 from vaeeval import __version__, tuning
+from vaeeval.ais import (
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG,
+    DEFAULT_PILOT_CHAINS,
+    DEFAULT_STEPS,
+    INITS,
+    MAX_STEPS,
+    AISEvaluator,
+    AISOptions,
+    BDMCEvaluator,
+    save_simulated,
+    simulate,
+    simulation_levels,
+)
+from vaeeval.annealing import SCHEDULES, STEP_SIZE_RANGE
 from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
 from vaeeval.compare import compare as compare_models
 from vaeeval.convert import convert as convert_model
 from vaeeval.data import load_data, point_shape
 from vaeeval.errors import VaeevalError
 from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, EvaluationOptions, Evaluator
-from vaeeval.gates import GATED, GateFailed, Threshold, check_baseline, check_thresholds
+from vaeeval.gates import AIS_GATED, CHECKED, GateFailed, Threshold, check_baseline, check_thresholds
 from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.likelihoods import families, likelihood_spec
 from vaeeval.model import Model, load_model
-from vaeeval.output.documents import check_document, compare_document, elbo_document, inspect_document, latents_document
+from vaeeval.output.documents import (
+    ais_document,
+    bdmc_document,
+    check_document,
+    compare_document,
+    elbo_document,
+    inspect_document,
+    latents_document,
+)
 from vaeeval.output.plot import plot_diagnostics
 from vaeeval.output.records import to_json
 from vaeeval.output.schemas import schema_names, schema_text
-from vaeeval.output.tables import ProgressBar, render_compare, render_elbo, render_inspect, render_latents
+from vaeeval.output.tables import (
+    ProgressBar,
+    render_ais,
+    render_bdmc,
+    render_compare,
+    render_elbo,
+    render_inspect,
+    render_latents,
+)
 from vaeeval.results import Evaluation
-from vaeeval.run import distributed_world, local_processes, run
+from vaeeval.run import Outcome, distributed_world, local_processes, run
 from vaeeval.sources import load
 from vaeeval.stream import Shard, merge_runs, read_results, read_stream, write_results
 
@@ -130,23 +162,26 @@ def _options(*decorators: Callable[..., Any]) -> Callable[[Callable[..., Any]], 
     return apply
 
 
-_evaluation_options = _options(
-    click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
-                 help="K, importance samples from q(z|x) per point."),
-    click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-                 help="Noise seed; each point's samples depend only on (seed, point index)."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
-                 help="Points per encoder pass. Results do not depend on it."),
-    click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
-                 help="Working-memory budget for a chunk of samples, e.g. 256M, 2G."),
+_SAMPLES = click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+                        help="K, importance samples from q(z|x) per point.")
+_SEED = click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+                     help="Noise seed; each point's samples depend only on (seed, point index).")
+_BATCH_SIZE = click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                           help="Points per encoder pass. Results do not depend on it.")
+_MAX_MEMORY = click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
+                           help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
+_DATA = (
     click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points."),
     click.option("--key", default=None, help="The array to use from an .npz file that holds several."),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+)
+_DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+_SCORING = (
     click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
                  help="Score continuous likelihoods as the probability of each value's bin on L levels."),
     click.option("--density", is_flag=True,
                  help="Keep continuous likelihoods' densities even when the data is discrete."),
 )
+_evaluation_options = _options(_SAMPLES, _SEED, _BATCH_SIZE, _MAX_MEMORY, *_DATA, _DEVICE, *_SCORING)
 
 
 def _evaluation(options: dict[str, Any]) -> EvaluationOptions:
@@ -154,11 +189,47 @@ def _evaluation(options: dict[str, Any]) -> EvaluationOptions:
     return EvaluationOptions(
         samples=options.pop("samples"),
         seed=options.pop("seed"),
-        batch_size=options.pop("batch_size"),
+        batch_size=options.pop("batch_size") or DEFAULT_BATCH_SIZE,
         max_memory=options.pop("max_memory"),
         device=options.pop("device"),
         discretize=options.pop("discretize"),
         density=options.pop("density"),
+    )
+
+
+_annealing_options = _options(
+    click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=DEFAULT_STEPS, show_default=True,
+                 help="T, annealing steps from the initial distribution to the posterior."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default="sigmoid", show_default=True,
+                 help="How the steps are spaced in β (sigmoid: dense at both ends, as Wu et al. 2017)."),
+    click.option("--leapfrog", type=click.IntRange(min=1), default=DEFAULT_LEAPFROG, show_default=True,
+                 help="Leapfrog steps per HMC transition."),
+    click.option("--chains", type=click.IntRange(min=1), default=DEFAULT_CHAINS, show_default=True,
+                 help="C, independent chains per point."),
+    click.option("--init", type=click.Choice(INITS), default="encoder", show_default=True,
+                 help="Start from q(z|x) (encoder) or from p(z) (prior)."),
+    click.option("--step-size", type=click.FloatRange(*STEP_SIZE_RANGE), default=None, metavar="E",
+                 help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
+    click.option("--pilot-chains", type=click.IntRange(min=1), default=DEFAULT_PILOT_CHAINS, show_default=True,
+                 help="Chains per point in the pilot run that tunes the step sizes."),
+    _SAMPLES, _SEED,
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Points annealed together (default: about 2048 chains in the memory budget). Results do not depend on it."),
+    _MAX_MEMORY, _DEVICE, *_SCORING,
+)
+
+
+def _annealing(options: dict[str, Any]) -> AISOptions:
+    """The annealing settings, taken out of the command's options (the evaluation settings stay)."""
+    return AISOptions(
+        steps=options.pop("steps"),
+        leapfrog=options.pop("leapfrog"),
+        chains=options.pop("chains"),
+        init=options.pop("init"),
+        schedule=options.pop("schedule"),
+        step_size=options.pop("step_size"),
+        pilot_chains=options.pop("pilot_chains"),
+        batch_size=options["batch_size"],
     )
 
 
@@ -216,7 +287,7 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
     return ArchOptions(
         spec=arch["arch"],
         likelihood=likelihood_spec(
-            arch["likelihood"], scale=arch["sigma"], log_scale_tensor=arch["log_sigma_tensor"], levels=arch["levels"]
+            arch["likelihood"], sigma=arch["sigma"], log_sigma_tensor=arch["log_sigma_tensor"], levels=arch["levels"]
         ),
         args=args,
         decoder_output=arch["decoder_output"],
@@ -224,6 +295,15 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
         decode_method=arch["decode_method"],
         encode_shape=_shape(arch["input_shape"]) if arch["input_shape"] else None,
     )
+
+
+_STREAMING = (
+    click.option("--output", type=_PATH, default=None, metavar="FILE.jsonl",
+                 help="Stream one JSON line per point as it is computed (plus a header and a summary line)."),
+    click.option("--resume", is_flag=True, help="Continue the run in --output from the points it already holds."),
+    click.option("--shard", default=None, metavar="I/N",
+                 help="Evaluate only slice I of N (0-based) into --output; combine the parts with vaeeval merge."),
+)
 
 
 @main.command()
@@ -238,11 +318,7 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
 @click.option("--convergence", is_flag=True, help="IWAE at K = 1, 10, 100, ... from nested subsets of the samples.")
 @click.option("--plot", type=_PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
-@click.option("--output", type=_PATH, default=None, metavar="FILE.jsonl",
-              help="Stream one JSON line per point as it is computed (plus a header and a summary line).")
-@click.option("--resume", is_flag=True, help="Continue the run in --output from the points it already holds.")
-@click.option("--shard", default=None, metavar="I/N",
-              help="Evaluate only slice I of N (0-based) into --output; combine the parts with vaeeval merge.")
+@_options(*_STREAMING)
 @click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
               help="Exit 1 when the mean of elbo, recon or iwae is below VALUE (repeatable).")
 def elbo(
@@ -277,34 +353,17 @@ def elbo(
       vaeeval elbo weights.safetensors data.npy --arch vae.py:VAE --likelihood bernoulli --decoder-output probs
     """
     thresholds = [Threshold.parse(text) for text in fail_under]
-    distributed = distributed_world() is not None
-    if resume and output is None:
-        raise click.UsageError("--resume continues the run in --output: give --output")
-    if shard is not None and (output is None or distributed):
-        raise click.UsageError("--shard writes one part for vaeeval merge: give --output (and not under torchrun)")
-    streamed = (output is not None or shard is not None) and not distributed
+    streamed = _check_streaming(output, resume, shard)
     if streamed and (convergence or diagnostics or plot):
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
     settings = _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
-    evaluator = Evaluator(loaded, dataset, settings)
-    part = None if shard is None else Shard.parse(shard, evaluator.n)
-    total = evaluator.n if part is None else part.stop - part.start
-    with _progress(total, "evaluating points") as progress:
-        outcome = run(evaluator, output=output, resume=resume, shard=part, progress=progress)
+    outcome = _run(Evaluator(loaded, dataset, settings), output, resume, shard, "evaluating points", render_elbo)
     if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
-    if outcome.interrupted:
-        render_elbo(_stdout(), result, about_model, about_data)
-        click.echo(
-            f"vaeeval: interrupted after {result.summary.n} of {outcome.asked} points; the summary above is of those"
-            + (f"; --resume continues {output}" if output else ""),
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
     health = _latent_health(result, loaded) if diagnostics else None
     if plot is not None:
         plot_diagnostics(result, plot)
@@ -316,8 +375,141 @@ def elbo(
     check_thresholds(result.summary, thresholds)
 
 
+def _check_streaming(output: Path | None, resume: bool, shard: str | None) -> bool:
+    """Refuse --resume and --shard without --output; whether the run's points go to a file."""
+    distributed = distributed_world() is not None
+    if resume and output is None:
+        raise click.UsageError("--resume continues the run in --output: give --output")
+    if shard is not None and (output is None or distributed):
+        raise click.UsageError("--shard writes one part for vaeeval merge: give --output (and not under torchrun)")
+    return (output is not None or shard is not None) and not distributed
+
+
+def _run(
+    estimator: Evaluator | AISEvaluator,
+    output: Path | None,
+    resume: bool,
+    shard: str | None,
+    label: str,
+    render: Callable[..., None],
+) -> Outcome | None:
+    """Run with a progress bar; when Ctrl-C stops it, ``render`` the points done and exit 130."""
+    part = None if shard is None else Shard.parse(shard, estimator.n)
+    total = estimator.n if part is None else part.stop - part.start
+    with _progress(total, label) as progress:
+        outcome = run(estimator, output=output, resume=resume, shard=part, progress=progress)
+    if outcome is not None and outcome.interrupted:
+        result = outcome.evaluation
+        render(_stdout(), result, outcome.header["model"], outcome.header["data"])
+        click.echo(
+            f"vaeeval: interrupted after {result.summary.n} of {outcome.asked} points; the summary above is of those"
+            + (f"; --resume continues {output}" if output else ""),
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    return outcome
+
+
 def _latent_health(result: Evaluation, model: Model) -> LatentHealth:
     return latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.argument("data", type=_PATH)
+@_annealing_options
+@_options(*_DATA)
+@_arch_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.ais/1) to stdout.")
+@click.option("--all", "show_all", is_flag=True, help="List every point in the table.")
+@_options(*_STREAMING)
+@click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
+              help="Exit 1 when the mean of ais, elbo or iwae is below VALUE (repeatable).")
+def ais(
+    model: Path,
+    data: Path,
+    as_json: bool,
+    show_all: bool,
+    output: Path | None,
+    resume: bool,
+    shard: str | None,
+    fail_under: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Estimate log p(x) per point by annealed importance sampling, beside the ELBO and IWAE.
+
+    Chains start from q(z|x) (or p(z)) and are annealed to the posterior p(z|x) along
+    f_t = q0^(1-β_t) (p(z) p(x|z))^β_t with HMC transitions (Neal 2001; Wu et al. 2017).
+    E[elbo] <= E[iwae] <= E[ais] <= log p(x), so ais - iwae is how far the IWAE estimate
+    fell short. Unless --step-size is given, a pilot run tunes the HMC step sizes per
+    point and step toward 65% acceptance, and the reported run uses them frozen, which
+    keeps its weights unbiased. Check the settings with vaeeval bdmc.
+
+    \b
+    Example:
+      vaeeval ais sample_models/digits_gaussian.safetensors sample_models/digits_grey_test.npy --limit 20
+      vaeeval ais model.safetensors data.npy --steps 2000 --chains 16 --json | jq .summary.ais.mean
+    """
+    thresholds = [Threshold.parse(text, AIS_GATED) for text in fail_under]
+    _check_streaming(output, resume, shard)
+    annealing, settings = _annealing(options), _evaluation(options)
+    loaded, dataset = load(model, data, arch=_arch(options), **options)
+    started = time.monotonic()
+    outcome = _run(AISEvaluator(loaded, dataset, annealing, settings), output, resume, shard, "annealing", render_ais)
+    if outcome is None:
+        return
+    result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
+    if as_json:
+        click.echo(to_json(ais_document(result, about_model, about_data)))
+    else:
+        render_ais(_stdout(), result, about_model, about_data, show_all=show_all, seconds=time.monotonic() - started)
+    check_thresholds(result.summary, thresholds)
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Points to simulate from the model.")
+@_annealing_options
+@_arch_options
+@click.option("--save-data", type=_PATH, default=None, metavar="FILE.npz", help="Write the simulated x and z.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.bdmc/1) to stdout.")
+@click.option("--all", "show_all", is_flag=True, help="List every point in the table.")
+def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: bool, **options: Any) -> None:
+    """Certify AIS: sandwich log p(x) of points simulated from the model between two AIS runs.
+
+    Draws z ~ p(z) and x ~ p(x|z) (on the model's data domain), then runs forward AIS
+    from q0 (a stochastic lower bound on log p(x)) and reverse AIS from the z that made
+    each x (an exact posterior sample: a stochastic upper bound), with the same options
+    as vaeeval ais (Grosse et al. 2015; Wu et al. 2017). The gap upper - lower bounds how
+    far AIS at these settings is from the truth on such data; above 1 nat per point the
+    settings are too weak for the model.
+
+    \b
+    Example:
+      vaeeval bdmc sample_models/digits_bernoulli.safetensors --n 20 --steps 200
+    """
+    annealing, settings = _annealing(options), _evaluation(options)
+    arch = _arch(options)
+    if arch is None:
+        loaded = load_model(model)
+    elif arch.encode_shape is None:
+        raise click.UsageError("bdmc --arch needs --input-shape: the shape of one data point")
+    else:
+        loaded = arch_model(model, ArchOptions(**{**vars(arch), "encode_shape": None}), arch.encode_shape)
+    simulated = simulate(loaded, n, seed=settings.seed, levels=simulation_levels(loaded, settings.discretize, settings.density))
+    if save_data is not None:
+        save_simulated(save_data, simulated)
+    evaluator = BDMCEvaluator(loaded, simulated, annealing, settings)
+    started = time.monotonic()
+    with _progress(n, "annealing both ways") as progress:
+        result = evaluator.evaluate(progress)
+    document = bdmc_document(result, loaded, simulated, str(save_data) if save_data else None)
+    if as_json:
+        click.echo(to_json(document))
+    else:
+        render_bdmc(_stdout(), result, document["model"], document["data"], show_all=show_all,
+                    seconds=time.monotonic() - started)
 
 
 @main.command()
@@ -441,7 +633,8 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
 @main.command()
 @click.argument("new", type=_PATH)
 @click.option("--baseline", type=_PATH, required=True, help="The earlier run: an elbo --json document or results file.")
-@click.option("--metric", type=click.Choice(GATED), default="iwae", show_default=True, help="The metric to compare.")
+@click.option("--metric", type=click.Choice(CHECKED), default="iwae", show_default=True,
+              help="The metric to compare (ais for two ais runs).")
 @click.option("--tolerance", type=float, default=0.0, show_default=True,
               help="How many nats per point the metric may drop before the check fails.")
 @click.option("--confidence", type=float, default=0.95, show_default=True,

@@ -88,7 +88,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _row_bytes(model: Model) -> int:
+def row_bytes(model: Model) -> int:
     """Rough working memory of one (point, sample) row through the decoder and likelihood."""
     widest = max(model.decoder_width, model.likelihood.params_per_dim * model.data_dims)
     dims = model.data_dims
@@ -103,7 +103,7 @@ TARGET_ROWS = 3072
 
 def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int) -> int:
     """Samples per chunk: whole blocks, about ``TARGET_ROWS`` rows, within ``max_memory``; at least one block."""
-    fitting = max_memory // (_row_bytes(model) * batch_size)
+    fitting = max_memory // (row_bytes(model) * batch_size)
     wanted = max(TARGET_ROWS // batch_size, 1)
     blocks = max(1, min(fitting // BLOCK, wanted // BLOCK, math.ceil(samples / BLOCK)))
     return blocks * BLOCK

@@ -16,10 +16,12 @@ from statistics import NormalDist
 import numpy as np
 
 from vaeeval.errors import VaeevalError, option
-from vaeeval.results import Stat, Summary, mean_and_stderr
+from vaeeval.results import AISSummary, Stat, Summary, mean_and_stderr
 from vaeeval.stream import StoredRun
 
 GATED = ("elbo", "recon", "iwae")  # higher is better
+AIS_GATED = ("ais", "elbo", "iwae")  # the means an AIS run reports, higher is better
+CHECKED = (*GATED, "ais")  # what check compares, when both runs have it
 
 
 class GateFailed(Exception):
@@ -34,12 +36,14 @@ class Threshold:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> Threshold:
-        """``iwae=-85.0`` -> the threshold."""
+    def parse(cls, text: str, metrics: tuple[str, ...] = GATED) -> Threshold:
+        """``iwae=-85.0`` -> the threshold, on one of ``metrics``."""
         metric, _, value = text.partition("=")
         metric = metric.strip()
-        if metric not in GATED:
-            raise VaeevalError(f"{option('fail_under')} {text!r}: gate one of {', '.join(GATED)} (higher is better), as METRIC=VALUE")
+        if metric not in metrics:
+            raise VaeevalError(
+                f"{option('fail_under')} {text!r}: gate one of {', '.join(metrics)} (higher is better), as METRIC=VALUE"
+            )
         try:
             number = float(value)
         except ValueError:
@@ -49,7 +53,7 @@ class Threshold:
         return cls(metric, number)
 
 
-def check_thresholds(summary: Summary, thresholds: list[Threshold]) -> None:
+def check_thresholds(summary: Summary | AISSummary, thresholds: list[Threshold]) -> None:
     """Raise ``GateFailed`` naming every threshold the summary's means fall below."""
     failures = [
         f"{t.metric} mean {getattr(summary, t.metric).mean:.4f} < {t.value:g}"
@@ -98,8 +102,8 @@ def check_baseline(
     Raises:
         VaeevalError: different data or points, unknown metric, or a file without per-point results.
     """
-    if metric not in GATED:
-        raise VaeevalError(f"{option('metric')} {metric!r}: check one of {', '.join(GATED)}")
+    if metric not in CHECKED:
+        raise VaeevalError(f"{option('metric')} {metric!r}: check one of {', '.join(CHECKED)}")
     if not 0.5 <= confidence < 1:
         raise VaeevalError(f"{option('confidence')} {confidence}: choose a level in [0.5, 1)")
     if tolerance < 0:
@@ -110,6 +114,9 @@ def check_baseline(
             f"{new.path} and {baseline.path} cover different data ({digests[0]} vs {digests[1]}); "
             "a baseline check pairs the same points"
         )
+    for run in (new, baseline):
+        if run.points and metric not in run.points[0]:
+            raise VaeevalError(f"{run.path}: its points have no {metric!r} (choose another {option('metric')})")
     new_points = {r["index"]: r[metric] for r in new.points}
     old_points = {r["index"]: r[metric] for r in baseline.points}
     if not new_points or set(new_points) != set(old_points):

@@ -385,6 +385,16 @@ def _plain(make: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
     return lambda *args, **kwargs: make()
 
 
+def _same(module: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A factory for a functional whose arguments after the input are the module's (``F.elu(x, alpha)``, ``nn.ELU(alpha)``)."""
+    return lambda *args, **kwargs: module(*args, **kwargs)
+
+
+def _flatten_call(start_dim: int = 0, end_dim: int = -1) -> nn.Module:
+    """``torch.flatten(x, ...)`` and ``x.flatten(...)`` start at axis 0, ``nn.Flatten`` at 1: say so."""
+    return nn.Flatten(start_dim, end_dim)
+
+
 def _require(condition: bool, why: str) -> None:
     if not condition:
         raise SpecError(why)
@@ -409,16 +419,16 @@ _ACTIVATIONS: dict[str, dict[str, Any]] = {  # registration order is the order m
     "relu": {"modules": (nn.ReLU,), "functions": {F.relu: _plain(nn.ReLU), torch.relu: _plain(nn.ReLU)},
              "methods": {"relu": _plain(nn.ReLU)}},
     "gelu": {"modules": (nn.GELU,), "spec_of": _exact_gelu,
-             "functions": {F.gelu: lambda *a, approximate="none", **k: nn.GELU(approximate)}},
+             "functions": {F.gelu: _same(nn.GELU)}},
     "tanh": {"modules": (nn.Tanh,), "functions": {torch.tanh: _plain(nn.Tanh), F.tanh: _plain(nn.Tanh)},
              "methods": {"tanh": _plain(nn.Tanh)}},
     "sigmoid": {"modules": (nn.Sigmoid,), "functions": {torch.sigmoid: _plain(nn.Sigmoid), F.sigmoid: _plain(nn.Sigmoid)},
                 "methods": {"sigmoid": _plain(nn.Sigmoid)}},
     "silu": {"modules": (nn.SiLU,), "functions": {F.silu: _plain(nn.SiLU)}},
     "softplus": {"modules": (nn.Softplus,), "spec_of": _plain_softplus,
-                 "functions": {F.softplus: lambda *a, beta=1.0, threshold=20.0, **k: nn.Softplus(beta, threshold)}},
+                 "functions": {F.softplus: _same(nn.Softplus)}},
     "elu": {"modules": (nn.ELU,), "spec_of": _unit_elu,
-            "functions": {F.elu: lambda *a, alpha=1.0, **k: nn.ELU(alpha)}},
+            "functions": {F.elu: _same(nn.ELU)}},
 }
 for _name, _known in _ACTIVATIONS.items():
     _function = _POSITION_INDEPENDENT.get(_name)
@@ -433,7 +443,7 @@ for _name, _known in _ACTIVATIONS.items():
 @register(
     "leaky_relu", ("negative_slope",), modules=(nn.LeakyReLU,),
     spec_of=lambda module: {"negative_slope": module.negative_slope},
-    functions={F.leaky_relu: lambda *a, negative_slope=0.01, **k: nn.LeakyReLU(a[0] if a else negative_slope)},
+    functions={F.leaky_relu: _same(nn.LeakyReLU)},
 )
 def _leaky_relu(spec, tensors, in_shape, label):
     slope = spec.get("negative_slope", 0.01)
@@ -449,8 +459,8 @@ def _flatten_spec(module: nn.Module) -> dict[str, Any]:
 
 @register(
     "flatten", modules=(nn.Flatten,), spec_of=_flatten_spec,
-    functions={torch.flatten: lambda *a, start_dim=1, end_dim=-1, **k: nn.Flatten(*(a or (start_dim, end_dim)))},
-    methods={"flatten": lambda *a: nn.Flatten(*a)},
+    functions={torch.flatten: _flatten_call},
+    methods={"flatten": _flatten_call},
 )
 def _flatten(spec, tensors, in_shape, label):
     return BuiltLayer(nn.Flatten(), (math.prod(in_shape),), ())

@@ -34,6 +34,7 @@ from vaeeval.specs import levels as levels_value
 from vaeeval.specs import named_tensor
 
 _LOG_HALF = math.log(0.5)
+_LOG_2 = math.log(2.0)
 BINARY, CATEGORICAL = "binary", "categorical"  # how probabilities become logits: sigmoid or softmax outputs
 
 
@@ -138,11 +139,31 @@ class Likelihood(ABC):
         return total
 
     def _summed(self, params: torch.Tensor, x: torch.Tensor, levels: int | None) -> torch.Tensor:
+        return self.sum_terms(self.terms(params, x, levels))
+
+    def terms(self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """log p(x_d|z) per data dimension, ``[..., *input_shape]``: what ``log_prob`` sums (differentiable).
+
+        A density's terms (or a probability family's) in the parameters' dtype; the bin
+        log-probabilities of a continuous family scored on ``levels`` levels in float64.
+        """
         if levels is None or not self.continuous:
-            elementwise = self.elementwise_log_prob(params, x)
-        else:
-            elementwise = self.log_bin_probability(params.double(), x.double(), levels)
-        return row_sums(elementwise.flatten(start_dim=elementwise.dim() - len(self.input_shape)))
+            return self.elementwise_log_prob(params, x)
+        return self.log_bin_probability(params.double(), x.double(), levels)
+
+    def sum_terms(self, terms: torch.Tensor) -> torch.Tensor:
+        """``terms`` ``[..., *input_shape]`` summed over the data dimensions in float64, ``[...]``."""
+        return row_sums(terms.flatten(start_dim=terms.dim() - len(self.input_shape)))
+
+    def log_prob_and_grad(
+        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x|z) per point (as ``log_prob``) and its gradient in ``params`` (their dtype and shape)."""
+        params = params.detach().requires_grad_(True)
+        with torch.enable_grad():
+            terms = self.terms(params, x, levels)
+            (grad,) = torch.autograd.grad(terms, params, grad_outputs=torch.ones_like(terms))
+        return self.sum_terms(terms.detach()), grad
 
     def log_prob_through_linear(
         self, hidden: torch.Tensor, logits: torch.Tensor, projected: torch.Tensor, offset: torch.Tensor
@@ -169,6 +190,13 @@ class Likelihood(ABC):
     def to(self, device: torch.device | str) -> Likelihood:
         """This likelihood with its tensors on ``device``."""
         return self
+
+    def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """x ~ p(x|z) by the inverse CDF at ``uniform`` ``[..., *input_shape]`` (draws on (0, 1)).
+
+        A deterministic function of the given noise, so simulated points can be keyed by index.
+        """
+        return self.distribution(params).icdf(uniform)
 
     def verification_points(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """Points in the family's support, ``[*shape]`` float32, to check a conversion on."""
@@ -206,13 +234,13 @@ def family(name: str) -> type[Likelihood]:
 
 
 def likelihood_spec(
-    name: str, *, scale: float | None = None, log_scale_tensor: str | None = None, levels: int | None = None
+    name: str, *, sigma: float | None = None, log_sigma_tensor: str | None = None, levels: int | None = None
 ) -> dict[str, Any]:
     """A ``likelihood`` block for family ``name`` from the values a user gives by hand.
 
     Args:
-        scale: a fixed scale (Gaussian sigma, Laplace scale).
-        log_scale_tensor: the name of a tensor holding log sigma or the log-scale.
+        sigma: a fixed scale (Gaussian sigma, Laplace scale).
+        log_sigma_tensor: the name of a tensor holding log sigma (Gaussian) or the log-scale (Laplace).
         levels: levels of a categorical or discretized logistic family.
 
     Raises:
@@ -222,8 +250,8 @@ def likelihood_spec(
     scale_key, log_scale_key = cls.scale_keys or (None, None)
     spec: dict[str, Any] = {"family": name}
     for value, key, parameter in (
-        (scale, scale_key, "sigma"),
-        (log_scale_tensor, log_scale_key, "log_sigma_tensor"),
+        (sigma, scale_key, "sigma"),
+        (log_sigma_tensor, log_scale_key, "log_sigma_tensor"),
         (levels, "levels" if "levels" in cls.keys else None, "levels"),
     ):
         if value is not None:
@@ -256,9 +284,23 @@ def log1mexp(d: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012).
 
     Above log 2, 1 - exp(-d) >= 1/2 is exact enough for ``log``; torch's ``log1p`` is
-    avoided because its CPU result depends on the element's position in the tensor.
+    avoided because its CPU result depends on the element's position in the tensor. Each
+    branch sees only its own range, so neither sends an infinite gradient through the other.
     """
-    return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log(1 - torch.exp(-d)))
+    small = d < _LOG_2
+    return torch.where(small, torch.log(-torch.expm1(-d.clamp(max=_LOG_2))), torch.log(1 - torch.exp(-d.clamp(min=_LOG_2))))
+
+
+def finite_edges(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bins' edges with the infinite ones (of the open outermost bins) replaced by finite stand-ins.
+
+    Returns:
+        lower and upper edges, finite (an open edge becomes one unit beyond the other), and
+        where the bin is open below and above. Formulas for a closed bin then stay finite
+        (and so do their gradients) where an open bin takes its own, simpler one.
+    """
+    open_low, open_high = torch.isinf(lower), torch.isinf(upper)
+    return torch.where(open_low, upper - 1, lower), torch.where(open_high, lower + 1, upper), open_low, open_high
 
 
 def bin_edges(x: torch.Tensor, levels: int, low_end: float, high_end: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +368,9 @@ class BernoulliLikelihood(Likelihood):
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return (x != 0) & (x != 1)
 
+    def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        return (torch.log(uniform) < F.logsigmoid(self.split(params)[0])).to(params.dtype)
+
     def log_prob_through_linear(self, hidden, logits, projected, offset):
         """sum_d x_d l_d - softplus(l_d), through the last linear layer l = W h + b; overwrites ``hidden`` and ``logits``.
 
@@ -342,6 +387,30 @@ class BernoulliLikelihood(Likelihood):
         halves = row_sums(magnitude, consume=True).mul_(0.5)
         products = fold_(factors, torch.mul, most=16)
         return agreement - halves - row_sums(products.double().log_())
+
+    def log_prob_and_grad_through_linear(
+        self, hidden: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, projected: torch.Tensor, offset: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_prob_through_linear`` and the gradient in the logits, x - sigmoid(l), sharing one exp per element.
+
+        Args:
+            hidden: ``[B, S, H]`` the last linear layer's input (read, not overwritten).
+            logits: ``[B, S, D]`` its output (consumed).
+            x: ``[B, 1, D]`` the data.
+            projected, offset: from ``linear_projection``.
+
+        Returns:
+            ``[B, S]`` float64 log p(x|z) and ``[B, S, D]`` its gradient in the logits.
+        """
+        agreement = row_sums(hidden * projected[:, None, :], consume=True) + offset[:, None]
+        negative = logits < 0
+        magnitude = logits.abs_()
+        factors = torch.neg(magnitude).exp_().add_(1)  # 1 + exp(-|l|), in (1, 2]
+        halves = row_sums(magnitude, consume=True).mul_(0.5)
+        sigmoid = factors.reciprocal()  # sigmoid(|l|)
+        grad = torch.where(negative, 1 - sigmoid, sigmoid).neg_().add_(x)  # x - sigmoid(l); sigmoid(-a) = 1 - sigmoid(a)
+        products = fold_(factors, torch.mul, most=16)
+        return agreement - halves - row_sums(products.double().log_()), grad
 
     def linear_projection(self, x: torch.Tensor, head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """``((x - 1/2) W, (x - 1/2) . b)`` for ``x [B, D]``: what ``log_prob_through_linear`` needs per point."""
@@ -386,6 +455,11 @@ class CategoricalLikelihood(_GridLikelihood):
         level = torch.round(x * (self.levels - 1)).long()
         return self.distribution(params).log_prob(level)
 
+    def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(params.movedim(self._param_axis(params), -1), dim=-1)
+        below = (probabilities.cumsum(-1) < uniform[..., None]).sum(-1).clamp(max=self.levels - 1)
+        return below.to(params.dtype) / (self.levels - 1)
+
 
 @register
 class DiscretizedLogisticLikelihood(_GridLikelihood):
@@ -404,11 +478,20 @@ class DiscretizedLogisticLikelihood(_GridLikelihood):
 
     def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, log_scale = self.split(params)
-        lower, upper = bin_edges(x.to(params.dtype).expand_as(mean), self.levels, -math.inf, math.inf)
+        edges = bin_edges(x.to(params.dtype).expand_as(mean), self.levels, -math.inf, math.inf)
+        lower, upper, open_low, open_high = finite_edges(*edges)
         inv_scale = torch.exp(-log_scale)
         u_a, u_b = (lower - mean) * inv_scale, (upper - mean) * inv_scale
         width = (upper - lower) * inv_scale  # the edges' difference, not u_b - u_a: no cancellation
-        return F.logsigmoid(u_b) + F.logsigmoid(-u_a) + log1mexp(width)
+        below, above = F.logsigmoid(u_b), F.logsigmoid(-u_a)  # log P(X <= b), log P(X >= a)
+        return torch.where(open_low, below, torch.where(open_high, above, below + above + log1mexp(width)))
+
+    def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """A logistic draw, binned: the edge bins are open, so values beyond [0, 1] fall into them."""
+        mean, log_scale = self.split(params)
+        value = mean + torch.exp(log_scale) * (torch.log(uniform) - torch.log1p(-uniform))
+        step = self.levels - 1
+        return torch.round(value.clamp(0, 1) * step) / step
 
 
 # ---------------------------------------------------------------- continuous families
@@ -470,8 +553,11 @@ class _LocationScale(Likelihood):
 
     def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
         location, scale = self.location_scale(params)
-        lower, upper = bin_edges(x.expand_as(location), levels, -math.inf, math.inf)
-        return log_symmetric_bin(self.standard_log_cdf, (lower - location) / scale, (upper - location) / scale)
+        lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
+        a, b = (lower - location) / scale, (upper - location) / scale
+        closed = log_symmetric_bin(self.standard_log_cdf, a, b)
+        # open bins: log F(b) below, log F(-a) = log P(X > a) above, by symmetry
+        return torch.where(open_low, self.standard_log_cdf(b), torch.where(open_high, self.standard_log_cdf(-a), closed))
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return np.zeros(x.shape, dtype=bool)
@@ -567,3 +653,11 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
     def verification_points(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         return rng.random(shape).astype(np.float32)
+
+    def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The inverse CDF log(1 + u (e^eta - 1)) / eta, in forms that neither overflow nor cancel."""
+        eta = self.split(params)[0]
+        safe = torch.where(eta.abs() < 1e-6, torch.ones_like(eta), eta)
+        positive = 1 + torch.log(uniform + (1 - uniform) * torch.exp(-safe.clamp(min=0))) / safe
+        negative = torch.log1p(uniform * torch.expm1(safe.clamp(max=0))) / safe
+        return torch.where(eta.abs() < 1e-6, uniform, torch.where(eta > 0, positive, negative))

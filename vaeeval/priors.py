@@ -81,6 +81,14 @@ class Prior(ABC):
             return None
         return kl_divergence(Normal(means, variances.sqrt()), marginals)
 
+    def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """z ~ p(z) from given noise: ``normal [..., latent_dim]`` N(0, 1) and ``uniform [...]`` on (0, 1).
+
+        A deterministic function of the noise, so draws keyed by point and chain stay so.
+        """
+        marginals = self.marginals(normal)
+        return marginals.loc + marginals.scale * normal
+
     def to(self, device: torch.device | str) -> Prior:
         """This prior with its tensors on ``device``."""
         moved = type(self)(self.spec, self.latent_dim)
@@ -191,3 +199,11 @@ class MixturePrior(Prior):
 
     def kl(self, q: Distribution) -> None:
         return None
+
+    def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The component by inverse CDF of the mixing weights at ``uniform``, then its Gaussian."""
+        weights = torch.softmax(self._value("logits", normal), dim=0)
+        cumulative = torch.cumsum(weights, dim=0)
+        component = torch.searchsorted(cumulative, uniform.contiguous()).clamp(max=weights.numel() - 1)
+        means, log_vars = self._value("means", normal), self._value("log_vars", normal)
+        return means[component] + (0.5 * log_vars[component]).exp() * normal

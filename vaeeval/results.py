@@ -65,8 +65,27 @@ class Scoring:
         return dims * math.log(1.0 / (self.data_levels - 1))
 
 
+class Columns:
+    """Per-point arrays of equal length, one field each (the first is ``index``)."""
+
+    index: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Columns]) -> Columns:
+        """The points of several parts, in the order given."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def take(self, rows: np.ndarray) -> Columns:
+        """These rows, in this order."""
+        return type(self)(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def in_index_order(self) -> Columns:
+        """The points sorted by index."""
+        return self.take(np.argsort(self.index, kind="stable"))
+
+
 @dataclass(frozen=True)
-class PointResults:
+class PointResults(Columns):
     """Per-point estimates in nats, ``[N]`` float64 each, higher is better (but ``kl``).
 
     Diagnostics per point: ``elbo_stderr`` and ``kl_stderr`` are Monte Carlo standard
@@ -87,15 +106,6 @@ class PointResults:
     ess: np.ndarray
     khat: np.ndarray
     unreliable: np.ndarray
-
-    @classmethod
-    def concatenate(cls, parts: Sequence[PointResults]) -> PointResults:
-        """The points of several parts, in the order given."""
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
-
-    def take(self, rows: np.ndarray) -> PointResults:
-        """These rows, in this order."""
-        return type(self)(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -265,4 +275,164 @@ def evaluation_of(
         convergence=convergence,
         latent_means=latent_means,
         latent_vars=latent_vars,
+    )
+
+
+# ---------------------------------------------------------------- annealed importance sampling
+
+
+@dataclass(frozen=True)
+class AISSettings:
+    """How an AIS run was made (``samples`` and ``seed`` also drove the ELBO and IWAE beside it).
+
+    ``step_size`` is the fixed ε, or None when a pilot of ``pilot_chains`` chains tuned ε per
+    point and step; ``batch_size`` counts points per annealing batch.
+    """
+
+    steps: int
+    leapfrog: int
+    chains: int
+    init: str
+    schedule: str
+    step_size: float | None
+    pilot_chains: int
+    seed: int
+    samples: int
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class AISPointResults(Columns):
+    """Per-point AIS results, ``[N]`` each.
+
+    ``ais`` is log (1/C) Σ_c w_c over the chains' weights, ``ais_stderr`` its delta-method
+    standard error (NaN for one chain), ``ess`` the chains' effective sample size,
+    ``acceptance`` the share of accepted HMC proposals, ``step_size`` the mean ε over the
+    transitions; ``elbo`` and ``iwae`` come from the ordinary importance-sampling run of the
+    same point.
+    """
+
+    index: np.ndarray
+    ais: np.ndarray
+    ais_stderr: np.ndarray
+    ess: np.ndarray
+    acceptance: np.ndarray
+    step_size: np.ndarray
+    elbo: np.ndarray
+    iwae: np.ndarray
+
+
+@dataclass(frozen=True)
+class AISCost:
+    """Decoder gradient evaluations (forward and backward passes) per point, by the pilot and the run."""
+
+    pilot: int
+    run: int
+
+    @property
+    def pilot_share(self) -> float:
+        """The pilot's share of all gradient evaluations."""
+        return self.pilot / max(self.pilot + self.run, 1)
+
+
+@dataclass(frozen=True)
+class AISSummary:
+    """Means over points and their standard errors; ``gap`` is ais - iwae, point by point."""
+
+    n: int
+    ais: Stat
+    elbo: Stat
+    iwae: Stat
+    gap: Stat
+    ais_stderr: Stat
+    acceptance: Stat
+    bits_per_dim: Stat
+
+
+@dataclass(frozen=True)
+class AISEvaluation:
+    """Everything one AIS run found."""
+
+    points: AISPointResults
+    summary: AISSummary
+    settings: AISSettings
+    scoring: Scoring
+    domain: Domain
+    cost: AISCost
+
+    @property
+    def measure(self) -> str:
+        return self.scoring.measure
+
+
+def summarize_ais(points: AISPointResults, dims: int) -> AISSummary:
+    """Means and standard errors over points, and bits per dimension of -ais."""
+    return AISSummary(
+        n=int(points.index.size),
+        ais=mean_and_stderr(points.ais),
+        elbo=mean_and_stderr(points.elbo),
+        iwae=mean_and_stderr(points.iwae),
+        gap=mean_and_stderr(points.ais - points.iwae),
+        ais_stderr=mean_and_stderr(points.ais_stderr),
+        acceptance=mean_and_stderr(points.acceptance),
+        bits_per_dim=mean_and_stderr(-points.ais / (dims * math.log(2))),
+    )
+
+
+@dataclass(frozen=True)
+class BDMCPointResults(Columns):
+    """Per simulated point: forward AIS (``lower``), reverse AIS from the true z (``upper``), their gap, and IWAE."""
+
+    index: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    gap: np.ndarray
+    iwae: np.ndarray
+    acceptance: np.ndarray
+
+
+@dataclass(frozen=True)
+class BDMCSummary:
+    """Means over the simulated points and their standard errors."""
+
+    n: int
+    lower: Stat
+    upper: Stat
+    gap: Stat
+    iwae: Stat
+    acceptance: Stat
+
+
+@dataclass(frozen=True)
+class BDMCEvaluation:
+    """Everything one BDMC run found; ``weak`` when the mean gap exceeds ``GAP_LIMIT`` nats per point."""
+
+    points: BDMCPointResults
+    summary: BDMCSummary
+    settings: AISSettings
+    scoring: Scoring
+    domain: Domain
+    cost: AISCost
+
+    @property
+    def measure(self) -> str:
+        return self.scoring.measure
+
+    @property
+    def weak(self) -> bool:
+        return self.summary.gap.mean > GAP_LIMIT
+
+
+GAP_LIMIT = 1.0  # nats per point: a larger BDMC gap says the AIS settings are too weak for the model
+
+
+def summarize_bdmc(points: BDMCPointResults) -> BDMCSummary:
+    return BDMCSummary(
+        n=int(points.index.size),
+        lower=mean_and_stderr(points.lower),
+        upper=mean_and_stderr(points.upper),
+        gap=mean_and_stderr(points.gap),
+        iwae=mean_and_stderr(points.iwae),
+        acceptance=mean_and_stderr(points.acceptance),
     )

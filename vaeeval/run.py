@@ -16,47 +16,43 @@ from typing import Any
 
 import numpy as np
 
+from vaeeval.ais import AISEvaluator
 from vaeeval.errors import VaeevalError, option
 from vaeeval.evaluate import Evaluator
-from vaeeval.output.records import data_record, evaluation_from_records, model_record, point_records
-from vaeeval.results import Evaluation, Part
 from vaeeval.stream import (
+    AIS_RESULTS,
+    ELBO_RESULTS,
+    ResultsFormat,
     ResultsWriter,
     Shard,
     StoredRun,
     describe_difference,
-    header_record,
     read_stream,
-    summary_line,
     write_results,
 )
+
+Estimator = Evaluator | AISEvaluator  # has n, parts(indices, progress), finish(parts)
+_FORMATS: dict[type, ResultsFormat] = {Evaluator: ELBO_RESULTS, AISEvaluator: AIS_RESULTS}
 
 
 @dataclass(frozen=True)
 class Outcome:
     """How a run ended: its evaluation (of the points done, if interrupted)."""
 
-    evaluation: Evaluation
+    evaluation: Any  # results.Evaluation or results.AISEvaluation
     interrupted: bool
     asked: int  # points this run was to cover
     header: dict[str, Any]  # the results file's header: the model, data and settings records
 
 
-def run_header(evaluator: Evaluator, shard: Shard | None = None) -> dict[str, Any]:
-    """The header line of a results file for this evaluation (or one shard of it)."""
-    return header_record(
-        evaluator.settings,
-        evaluator.scoring,
-        evaluator.model.prior.kl_kind,
-        evaluator.domain.to_spec(),
-        model_record(evaluator.model),
-        data_record(evaluator.dataset),
-        shard,
-    )
+def results_format(estimator: Estimator) -> ResultsFormat:
+    """How the runs of this estimator are written to and read from results files."""
+    return _FORMATS[type(estimator)]
 
 
-def _records(evaluator: Evaluator, part: Part) -> list[dict[str, Any]]:
-    return point_records(part.points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl)
+def run_header(estimator: Estimator, shard: Shard | None = None) -> dict[str, Any]:
+    """The header line of a results file for this run (or one shard of it)."""
+    return results_format(estimator).header(estimator, shard)
 
 
 def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
@@ -70,7 +66,7 @@ def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
 
 
 def run(
-    evaluator: Evaluator,
+    evaluator: Estimator,
     *,
     output: str | Path | None = None,
     resume: bool = False,
@@ -83,7 +79,7 @@ def run(
     and rank 0 gathers them (``run_distributed``); the other ranks return None.
 
     Args:
-        evaluator: the prepared evaluation.
+        evaluator: the prepared evaluation (``Evaluator``) or AIS run (``AISEvaluator``).
         output: the results file; without it nothing is written.
         resume: continue ``output`` from the points it already holds.
         shard: evaluate only this slice of the points.
@@ -101,7 +97,8 @@ def run(
         if resume or shard is not None:
             raise VaeevalError(f"{option('resume')} and {option('shard')} are for single-process runs, not torchrun")
         return run_distributed(evaluator, output=output, progress=progress)
-    header = run_header(evaluator, shard)
+    results = results_format(evaluator)
+    header = results.header(evaluator, shard)
     indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
     with ExitStack() as stack:
         old: list[dict[str, Any]] = []
@@ -112,7 +109,7 @@ def run(
                 stored = _resumed(path, header)
                 old = stored.points
                 if stored.summary is not None:  # finished already: nothing to compute
-                    return Outcome(evaluation_from_records(header, old), False, indices.size, header)
+                    return Outcome(results.evaluation(header, old), False, indices.size, header)
                 writer = ResultsWriter(stack.enter_context(path.open("a")))
             else:
                 writer = ResultsWriter(stack.enter_context(path.open("w")))
@@ -122,26 +119,26 @@ def run(
         if progress is not None and done.size:
             progress(done.size)
             progress = (lambda finished, offset=done.size, report=progress: report(offset + finished))
-        parts: list[Part] = []
+        parts: list[Any] = []
         records = list(old)  # every point line, old and new, when they are needed
         interrupted = False
         try:
             for part in evaluator.parts(remaining, progress):
                 parts.append(part)
                 if writer is not None:
-                    records.extend(_records(evaluator, part))
+                    records.extend(results.points(evaluator, part.points))
                     writer.write(records[-part.points.index.size :])
         except KeyboardInterrupt:
             interrupted = True
         if writer is None and not interrupted and shard is None:
             return Outcome(evaluator.finish(parts), False, indices.size, header)
         if writer is None:
-            records = [record for part in parts for record in _records(evaluator, part)]
+            records = [record for part in parts for record in results.points(evaluator, part.points)]
         if not records:
             raise VaeevalError("interrupted before any point was done")
-        evaluation = evaluation_from_records(header, records)
+        evaluation = results.evaluation(header, records)
         if writer is not None and not interrupted:
-            writer.write([summary_line(evaluation)])
+            writer.write([results.summary_line(evaluation)])
     return Outcome(evaluation, interrupted, indices.size, header)
 
 
@@ -161,7 +158,7 @@ def local_processes() -> int:
 
 
 def run_distributed(
-    evaluator: Evaluator, *, output: str | Path | None = None, progress: Callable[[int], None] | None = None
+    evaluator: Estimator, *, output: str | Path | None = None, progress: Callable[[int], None] | None = None
 ) -> Outcome | None:
     """Under torchrun: each rank evaluates its shard; rank 0 gathers and returns the whole run.
 
@@ -179,15 +176,15 @@ def run_distributed(
     try:
         shard = Shard.of(rank, world, evaluator.n)
         mine = list(evaluator.parts(np.arange(shard.start, shard.stop), progress))
-        gathered: list[list[Part]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
+        gathered: list[list[Any]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
         dist.gather_object(mine, gathered, dst=0)
     finally:
         dist.destroy_process_group()
     if rank != 0:
         return None
     evaluation = evaluator.finish([part for parts in gathered for part in parts])
-    header = run_header(evaluator)
+    results = results_format(evaluator)
+    header = results.header(evaluator, None)
     if output is not None:
-        records = point_records(evaluation.points, evaluation.settings.samples, evaluation.monte_carlo_kl)
-        write_results(output, header, records, evaluation)
+        write_results(output, header, results.points(evaluator, evaluation.points), evaluation)
     return Outcome(evaluation, False, evaluator.n, header)

@@ -1,28 +1,42 @@
 """Results as JSON lines: streamed as computed, resumed after a crash, sharded, merged.
 
-A results file (schema ``vaeeval.elbo-stream/1``) is a header line (``"kind":
-"header"``: model, data, settings, scoring, and the shard if any), one line per
-point with exactly the keys of an entry of ``points`` in ``vaeeval elbo --json``,
-written and flushed batch by batch, and a final summary line (``"kind":
-"summary"``). Every point's numbers depend only on the seed and its index, so a
-run resumed from its file, or shards merged, give the numbers of one
-uninterrupted run, bit for bit.
+A results file (schema ``vaeeval.elbo-stream/1``, or ``vaeeval.ais-stream/1`` for
+AIS) is a header line (``"kind": "header"``: model, data, settings, scoring, and the
+shard if any), one line per point with exactly the keys of an entry of ``points`` in
+the command's ``--json`` document, written and flushed batch by batch, and a final
+summary line (``"kind": "summary"``). Every point's numbers depend only on the seed
+and its index, so a run resumed from its file, or shards merged, give the numbers of
+one uninterrupted run, bit for bit. ``ResultsFormat`` says, for each kind of run, how
+its lines are made and read back.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from vaeeval.errors import DataError, VaeevalError, listing, option
-from vaeeval.output.records import evaluation_from_records, scoring_record, settings_record, summary_record
-from vaeeval.output.schemas import ELBO_SCHEMA, STREAM_SCHEMA
-from vaeeval.results import Evaluation, Scoring, Settings
+from vaeeval.output.records import (
+    ais_evaluation_from_records,
+    ais_point_records,
+    ais_settings_record,
+    ais_summary_record,
+    cost_record,
+    data_record,
+    evaluation_from_records,
+    model_record,
+    point_records,
+    scoring_record,
+    settings_record,
+    summary_record,
+)
+from vaeeval.output.schemas import AIS_SCHEMA, AIS_STREAM_SCHEMA, ELBO_SCHEMA, STREAM_SCHEMA
+from vaeeval.results import Scoring, Settings
 
-_IDENTITY_SETTINGS = ("samples", "seed")  # the settings that change the numbers
+_HOW_NOT_WHAT = ("batch_size", "chunk_size", "device")  # settings that never change a number
 
 
 @dataclass(frozen=True)
@@ -97,17 +111,89 @@ def header_record(
     }
 
 
-def summary_line(evaluation: Evaluation) -> dict[str, Any]:
-    """The last line of a finished results file."""
-    return {"kind": "summary", "summary": summary_record(evaluation)}
+def ais_header_record(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
+    """The first line of an AIS results file, for an ``ais.AISEvaluator``."""
+    return {
+        "kind": "header",
+        "schema": AIS_STREAM_SCHEMA,
+        "model": model_record(evaluator.model),
+        "data": data_record(evaluator.dataset),
+        "settings": ais_settings_record(evaluator.settings),
+        "scoring": scoring_record(evaluator.scoring),
+        "domain": evaluator.importance.domain.to_spec(),
+        "cost": cost_record(evaluator.cost),
+        "shard": None if shard is None else shard.to_record(),
+    }
+
+
+def _elbo_header(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
+    return header_record(
+        evaluator.settings,
+        evaluator.scoring,
+        evaluator.model.prior.kl_kind,
+        evaluator.domain.to_spec(),
+        model_record(evaluator.model),
+        data_record(evaluator.dataset),
+        shard,
+    )
+
+
+@dataclass(frozen=True)
+class ResultsFormat:
+    """One kind of results file: how its lines are made from a run's results, and read back.
+
+    Attributes:
+        schema: the header's schema (``vaeeval.elbo-stream/1``).
+        document: the ``--json`` document the file stands for (``vaeeval.elbo/1``).
+        header: (evaluator, shard) -> the header line.
+        points: (evaluator, per-point results) -> their point lines.
+        summary: evaluation -> the summary record.
+        evaluation: (header, point lines) -> the evaluation they add up to.
+    """
+
+    schema: str
+    document: str
+    header: Callable[[Any, Shard | None], dict[str, Any]]
+    points: Callable[[Any, Any], list[dict[str, Any]]]
+    summary: Callable[[Any], dict[str, Any]]
+    evaluation: Callable[[dict[str, Any], Sequence[dict[str, Any]]], Any]
+
+    def summary_line(self, evaluation: Any) -> dict[str, Any]:
+        """The last line of a finished results file."""
+        return {"kind": "summary", "summary": self.summary(evaluation)}
+
+
+ELBO_RESULTS = ResultsFormat(
+    STREAM_SCHEMA,
+    ELBO_SCHEMA,
+    _elbo_header,
+    lambda evaluator, points: point_records(points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl),
+    summary_record,
+    evaluation_from_records,
+)
+AIS_RESULTS = ResultsFormat(
+    AIS_STREAM_SCHEMA,
+    AIS_SCHEMA,
+    ais_header_record,
+    lambda evaluator, points: ais_point_records(points),
+    ais_summary_record,
+    ais_evaluation_from_records,
+)
+FORMATS = {results.schema: results for results in (ELBO_RESULTS, AIS_RESULTS)}
+
+
+def results_format(header: dict[str, Any]) -> ResultsFormat:
+    """The format of the results file this header opens."""
+    return FORMATS[header["schema"]]
 
 
 def identity(header: dict[str, Any]) -> dict[str, Any]:
     """What must agree for two files to hold points of the same run (all but the shard)."""
     return {
+        "kind": header["schema"],
         "model": (header["model"].get("digest"), header["model"].get("arch"), json.dumps(header["model"]["likelihood"], sort_keys=True)),
         "data": (header["data"].get("digest"), header["data"]["n"]),
-        "settings": tuple(header["settings"][key] for key in _IDENTITY_SETTINGS),
+        "settings": tuple(value for key, value in header["settings"].items() if key not in _HOW_NOT_WHAT),
         "scoring": (header["scoring"]["measure"], header["scoring"]["levels"]),
     }
 
@@ -115,7 +201,8 @@ def identity(header: dict[str, Any]) -> dict[str, Any]:
 def describe_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """In words, how two headers' identities differ; None when they agree."""
     first, second = identity(a), identity(b)
-    words = {"model": "the model", "data": "the data", "settings": "the samples or seed", "scoring": "the scoring"}
+    settings = "the samples or seed" if a["schema"] == STREAM_SCHEMA else "the settings"
+    words = {"kind": "the kinds of run", "model": "the model", "data": "the data", "settings": settings, "scoring": "the scoring"}
     for key, word in words.items():
         if first[key] != second[key]:
             return f"{word} differ ({first[key]} vs {second[key]})" if key != "model" else f"{word} differs"
@@ -160,7 +247,7 @@ def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             raise DataError(path, f"line {number} is not JSON; not a vaeeval results file") from None
-    if not records or records[0].get("kind") != "header" or records[0].get("schema") != STREAM_SCHEMA:
+    if not records or records[0].get("kind") != "header" or records[0].get("schema") not in FORMATS:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
     summary = next((r for r in records[1:] if r.get("kind") == "summary"), None)
     return StoredRun(path, records[0], [r for r in records[1:] if "kind" not in r], summary)
@@ -181,19 +268,20 @@ def read_results(path: str | Path) -> StoredRun:
         return read_stream(path)
     except OSError as error:
         raise DataError(path, f"cannot be read ({error.strerror or error})") from None
-    if not isinstance(document, dict) or document.get("schema") != ELBO_SCHEMA:
-        if isinstance(document, dict) and document.get("schema") == STREAM_SCHEMA:
+    documents = {results.document: results for results in FORMATS.values()}
+    if not isinstance(document, dict) or document.get("schema") not in documents:
+        if isinstance(document, dict) and document.get("schema") in FORMATS:
             return read_stream(path)  # a results file holding only its header
         raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
     summary = document["summary"]
     header = {
         "kind": "header",
-        "schema": STREAM_SCHEMA,
+        "schema": documents[document["schema"]].schema,
         "model": document["model"],
         "data": document["data"],
         "settings": document["settings"],
         "scoring": summary["scoring"],
-        "kl_kind": summary["kl_kind"],
+        **({"kl_kind": summary["kl_kind"]} if "kl_kind" in summary else {"cost": summary["cost"]}),
         "domain": document["data"]["domain"],
         "shard": None,
     }
@@ -231,7 +319,7 @@ class MergedRun:
 
     header: dict[str, Any]  # the header of one unsharded run
     records: list[dict[str, Any]]  # every point once, by index
-    evaluation: Evaluation
+    evaluation: Any  # results.Evaluation or results.AISEvaluation
 
 
 def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
@@ -242,10 +330,10 @@ def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
     """
     records = check_complete(runs)
     header = {**runs[0].header, "shard": None}
-    return MergedRun(header, records, evaluation_from_records(header, records))
+    return MergedRun(header, records, results_format(header).evaluation(header, records))
 
 
-def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Evaluation) -> None:
+def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Any) -> None:
     """Write a finished results file in one go: the header, every point, the summary."""
     with Path(path).open("w") as handle:
-        ResultsWriter(handle).write([header, *records, summary_line(evaluation)])
+        ResultsWriter(handle).write([header, *records, results_format(header).summary_line(evaluation)])

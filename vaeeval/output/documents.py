@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vaeeval.output.records import (
+    ais_point_records,
+    ais_settings_record,
+    ais_summary_record,
+    bdmc_point_records,
+    bdmc_summary_record,
     convergence_records,
     data_record,
     evaluation_points,
@@ -14,10 +19,19 @@ from vaeeval.output.records import (
     stat_record,
     summary_record,
 )
-from vaeeval.output.schemas import CHECK_SCHEMA, COMPARE_SCHEMA, ELBO_SCHEMA, INSPECT_SCHEMA, LATENTS_SCHEMA
-from vaeeval.results import Evaluation
+from vaeeval.output.schemas import (
+    AIS_SCHEMA,
+    BDMC_SCHEMA,
+    CHECK_SCHEMA,
+    COMPARE_SCHEMA,
+    ELBO_SCHEMA,
+    INSPECT_SCHEMA,
+    LATENTS_SCHEMA,
+)
+from vaeeval.results import AISEvaluation, BDMCEvaluation, Evaluation
 
 if TYPE_CHECKING:
+    from vaeeval.ais import Simulated
     from vaeeval.compare import Comparison
     from vaeeval.data import Dataset
     from vaeeval.gates import BaselineCheck
@@ -149,4 +163,41 @@ def check_document(result: BaselineCheck) -> dict[str, Any]:
         "confidence": result.confidence,
         "passed": result.passed,
         "reason": result.reason,
+    }
+
+
+def ais_document(evaluation: AISEvaluation, model: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The ``vaeeval ais --json`` document (schema ``vaeeval.ais/1``)."""
+    return {
+        "schema": AIS_SCHEMA,
+        "units": UNITS,
+        "model": model,
+        "data": data,
+        "settings": ais_settings_record(evaluation.settings),
+        "summary": ais_summary_record(evaluation),
+        "points": ais_point_records(evaluation.points),
+    }
+
+
+def simulated_record(simulated: Simulated, evaluation: BDMCEvaluation, saved: str | None) -> dict[str, Any]:
+    """What a BDMC document says about its simulated points."""
+    return {
+        "n": int(len(simulated.x)),
+        "domain": evaluation.domain.to_spec(),
+        "levels": simulated.levels,
+        "seed": evaluation.settings.seed,
+        "saved": saved,
+    }
+
+
+def bdmc_document(evaluation: BDMCEvaluation, model: Model, simulated: Simulated, saved: str | None = None) -> dict[str, Any]:
+    """The ``vaeeval bdmc --json`` document (schema ``vaeeval.bdmc/1``)."""
+    return {
+        "schema": BDMC_SCHEMA,
+        "units": UNITS,
+        "model": model_record(model),
+        "data": simulated_record(simulated, evaluation, saved),
+        "settings": ais_settings_record(evaluation.settings),
+        "summary": bdmc_summary_record(evaluation),
+        "points": bdmc_point_records(evaluation.points),
     }

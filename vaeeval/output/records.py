@@ -18,13 +18,22 @@ import numpy as np
 
 from vaeeval.domains import domain_from_spec
 from vaeeval.results import (
+    GAP_LIMIT,
     METRICS,
+    AISCost,
+    AISEvaluation,
+    AISPointResults,
+    AISSettings,
+    BDMCEvaluation,
+    BDMCPointResults,
+    Columns,
     Evaluation,
     PointResults,
     Scoring,
     Settings,
     Stat,
     evaluation_of,
+    summarize_ais,
 )
 
 if TYPE_CHECKING:
@@ -221,3 +230,89 @@ def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, 
         dims=header["model"]["dims"],
     )
 
+
+
+# ---------------------------------------------------------------- AIS and BDMC
+
+AIS_POINT_NUMBERS = ("ais", "ais_stderr", "acceptance", "elbo", "iwae", "ess", "step_size")
+BDMC_POINT_NUMBERS = ("lower", "upper", "gap", "iwae", "acceptance")
+
+
+def ais_settings_record(settings: AISSettings) -> dict[str, Any]:
+    """The ``settings`` object of an AIS or BDMC document."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+def cost_record(cost: AISCost) -> dict[str, Any]:
+    """Decoder gradient evaluations per point: the pilot's, the run's, and the pilot's share."""
+    return {"pilot_gradients": cost.pilot, "gradients": cost.run, "pilot_share": cost.pilot_share}
+
+
+def _columns(points: Columns, names: Sequence[str]) -> list[dict[str, Any]]:
+    columns = {name: getattr(points, name).tolist() for name in names}
+    return [
+        {"index": int(index), **{name: finite(columns[name][row]) for name in names}}
+        for row, index in enumerate(points.index.tolist())
+    ]
+
+
+def ais_point_records(points: AISPointResults) -> list[dict[str, Any]]:
+    """One JSON object per point of an AIS run (the ``points`` list, and a results file's point lines)."""
+    return _columns(points, AIS_POINT_NUMBERS)
+
+
+def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
+    """The ``summary`` object of a ``vaeeval.ais/1`` document."""
+    summary = evaluation.summary
+    return {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_record(evaluation.scoring),
+        **{name: stat_record(getattr(summary, name)) for name in ("ais", "elbo", "iwae")},
+        "ais_minus_iwae": stat_record(summary.gap),
+        "ais_stderr": stat_record(summary.ais_stderr),
+        "acceptance": stat_record(summary.acceptance),
+        "bits_per_dim": stat_record(summary.bits_per_dim),
+        "cost": cost_record(evaluation.cost),
+    }
+
+
+def bdmc_point_records(points: BDMCPointResults) -> list[dict[str, Any]]:
+    """One JSON object per simulated point of a BDMC run."""
+    return _columns(points, BDMC_POINT_NUMBERS)
+
+
+def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
+    """The ``summary`` object of a ``vaeeval.bdmc/1`` document."""
+    summary = evaluation.summary
+    return {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_record(evaluation.scoring),
+        **{name: stat_record(getattr(summary, name)) for name in BDMC_POINT_NUMBERS},
+        "gap_limit": GAP_LIMIT,
+        "weak": evaluation.weak,
+        "cost": cost_record(evaluation.cost),
+    }
+
+
+def ais_points_from_records(records: Sequence[dict[str, Any]]) -> AISPointResults:
+    """Per-point AIS results from point records (``null`` numbers become NaN), sorted by index."""
+    records = sorted(records, key=lambda r: r["index"])
+    return AISPointResults(
+        index=np.array([r["index"] for r in records], dtype=np.int64),
+        **{name: _column(records, name) for name in AIS_POINT_NUMBERS},
+    )
+
+
+def ais_evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> AISEvaluation:
+    """The AIS evaluation the point records of one run (or all its shards) add up to."""
+    points = ais_points_from_records(records)
+    return AISEvaluation(
+        points=points,
+        summary=summarize_ais(points, header["model"]["dims"]),
+        settings=AISSettings(**header["settings"]),
+        scoring=Scoring(**header["scoring"]),
+        domain=domain_from_spec(header["domain"]),
+        cost=AISCost(header["cost"]["pilot_gradients"], header["cost"]["gradients"]),
+    )

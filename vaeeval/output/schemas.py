@@ -12,7 +12,7 @@ from typing import Any
 
 from vaeeval.domains import DOMAINS
 from vaeeval.errors import VaeevalError
-from vaeeval.output.records import POINT_MONTE_CARLO
+from vaeeval.output.records import AIS_POINT_NUMBERS, BDMC_POINT_NUMBERS, POINT_MONTE_CARLO
 from vaeeval.results import KL_KINDS, MEASURES, METRICS
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
@@ -21,6 +21,9 @@ CHECK_SCHEMA = "vaeeval.check/1"
 LATENTS_SCHEMA = "vaeeval.latents/1"
 INSPECT_SCHEMA = "vaeeval.inspect/1"
 STREAM_SCHEMA = "vaeeval.elbo-stream/1"
+AIS_SCHEMA = "vaeeval.ais/1"
+AIS_STREAM_SCHEMA = "vaeeval.ais-stream/1"
+BDMC_SCHEMA = "vaeeval.bdmc/1"
 
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 NUMBER = {"type": "number"}
@@ -38,6 +41,7 @@ STAT = _object({"mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
 MEASURE = {"enum": list(MEASURES)}
 KL_KIND = {"enum": list(KL_KINDS)}
 
+DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER})
 MODEL = _object(
     {
         "path": MAYBE_STRING,
@@ -50,9 +54,15 @@ MODEL = _object(
         "dims": {"type": "integer", "minimum": 1},
         "parameters": INTEGER,
     },
-    {"format": {"enum": [1, None]}, "arch": MAYBE_STRING, "digest": MAYBE_STRING, "description": STRING},
+    {
+        "format": {"enum": [1, None]},
+        "arch": MAYBE_STRING,
+        "digest": MAYBE_STRING,
+        "description": STRING,
+        "kl": KL_KIND,
+        "domain": {"anyOf": [DOMAIN, {"type": "null"}]},
+    },
 )
-DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER})
 DATA = _object(
     {
         "path": MAYBE_STRING,
@@ -143,6 +153,55 @@ def _document(name: str, title: str, required: dict[str, Any], optional: dict[st
 
 
 SHARD = {"type": ["object", "null"], "required": ["index", "count", "start", "stop"]}
+POSITIVE = {"type": "integer", "minimum": 1}
+AIS_SETTINGS = _object(
+    {
+        "steps": POSITIVE,
+        "leapfrog": POSITIVE,
+        "chains": POSITIVE,
+        "init": {"enum": ["encoder", "prior"]},
+        "schedule": {"enum": ["sigmoid", "linear", "geometric"]},
+        "step_size": MAYBE_NUMBER,
+        "pilot_chains": POSITIVE,
+        "seed": INTEGER,
+        "samples": POSITIVE,
+        "batch_size": POSITIVE,
+        "device": STRING,
+    }
+)
+COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
+AIS_POINT = _object({"index": INTEGER, **dict.fromkeys(AIS_POINT_NUMBERS, MAYBE_NUMBER)})
+AIS_SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": MEASURE,
+        "scoring": SCORING,
+        "ais": STAT,
+        "elbo": STAT,
+        "iwae": STAT,
+        "ais_minus_iwae": STAT,
+        "ais_stderr": STAT,
+        "acceptance": STAT,
+        "bits_per_dim": STAT,
+        "cost": COST,
+    }
+)
+BDMC_POINT = _object({"index": INTEGER, **dict.fromkeys(BDMC_POINT_NUMBERS, MAYBE_NUMBER)})
+BDMC_SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": MEASURE,
+        "scoring": SCORING,
+        **dict.fromkeys(BDMC_POINT_NUMBERS, STAT),
+        "gap_limit": NUMBER,
+        "weak": {"type": "boolean"},
+        "cost": COST,
+    }
+)
+SIMULATED = _object(
+    {"n": POSITIVE, "domain": DOMAIN, "levels": {"type": ["integer", "null"]}, "seed": INTEGER},
+    {"saved": MAYBE_STRING},
+)
 _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
     _document(
         ELBO_SCHEMA,
@@ -220,6 +279,34 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             ),
             _object({"kind": {"const": "summary"}, "summary": SUMMARY}),
             {**POINT, "not": {"required": ["kind"]}},
+        ],
+    },
+    _document(
+        AIS_SCHEMA,
+        "vaeeval ais --json: per-point annealed importance sampling estimates of log p(x), with ELBO and IWAE",
+        {"model": MODEL, "data": DATA, "settings": AIS_SETTINGS, "summary": AIS_SUMMARY,
+         "points": {"type": "array", "items": AIS_POINT}},
+        {"units": STRING},
+    ),
+    _document(
+        BDMC_SCHEMA,
+        "vaeeval bdmc --json: forward and reverse AIS on points simulated from the model, a sandwich of log p(x)",
+        {"model": MODEL, "data": SIMULATED, "settings": AIS_SETTINGS, "summary": BDMC_SUMMARY,
+         "points": {"type": "array", "items": BDMC_POINT}},
+        {"units": STRING},
+    ),
+    {
+        "$schema": _DRAFT,
+        "$id": AIS_STREAM_SCHEMA,
+        "title": "one line of an AIS results file (ais --output): the header, a point, or the final summary",
+        "oneOf": [
+            _object(
+                {"kind": {"const": "header"}, "schema": {"const": AIS_STREAM_SCHEMA}, "model": MODEL,
+                 "data": DATA, "settings": AIS_SETTINGS, "scoring": SCORING, "domain": DOMAIN, "cost": COST,
+                 "shard": SHARD}
+            ),
+            _object({"kind": {"const": "summary"}, "summary": AIS_SUMMARY}),
+            {**AIS_POINT, "not": {"required": ["kind"]}},
         ],
     },
 )}

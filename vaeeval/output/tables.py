@@ -17,7 +17,7 @@ from rich.text import Text
 from vaeeval.errors import listing
 from vaeeval.layers import format_shape
 from vaeeval.output.records import DEQUANTIZATION
-from vaeeval.results import DENSITY, METRICS, Evaluation
+from vaeeval.results import DENSITY, GAP_LIMIT, METRICS, AISCost, AISEvaluation, AISSettings, BDMCEvaluation, Evaluation
 
 if TYPE_CHECKING:
     from vaeeval.compare import Comparison
@@ -255,9 +255,10 @@ def render_inspect(console: Console, model: Model) -> None:
 
 
 class ProgressBar:
-    """A rich progress bar on stderr that appears only once a run has taken a second.
+    """A rich progress bar on stderr that appears only once a run has taken a second, and only on a terminal.
 
-    Call it with the amount of work done so far; use it as a context manager.
+    Call it with the amount of work done so far; use it as a context manager. Into a
+    file or a pipe it writes nothing (rich would leave a blank line behind).
     """
 
     def __init__(self, total: int, label: str, console: Console, delay: float = 1.0) -> None:
@@ -267,7 +268,7 @@ class ProgressBar:
         self.task = None
 
     def __call__(self, done: int) -> None:
-        if self.progress is None and time.monotonic() - self.started >= self.delay:
+        if self.progress is None and self.console.is_terminal and time.monotonic() - self.started >= self.delay:
             self.progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -357,3 +358,139 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
             f"[red]k-hat flags over 10% of the points of {', '.join(shaky)}[/]: those IWAE estimates may still be "
             "low (see vaeeval elbo --diagnostics --convergence); a larger K or a better encoder makes them trustworthy."
         )
+
+
+# ---------------------------------------------------------------- AIS and BDMC
+
+
+def _ais_settings_line(settings: AISSettings, cost: AISCost) -> str:
+    step = f"ε {settings.step_size:g}" if settings.step_size is not None else (
+        f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains"
+    )
+    return (
+        f"T = {settings.steps} steps ({settings.schedule}), {settings.leapfrog} leapfrog steps, "
+        f"C = {settings.chains} chains from the {settings.init}; {step}; seed {settings.seed}, on {settings.device}"
+    )
+
+
+def _cost_line(cost: AISCost, seconds: float | None, n: int) -> str:
+    timing = "" if seconds is None else f" in {seconds:.1f} s ({seconds / max(n, 1):.3f} s per point)"
+    pilot = f", of which the pilot {100 * cost.pilot_share:.0f}%" if cost.pilot else ""
+    return f"Cost: {cost.pilot + cost.run:,} decoder gradient evaluations per point{pilot}{timing}."
+
+
+def render_ais(
+    console: Console,
+    evaluation: AISEvaluation,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    *,
+    show_all: bool = False,
+    seconds: float | None = None,
+    rows: int = 5,
+) -> None:
+    """Print the ``vaeeval ais`` report: header, ELBO ≤ IWAE ≤ AIS side by side, cost, per-point table."""
+    settings, summary = evaluation.settings, evaluation.summary
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("model", escape(f"{model['path']}"))
+    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
+    grid.add_row("prior", model["prior"]["family"])
+    n, total = data["n"], data["total"]
+    shown = f"{n} of {total}" if n != total else str(n)
+    grid.add_row("data", escape(f"{data['path']}: N = {shown} points, D = {model['dims']} dims"))
+    grid.add_row("annealing", _ais_settings_line(settings, evaluation.cost))
+    grid.add_row("beside", f"ELBO and IWAE from K = {settings.samples} importance samples of q(z|x)")
+    console.print(grid)
+    console.print()
+    table = Table(title="Summary over points (nats per point)", title_justify="left",
+                  caption=escape(f"every number is a log-{'density' if evaluation.measure == DENSITY else 'probability'}; "
+                                 "E[elbo] ≤ E[iwae] ≤ E[ais] ≤ log p(x)"))
+    for column in ("metric", "mean", "stderr", "meaning"):
+        table.add_column(column, justify="left" if column in ("metric", "meaning") else "right")
+    meanings = {
+        "elbo": "evidence lower bound",
+        "iwae": f"importance-weighted bound, K = {settings.samples}",
+        "ais": f"annealed importance sampling, C = {settings.chains} chains",
+    }
+    for name, meaning in meanings.items():
+        stat = getattr(summary, name)
+        table.add_row(name, _num(stat.mean), _num(stat.stderr), meaning)
+    table.add_row("ais − iwae", _num(summary.gap.mean), _num(summary.gap.stderr), "how far the IWAE estimate fell short")
+    table.add_row("± ais", _num(summary.ais_stderr.mean), "", "mean per-point standard error of ais (over chains)")
+    table.add_row("acceptance", _num(summary.acceptance.mean, 3), _num(summary.acceptance.stderr, 3), "HMC acceptance rate")
+    table.add_row("bits/dim", _num(summary.bits_per_dim.mean), _num(summary.bits_per_dim.stderr),
+                  f"-ais / (D ln 2), D = {model['dims']}")
+    console.print(table)
+    console.print(_cost_line(evaluation.cost, seconds, summary.n))
+    console.print()
+    points = evaluation.points
+    count = points.index.size
+    if show_all or count <= 2 * rows:
+        title, sections = "Every point", [("", np.arange(count))]
+    else:
+        largest = np.argsort(-(points.ais - points.iwae), kind="stable")[:rows]
+        title = f"First {rows} points and the {rows} with the largest ais − iwae (--all for every point)"
+        sections = [("first", np.arange(rows)), ("largest", largest)]
+    columns = {
+        "elbo": lambda row: _num(float(points.elbo[row])),
+        "iwae": lambda row: _num(float(points.iwae[row])),
+        "ais": lambda row: _num(float(points.ais[row])),
+        "± ais": lambda row: _num(float(points.ais_stderr[row]), 3),
+        "ais − iwae": lambda row: _num(float(points.ais[row] - points.iwae[row]), 3),
+        "acceptance": lambda row: _num(float(points.acceptance[row]), 2),
+        "mean ε": lambda row: _num(float(points.step_size[row]), 4),
+    }
+    console.print(_points_table(title, points.index, sections, columns))
+
+
+def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, Any], simulated: dict[str, Any],
+                *, show_all: bool = False, seconds: float | None = None, rows: int = 5) -> None:
+    """Print the ``vaeeval bdmc`` report: the sandwich lower ≤ log p(x) ≤ upper and its gap."""
+    settings, summary = evaluation.settings, evaluation.summary
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("model", escape(f"{model['path']}"))
+    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
+    where = f"; saved to {simulated['saved']}" if simulated.get("saved") else ""
+    grid.add_row("data", escape(f"{simulated['n']} points simulated from the model (z ~ p(z), x ~ p(x|z), seed "
+                                f"{simulated['seed']}), {evaluation.domain.describe()}{where}"))
+    grid.add_row("annealing", _ais_settings_line(settings, evaluation.cost))
+    console.print(grid)
+    console.print()
+    table = Table(title="Bidirectional Monte Carlo (nats per point)", title_justify="left",
+                  caption=escape("E[lower] ≤ log p(x) ≤ E[upper]: forward AIS from q0, reverse AIS from the true z"))
+    for column in ("metric", "mean", "stderr", "meaning"):
+        table.add_column(column, justify="left" if column in ("metric", "meaning") else "right")
+    table.add_row("lower", _num(summary.lower.mean), _num(summary.lower.stderr), "forward AIS: a stochastic lower bound")
+    table.add_row("upper", _num(summary.upper.mean), _num(summary.upper.stderr),
+                  "reverse AIS from the simulated z: a stochastic upper bound")
+    table.add_row("gap", _num(summary.gap.mean), _num(summary.gap.stderr), "upper − lower: how far AIS can be from log p(x)")
+    table.add_row("iwae", _num(summary.iwae.mean), _num(summary.iwae.stderr), f"K = {settings.samples}, for comparison")
+    table.add_row("acceptance", _num(summary.acceptance.mean, 3), _num(summary.acceptance.stderr, 3), "HMC acceptance rate")
+    console.print(table)
+    console.print(_cost_line(evaluation.cost, seconds, summary.n))
+    if evaluation.weak:
+        console.print(
+            f"[red]The gap is {summary.gap.mean:.2f} nats per point, above {GAP_LIMIT:g}[/]: these AIS settings are too "
+            f"weak for this model; AIS estimates at them can be that far below log p(x). Try more steps "
+            f"(--steps {4 * settings.steps}) or more leapfrog steps."
+        )
+    else:
+        console.print(
+            f"The gap is {summary.gap.mean:.3f} nats per point: at these settings AIS is within about that of log p(x) "
+            "on data like the model's own."
+        )
+    points = evaluation.points
+    count = points.index.size
+    if show_all or count <= 2 * rows:
+        title, sections = "Every point", [("", np.arange(count))]
+    else:
+        widest = np.argsort(-points.gap, kind="stable")[:rows]
+        title = f"First {rows} points and the {rows} widest gaps (--all for every point)"
+        sections = [("first", np.arange(rows)), ("widest", widest)]
+    columns = {name: (lambda row, name=name: _num(float(getattr(points, name)[row]))) for name in ("lower", "upper", "gap", "iwae")}
+    console.print()
+    console.print(_points_table(title, points.index, sections, columns))

@@ -1,0 +1,416 @@
+"""Tight, certified log-likelihoods: annealed importance sampling (AIS) and BDMC sandwich bounds.
+
+``AISEvaluator`` estimates log p(x) per point by AIS with HMC transitions (``annealing``),
+with the ordinary ELBO and IWAE of the same point beside it. ``simulate`` draws points from
+the model itself and ``BDMCEvaluator`` brackets their log p(x) between forward AIS (a
+stochastic lower bound) and reverse AIS started from the z that generated each point (a
+stochastic upper bound; Grosse, Ghahramani & Adams 2015; Wu, Burda, Salakhutdinov &
+Grosse 2017). The gap certifies how far AIS at these settings can be from the truth.
+
+Step sizes: ``step_size`` fixes ε; otherwise a pilot run of ``pilot_chains`` chains per point
+adapts ε toward an acceptance rate of 0.65 as it anneals (ε × 1.02 above, × 0.98 below,
+clipped to [1e-4, 0.5]; Wu et al. 2017), starting from half the smallest standard deviation
+of q0, and the run whose weights are reported uses the pilot's ε for each point and step,
+frozen (as Huang et al. 2020 do): its transitions then do not depend on its own chains, and
+its weights stay unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributions import Independent, Normal
+
+from vaeeval import rng
+from vaeeval.annealing import (
+    FORWARD,
+    PILOT,
+    REVERSE,
+    SCHEDULES,
+    SIMULATE,
+    SIMULATE_X,
+    STEP_SIZE_RANGE,
+    Chains,
+    Streams,
+    Target,
+    anneal,
+    decodable,
+    gaussian_draws,
+    log_mean_exp,
+    prior_draws,
+    schedule,
+)
+from vaeeval.data import Dataset
+from vaeeval.domains import detect_domain
+from vaeeval.errors import VaeevalError, option
+from vaeeval.estimators import effective_sample_size, iwae_stderr
+from vaeeval.evaluate import EvaluationOptions, Evaluator, row_bytes
+from vaeeval.model import Model
+from vaeeval.results import (
+    AISCost,
+    AISEvaluation,
+    AISPointResults,
+    AISSettings,
+    BDMCEvaluation,
+    BDMCPointResults,
+    PointResults,
+    summarize_ais,
+    summarize_bdmc,
+)
+
+INITS = ("encoder", "prior")
+DEFAULT_STEPS = 500
+DEFAULT_LEAPFROG = 10
+DEFAULT_CHAINS = 16
+DEFAULT_PILOT_CHAINS = 4
+TARGET_ROWS = 2048  # chains x points per decoder call
+MAX_STEPS = 1_000_000
+
+
+@dataclass(frozen=True)
+class AISOptions:
+    """How to anneal.
+
+    Attributes:
+        steps: T, the number of steps from q0 to the posterior (T - 1 HMC transitions).
+        leapfrog: leapfrog steps per HMC transition.
+        chains: C, independent chains per point.
+        init: ``encoder`` (q0 = q(z|x)) or ``prior`` (q0 = p(z)).
+        schedule: ``sigmoid``, ``linear`` or ``geometric`` spacing of β.
+        step_size: a fixed HMC step size ε; None tunes it per point in a pilot run.
+        pilot_chains: chains per point in the pilot run.
+        batch_size: points annealed together; None fits about 2048 chains in the memory budget.
+    """
+
+    steps: int = DEFAULT_STEPS
+    leapfrog: int = DEFAULT_LEAPFROG
+    chains: int = DEFAULT_CHAINS
+    init: str = "encoder"
+    schedule: str = "sigmoid"
+    step_size: float | None = None
+    pilot_chains: int = DEFAULT_PILOT_CHAINS
+    batch_size: int | None = None
+
+    def check(self) -> None:
+        """Raise ``VaeevalError`` naming the first option out of range."""
+        for name in ("steps", "leapfrog", "chains", "pilot_chains"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VaeevalError(f"{option(name)} must be an integer of at least 1, found {value!r}")
+        if self.steps > MAX_STEPS:
+            raise VaeevalError(f"{option('steps')} {self.steps} is more than {MAX_STEPS:,} steps")
+        if self.init not in INITS:
+            raise VaeevalError(f"{option('init')} {self.init!r}: choose one of {', '.join(INITS)}")
+        if self.schedule not in SCHEDULES:
+            raise VaeevalError(f"{option('schedule')} {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.step_size is not None and not (STEP_SIZE_RANGE[0] <= self.step_size <= STEP_SIZE_RANGE[1]):
+            low, high = STEP_SIZE_RANGE
+            raise VaeevalError(f"{option('step_size')} {self.step_size}: choose a step size in [{low:g}, {high:g}]")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise VaeevalError(f"{option('batch_size')} must be at least 1, found {self.batch_size}")
+
+
+class _Annealer:
+    """What AIS and BDMC share: options checked, the model on its device, the schedule, batching."""
+
+    def __init__(self, model: Model, data: Dataset | np.ndarray, ais: AISOptions, options: EvaluationOptions) -> None:
+        ais.check()
+        self.ais = ais
+        self.importance = Evaluator(model, data, options)  # the ELBO and IWAE beside, the scoring, the device
+        self.model = self.importance.model
+        self.dataset = self.importance.dataset
+        self.scoring = self.importance.scoring
+        self.betas = schedule(ais.schedule, ais.steps)
+        rows = max(ais.chains, ais.pilot_chains)
+        fitting = max(1, options.max_memory // (3 * row_bytes(self.model) * rows))
+        batch_size = ais.batch_size or max(1, min(TARGET_ROWS // rows, fitting))
+        self.settings = AISSettings(
+            steps=ais.steps,
+            leapfrog=ais.leapfrog,
+            chains=ais.chains,
+            init=ais.init,
+            schedule=ais.schedule,
+            step_size=ais.step_size,
+            pilot_chains=ais.pilot_chains,
+            seed=self.importance.settings.seed,
+            samples=self.importance.settings.samples,
+            batch_size=batch_size,
+            device=self.importance.settings.device,
+        )
+
+    @property
+    def n(self) -> int:
+        return self.importance.n
+
+    @property
+    def cost(self) -> AISCost:
+        """Gradient evaluations per point: each transition costs ``leapfrog`` of them, per chain."""
+        transitions = max(self.ais.steps - 1, 0)
+        per_chain = 1 + transitions * self.ais.leapfrog
+        pilot = 0 if self.ais.step_size is not None else self.ais.pilot_chains * per_chain
+        return AISCost(pilot=pilot, run=self.ais.chains * per_chain * self._runs_per_point)
+
+    _runs_per_point = 1
+
+    def _batches(self, indices: np.ndarray | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        for start in range(0, indices.size, self.settings.batch_size):
+            rows = indices[start : start + self.settings.batch_size]
+            x = torch.from_numpy(np.array(self.dataset.array[rows], dtype=np.float32)).to(self.settings.device)
+            yield rows, x
+
+    def _target(self, x: torch.Tensor) -> tuple[Target, torch.Tensor, torch.Tensor]:
+        """The densities for these points, and q(z|x)'s mean and standard deviation (float64)."""
+        mean, log_var = self.model.encode(x)
+        mean, std = mean.double(), (0.5 * log_var.double()).exp()
+        prior = self.model.prior.distribution(mean)
+        init = None if self.ais.init == "prior" else Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
+        return Target(self.model, x, self.scoring.levels, init, prior), mean, std
+
+    def _initial(self, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, chains: int, streams: Streams) -> torch.Tensor:
+        """``[B, C, L]`` draws from q0."""
+        seed = self.settings.seed
+        if self.ais.init == "prior":
+            return prior_draws(self.model.prior, seed, rows, chains, streams, mean.device)
+        return gaussian_draws(mean, std, seed, rows, chains, streams)
+
+    def _step_sizes(self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """ε per point and step ``[B, T + 1]``: fixed, or tuned by a pilot run."""
+        points, steps = rows.size, self.ais.steps
+        if self.ais.step_size is not None:
+            return torch.full((points, steps + 1), self.ais.step_size, dtype=torch.float64, device=mean.device)
+        if self.ais.init == "prior":
+            start = self.model.prior.distribution(mean).stddev.min(-1).values.expand(points)
+        else:
+            start = std.min(-1).values
+        step_sizes = torch.zeros(points, steps + 1, dtype=torch.float64, device=mean.device)
+        step_sizes[:, 1] = (0.5 * start).clamp(*STEP_SIZE_RANGE)
+        z = self._initial(mean, std, rows, self.ais.pilot_chains, PILOT)
+        pilot = anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=PILOT,
+                       leapfrog=self.ais.leapfrog, adapt=True)
+        return pilot.step_sizes
+
+    def _forward(self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, step_sizes: torch.Tensor) -> Chains:
+        z = self._initial(mean, std, rows, self.ais.chains, FORWARD)
+        return anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=FORWARD,
+                      leapfrog=self.ais.leapfrog)
+
+    def _beside(self, rows: np.ndarray) -> PointResults:
+        """The ordinary importance-sampling estimates of these points."""
+        return PointResults.concatenate([part.points for part in self.importance.parts(rows)])
+
+    def _acceptance(self, *runs: Chains) -> np.ndarray:
+        transitions = max(self.ais.steps - 1, 0) * self.ais.chains * len(runs)
+        if transitions == 0:
+            return np.full(runs[0].accepted.shape, math.nan)
+        return (sum(run.accepted for run in runs) / transitions).cpu().numpy()
+
+    def _mean_step_size(self, step_sizes: torch.Tensor) -> np.ndarray:
+        inner = step_sizes[:, 1 : self.ais.steps]
+        return (inner.mean(1) if inner.shape[1] else torch.full_like(step_sizes[:, 0], math.nan)).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class AISPart:
+    """The AIS results for some of the points."""
+
+    points: AISPointResults
+
+
+class AISEvaluator(_Annealer):
+    """An AIS run made ready: ``parts`` anneals any subset of the points, ``finish`` summarizes.
+
+    Args:
+        model: a loaded model.
+        data: ``[N, *input_shape]`` points, already checked (``load_data``).
+        ais: how to anneal.
+        options: the importance-sampling run beside it (``samples``), the seed, the
+            device, the memory budget and the scoring (``discretize``, ``density``).
+
+    Raises:
+        VaeevalError: bad options, naming the option.
+    """
+
+    def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[AISPart]:
+        """Anneal the points ``indices`` (default: all, in order), one batch per part."""
+        done = 0
+        with torch.no_grad():
+            for rows, x in self._batches(indices):
+                target, mean, std = self._target(x)
+                step_sizes = self._step_sizes(target, mean, std, rows)
+                forward = self._forward(target, mean, std, rows, step_sizes)
+                yield AISPart(self._points(rows, forward, step_sizes))
+                done += rows.size
+                if progress is not None:
+                    progress(done)
+
+    def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor) -> AISPointResults:
+        log_weight = forward.log_weight
+        chains = log_weight.shape[1]
+        log_sum = torch.logsumexp(log_weight, 1)
+        ess = effective_sample_size(log_sum, torch.logsumexp(2 * log_weight, 1))
+        stderr = iwae_stderr(ess, chains) if chains > 1 else torch.full_like(ess, math.nan)
+        beside = self._beside(rows)
+        ais = log_mean_exp(log_weight).cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(ais))
+        if bad.size:
+            raise VaeevalError(
+                f"point {int(rows[bad[0]])}: ais is {ais[bad[0]]} ({bad.size} point(s) affected); every chain's weight "
+                "overflowed (an extreme log-variance, logit or scale in the model's outputs)"
+            )
+        return AISPointResults(
+            index=rows.copy(),
+            ais=ais,
+            ais_stderr=stderr.cpu().numpy(),
+            ess=ess.cpu().numpy(),
+            acceptance=self._acceptance(forward),
+            step_size=self._mean_step_size(step_sizes),
+            elbo=beside.elbo,
+            iwae=beside.iwae,
+        )
+
+    def finish(self, parts: Sequence[AISPart]) -> AISEvaluation:
+        """One evaluation from parts covering each point once."""
+        points = AISPointResults.concatenate([p.points for p in parts]).in_index_order()
+        return AISEvaluation(
+            points=points,
+            summary=summarize_ais(points, self.model.data_dims),
+            settings=self.settings,
+            scoring=self.scoring,
+            domain=self.importance.domain,
+            cost=self.cost,
+        )
+
+    def evaluate(self, progress: Callable[[int], None] | None = None) -> AISEvaluation:
+        """Every point, in one go."""
+        return self.finish(list(self.parts(progress=progress)))
+
+
+# ---------------------------------------------------------------- BDMC
+
+
+@dataclass(frozen=True)
+class Simulated:
+    """Points drawn from the model: ``z ~ p(z)`` ``[n, L]`` and ``x ~ p(x|z)`` ``[n, *input_shape]``."""
+
+    x: np.ndarray
+    z: np.ndarray
+    levels: int | None  # the grid the values were binned to, if any
+
+
+def simulation_levels(model: Model, discretize: int | None, density: bool) -> int | None:
+    """The grid simulated points lie on: ``discretize``, the model's declared grid, or the family's own levels."""
+    if model.likelihood.levels is not None:
+        return model.likelihood.levels
+    if density:
+        return None
+    if discretize is not None:
+        return discretize
+    return model.domain.grid_levels if model.domain is not None else None
+
+
+def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) -> Simulated:
+    """Draw ``n`` points from the model: z ~ p(z), then x ~ p(x|z), keyed by (seed, point index).
+
+    Args:
+        model: the model.
+        n: how many points.
+        seed: the noise seed.
+        levels: bin a continuous family's draws to the grid k/(L-1) (the model's data
+            domain): a binned draw is exactly a draw of the bin-probability model.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise VaeevalError(f"{option('n')} must be at least 1, found {n!r}")
+    indices = np.arange(n)
+    dims = model.data_dims
+    xs, zs = [], []
+    with torch.no_grad():
+        for start in range(0, n, 256):
+            rows = indices[start : start + 256]
+            z = prior_draws(model.prior, seed, rows, 1, SIMULATE, torch.device("cpu"))[:, 0]
+            params = model.decode(z.float()).double()
+            uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
+            x = model.likelihood.sample(params, uniform.reshape(rows.size, *model.input_shape))
+            if levels is not None and model.likelihood.levels is None:
+                x = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
+            xs.append(x.to(torch.float32).numpy())
+            zs.append(z.numpy())
+    return Simulated(np.concatenate(xs), np.concatenate(zs), levels)
+
+
+@dataclass(frozen=True)
+class BDMCPart:
+    """The BDMC results for some of the simulated points."""
+
+    points: BDMCPointResults
+
+
+class BDMCEvaluator(_Annealer):
+    """BDMC on simulated points: forward AIS from q0, reverse AIS from the true z, IWAE beside.
+
+    Args:
+        model: a loaded model.
+        simulated: points drawn from the model (``simulate``).
+        ais, options: as for ``AISEvaluator``.
+    """
+
+    _runs_per_point = 2
+
+    def __init__(self, model: Model, simulated: Simulated, ais: AISOptions, options: EvaluationOptions) -> None:
+        dataset = Dataset(simulated.x, total=len(simulated.x), domain=detect_domain(simulated.x))
+        super().__init__(model, dataset, ais, options)
+        self.simulated = simulated
+
+    def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[BDMCPart]:
+        done = 0
+        with torch.no_grad():
+            for rows, x in self._batches(indices):
+                target, mean, std = self._target(x)
+                step_sizes = self._step_sizes(target, mean, std, rows)
+                forward = self._forward(target, mean, std, rows, step_sizes)
+                truth = torch.from_numpy(self.simulated.z[rows]).to(mean.device).double()
+                start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
+                reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
+                                 streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True)
+                lower = log_mean_exp(forward.log_weight).cpu().numpy()
+                upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
+                beside = self._beside(rows)
+                yield BDMCPart(BDMCPointResults(
+                    index=rows.copy(),
+                    lower=lower,
+                    upper=upper,
+                    gap=upper - lower,
+                    iwae=beside.iwae,
+                    acceptance=self._acceptance(forward, reverse),
+                ))
+                done += rows.size
+                if progress is not None:
+                    progress(done)
+
+    def finish(self, parts: Sequence[BDMCPart]) -> BDMCEvaluation:
+        points = BDMCPointResults.concatenate([p.points for p in parts]).in_index_order()
+        return BDMCEvaluation(
+            points=points,
+            summary=summarize_bdmc(points),
+            settings=self.settings,
+            scoring=self.scoring,
+            domain=self.importance.domain,
+            cost=self.cost,
+        )
+
+    def evaluate(self, progress: Callable[[int], None] | None = None) -> BDMCEvaluation:
+        return self.finish(list(self.parts(progress=progress)))
+
+
+def save_simulated(path: str | Path, simulated: Simulated) -> None:
+    """Write simulated points as an ``.npz`` holding ``x`` ``[n, *input_shape]`` and ``z`` ``[n, L]``."""
+    try:
+        with Path(path).open("wb") as handle:
+            np.savez(handle, x=simulated.x, z=simulated.z)
+    except OSError as error:
+        raise VaeevalError(f"{path}: cannot write the simulated data ({error.strerror or error})") from None
