@@ -161,3 +161,61 @@ def cli(*args: Any, code: int = 0) -> Result:
 def jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (a results file)."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@dataclass
+class OneDimensional:
+    """A 1-D latent Bernoulli VAE with everything exact by quadrature on a fine grid."""
+
+    model: Model
+    encoder: nn.Sequential
+    x: np.ndarray  # [N, D] binary, float64
+    grid: np.ndarray  # [G] the latent grid
+    step: float
+    log_lik: np.ndarray  # [N, G] log p(x|z)
+    log_prior: np.ndarray  # [G]
+    log_joint: np.ndarray  # [N, G]
+    log_px: np.ndarray  # [N]
+
+
+def _mlp_logits(model_decoder: nn.Sequential, z: np.ndarray) -> np.ndarray:
+    """The decoder evaluated in float64 with numpy (an independent implementation)."""
+    first, last = model_decoder[0], model_decoder[2]
+    w1, b1 = first.weight.detach().double().numpy(), first.bias.detach().double().numpy()
+    w2, b2 = last.weight.detach().double().numpy(), last.bias.detach().double().numpy()
+    return np.tanh(z[:, None] * w1[:, 0] + b1) @ w2.T + b2
+
+
+def one_dimensional_bernoulli(tmp_path: Path, points: int = 25, dims: int = 8, encoder_shift: float = 0.0) -> OneDimensional:
+    """A 1-D latent Bernoulli VAE, its data and exact log p(x); the encoder is fitted to the exact posterior
+    moments (good, not exact), its mean shifted by ``encoder_shift``."""
+    from scipy.special import log_expit, logsumexp
+
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, dims))
+    with torch.no_grad():
+        decoder[0].weight.mul_(3.0)
+        decoder[2].weight.mul_(3.0)
+
+    grid = np.linspace(-12.0, 12.0, 24001)
+    step = grid[1] - grid[0]
+    logits = _mlp_logits(decoder, grid)  # [G, D]
+    rng = np.random.default_rng(0)
+    z_true = rng.standard_normal(points)
+    x = (rng.random((points, dims)) < 1 / (1 + np.exp(-_mlp_logits(decoder, z_true)))).astype(np.float64)
+    log_lik = x @ log_expit(logits).T + (1 - x) @ log_expit(-logits).T  # [N, G]
+    log_prior = -0.5 * grid**2 - 0.5 * LOG_2PI
+    log_joint = log_lik + log_prior
+    log_px = logsumexp(log_joint, axis=1) + math.log(step)
+
+    post = np.exp(log_joint - log_px[:, None]) * step
+    post_mean = post @ grid
+    post_var = post @ grid**2 - post_mean**2
+    design = np.hstack([x, np.ones((len(x), 1))])
+    coef, *_ = np.linalg.lstsq(design, np.stack([post_mean + encoder_shift, np.log(post_var)], axis=1), rcond=None)
+    encoder = nn.Sequential(linear(coef[:-1].T, coef[-1]))
+    model = save_model(
+        tmp_path / "latent1.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
+        input_shape=[dims], latent_dim=1,
+    )
+    return OneDimensional(model, encoder, x, grid, step, log_lik, log_prior, log_joint, log_px)

@@ -10,12 +10,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from conftest import LOG_2PI, PPCA, gaussian_kl_to_standard, linear
-from scipy.special import log_expit, logsumexp
-from torch import nn
+from conftest import LOG_2PI, PPCA, gaussian_kl_to_standard, one_dimensional_bernoulli
 
-from vaeeval import evaluate, save_model
+from vaeeval import evaluate
 
 Z = 4.0  # standard errors allowed for a Monte Carlo estimate
 
@@ -85,46 +82,11 @@ def test_perturbed_encoder_bounds_and_exact_terms(ppca: PPCA, tmp_path):
     assert np.mean(result.points.iwae - result.points.elbo) > 0.1
 
 
-def _mlp_logits(model_decoder: nn.Sequential, z: np.ndarray) -> np.ndarray:
-    """The decoder evaluated in float64 with numpy (an independent implementation)."""
-    first, last = model_decoder[0], model_decoder[2]
-    w1, b1 = first.weight.detach().double().numpy(), first.bias.detach().double().numpy()
-    w2, b2 = last.weight.detach().double().numpy(), last.bias.detach().double().numpy()
-    return np.tanh(z[:, None] * w1[:, 0] + b1) @ w2.T + b2
-
-
 def test_one_dimensional_latent_matches_quadrature(tmp_path):
     """A 1-D latent Bernoulli VAE: log p(x), E_q log p(x|z) and KL by quadrature on a fine grid."""
-    torch.manual_seed(0)
-    dims = 8
-    decoder = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, dims))
-    with torch.no_grad():
-        decoder[0].weight.mul_(3.0)
-        decoder[2].weight.mul_(3.0)
-
-    grid = np.linspace(-12.0, 12.0, 24001)
-    step = grid[1] - grid[0]
-    logits = _mlp_logits(decoder, grid)  # [G, D]
-    rng = np.random.default_rng(0)
-    z_true = rng.standard_normal(25)
-    x = (rng.random((25, dims)) < 1 / (1 + np.exp(-_mlp_logits(decoder, z_true)))).astype(np.float64)
-    log_lik = x @ log_expit(logits).T + (1 - x) @ log_expit(-logits).T  # [N, G]
-    log_prior = -0.5 * grid**2 - 0.5 * LOG_2PI
-    log_joint = log_lik + log_prior
-    log_px = logsumexp(log_joint, axis=1) + math.log(step)
-
-    # an encoder fitted (least squares) to the exact posterior moments: good, not exact
-    post = np.exp(log_joint - log_px[:, None]) * step
-    post_mean = post @ grid
-    post_var = post @ grid**2 - post_mean**2
-    design = np.hstack([x, np.ones((len(x), 1))])
-    coef, *_ = np.linalg.lstsq(design, np.stack([post_mean, np.log(post_var)], axis=1), rcond=None)
-    encoder = nn.Sequential(linear(coef[:-1].T, coef[-1]))
-    model = save_model(
-        tmp_path / "latent1.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
-        input_shape=[dims], latent_dim=1,
-    )
-
+    exact = one_dimensional_bernoulli(tmp_path)
+    model, encoder, x, grid, step = exact.model, exact.encoder, exact.x, exact.grid, exact.step
+    log_lik, log_joint, log_px, log_prior = exact.log_lik, exact.log_joint, exact.log_px, exact.log_prior
     samples = 20000
     result = evaluate(model, x.astype(np.float32), samples=samples, seed=11)
     mean, log_var = (encoder[0].weight.detach().double().numpy() @ x.T + encoder[0].bias.detach().double().numpy()[:, None])

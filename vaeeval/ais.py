@@ -157,6 +157,19 @@ class _Annealer:
 
     _runs_per_point = 1
 
+    def _ticks(self, progress: Callable[[float], None] | None, done: int, points: int) -> Callable[[], None] | None:
+        """A per-step callback reporting points done, in fractions of this batch of ``points``."""
+        if progress is None:
+            return None
+        runs = self._runs_per_point + (self.ais.step_size is None)
+        total, steps = runs * self.ais.steps, [0]
+
+        def tick() -> None:
+            steps[0] += 1
+            progress(done + points * min(steps[0] / total, 1.0))
+
+        return tick
+
     def _batches(self, indices: np.ndarray | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
         for start in range(0, indices.size, self.settings.batch_size):
@@ -179,7 +192,9 @@ class _Annealer:
             return prior_draws(self.model.prior, seed, rows, chains, streams, mean.device)
         return gaussian_draws(mean, std, seed, rows, chains, streams)
 
-    def _step_sizes(self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    def _step_sizes(
+        self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, tick: Callable[[], None] | None
+    ) -> torch.Tensor:
         """ε per point and step ``[B, T + 1]``: fixed, or tuned by a pilot run."""
         points, steps = rows.size, self.ais.steps
         if self.ais.step_size is not None:
@@ -192,13 +207,16 @@ class _Annealer:
         step_sizes[:, 1] = (0.5 * start).clamp(*STEP_SIZE_RANGE)
         z = self._initial(mean, std, rows, self.ais.pilot_chains, PILOT)
         pilot = anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=PILOT,
-                       leapfrog=self.ais.leapfrog, adapt=True)
+                       leapfrog=self.ais.leapfrog, adapt=True, tick=tick)
         return pilot.step_sizes
 
-    def _forward(self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, step_sizes: torch.Tensor) -> Chains:
+    def _forward(
+        self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, step_sizes: torch.Tensor,
+        tick: Callable[[], None] | None,
+    ) -> Chains:
         z = self._initial(mean, std, rows, self.ais.chains, FORWARD)
         return anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=FORWARD,
-                      leapfrog=self.ais.leapfrog)
+                      leapfrog=self.ais.leapfrog, tick=tick)
 
     def _beside(self, rows: np.ndarray) -> PointResults:
         """The ordinary importance-sampling estimates of these points."""
@@ -241,9 +259,10 @@ class AISEvaluator(_Annealer):
         done = 0
         with torch.no_grad():
             for rows, x in self._batches(indices):
+                tick = self._ticks(progress, done, rows.size)
                 target, mean, std = self._target(x)
-                step_sizes = self._step_sizes(target, mean, std, rows)
-                forward = self._forward(target, mean, std, rows, step_sizes)
+                step_sizes = self._step_sizes(target, mean, std, rows, tick)
+                forward = self._forward(target, mean, std, rows, step_sizes, tick)
                 yield AISPart(self._points(rows, forward, step_sizes))
                 done += rows.size
                 if progress is not None:
@@ -370,13 +389,14 @@ class BDMCEvaluator(_Annealer):
         done = 0
         with torch.no_grad():
             for rows, x in self._batches(indices):
+                tick = self._ticks(progress, done, rows.size)
                 target, mean, std = self._target(x)
-                step_sizes = self._step_sizes(target, mean, std, rows)
-                forward = self._forward(target, mean, std, rows, step_sizes)
+                step_sizes = self._step_sizes(target, mean, std, rows, tick)
+                forward = self._forward(target, mean, std, rows, step_sizes, tick)
                 truth = torch.from_numpy(self.simulated.z[rows]).to(mean.device).double()
                 start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
                 reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
-                                 streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True)
+                                 streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True, tick=tick)
                 lower = log_mean_exp(forward.log_weight).cpu().numpy()
                 upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
                 beside = self._beside(rows)
@@ -414,3 +434,62 @@ def save_simulated(path: str | Path, simulated: Simulated) -> None:
             np.savez(handle, x=simulated.x, z=simulated.z)
     except OSError as error:
         raise VaeevalError(f"{path}: cannot write the simulated data ({error.strerror or error})") from None
+
+
+def evaluate_ais(
+    model: Model,
+    data: Dataset | np.ndarray,
+    *,
+    steps: int = DEFAULT_STEPS,
+    leapfrog: int = DEFAULT_LEAPFROG,
+    chains: int = DEFAULT_CHAINS,
+    init: str = "encoder",
+    schedule: str = "sigmoid",
+    step_size: float | None = None,
+    pilot_chains: int = DEFAULT_PILOT_CHAINS,
+    batch_size: int | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    max_memory: int = 512 * 2**20,
+    device: str = "cpu",
+    discretize: int | None = None,
+    density: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> AISEvaluation:
+    """Estimate log p(x) of every point by AIS, with the ELBO and IWAE (K = ``samples``) beside it.
+
+    See ``AISOptions`` for the annealing settings and ``EvaluationOptions`` for the rest.
+
+    Raises:
+        VaeevalError: bad settings, or a point whose every chain overflowed.
+    """
+    annealing = AISOptions(steps, leapfrog, chains, init, schedule, step_size, pilot_chains, batch_size)
+    options = EvaluationOptions(samples=samples, seed=seed, max_memory=max_memory, device=device,
+                                discretize=discretize, density=density)
+    return AISEvaluator(model, data, annealing, options).evaluate(progress)
+
+
+def run_bdmc(
+    model: Model,
+    n: int,
+    annealing: AISOptions | None = None,
+    options: EvaluationOptions | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[BDMCEvaluation, Simulated]:
+    """Simulate ``n`` points from the model and bracket their log p(x) by forward and reverse AIS.
+
+    Args:
+        model: the model.
+        n: points to simulate.
+        annealing: how to anneal (default ``AISOptions()``).
+        options: the seed (of the simulation too), the IWAE beside it, the device and the
+            scoring; ``discretize`` or the model's declared grid bins the simulated values.
+
+    Returns:
+        The evaluation and the simulated points.
+    """
+    options = options or EvaluationOptions()
+    simulated = simulate(model, n, seed=options.seed, levels=simulation_levels(model, options.discretize, options.density))
+    evaluator = BDMCEvaluator(model, simulated, annealing or AISOptions(), options)
+    return evaluator.evaluate(progress), simulated

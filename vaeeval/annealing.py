@@ -25,6 +25,7 @@ through ``rng``, so no number depends on the batch, the process or the other poi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -273,6 +274,7 @@ def anneal(
     leapfrog: int,
     reverse: bool = False,
     adapt: bool = False,
+    tick: Callable[[], None] | None = None,
 ) -> Chains:
     """Run the chains along the path, forward (β from 0 to 1) or in reverse.
 
@@ -292,6 +294,7 @@ def anneal(
         adapt: tune ε toward the target acceptance rate as the chains go (a pilot run):
             after the transition at f_t, ε for f_{t+1} is ε_t × 1.02 if the point's chains
             accepted more than 65% of their proposals, else × 0.98, clipped to [1e-4, 0.5].
+        tick: called after each step (for a progress bar).
     """
     points, chains, latent = z.shape
     steps = len(betas) - 1
@@ -302,6 +305,8 @@ def anneal(
     for t in range(steps, 0, -1) if reverse else range(1, steps + 1):
         log_weight += (betas[t] - betas[t - 1]) * (state.log_target - state.log_init)
         k = t - 1 if reverse else t  # the transition that follows targets f_k
+        if tick is not None:
+            tick()
         if k in (0, steps):
             continue
         momentum = rng.normal(seed, indices, chain_counters(k, chains, latent), streams.momentum).to(z.device)
@@ -312,7 +317,7 @@ def anneal(
         accepted += moved.sum(1)
         if adapt and k + 1 < steps:
             rate = moved.double().mean(1)
-            factor = torch.where(rate > TARGET_ACCEPTANCE, ADAPT_UP, ADAPT_DOWN)
+            factor = torch.full_like(rate, ADAPT_DOWN).masked_fill_(rate > TARGET_ACCEPTANCE, ADAPT_UP)
             step_sizes[:, k + 1] = (step_sizes[:, k] * factor).clamp(*STEP_SIZE_RANGE)
     return Chains(log_weight, accepted, step_sizes)
 

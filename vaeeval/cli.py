@@ -69,7 +69,7 @@ from vaeeval.output.tables import (
 from vaeeval.results import Evaluation
 from vaeeval.run import Outcome, distributed_world, local_processes, run
 from vaeeval.sources import load
-from vaeeval.stream import Shard, merge_runs, read_results, read_stream, write_results
+from vaeeval.stream import AIS_RESULTS, ELBO_RESULTS, Shard, merge_runs, read_results, read_stream, write_results
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -681,10 +681,15 @@ def merge(parts: tuple[Path, ...], as_json: bool, output: Path | None, show_all:
     model, data = merged.header["model"], merged.header["data"]
     if output is not None:
         write_results(output, merged.header, merged.records, merged.evaluation)
+    document, render = _MERGED[merged.header["schema"]]
     if as_json:
-        click.echo(to_json(elbo_document(merged.evaluation, model, data)))
+        click.echo(to_json(document(merged.evaluation, model, data)))
     elif output is None:
-        render_elbo(_stdout(), merged.evaluation, model, data, show_all=show_all)
+        render(_stdout(), merged.evaluation, model, data, show_all=show_all)
+
+
+# what a merged results file is shown as: its --json document and its table
+_MERGED = {ELBO_RESULTS.schema: (elbo_document, render_elbo), AIS_RESULTS.schema: (ais_document, render_ais)}
 
 
 @main.command()
