@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cli
 from torch import nn
 
 from vaeeval import evaluate, load_data, save_model
@@ -140,3 +141,33 @@ def test_compare_cli_json_and_table(models, grey):
 def test_compare_needs_two_models(models, grey):
     result = CliRunner().invoke(main, ["compare", str(models[0].path), str(grey)])
     assert result.exit_code == 2 and "at least two models" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_compare_ranks_by_ais_with_paired_differences(models, grey):
+    from vaeeval.ais import AISOptions
+
+    datasets = [load_data(grey, m) for m in models]
+    annealing = AISOptions(steps=4, leapfrog=2, chains=3)
+    comparison = compare(models, datasets, EvaluationOptions(samples=16, seed=3), annealing=annealing)
+    assert comparison.metric == "ais"
+    ranked = [g for g in comparison.groups if g.ranked][0]
+    means = [comparison.evaluations[i].summary.ais.mean for i in ranked.members]
+    assert means == sorted(means, reverse=True)
+    for difference in comparison.differences:
+        best, other = comparison.evaluations[difference.best], comparison.evaluations[difference.model]
+        assert difference.paired == mean_and_stderr(best.points.ais - other.points.ais)
+
+
+def test_compare_estimator_ais_on_the_command_line(models, grey):
+    import jsonschema
+
+    from vaeeval.output.schemas import schema
+
+    paths = [m.path for m in models]
+    out = cli("compare", *paths, grey, "-k", "16", "--estimator", "ais", "--steps", "3", "--chains", "2",
+              "--leapfrog", "1", "--json")
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.compare/1")).validate(document)
+    assert document["estimator"] == "ais" and document["settings"]["steps"] == 3
+    assert all(d["metric"] == "ais" for d in document["differences"])
+    assert "ais" in document["models"][0]["points"][0]

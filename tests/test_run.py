@@ -119,3 +119,17 @@ def test_torchrun_two_processes_give_the_single_process_numbers(bernoulli_model,
     for key in ("points", "summary", "convergence", "latents"):
         assert distributed_doc[key] == single_doc[key], key
     assert [r["index"] for r in jsonl(tmp_path / "d.jsonl") if "kind" not in r] == list(range(23))
+
+
+def test_torchrun_ais_gives_the_single_process_numbers(bernoulli_model, binary_data):
+    args = [str(bernoulli_model.path), str(binary_data), "--steps", "4", "--chains", "3", "--leapfrog", "2", "-k", "16",
+            "--json"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    distributed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vaeeval", "ais",
+         *args],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )
+    assert distributed.returncode == 0, distributed.stderr
+    distributed_doc, single_doc = json.loads(distributed.stdout), json.loads(cli("ais", *args).stdout)
+    assert distributed_doc["points"] == single_doc["points"] and distributed_doc["summary"] == single_doc["summary"]

@@ -13,10 +13,12 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 
 from vaeeval import __version__, tuning
@@ -197,7 +199,7 @@ def _evaluation(options: dict[str, Any]) -> EvaluationOptions:
     )
 
 
-_annealing_options = _options(
+_ANNEALING = (
     click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=DEFAULT_STEPS, show_default=True,
                  help="T, annealing steps from the initial distribution to the posterior."),
     click.option("--schedule", type=click.Choice(SCHEDULES), default="sigmoid", show_default=True,
@@ -212,7 +214,11 @@ _annealing_options = _options(
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
     click.option("--pilot-chains", type=click.IntRange(min=1), default=DEFAULT_PILOT_CHAINS, show_default=True,
                  help="Chains per point in the pilot run that tunes the step sizes."),
-    _SAMPLES, _SEED,
+)
+_annealing_options = _options(
+    *_ANNEALING,
+    _SAMPLES,
+    _SEED,
     click.option("--batch-size", type=click.IntRange(min=1), default=None,
                  help="Points annealed together (default: about 2048 chains in the memory budget). Results do not depend on it."),
     _MAX_MEMORY, _DEVICE, *_SCORING,
@@ -496,7 +502,7 @@ def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: b
     elif arch.encode_shape is None:
         raise click.UsageError("bdmc --arch needs --input-shape: the shape of one data point")
     else:
-        loaded = arch_model(model, ArchOptions(**{**vars(arch), "encode_shape": None}), arch.encode_shape)
+        loaded = arch_model(model, replace(arch, encode_shape=None), arch.encode_shape)
     simulated = simulate(loaded, n, seed=settings.seed, levels=simulation_levels(loaded, settings.discretize, settings.density))
     if save_data is not None:
         save_simulated(save_data, simulated)
@@ -560,28 +566,37 @@ def inspect(model: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=_PATH, metavar="MODEL... DATA")
 @_evaluation_options
+@click.option("--estimator", type=click.Choice(("iwae", "ais")), default="iwae", show_default=True,
+              help="Rank by the importance-weighted estimate, or by annealed importance sampling (the options below).")
+@_options(*_ANNEALING)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
-def compare(paths: tuple[Path, ...], as_json: bool, **options: Any) -> None:
+def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: Any) -> None:
     """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
 
     Log-probabilities rank with log-probabilities; a log-density is never ranked
     against a probability. On discrete data continuous models are scored as the
     probability of each value's bin, so all of them can be ranked. Each model's
     difference to the best is paired over the same points, with its standard error.
+    With --estimator ais the models are ranked by AIS (see vaeeval ais) instead of IWAE.
 
     \b
     Example:
       vaeeval compare sample_models/digits_gaussian.safetensors \\
         sample_models/digits_categorical.safetensors sample_models/digits_grey_test.npy
+      vaeeval compare A.safetensors B.safetensors data.npy --estimator ais --steps 1000
     """
     if len(paths) < 3:
         raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
     *model_paths, data = paths
+    annealing = _annealing(options)
+    if click.get_current_context().get_parameter_source("batch_size") is ParameterSource.DEFAULT:
+        annealing = replace(annealing, batch_size=None)  # the batch for the importance samples; AIS plans its own
     settings = _evaluation(options)
     loaded = [load(path, data, **options) for path in model_paths]
     models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
     with _progress(datasets[0].n * len(models), "evaluating models") as progress:
-        result = compare_models(models, datasets, settings, progress=progress)
+        result = compare_models(models, datasets, settings, annealing=annealing if estimator == "ais" else None,
+                                progress=progress)
     if as_json:
         click.echo(to_json(compare_document(result, datasets[0])))
     else:
@@ -618,7 +633,7 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
     shape = arch.encode_shape or point_shape(data, key=key)
-    source = arch_model(weights, ArchOptions(**{**vars(arch), "encode_shape": None}), shape)
+    source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None if data is None else load_data(data, source, key=key, limit=64).array
     result = convert_model(source, output, data=points, samples=samples, seed=seed)
     layers = result.model.layers

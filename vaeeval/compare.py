@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from vaeeval.ais import AISEvaluator, AISOptions
 from vaeeval.data import Dataset
 from vaeeval.errors import VaeevalError
 from vaeeval.evaluate import EvaluationOptions, Evaluator
 from vaeeval.model import Model
-from vaeeval.results import DENSITY, PROBABILITY, Evaluation, Stat, mean_and_stderr
+from vaeeval.results import DENSITY, PROBABILITY, AISEvaluation, Evaluation, Stat, mean_and_stderr
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,11 @@ class Comparison:
     """Everything ``compare`` found."""
 
     models: tuple[Model, ...]
-    evaluations: tuple[Evaluation, ...]
+    evaluations: tuple[Evaluation | AISEvaluation, ...]
     groups: tuple[Group, ...]
     differences: tuple[Difference, ...]
     notes: tuple[str, ...]
+    metric: str = "iwae"  # what ranks the models: iwae, or ais (``compare --estimator ais``)
 
     def rank(self, index: int) -> int | None:
         """1 for the best of its group, 2 for the next...; ``None`` when its group is not ranked."""
@@ -69,8 +71,10 @@ def _names(models: Sequence[Model], indices: Sequence[int]) -> str:
     return ", ".join(str(models[i].path.name if models[i].path else f"model {i}") for i in indices)
 
 
-def rank(models: Sequence[Model], evaluations: Sequence[Evaluation], data_is_discrete: bool) -> Comparison:
-    """Group evaluations by measure, rank within a group, pair each with its group's best."""
+def rank(
+    models: Sequence[Model], evaluations: Sequence[Evaluation | AISEvaluation], data_is_discrete: bool, metric: str = "iwae"
+) -> Comparison:
+    """Group evaluations by measure, rank by ``metric`` within a group, pair each with its group's best."""
     by_measure: dict[str, list[int]] = {}
     for index, evaluation in enumerate(evaluations):
         by_measure.setdefault(evaluation.measure, []).append(index)
@@ -90,14 +94,14 @@ def rank(models: Sequence[Model], evaluations: Sequence[Evaluation], data_is_dis
                 )
             groups.append(Group(measure, tuple(members), False, "densities of discrete data"))
             continue
-        order = sorted(members, key=lambda i: -evaluations[i].summary.iwae.mean)
+        order = sorted(members, key=lambda i: -getattr(evaluations[i].summary, metric).mean)
         groups.append(Group(measure, tuple(order), True))
         best = order[0]
         for other in order[1:]:
-            paired = mean_and_stderr(evaluations[best].points.iwae - evaluations[other].points.iwae)
-            unpaired = _unpaired(evaluations[best].summary.iwae, evaluations[other].summary.iwae)
+            paired = mean_and_stderr(getattr(evaluations[best].points, metric) - getattr(evaluations[other].points, metric))
+            unpaired = _unpaired(getattr(evaluations[best].summary, metric), getattr(evaluations[other].summary, metric))
             differences.append(Difference(other, best, paired, unpaired))
-    return Comparison(tuple(models), tuple(evaluations), tuple(groups), tuple(differences), tuple(notes))
+    return Comparison(tuple(models), tuple(evaluations), tuple(groups), tuple(differences), tuple(notes), metric)
 
 
 def compare(
@@ -105,6 +109,7 @@ def compare(
     datasets: Sequence[Dataset],
     options: EvaluationOptions | None = None,
     *,
+    annealing: AISOptions | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Comparison:
     """Evaluate every model on the same points with the same seed, then rank where comparable.
@@ -114,6 +119,7 @@ def compare(
         datasets: the same data loaded (and so checked) once for each model, in the same order.
         options: how to evaluate each model (the same for all); on discrete data continuous
             models are scored on the data's bins unless ``options.density``.
+        annealing: rank by AIS with these settings instead of by IWAE.
         progress: called with the number of (model, point) pairs finished.
 
     Raises:
@@ -124,12 +130,15 @@ def compare(
     if len(datasets) != len(models) or any(d.n != datasets[0].n for d in datasets):
         raise VaeevalError("compare needs the same data points for every model")
     evaluations = []
-    for position, (model, dataset) in enumerate(zip(models, datasets, strict=False)):
+    for position, (model, dataset) in enumerate(zip(models, datasets, strict=True)):
         offset = position * dataset.n
         report = None if progress is None else (lambda done, offset=offset: progress(offset + done))
-        evaluations.append(Evaluator(model, dataset, options).evaluate(report))
+        if annealing is None:
+            evaluations.append(Evaluator(model, dataset, options).evaluate(report))
+        else:
+            evaluations.append(AISEvaluator(model, dataset, annealing, options or EvaluationOptions()).evaluate(report))
     data_is_discrete = datasets[0].domain.grid_levels is not None
-    comparison = rank(models, evaluations, data_is_discrete)
+    comparison = rank(models, evaluations, data_is_discrete, "iwae" if annealing is None else "ais")
     rescored = [i for i, e in enumerate(evaluations) if e.scoring.levels is not None]
     if rescored:
         levels = sorted({evaluations[i].scoring.levels for i in rescored})
@@ -139,5 +148,5 @@ def compare(
             f"{' / '.join(map(str, levels))} levels: every number is then a log-probability of the observed values.",
             *comparison.notes,
         )
-        comparison = Comparison(comparison.models, comparison.evaluations, comparison.groups, comparison.differences, notes)
+        comparison = replace(comparison, notes=notes)
     return comparison

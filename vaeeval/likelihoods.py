@@ -313,16 +313,27 @@ def bin_edges(x: torch.Tensor, levels: int, low_end: float, high_end: float) -> 
     return lower, upper
 
 
-def log_symmetric_bin(log_cdf: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(F(b) - F(a)) for a standardized distribution symmetric about 0, a < b (either may be infinite).
+def log_symmetric_bin(
+    log_cdf: Callable[[torch.Tensor], torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    open_low: torch.Tensor,
+    open_high: torch.Tensor,
+) -> torch.Tensor:
+    """log(F(b) - F(a)) for a standardized distribution symmetric about 0, a < b.
 
     The bin is mirrored into the left half (F(b) - F(a) = F(-a) - F(-b)), where
-    F is small and its log accurate; then log F(hi) + log(1 - F(lo)/F(hi)).
+    F is small and its log accurate; then log F(hi) + log(1 - F(lo)/F(hi)). A bin open
+    below is log F(b), one open above log F(-a) (``a`` and ``b`` are then finite
+    stand-ins, ``finite_edges``): two evaluations of F per element in every case.
     """
     mirror = (a + b) > 0
     lo, hi = torch.where(mirror, -b, a), torch.where(mirror, -a, b)
+    opened = open_low | open_high
+    hi = torch.where(open_low, b, torch.where(open_high, -a, hi))
+    lo = torch.where(opened, hi - 1, lo)
     log_hi = log_cdf(hi)
-    return log_hi + log1mexp(log_hi - log_cdf(lo))
+    return log_hi + torch.where(opened, 0.0, log1mexp(log_hi - log_cdf(lo)))
 
 
 def _positive_number(spec: Mapping[str, Any], key: str) -> float:
@@ -564,9 +575,7 @@ class _LocationScale(Likelihood):
         location, scale = self.location_scale(params)
         lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
         a, b = (lower - location) / scale, (upper - location) / scale
-        closed = log_symmetric_bin(self.standard_log_cdf, a, b)
-        # open bins: log F(b) below, log F(-a) = log P(X > a) above, by symmetry
-        return torch.where(open_low, self.standard_log_cdf(b), torch.where(open_high, self.standard_log_cdf(-a), closed))
+        return log_symmetric_bin(self.standard_log_cdf, a, b, open_low, open_high)
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return np.zeros(x.shape, dtype=bool)

@@ -109,22 +109,32 @@ def model_label(model: Model, index: int) -> str:
 
 
 def compare_document(comparison: Comparison, dataset: Dataset) -> dict[str, Any]:
-    """The ``vaeeval compare --json`` document (schema ``vaeeval.compare/1``)."""
+    """The ``vaeeval compare --json`` document (schema ``vaeeval.compare/1``).
+
+    With ``--estimator ais`` the settings, each model's summary and points are those of
+    ``vaeeval.ais/1``, and ``estimator`` says so.
+    """
     models, evaluations = comparison.models, comparison.evaluations
     paths = [model_label(model, i) for i, model in enumerate(models)]
+    ais = comparison.metric == "ais"
+    settings, summary, points = (
+        (ais_settings_record, ais_summary_record, lambda e: ais_point_records(e.points))
+        if ais else (settings_record, summary_record, evaluation_points)
+    )
     return {
         "schema": COMPARE_SCHEMA,
         "units": UNITS,
+        "estimator": comparison.metric,
         "data": data_record(dataset),
-        "settings": settings_record(evaluations[0].settings),
+        "settings": settings(evaluations[0].settings),
         "models": [
             {
                 "model": model_record(model),
                 "rank": comparison.rank(index),
-                "summary": summary_record(evaluation),
-                "points": evaluation_points(evaluation),
+                "summary": summary(evaluation),
+                "points": points(evaluation),
             }
-            for index, (model, evaluation) in enumerate(zip(models, evaluations, strict=False))
+            for index, (model, evaluation) in enumerate(zip(models, evaluations, strict=True))
         ],
         "rankings": [
             {
@@ -139,7 +149,7 @@ def compare_document(comparison: Comparison, dataset: Dataset) -> dict[str, Any]
             {
                 "model": paths[difference.model],
                 "versus": paths[difference.best],
-                "metric": "iwae",
+                "metric": comparison.metric,
                 "mean": difference.paired.mean,
                 "stderr": difference.paired.stderr,
                 "unpaired_stderr": difference.unpaired_stderr,

@@ -214,12 +214,12 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
         "vaeeval compare --json: several models on the same points, ranked where comparable",
         {
             "data": DATA,
-            "settings": SETTINGS,
+            "settings": {"anyOf": [SETTINGS, AIS_SETTINGS]},
             "models": {
                 "type": "array",
                 "items": _object(
-                    {"model": MODEL, "rank": {"type": ["integer", "null"]}, "summary": SUMMARY,
-                     "points": {"type": "array", "items": POINT}}
+                    {"model": MODEL, "rank": {"type": ["integer", "null"]}, "summary": {"anyOf": [SUMMARY, AIS_SUMMARY]},
+                     "points": {"type": "array", "items": {"anyOf": [POINT, AIS_POINT]}}}
                 ),
             },
             "rankings": {
@@ -238,7 +238,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             },
             "notes": {"type": "array", "items": STRING},
         },
-        {"units": STRING},
+        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}},
     ),
     _document(
         INSPECT_SCHEMA,

@@ -304,15 +304,20 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
     grid.add_row("data", escape(f"{dataset.path}: N = {dataset.n} points, D = {dataset.dims} dims"))
     grid.add_row("values", f"{dataset.domain.describe()} (detected)")
     grid.add_row("samples", f"K = {first.settings.samples}, seed {first.settings.seed}, the same for every model")
+    metric = comparison.metric
+    if metric == "ais":
+        grid.add_row("annealing", _ais_settings_line(first.settings, first.cost))
     console.print(grid)
     console.print()
 
     by_model = {d.model: d for d in comparison.differences}
     models = Table(title="Models", title_justify="left")
     estimates = Table(title="Estimates (nats per point; ± is the standard error over points)", title_justify="left")
-    for column in ("#", "model", "family", "measure", "bits/dim", "unreliable"):
-        models.add_column(column, justify="right" if column in ("#", "bits/dim", "unreliable") else "left")
-    for column in ("#", "elbo", "recon", "kl", "iwae", "±", "Δ iwae", "± paired"):
+    trust = "acceptance" if metric == "ais" else "unreliable"
+    for column in ("#", "model", "family", "measure", "bits/dim", trust):
+        models.add_column(column, justify="right" if column in ("#", "bits/dim", trust) else "left")
+    shown = ("elbo", "iwae", "ais") if metric == "ais" else METRICS
+    for column in ("#", *shown, "±", f"Δ {metric}", "± paired"):
         estimates.add_column(column, justify="right", no_wrap=True)
     for group in comparison.groups:
         for index in group.members:
@@ -325,7 +330,7 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
                 model.likelihood.family,
                 evaluation.scoring.label,
                 _num(summary.bits_per_dim.mean, 4),
-                f"{100 * summary.diagnostics.share:.0f}%",
+                _num(summary.acceptance.mean, 2) if metric == "ais" else f"{100 * summary.diagnostics.share:.0f}%",
             )
             difference = by_model.get(index)
             if difference is None:
@@ -334,8 +339,8 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
                 delta = (_num(-difference.paired.mean, 2), _num(difference.paired.stderr, 2))
             estimates.add_row(
                 str(rank or "—"),
-                *(_num(getattr(summary, name).mean, 2) for name in METRICS),
-                _num(summary.iwae.stderr, 2),
+                *(_num(getattr(summary, name).mean, 2) for name in shown),
+                _num(getattr(summary, metric).stderr, 2),
                 *delta,
             )
         models.add_section()
@@ -347,12 +352,14 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
             f"{_label(comparison.models[d.model])} {_num(d.unpaired_stderr, 2)}" for d in comparison.differences
         )
         console.print(
-            "[dim]Δ iwae: the model minus the best of its measure, point by point over the same points; "
+            f"[dim]Δ {metric}: the model minus the best of its measure, point by point over the same points; "
             f"± paired is that difference's standard error (treating the two means as independent: {unpaired}).[/]"
         )
     for note in comparison.notes:
         console.print(escape(note))
-    shaky = [_label(m) for m, e in zip(comparison.models, comparison.evaluations, strict=False) if e.summary.diagnostics.share > 0.1]
+    shaky = [] if metric == "ais" else [
+        _label(m) for m, e in zip(comparison.models, comparison.evaluations, strict=True) if e.summary.diagnostics.share > 0.1
+    ]
     if shaky:
         console.print(
             f"[red]k-hat flags over 10% of the points of {', '.join(shaky)}[/]: those IWAE estimates may still be "
