@@ -340,3 +340,15 @@ def test_gaussian_with_a_log_sigma_tensor_and_mean_output(examples):
     np.testing.assert_allclose([p["iwae"] for p in via_arch["points"]], result.points.iwae, rtol=AGREEMENT, atol=AGREEMENT)
     # the same numbers as scoring by hand with sigma = exp(-0.7): the tensor really is used
     assert via_arch["summary"]["measure"] == "density"
+
+
+def test_ais_through_arch_anneals_through_the_users_decoder_as_its_conversion_does(examples):
+    """Gradients flow through the user's own decode (its traced logits): the numbers of the format-1 twin."""
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    common = ["--steps", "4", "--leapfrog", "2", "--chains", "3", "-k", "32", "--json"]
+    via_arch = json.loads(run("ais", weights, data, *common, *_arch_args(examples)).stdout)
+    run("convert", weights, *_arch_args(examples), "--data", data, "-o", examples / "model.safetensors")
+    via_format1 = json.loads(run("ais", examples / "model.safetensors", data, *common).stdout)
+    assert via_arch["model"]["arch"] and via_format1["model"]["format"] == 1
+    np.testing.assert_allclose([p["ais"] for p in via_arch["points"]], [p["ais"] for p in via_format1["points"]],
+                               atol=1e-3, rtol=0)
