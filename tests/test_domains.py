@@ -92,7 +92,7 @@ def test_domain_from_spec(spec, expected):
         ("binary", 'must be an object with a "domain"'),
         ({}, 'must be an object with a "domain"'),
         ({"domain": "pixels"}, "'pixels' is not one of binary, discrete, unit_interval, real"),
-        ({"domain": "discrete"}, 'needs "levels", an integer >= 2, found None'),
+        ({"domain": "discrete"}, 'needs "levels", an integer from 2 to 65536, found None'),
         ({"domain": "discrete", "levels": 1}, "found 1"),
         ({"domain": "discrete", "levels": True}, "found True"),
         ({"domain": "discrete", "levels": 4.0}, "found 4.0"),

@@ -14,19 +14,23 @@ from vaeeval.stream import Shard, StoredRun, check_complete, read_results, read_
 
 
 def _header(n: int, seed: int = 0) -> dict:
-    """The parts of a header that say which run a file belongs to."""
+    """A complete header of a run on ``n`` points."""
     return {
         "kind": "header", "schema": STREAM_SCHEMA,
-        "model": {"digest": "m", "arch": None, "likelihood": {"family": "bernoulli"}},
+        "model": {"digest": "m", "arch": None, "likelihood": {"family": "bernoulli"}, "dims": 6},
         "data": {"digest": "d", "n": n},
-        "settings": {"samples": 16, "seed": seed},
-        "scoring": {"measure": "probability", "levels": None},
+        "settings": {"samples": 16, "seed": seed, "batch_size": 32, "chunk_size": 64, "device": "cpu"},
+        "scoring": {"measure": "probability", "levels": None, "data_levels": 2, "note": "log-probabilities"},
+        "kl_kind": "analytic",
+        "domain": {"domain": "binary"},
         "shard": None,
     }
 
 
 def _points(*indices: int) -> list[dict]:
-    return [{"index": i, "iwae": -float(i)} for i in indices]
+    """Complete point lines."""
+    numbers = ("elbo", "recon", "kl", "iwae", "elbo_stderr", "iwae_stderr", "ess", "khat", "ess_fraction")
+    return [{"index": i, **{name: -float(i) for name in numbers}, "unreliable": False} for i in indices]
 
 
 # ---------------------------------------------------------------- reading and repair

@@ -49,7 +49,8 @@ from vaeeval.data import Dataset
 from vaeeval.domains import detect_domain
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators import effective_sample_size, iwae_stderr
-from vaeeval.evaluate import EvaluationOptions, Evaluator, row_bytes
+from vaeeval.evaluate import MAX_BATCH_SIZE, EvaluationOptions, Evaluator, batch_within
+from vaeeval.files import atomic_write, writing
 from vaeeval.model import Model
 from vaeeval.results import (
     AISCost,
@@ -70,6 +71,10 @@ DEFAULT_CHAINS = 16
 DEFAULT_PILOT_CHAINS = 4
 TARGET_ROWS = 2048  # chains x points per decoder call
 MAX_STEPS = 1_000_000
+MAX_CHAINS = 1_000_000
+MAX_LEAPFROG = 10_000
+MAX_SIMULATED = 10_000_000
+_KEPT_FOR_GRADIENTS = 3  # a gradient's working set, in forward working sets
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,10 @@ class AISOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise VaeevalError(f"{option(name)} must be an integer of at least 1, found {value!r}")
-        if self.steps > MAX_STEPS:
-            raise VaeevalError(f"{option('steps')} {self.steps} is more than {MAX_STEPS:,} steps")
+        for name, largest in (("steps", MAX_STEPS), ("chains", MAX_CHAINS), ("pilot_chains", MAX_CHAINS),
+                              ("leapfrog", MAX_LEAPFROG)):
+            if getattr(self, name) > largest:
+                raise VaeevalError(f"{option(name)} {getattr(self, name)} is more than {largest:,}")
         if self.init not in INITS:
             raise VaeevalError(f"{option('init')} {self.init!r}: choose one of {', '.join(INITS)}")
         if self.schedule not in SCHEDULES:
@@ -127,8 +134,9 @@ class _Annealer:
         self.scoring = self.importance.scoring
         self.betas = schedule(ais.schedule, ais.steps)
         rows = max(ais.chains, ais.pilot_chains)
-        fitting = max(1, options.max_memory // (3 * row_bytes(self.model) * rows))
-        batch_size = ais.batch_size or max(1, min(TARGET_ROWS // rows, fitting))
+        # the activations autograd keeps for the backward pass, besides the forward's working set
+        fitting = batch_within(self.model, ais.batch_size or MAX_BATCH_SIZE, _KEPT_FOR_GRADIENTS * rows, options.max_memory)
+        batch_size = fitting if ais.batch_size else max(1, min(TARGET_ROWS // rows, fitting))
         self.settings = AISSettings(
             steps=ais.steps,
             leapfrog=ais.leapfrog,
@@ -343,8 +351,8 @@ def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) 
         levels: bin a continuous family's draws to the grid k/(L-1) (the model's data
             domain): a binned draw is exactly a draw of the bin-probability model.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise VaeevalError(f"{option('n')} must be at least 1, found {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
+        raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
     indices = np.arange(n)
     dims = model.data_dims
     xs, zs = [], []
@@ -429,11 +437,8 @@ class BDMCEvaluator(_Annealer):
 
 def save_simulated(path: str | Path, simulated: Simulated) -> None:
     """Write simulated points as an ``.npz`` holding ``x`` ``[n, *input_shape]`` and ``z`` ``[n, L]``."""
-    try:
-        with Path(path).open("wb") as handle:
-            np.savez(handle, x=simulated.x, z=simulated.z)
-    except OSError as error:
-        raise VaeevalError(f"{path}: cannot write the simulated data ({error.strerror or error})") from None
+    with writing(Path(path), "simulated data"), atomic_write(path, "wb") as handle:
+        np.savez(handle, x=simulated.x, z=simulated.z)
 
 
 def evaluate_ais(

@@ -9,9 +9,11 @@ the flags a user typed (``--samples``).
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +30,9 @@ from vaeeval.ais import (
     DEFAULT_PILOT_CHAINS,
     DEFAULT_STEPS,
     INITS,
+    MAX_CHAINS,
+    MAX_LEAPFROG,
+    MAX_SIMULATED,
     MAX_STEPS,
     AISEvaluator,
     AISOptions,
@@ -42,7 +47,16 @@ from vaeeval.compare import compare as compare_models
 from vaeeval.convert import convert as convert_model
 from vaeeval.data import load_data, point_shape
 from vaeeval.errors import VaeevalError
-from vaeeval.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_SAMPLES, EvaluationOptions, Evaluator
+from vaeeval.evaluate import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_SAMPLES,
+    MAX_BATCH_SIZE,
+    MAX_SAMPLES,
+    EvaluationOptions,
+    Evaluator,
+)
+from vaeeval.files import check_output
 from vaeeval.gates import AIS_GATED, CHECKED, GateFailed, Threshold, check_baseline, check_thresholds
 from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.likelihoods import families, likelihood_spec
@@ -56,7 +70,7 @@ from vaeeval.output.documents import (
     inspect_document,
     latents_document,
 )
-from vaeeval.output.plot import plot_diagnostics
+from vaeeval.output.plot import check_plot, plot_diagnostics
 from vaeeval.output.records import to_json
 from vaeeval.output.schemas import schema_names, schema_text
 from vaeeval.output.tables import (
@@ -71,6 +85,7 @@ from vaeeval.output.tables import (
 from vaeeval.results import Evaluation
 from vaeeval.run import Outcome, distributed_world, local_processes, run
 from vaeeval.sources import load
+from vaeeval.specs import MAX_LEVELS
 from vaeeval.stream import AIS_RESULTS, ELBO_RESULTS, Shard, merge_runs, read_results, read_stream, write_results
 
 EXIT_CHECK_FAILED = 1
@@ -84,7 +99,9 @@ class _Group(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         try:
-            code = super().main(args, prog_name, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy's and torch's warnings never reach the user's stderr
+                code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as error:
             hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
             _fail(f"{error.format_message()}{hint}")
@@ -124,7 +141,34 @@ class _ByteSize(click.ParamType):
         if not match or float(match.group(1)) <= 0:
             self.fail(f"{value!r} is not a size like 512M, 2G or 1000000", param, ctx)
         factor = 1024 ** "_kmgt".index(match.group(2).lower() or "_")
-        return int(float(match.group(1)) * factor)
+        size = int(float(match.group(1)) * factor)
+        if not 1 <= size <= _LARGEST_SIZE:
+            self.fail(f"{value!r} is not a size from 1 byte to 1P", param, ctx)
+        return size
+
+
+_LARGEST_SIZE = 2**50
+
+
+class _Finite(click.ParamType):
+    """A finite float: NaN and infinities are refused."""
+
+    name = "float"
+
+    def __init__(self, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if number < self.low or number > self.high or (self.low_open and number == self.low):
+            side = ">" if self.low_open else ">="
+            self.fail(f"{value!r} is not {side} {self.low:g}" + (f" and <= {self.high:g}" if self.high < math.inf else ""), param, ctx)
+        return number
 
 
 _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
@@ -164,21 +208,23 @@ def _options(*decorators: Callable[..., Any]) -> Callable[[Callable[..., Any]], 
     return apply
 
 
-_SAMPLES = click.option("-k", "--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+_SAMPLES = click.option("-k", "--samples", type=click.IntRange(1, MAX_SAMPLES), default=DEFAULT_SAMPLES, show_default=True,
                         help="K, importance samples from q(z|x) per point.")
 _SEED = click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
                      help="Noise seed; each point's samples depend only on (seed, point index).")
-_BATCH_SIZE = click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+_BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE, show_default=True,
                            help="Points per encoder pass. Results do not depend on it.")
 _MAX_MEMORY = click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX_MEMORY, show_default="512M",
                            help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
 _DATA = (
     click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points."),
     click.option("--key", default=None, help="The array to use from an .npz file that holds several."),
+    click.option("--max-data-size", type=_ByteSize(), default=None, show_default="half the memory",
+                 help="Refuse an .npz array that would inflate to more than this, e.g. 4G."),
 )
 _DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 _SCORING = (
-    click.option("--discretize", type=click.IntRange(min=2), default=None, metavar="L",
+    click.option("--discretize", type=click.IntRange(2, MAX_LEVELS), default=None, metavar="L",
                  help="Score continuous likelihoods as the probability of each value's bin on L levels."),
     click.option("--density", is_flag=True,
                  help="Keep continuous likelihoods' densities even when the data is discrete."),
@@ -204,22 +250,22 @@ _ANNEALING = (
                  help="T, annealing steps from the initial distribution to the posterior."),
     click.option("--schedule", type=click.Choice(SCHEDULES), default="sigmoid", show_default=True,
                  help="How the steps are spaced in β (sigmoid: dense at both ends, as Wu et al. 2017)."),
-    click.option("--leapfrog", type=click.IntRange(min=1), default=DEFAULT_LEAPFROG, show_default=True,
+    click.option("--leapfrog", type=click.IntRange(1, MAX_LEAPFROG), default=DEFAULT_LEAPFROG, show_default=True,
                  help="Leapfrog steps per HMC transition."),
-    click.option("--chains", type=click.IntRange(min=1), default=DEFAULT_CHAINS, show_default=True,
+    click.option("--chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_CHAINS, show_default=True,
                  help="C, independent chains per point."),
     click.option("--init", type=click.Choice(INITS), default="encoder", show_default=True,
                  help="Start from q(z|x) (encoder) or from p(z) (prior)."),
-    click.option("--step-size", type=click.FloatRange(*STEP_SIZE_RANGE), default=None, metavar="E",
+    click.option("--step-size", type=_Finite(*STEP_SIZE_RANGE), default=None, metavar="E",
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
-    click.option("--pilot-chains", type=click.IntRange(min=1), default=DEFAULT_PILOT_CHAINS, show_default=True,
+    click.option("--pilot-chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_PILOT_CHAINS, show_default=True,
                  help="Chains per point in the pilot run that tunes the step sizes."),
 )
 _annealing_options = _options(
     *_ANNEALING,
     _SAMPLES,
     _SEED,
-    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+    click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None,
                  help="Points annealed together (default: about 2048 chains in the memory budget). Results do not depend on it."),
     _MAX_MEMORY, _DEVICE, *_SCORING,
 )
@@ -249,11 +295,11 @@ _arch_options = _options(
                  help="Keyword arguments for the class or factory, as a JSON object: '{\"latent_dim\": 20}'."),
     click.option("--likelihood", type=click.Choice(families()), default=None,
                  help="With --arch: the decoder's distribution."),
-    click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
+    click.option("--sigma", type=_Finite(0.0, low_open=True), default=None,
                  help="With --arch: a fixed scale (gaussian sigma, laplace scale)."),
     click.option("--log-sigma-tensor", metavar="NAME", default=None,
                  help="With --arch: the state-dict tensor holding log sigma (gaussian) or log scale (laplace)."),
-    click.option("--levels", type=click.IntRange(min=2), default=None,
+    click.option("--levels", type=click.IntRange(2, MAX_LEVELS), default=None,
                  help="With --arch: levels of a categorical or discretized_logistic likelihood."),
     click.option("--decoder-output", type=click.Choice(DECODER_OUTPUTS), default="logits", show_default=True,
                  help="With --arch: what decode returns: logits (format-1 parameters), probs, or mean."),
@@ -309,6 +355,7 @@ _STREAMING = (
     click.option("--resume", is_flag=True, help="Continue the run in --output from the points it already holds."),
     click.option("--shard", default=None, metavar="I/N",
                  help="Evaluate only slice I of N (0-based) into --output; combine the parts with vaeeval merge."),
+    click.option("--wait", is_flag=True, help="When another run is writing --output, wait for it instead of refusing."),
 )
 
 
@@ -335,9 +382,6 @@ def elbo(
     diagnostics: bool,
     convergence: bool,
     plot: Path | None,
-    output: Path | None,
-    resume: bool,
-    shard: str | None,
     fail_under: tuple[str, ...],
     **options: Any,
 ) -> None:
@@ -359,15 +403,17 @@ def elbo(
       vaeeval elbo weights.safetensors data.npy --arch vae.py:VAE --likelihood bernoulli --decoder-output probs
     """
     thresholds = [Threshold.parse(text) for text in fail_under]
-    streamed = _check_streaming(output, resume, shard)
-    if streamed and (convergence or diagnostics or plot):
+    streaming = _streaming(options)
+    if streaming["streamed"] and (convergence or diagnostics or plot):
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
     settings = _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
-    outcome = _run(Evaluator(loaded, dataset, settings), output, resume, shard, "evaluating points", render_elbo)
-    if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone
+    if plot is not None:
+        check_plot(plot, [model, data])
+    outcome = _run(Evaluator(loaded, dataset, settings), streaming, "evaluating points", render_elbo)
+    if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone (or an empty shard)
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
     health = _latent_health(result, loaded) if diagnostics else None
@@ -381,31 +427,43 @@ def elbo(
     check_thresholds(result.summary, thresholds)
 
 
-def _check_streaming(output: Path | None, resume: bool, shard: str | None) -> bool:
-    """Refuse --resume and --shard without --output; whether the run's points go to a file."""
-    distributed = distributed_world() is not None
-    if resume and output is None:
+def _streaming(options: dict[str, Any]) -> dict[str, Any]:
+    """The --output, --resume, --shard and --wait options, taken out of the command's options and checked;
+    ``streamed``: whether the run's points go to a file."""
+    streaming = {name: options.pop(name) for name in ("output", "resume", "shard", "wait")}
+    output, distributed = streaming["output"], distributed_world() is not None
+    if streaming["resume"] and output is None:
         raise click.UsageError("--resume continues the run in --output: give --output")
-    if shard is not None and (output is None or distributed):
+    if streaming["shard"] is not None and (output is None or distributed):
         raise click.UsageError("--shard writes one part for vaeeval merge: give --output (and not under torchrun)")
-    return (output is not None or shard is not None) and not distributed
+    streaming["streamed"] = (output is not None or streaming["shard"] is not None) and not distributed
+    return streaming
 
 
 def _run(
     estimator: Evaluator | AISEvaluator,
-    output: Path | None,
-    resume: bool,
-    shard: str | None,
+    streaming: dict[str, Any],
     label: str,
     render: Callable[..., None],
 ) -> Outcome | None:
-    """Run with a progress bar; when Ctrl-C stops it, ``render`` the points done and exit 130."""
+    """Run with a progress bar; when Ctrl-C stops it, ``render`` the points done and exit 130.
+
+    ``streaming`` holds the --output, --resume, --shard and --wait options. None: nothing
+    to report here (another torchrun rank reports, or the shard holds no point).
+    """
+    output, shard = streaming["output"], streaming["shard"]
+    if output is not None:
+        check_output(output, [estimator.dataset.path, estimator.model.path])
     part = None if shard is None else Shard.parse(shard, estimator.n)
     total = estimator.n if part is None else part.stop - part.start
     with _progress(total, label) as progress:
-        outcome = run(estimator, output=output, resume=resume, shard=part, progress=progress)
+        outcome = run(estimator, output=output, resume=streaming["resume"], shard=part, wait=streaming["wait"],
+                      progress=progress)
     if outcome is not None and outcome.interrupted:
         result = outcome.evaluation
+        if result is None:
+            click.echo("vaeeval: interrupted before any point was done", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         render(_stdout(), result, outcome.header["model"], outcome.header["data"])
         click.echo(
             f"vaeeval: interrupted after {result.summary.n} of {outcome.asked} points; the summary above is of those"
@@ -413,6 +471,10 @@ def _run(
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    if outcome is not None and outcome.evaluation is None:
+        click.echo(f"vaeeval: shard {shard} holds none of the {estimator.n} points; {output} is an empty part for vaeeval merge",
+                   err=True)
+        return None
     return outcome
 
 
@@ -436,9 +498,6 @@ def ais(
     data: Path,
     as_json: bool,
     show_all: bool,
-    output: Path | None,
-    resume: bool,
-    shard: str | None,
     fail_under: tuple[str, ...],
     **options: Any,
 ) -> None:
@@ -457,11 +516,11 @@ def ais(
       vaeeval ais model.safetensors data.npy --steps 2000 --chains 16 --json | jq .summary.ais.mean
     """
     thresholds = [Threshold.parse(text, AIS_GATED) for text in fail_under]
-    _check_streaming(output, resume, shard)
+    streaming = _streaming(options)
     annealing, settings = _annealing(options), _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
     started = time.monotonic()
-    outcome = _run(AISEvaluator(loaded, dataset, annealing, settings), output, resume, shard, "annealing", render_ais)
+    outcome = _run(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", render_ais)
     if outcome is None:
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
@@ -474,7 +533,7 @@ def ais(
 
 @main.command()
 @click.argument("model", type=_PATH)
-@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--n", "n", type=click.IntRange(1, MAX_SIMULATED), default=100, show_default=True,
               help="Points to simulate from the model.")
 @_annealing_options
 @_arch_options
@@ -505,6 +564,7 @@ def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: b
         loaded = arch_model(model, replace(arch, encode_shape=None), arch.encode_shape)
     simulated = simulate(loaded, n, seed=settings.seed, levels=simulation_levels(loaded, settings.discretize, settings.density))
     if save_data is not None:
+        check_output(save_data, [model], parameter="save_data")
         save_simulated(save_data, simulated)
     evaluator = BDMCEvaluator(loaded, simulated, annealing, settings)
     started = time.monotonic()
@@ -632,6 +692,7 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
         raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
+    check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
     shape = arch.encode_shape or point_shape(data, key=key)
     source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None if data is None else load_data(data, source, key=key, limit=64).array
@@ -650,9 +711,9 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
 @click.option("--baseline", type=_PATH, required=True, help="The earlier run: an elbo --json document or results file.")
 @click.option("--metric", type=click.Choice(CHECKED), default="iwae", show_default=True,
               help="The metric to compare (ais for two ais runs).")
-@click.option("--tolerance", type=float, default=0.0, show_default=True,
+@click.option("--tolerance", type=_Finite(0.0), default=0.0, show_default=True,
               help="How many nats per point the metric may drop before the check fails.")
-@click.option("--confidence", type=float, default=0.95, show_default=True,
+@click.option("--confidence", type=_Finite(0.5, 1.0), default=0.95, show_default=True,
               help="One-sided confidence that the drop exceeds the tolerance before failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.check/1) to stdout.")
 def check(new: Path, baseline: Path, metric: str, tolerance: float, confidence: float, as_json: bool) -> None:
@@ -692,6 +753,8 @@ def merge(parts: tuple[Path, ...], as_json: bool, output: Path | None, show_all:
     Example:
       vaeeval merge part0.jsonl part1.jsonl part2.jsonl --json > run.json
     """
+    if output is not None:
+        check_output(output, parts)
     merged = merge_runs([read_stream(path) for path in parts])
     model, data = merged.header["model"], merged.header["data"]
     if output is not None:

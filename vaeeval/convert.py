@@ -14,7 +14,7 @@ number agrees to float32 rounding (``AGREEMENT``).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import fx, nn
 from vaeeval.arch import DecoderAdapter, EncoderAdapter, final_sigmoid, trace
 from vaeeval.errors import VaeevalError, option
 from vaeeval.evaluate import evaluate
+from vaeeval.files import staged, writing
 from vaeeval.layers import Reshape, function_layer, is_layer_module, method_layer
 from vaeeval.likelihoods import BINARY, CATEGORICAL
 from vaeeval.model import Model, save_model
@@ -196,16 +197,23 @@ def convert(
     encoder_layers = to_sequential(encoder.module, encoder.method)
     decoder_layers = to_sequential(decoder.module, decoder.method, drop_final_sigmoid=decoder.probabilities == BINARY)
     likelihood = {**source.likelihood.spec, **source.likelihood.values}
-    saved = save_model(
-        out,
-        encoder_layers,
-        decoder_layers,
-        likelihood=likelihood,
-        input_shape=list(source.input_shape),
-        latent_dim=source.latent_dim,
-        description=f"converted from {source.path.name} with {source.description}",
-    )
     points = verification_data(source) if data is None else np.asarray(data[:64], dtype=np.float32)
+    with writing(out, "model"), staged(out) as temporary:  # out appears only once every number agreed
+        saved = save_model(
+            temporary,
+            encoder_layers,
+            decoder_layers,
+            likelihood=likelihood,
+            input_shape=list(source.input_shape),
+            latent_dim=source.latent_dim,
+            description=f"converted from {source.path.name} with {source.description}",
+        )
+        largest = _largest_difference(source, saved, points, samples, seed, out)
+    return Conversion(out, replace(saved, path=out), len(points), samples, seed, largest)
+
+
+def _largest_difference(source: Model, saved: Model, points: np.ndarray, samples: int, seed: int, out: Path) -> float:
+    """The largest difference between the two models' numbers, refused beyond float32 rounding."""
     original = evaluate(source, points, samples=samples, seed=seed)
     converted = evaluate(saved, points, samples=samples, seed=seed)
     largest = 0.0
@@ -214,10 +222,9 @@ def convert(
         gap = np.abs(a - b)
         worst = int(np.argmax(gap - AGREEMENT * np.maximum(1.0, np.abs(a))))
         if gap[worst] > AGREEMENT * max(1.0, abs(a[worst])):
-            out.unlink()
             raise VaeevalError(
                 f"the converted model's {name} differs from the original's by {gap[worst]:.3g} nats at point "
                 f"{worst} (more than float32 rounding); {out} not written"
             )
         largest = max(largest, float(gap.max()))
-    return Conversion(out, saved, len(points), samples, seed, largest)
+    return largest

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from vaeeval.domains import Domain, DomainDetector, row_blocks
 from vaeeval.errors import DataError, option
-from vaeeval.files import reading
+from vaeeval.files import reading, regular_file
 
 if TYPE_CHECKING:
     from vaeeval.model import Model
@@ -56,27 +58,43 @@ class Dataset:
         return data_digest(self.array)
 
 
-def load_data(path: str | Path, model: Model, *, key: str | None = None, limit: int | None = None) -> Dataset:
+def load_data(
+    path: str | Path,
+    model: Model,
+    *,
+    key: str | None = None,
+    limit: int | None = None,
+    max_data_size: int | None = None,
+) -> Dataset:
     """Read a ``.npy`` (memory-mapped) or ``.npz`` file and check it against ``model``.
 
     Args:
         path: the data file; ``[N, *input_shape]``, or ``[N, D]`` for any input shape with D elements.
         model: the model the data is for.
         key: the array to use from an ``.npz`` that holds several.
-        limit: use only the first ``limit`` points.
+        limit: use only the first ``limit`` points (an ``.npz`` member is inflated only that far).
+        max_data_size: refuse an ``.npz`` array that would inflate to more bytes than this
+            (default ``default_max_data_size()``, half the machine's memory).
 
     Raises:
         DataError: unreadable, not numeric, wrong shape, non-finite values, or values
             outside the likelihood's support or the model's declared domain.
     """
     path = Path(path)
-    raw = _read_array(path, key)
-    array = _shaped(path, raw, model.input_shape)
-    total = int(array.shape[0])
+    raw = _read_array(path, key, limit, default_max_data_size() if max_data_size is None else max_data_size)
+    array = _shaped(path, raw.array, model.input_shape)
     if limit is not None:
         array = array[:limit]
-    domain = check_values(Dataset(array, path, key, total), model)
-    return Dataset(array, path, key, total, domain)
+    domain = check_values(Dataset(array, path, key, raw.rows), model)
+    return Dataset(array, path, key, raw.rows, domain)
+
+
+def default_max_data_size() -> int:
+    """Half the machine's physical memory (1 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
 
 
 def data_digest(array: np.ndarray) -> str:
@@ -88,18 +106,28 @@ def data_digest(array: np.ndarray) -> str:
 
 
 def point_shape(path: str | Path, *, key: str | None = None) -> tuple[int, ...]:
-    """The shape of one point of a data file (everything after N), read without loading it.
+    """The shape of one point of a data file (everything after N), read from its header alone.
 
     Raises:
         DataError: unreadable, not numeric, or fewer than two axes.
     """
-    array = _read_array(Path(path), key)
-    if array.ndim < 2:
-        raise DataError(path, f"data has shape {list(array.shape)}; it needs [N, ...], one row per point")
-    return tuple(array.shape[1:])
+    shape = _read_array(Path(path), key, 0, default_max_data_size()).shape
+    if len(shape) < 2:
+        raise DataError(path, f"data has shape {list(shape)}; it needs [N, ...], one row per point")
+    return tuple(shape[1:])
 
 
-def _read_array(path: Path, key: str | None) -> np.ndarray:
+@dataclass(frozen=True)
+class _Read:
+    """An array as read: its first rows (all, or those asked for), the rows the file declares, its full shape."""
+
+    array: np.ndarray
+    rows: int
+    shape: tuple[int, ...]
+
+
+def _read_array(path: Path, key: str | None, limit: int | None, max_bytes: int) -> _Read:
+    size = regular_file(path, DataError, "data file").st_size
     with reading(path, DataError, "data file"), path.open("rb") as handle:
         magic = handle.read(6)
     if magic.startswith(b"\x80"):
@@ -108,37 +136,47 @@ def _read_array(path: Path, key: str | None) -> np.ndarray:
         raise DataError(path, f"{option('key')} selects an array of an .npz file, and this is not one")
     try:
         if magic == b"\x93NUMPY":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            read = _from_npy(path, size)
         elif magic.startswith(b"PK"):
-            array = _from_npz(path, key)
+            read = _from_npz(path, key, limit, max_bytes)
         else:
             raise DataError(path, "not a .npy or .npz file")
-    except ValueError as error:
-        text = str(error)
-        if "allow_pickle" in text or "Python objects" in text or "object" in text.lower():
-            raise DataError(
-                path, "holds Python objects (dtype object); vaeeval reads numeric arrays and never unpickles"
-            ) from None
-        raise DataError(path, f"truncated or corrupt ({text.splitlines()[0]})") from None
-    except (OSError, EOFError) as error:
-        raise DataError(path, f"truncated or corrupt ({error})") from None
-    if array.dtype.kind not in _NUMERIC_KINDS:
-        raise DataError(path, f"holds {array.dtype} values; vaeeval needs a numeric (bool, integer or float) array")
-    return array
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(path, f"truncated or corrupt ({text})") from None
+    return read
 
 
-def _from_npz(path: Path, key: str | None) -> np.ndarray:
-    with path.open("rb") as handle:  # our handle, closed even when the archive is corrupt
-        try:
-            archive = np.load(handle, allow_pickle=False)
-        except zipfile.BadZipFile as error:
-            raise DataError(path, f"truncated or corrupt .npz ({error})") from None
-        return _npz_member(path, archive, key)
+def _header(stream: IO[bytes], path: Path, where: str = "") -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """A ``.npy`` header: shape, Fortran order, dtype, and the bytes of the whole array; refused if not numeric."""
+    version = np.lib.format.read_magic(stream)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(stream, max_header_size=10_000)
+    if dtype.hasobject:
+        raise DataError(path, f"{where}holds Python objects (dtype object); vaeeval reads numeric arrays and never unpickles")
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise DataError(path, f"{where}holds {dtype} values; vaeeval needs a numeric (bool, integer or float) array")
+    return shape, fortran, dtype, math.prod(shape) * dtype.itemsize
 
 
-def _npz_member(path: Path, archive: np.lib.npyio.NpzFile, key: str | None) -> np.ndarray:
-    with archive:
-        names = list(archive.files)
+def _from_npy(path: Path, size: int) -> _Read:
+    with path.open("rb") as handle:
+        shape, _, _, needed = _header(handle, path)
+        start = handle.tell()
+    if start + needed > size:
+        raise DataError(path, f"truncated or corrupt: its header declares {list(shape)}, {needed:,} bytes, and {size - start:,} follow it")
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return _Read(array, int(shape[0]) if shape else 0, tuple(shape))
+
+
+def _from_npz(path: Path, key: str | None, limit: int | None, max_bytes: int) -> _Read:
+    """One member of an ``.npz``, checked by its header before anything is inflated, inflated only as far as needed."""
+    with path.open("rb") as handle, zipfile.ZipFile(handle) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+        stray = [name for name in members if not name.endswith(".npy")]
+        if stray:
+            raise DataError(path, f"member {stray[0]!r} is not a .npy array; an .npz holds only arrays")
+        names = [name[: -len(".npy")] for name in members]
         if not names:
             raise DataError(path, "an .npz file with no arrays")
         if key is None:
@@ -147,7 +185,36 @@ def _npz_member(path: Path, archive: np.lib.npyio.NpzFile, key: str | None) -> n
             key = names[0]
         if key not in names:
             raise DataError(path, f"has no array {key!r}; it holds {', '.join(names)}")
-        return archive[key]
+        info = members[f"{key}.npy"]
+        with archive.open(info) as stream:
+            shape, fortran, dtype, needed = _header(stream, path, f"array {key!r} ")
+            rows = int(shape[0]) if shape else 0
+            if needed > max_bytes:
+                raise DataError(
+                    path, f"array {key!r} is {list(shape)} {dtype}: {needed:,} bytes inflated, more than the "
+                    f"{max_bytes:,} allowed ({option('max_data_size')})"
+                )
+            if info.file_size < stream.tell() + needed:
+                raise DataError(path, f"array {key!r}: its header declares {needed:,} bytes, the archive holds {info.file_size:,}")
+            take = rows if limit is None or fortran or not shape else min(limit, rows)
+            row_bytes = needed // rows if rows else 0
+            buffer = _read_exactly(stream, take * row_bytes)
+            if take == rows:
+                stream.read(1)  # to the member's end: zipfile checks its CRC there
+    array = np.frombuffer(buffer, dtype=dtype)
+    array = array.reshape(shape[::-1]).transpose() if fortran else array.reshape((take, *shape[1:]))
+    return _Read(array, rows, tuple(shape))
+
+
+def _read_exactly(stream: IO[bytes], count: int) -> bytearray:
+    buffer = bytearray(count)
+    view, done = memoryview(buffer), 0
+    while done < count:
+        got = stream.readinto(view[done:])
+        if not got:
+            raise EOFError(f"the array ends after {done:,} of {count:,} bytes")
+        done += got
+    return buffer
 
 
 def _shaped(path: Path, array: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:

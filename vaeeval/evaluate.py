@@ -48,6 +48,8 @@ from vaeeval.scoring import choose_scoring
 DEFAULT_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_MEMORY = 512 * 2**20
+MAX_SAMPLES = 10**8  # per point: more would take days on any machine, and the per-point tail for k-hat grows as sqrt(K)
+MAX_BATCH_SIZE = 10**6
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,29 @@ def row_bytes(model: Model) -> int:
 TARGET_ROWS = 3072
 
 
+def batch_within(model: Model, batch_size: int, rows_per_point: int, max_memory: int) -> int:
+    """The batch size, made smaller where ``rows_per_point`` rows of each point would not fit in ``max_memory``.
+
+    Raises:
+        VaeevalError: not even one point's rows fit; the message says how much they need.
+    """
+    needed = rows_per_point * row_bytes(model)
+    if max_memory < needed:
+        raise VaeevalError(
+            f"{option('max_memory')} {max_memory:,} bytes is less than one chunk of {rows_per_point} sample(s) of one "
+            f"point needs ({needed:,} bytes through this decoder); give at least {_size(needed)}"
+        )
+    return min(batch_size, max_memory // needed)
+
+
+def _size(count: int) -> str:
+    """``count`` bytes rounded up to a size the command line reads (``3M``)."""
+    for suffix, factor in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if count >= factor:
+            return f"{math.ceil(count / factor)}{suffix}"
+    return str(count)
+
+
 def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int) -> int:
     """Samples per chunk: whole blocks, about ``TARGET_ROWS`` rows, within ``max_memory``; at least one block."""
     fitting = max_memory // (row_bytes(model) * batch_size)
@@ -135,11 +160,17 @@ class Evaluator:
         self.array = data.array
         if options.samples < 1 or options.batch_size < 1:
             raise VaeevalError(f"{option('samples')} and {option('batch_size')} must be at least 1")
+        if options.samples > MAX_SAMPLES or options.batch_size > MAX_BATCH_SIZE:
+            raise VaeevalError(
+                f"{option('samples')} {options.samples} or {option('batch_size')} {options.batch_size} is too large "
+                f"(at most {MAX_SAMPLES:,} samples and {MAX_BATCH_SIZE:,} points per batch)"
+            )
         if not 0 <= options.seed < 2**64:
             raise VaeevalError(f"{option('seed')} must be between 0 and 2**64 - 1, found {options.seed}")
+        batch_size = batch_within(model, options.batch_size, min(options.samples, BLOCK), options.max_memory)
         chunk_size = options.chunk_size
         if chunk_size is None:
-            chunk_size = chunk_size_for(model, options.batch_size, options.samples, options.max_memory)
+            chunk_size = chunk_size_for(model, batch_size, options.samples, options.max_memory)
         elif chunk_size < 1 or chunk_size % BLOCK:
             raise VaeevalError(f"{option('chunk_size')} must be a positive multiple of {BLOCK}, found {chunk_size}")
         self.domain = data.domain
@@ -148,7 +179,7 @@ class Evaluator:
         )
         device = resolve_device(str(options.device))
         self.model = model.to(device)
-        self.settings = Settings(options.samples, options.seed, options.batch_size, chunk_size, str(device))
+        self.settings = Settings(options.samples, options.seed, batch_size, chunk_size, str(device))
         self.checkpoints = convergence_checkpoints(options.samples)
 
     @property

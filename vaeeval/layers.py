@@ -261,11 +261,16 @@ def _linear(spec, tensors, in_shape, label):
     return BuiltLayer(_assign(module, weight, bias), (*in_shape[:-1], out_features), names)
 
 
+_LARGEST_STEP = 1 << 16  # strides and paddings of an image layer
+
+
 def _pair(spec: Mapping[str, Any], key: str, default: int, minimum: int, label: str) -> tuple[int, int]:
     value = spec.get(key, default)
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(is_integer(v, minimum) for v in pair):
-        raise SpecError(f"{label}: {key} must be an integer >= {minimum} or a pair of them, found {value!r}")
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(is_integer(v, minimum, _LARGEST_STEP) for v in pair):
+        raise SpecError(
+            f"{label}: {key} must be an integer from {minimum} to {_LARGEST_STEP} or a pair of them, found {value!r}"
+        )
     return int(pair[0]), int(pair[1])
 
 

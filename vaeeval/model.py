@@ -22,7 +22,7 @@ from torch import nn
 
 from vaeeval.domains import Domain, domain_from_spec
 from vaeeval.errors import ModelFileError, SpecError, VaeevalError, listing
-from vaeeval.files import file_digest, reading
+from vaeeval.files import file_digest, load_json, reading, regular_file, staged, writing
 from vaeeval.layers import Shape, build_layer, describe, format_shape, layer_spec
 from vaeeval.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.priors import Prior, prior_from_spec
@@ -146,6 +146,8 @@ def load_model(path: str | Path) -> Model:
     path = Path(path)
     header = _read_header(path)
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFileError(path, "not a safetensors file (its __metadata__ is not a map of strings)")
     if METADATA_KEY not in metadata:
         raise ModelFileError(
             path,
@@ -153,9 +155,11 @@ def load_model(path: str | Path) -> Model:
             "it holds weights but not how they make a VAE — see FORMAT.md, or use --arch (later versions)",
         )
     try:
-        document = json.loads(metadata[METADATA_KEY])
+        document = load_json(metadata[METADATA_KEY], "the vaeeval document")
     except json.JSONDecodeError as error:
         raise ModelFileError(path, f"the vaeeval metadata is not valid JSON ({error})") from None
+    except ValueError as error:
+        raise ModelFileError(path, str(error)) from None
     if not isinstance(document, dict):
         raise ModelFileError(path, "the vaeeval metadata must be a JSON object")
     _check_version(path, document)
@@ -168,8 +172,8 @@ def load_model(path: str | Path) -> Model:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
+    size = regular_file(path, ModelFileError, "model file").st_size
     with reading(path, ModelFileError, "model file"), path.open("rb") as handle:
-        size = path.stat().st_size
         start = handle.read(9)
         length = int.from_bytes(start[:8], "little")
         if len(start) < 9 or start[8:9] != b"{" or length > _MAX_HEADER_BYTES:
@@ -178,9 +182,11 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise ModelFileError(path, f"truncated: the header says {length} bytes, only {size - 8} follow the length")
         raw = start[8:] + handle.read(length - 1)
     try:
-        header = json.loads(raw)
+        header = load_json(raw, "its header")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelFileError(path, "not a safetensors file (its header is not JSON)") from None
+    except ValueError as error:
+        raise ModelFileError(path, f"not a safetensors file ({error})") from None
     if not isinstance(header, dict):
         raise ModelFileError(path, "not a safetensors file (its header is not a JSON object)")
     data_bytes = size - 8 - length
@@ -218,7 +224,7 @@ def _check_version(path: Path, document: Mapping[str, Any]) -> None:
     version = document.get("format")
     if version is None:
         raise ModelFileError(path, "the vaeeval document has no \"format\" key (format 1 files have \"format\": 1)")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ModelFileError(
             path, f"format {version!r} is not supported; this vaeeval reads format {FORMAT_VERSION}"
         )
@@ -249,7 +255,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if not tensor.is_floating_point():
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise ModelFileError(path, f"tensor {name!r} is {dtype}; format 1 weights are floating point")
-    return {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+    converted = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+    for name, tensor in converted.items():
+        bad = int((~tensor.isfinite()).sum())
+        if bad:
+            raise ModelFileError(path, f"tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); a trained model has none")
+    return converted
 
 
 def _positive_int(document: Mapping[str, Any], key: str) -> int:
@@ -395,18 +406,15 @@ def save_model(
         _build(document, tensors, path)
     except SpecError as error:
         raise VaeevalError(f"cannot save {path}: {error}") from None
-    save_file(
-        {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()},
-        str(path),
-        metadata={METADATA_KEY: json.dumps(document)},
-    )
-    model = load_model(path)
-    try:
+    with writing(path, "model"), staged(path) as temporary:
+        save_file(
+            {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()},
+            str(temporary),
+            metadata={METADATA_KEY: json.dumps(document)},
+        )
+        model = replace(load_model(temporary), path=path)
         _check_reproduces(encoder, model.encoder, document["input_shape"], "encoder", path)
         _check_reproduces(decoder, model.decoder, [model.latent_dim], "decoder", path)
-    except VaeevalError:
-        path.unlink()
-        raise
     return model
 
 

@@ -186,8 +186,8 @@ class MixturePrior(Prior):
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
         super().bind(tensors)
         components = tuple(self.values["logits"].shape)
-        if len(components) != 1:
-            raise SpecError(f"prior: logits tensor {self.spec['logits']!r} is {list(components)}, expected [C]")
+        if len(components) != 1 or components[0] < 1:
+            raise SpecError(f"prior: logits tensor {self.spec['logits']!r} is {list(components)}, expected [C], C >= 1")
         for key in ("means", "log_vars"):
             self._check_shape(key, (*components, self.latent_dim))
 

@@ -7,18 +7,22 @@ of one uninterrupted single-process run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
-from vaeeval.ais import AISEvaluator
+from vaeeval.ais import AISEvaluator, AISPart
 from vaeeval.errors import VaeevalError, option
 from vaeeval.evaluate import Evaluator
+from vaeeval.files import locked, writing
+from vaeeval.results import AISPointResults, Part, PointResults
 from vaeeval.stream import (
     AIS_RESULTS,
     ELBO_RESULTS,
@@ -71,6 +75,7 @@ def run(
     output: str | Path | None = None,
     resume: bool = False,
     shard: Shard | None = None,
+    wait: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Outcome | None:
     """Evaluate the data (or one shard), streaming point lines to ``output`` as they are computed.
@@ -83,15 +88,19 @@ def run(
         output: the results file; without it nothing is written.
         resume: continue ``output`` from the points it already holds.
         shard: evaluate only this slice of the points.
+        wait: when another run holds ``output``, wait for it instead of refusing.
         progress: called with the number of points this call has finished.
 
     Returns:
         The evaluation: with K-convergence and latents when computed in one go without a
         file, else from the point records (the same numbers). Ctrl-C ends the run early
-        with the points done so far (``interrupted``); the file then has no summary line.
+        with the points done so far (``interrupted``); the file then has no summary line
+        and ``--resume`` continues it. The evaluation is None when no point was done (an
+        interruption before the first, or a shard beyond the last point, whose file is a
+        valid empty part).
 
     Raises:
-        VaeevalError: a results file of another run, or an interruption before any point was done.
+        VaeevalError: a results file of another run, or one another process is writing.
     """
     if distributed_world() is not None:
         if resume or shard is not None:
@@ -105,14 +114,16 @@ def run(
         writer = None
         if output is not None:
             path = Path(output)
+            stack.enter_context(locked(path, wait=wait))
             if resume and path.exists():
                 stored = _resumed(path, header)
                 old = stored.points
                 if stored.summary is not None:  # finished already: nothing to compute
-                    return Outcome(results.evaluation(header, old), False, indices.size, header)
-                writer = ResultsWriter(stack.enter_context(path.open("a")))
+                    evaluation = results.evaluation(header, old) if old else None
+                    return Outcome(evaluation, False, indices.size, header)
+                writer = ResultsWriter(stack.enter_context(_opened(path, "a")))
             else:
-                writer = ResultsWriter(stack.enter_context(path.open("w")))
+                writer = ResultsWriter(stack.enter_context(_opened(path, "w")))
                 writer.write([header])
         done = np.array([record["index"] for record in old], dtype=np.int64)
         remaining = indices[~np.isin(indices, done)]
@@ -134,12 +145,15 @@ def run(
             return Outcome(evaluator.finish(parts), False, indices.size, header)
         if writer is None:
             records = [record for part in parts for record in results.points(evaluator, part.points)]
-        if not records:
-            raise VaeevalError("interrupted before any point was done")
-        evaluation = results.evaluation(header, records)
+        evaluation = results.evaluation(header, records) if records else None
         if writer is not None and not interrupted:
-            writer.write([results.summary_line(evaluation)])
+            writer.write([results.summary_line(evaluation, records) if records else results.empty_summary_line()])
     return Outcome(evaluation, interrupted, indices.size, header)
+
+
+def _opened(path: Path, mode: str) -> TextIO:
+    with writing(path, "results file"):
+        return path.open(mode)
 
 
 # ---------------------------------------------------------------- torchrun
@@ -165,7 +179,9 @@ def run_distributed(
     gloo on the CPU, nccl on CUDA devices. Other ranks return None. Rank 0 writes
     ``output`` (all points, then the summary) once everything is gathered. Each
     process uses the threads torch gives it; ``tuning.share_cores(local_processes())``
-    divides the machine's cores among them (the command line does).
+    divides the machine's cores among them (the command line does). The ranks send
+    their results as JSON bytes (``exchange``), never as pickles: a peer cannot make
+    rank 0 run code.
     """
     import torch.distributed as dist
 
@@ -176,15 +192,65 @@ def run_distributed(
     try:
         shard = Shard.of(rank, world, evaluator.n)
         mine = list(evaluator.parts(np.arange(shard.start, shard.stop), progress))
-        gathered: list[list[Any]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
-        dist.gather_object(mine, gathered, dst=0)
+        gathered = _gather_bytes(json.dumps([encode(part) for part in mine]).encode(), rank, world, evaluator.settings.device)
     finally:
         dist.destroy_process_group()
     if rank != 0:
         return None
-    evaluation = evaluator.finish([part for parts in gathered for part in parts])
+    evaluation = evaluator.finish([decode(part) for payload in gathered for part in json.loads(payload)])
     results = results_format(evaluator)
     header = results.header(evaluator, None)
     if output is not None:
         write_results(output, header, results.points(evaluator, evaluation.points), evaluation)
     return Outcome(evaluation, False, evaluator.n, header)
+
+
+# ---------------------------------------------------------------- what the ranks send each other
+
+
+def encode(value: Any) -> Any:
+    """A part (dataclasses of NumPy arrays) as plain JSON values: floats keep every bit (``repr``)."""
+    if dataclasses.is_dataclass(value):
+        return {"class": type(value).__name__, "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    array = np.asarray(value)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def decode(value: Any) -> Any:
+    """``encode``'s inverse, building only the result classes vaeeval exchanges and numeric arrays.
+
+    Raises:
+        VaeevalError: anything else (a peer that is not vaeeval).
+    """
+    try:
+        if "class" in value:
+            cls = _EXCHANGED[value["class"]]
+            return cls(**{name: decode(field) for name, field in value["fields"].items()})
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biuf":
+            raise TypeError(f"dtype {dtype}")
+        return np.array(value["data"], dtype=dtype).reshape(value["shape"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise VaeevalError(f"a torchrun peer sent something that is not a vaeeval result ({error})") from None
+
+
+_EXCHANGED = {cls.__name__: cls for cls in (Part, PointResults, AISPart, AISPointResults)}
+
+
+def _gather_bytes(payload: bytes, rank: int, world: int, device: str) -> list[bytes]:
+    """Every rank's ``payload`` on rank 0 (others get []), as uint8 tensors padded to the longest."""
+    import torch
+    import torch.distributed as dist
+
+    place = torch.device(device)
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=place)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(size) for size in lengths))
+    buffer = torch.zeros(longest, dtype=torch.uint8, device=place)
+    buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(place)
+    gathered = [torch.zeros_like(buffer) for _ in range(world)] if rank == 0 else None
+    dist.gather(buffer, gathered, dst=0)
+    if rank != 0:
+        return []
+    return [bytes(part[: int(size)].cpu().numpy()) for part, size in zip(gathered, lengths, strict=True)]

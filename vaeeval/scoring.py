@@ -17,6 +17,7 @@ from vaeeval.domains import Domain
 from vaeeval.errors import VaeevalError, option
 from vaeeval.likelihoods import Likelihood
 from vaeeval.results import DENSITY, PROBABILITY, Scoring
+from vaeeval.specs import MAX_LEVELS
 
 
 def _on_grid(detected: Domain, levels: int) -> bool:
@@ -46,8 +47,8 @@ def choose_scoring(
     """
     if discretize is not None and density:
         raise VaeevalError(f"{option('discretize')} and {option('density')} contradict each other: choose one")
-    if discretize is not None and discretize < 2:
-        raise VaeevalError(f"{option('discretize')} needs at least 2 levels, found {discretize}")
+    if discretize is not None and not 2 <= discretize <= MAX_LEVELS:
+        raise VaeevalError(f"{option('discretize')} needs from 2 to {MAX_LEVELS} levels, found {discretize}")
     data_levels = (declared.grid_levels if declared else None) or detected.grid_levels
     family = likelihood.family
     if not likelihood.continuous:

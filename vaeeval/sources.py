@@ -33,6 +33,7 @@ def load(
     arch: ArchOptions | None = None,
     key: str | None = None,
     limit: int | None = None,
+    max_data_size: int | None = None,
 ) -> tuple[Model, Dataset]:
     """The model (a format-1 file, or ``arch``) and its data, checked against it.
 
@@ -42,9 +43,10 @@ def load(
         arch: how to read the state dict through the user's class (runs the user's code).
         key: the array to use from an ``.npz`` that holds several.
         limit: use only the first ``limit`` points.
+        max_data_size: refuse an ``.npz`` array that would inflate to more bytes (``load_data``).
 
     Raises:
         VaeevalError: a model or data file that cannot be read or does not fit.
     """
     loaded = model_for(model, data, arch, key=key)
-    return loaded, load_data(data, loaded, key=key, limit=limit)
+    return loaded, load_data(data, loaded, key=key, limit=limit, max_data_size=max_data_size)

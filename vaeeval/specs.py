@@ -30,17 +30,21 @@ def named_tensor(tensors: Mapping[str, torch.Tensor], name: Any, where: str, *, 
     return tensor
 
 
-def is_integer(value: Any, minimum: int) -> bool:
-    """A JSON integer (not a boolean) of at least ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+LARGEST = 2**31 - 1  # no count, size or index in a model document is larger
+MAX_LEVELS = 65536  # values per dimension of discrete data (16-bit images at most)
+
+
+def is_integer(value: Any, minimum: int, maximum: int = LARGEST) -> bool:
+    """A JSON integer (not a boolean) from ``minimum`` to ``maximum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
 
 
 def levels(value: Any, where: str) -> int:
-    """A number of levels, an integer >= 2.
+    """A number of levels, an integer from 2 to ``MAX_LEVELS``.
 
     Raises:
         SpecError: anything else.
     """
-    if not is_integer(value, 2):
-        raise SpecError(f"{where} needs \"levels\", an integer >= 2, found {value!r}")
+    if not is_integer(value, 2, MAX_LEVELS):
+        raise SpecError(f"{where} needs \"levels\", an integer from 2 to {MAX_LEVELS}, found {value!r}")
     return int(value)

@@ -12,13 +12,17 @@ its lines are made and read back.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from vaeeval.errors import DataError, VaeevalError, listing, option
+from vaeeval.domains import domain_from_spec
+from vaeeval.errors import DataError, SpecError, VaeevalError, listing, option
+from vaeeval.files import atomic_write, load_json, reading, regular_file
 from vaeeval.output.records import (
     ais_evaluation_from_records,
     ais_point_records,
@@ -34,7 +38,7 @@ from vaeeval.output.records import (
     summary_record,
 )
 from vaeeval.output.schemas import AIS_SCHEMA, AIS_STREAM_SCHEMA, ELBO_SCHEMA, STREAM_SCHEMA
-from vaeeval.results import Scoring, Settings
+from vaeeval.results import KL_KINDS, METRICS, AISCost, AISSettings, Scoring, Settings
 
 _HOW_NOT_WHAT = ("batch_size", "chunk_size", "device")  # settings that never change a number
 
@@ -153,14 +157,41 @@ class ResultsFormat:
 
     schema: str
     document: str
-    header: Callable[[Any, Shard | None], dict[str, Any]]
+    make_header: Callable[[Any, Shard | None], dict[str, Any]]
     points: Callable[[Any, Any], list[dict[str, Any]]]
     summary: Callable[[Any], dict[str, Any]]
     evaluation: Callable[[dict[str, Any], Sequence[dict[str, Any]]], Any]
+    settings: type  # the settings dataclass a header's settings must build
+    numbers: tuple[str, ...]  # point keys that must hold finite numbers
+    maybe_numbers: tuple[str, ...]  # point keys that hold finite numbers or null
+    flags: tuple[str, ...] = ()  # point keys that hold booleans
 
-    def summary_line(self, evaluation: Any) -> dict[str, Any]:
-        """The last line of a finished results file."""
-        return {"kind": "summary", "summary": self.summary(evaluation)}
+    def header(self, evaluator: Any, shard: Shard | None) -> dict[str, Any]:
+        """The first line of a results file, sealed with the digest of its content."""
+        return seal(self.make_header(evaluator, shard))
+
+    def summary_line(self, evaluation: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The last line of a finished results file: the summary, and the count and digest of the point lines."""
+        return {"kind": "summary", "summary": self.summary(evaluation), "count": len(records), "digest": points_digest(records)}
+
+    def empty_summary_line(self) -> dict[str, Any]:
+        """The last line of a part with no points (a shard beyond the last point)."""
+        return {"kind": "summary", "summary": None, "count": 0, "digest": points_digest([])}
+
+
+def _digest(value: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def seal(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` with ``digest``: of everything else in it, so an edit is seen when it is read back."""
+    content = {key: value for key, value in header.items() if key != "digest"}
+    return {**content, "digest": _digest(content)}
+
+
+def points_digest(records: Sequence[dict[str, Any]]) -> str:
+    """The digest of a run's point lines, whatever their order in the file."""
+    return _digest(sorted(records, key=lambda record: record["index"]))
 
 
 ELBO_RESULTS = ResultsFormat(
@@ -170,6 +201,10 @@ ELBO_RESULTS = ResultsFormat(
     lambda evaluator, points: point_records(points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl),
     summary_record,
     evaluation_from_records,
+    Settings,
+    numbers=(*METRICS, "iwae_stderr", "ess", "ess_fraction"),
+    maybe_numbers=("elbo_stderr", "khat", "kl_stderr"),
+    flags=("unreliable",),
 )
 AIS_RESULTS = ResultsFormat(
     AIS_STREAM_SCHEMA,
@@ -178,6 +213,9 @@ AIS_RESULTS = ResultsFormat(
     lambda evaluator, points: ais_point_records(points),
     ais_summary_record,
     ais_evaluation_from_records,
+    AISSettings,
+    numbers=("ais", "elbo", "iwae"),
+    maybe_numbers=("ais_stderr", "acceptance", "ess", "step_size"),
 )
 FORMATS = {results.schema: results for results in (ELBO_RESULTS, AIS_RESULTS)}
 
@@ -222,18 +260,18 @@ class ResultsWriter:
 
 
 def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
-    """Read a results file; with ``repair``, cut off a last line a crash left half written.
+    """Read a results file, every line checked; with ``repair``, cut off a last line a crash left half written.
+
+    A finished file's summary records the count and digest of its point lines: a file edited
+    after it was finished is refused, never read short.
 
     Raises:
-        DataError: missing, not a results file, or lines that are not JSON.
+        DataError: missing, not a regular file, not a results file, or a line that breaks its schema.
     """
     path = Path(path)
-    try:
+    regular_file(path, DataError, "results file")
+    with reading(path, DataError, "results file"):
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, "no such file") from None
-    except OSError as error:
-        raise DataError(path, f"cannot be read ({error.strerror or error})") from None
     complete, _, tail = raw.rpartition(b"\n")
     if tail and repair:
         with path.open("r+b") as handle:
@@ -241,51 +279,150 @@ def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
     lines = (complete + b"\n").decode("utf-8", errors="replace").splitlines() if complete else []
     if not repair and tail:
         lines.append(tail.decode("utf-8", errors="replace"))
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DataError(path, f"line {number} is not JSON; not a vaeeval results file") from None
-    if not records or records[0].get("kind") != "header" or records[0].get("schema") not in FORMATS:
+    records = [_line(path, number, line) for number, line in enumerate(lines, 1)]
+    if not records or not isinstance(records[0], dict) or records[0].get("kind") != "header" or records[0].get("schema") not in FORMATS:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
-    summary = next((r for r in records[1:] if r.get("kind") == "summary"), None)
-    return StoredRun(path, records[0], [r for r in records[1:] if "kind" not in r], summary)
+    header = records[0]
+    results = check_header(path, header)
+    points, summary, seen = [], None, set()
+    for number, record in enumerate(records[1:], 2):
+        if isinstance(record, dict) and record.get("kind") == "summary":
+            summary = record
+        else:
+            points.append(check_point(path, number, record, results, header["data"]["n"], seen))
+    if summary is not None:
+        summary = _checked_summary(path, summary, points)
+    return StoredRun(path, header, points, summary)
+
+
+def _line(path: Path, number: int, line: str) -> Any:
+    try:
+        return load_json(line, f"line {number}")
+    except json.JSONDecodeError:
+        raise DataError(path, f"line {number} is not JSON; not a vaeeval results file") from None
+    except ValueError as error:
+        raise DataError(path, str(error)) from None
+
+
+def check_header(path: Path, header: Any) -> ResultsFormat:
+    """The format of a results file whose first line is ``header``, checked: keys, types, and its digest.
+
+    Raises:
+        DataError: naming what is wrong with line 1.
+    """
+    results = FORMATS[header["schema"]]
+    try:
+        results.settings(**header["settings"])
+        Scoring(**header["scoring"])
+        domain_from_spec(header["domain"])
+        model, data, shard = header["model"], header["data"], header["shard"]
+        dims, n = model["dims"], data["n"]
+        json.dumps(model["likelihood"], sort_keys=True)
+        if not (isinstance(dims, int) and dims >= 1 and isinstance(n, int) and n >= 0 and isinstance(data.get("digest"), str | None)):
+            raise ValueError("model.dims or data.n is not a count")
+        if shard is not None and not all(isinstance(shard[k], int) for k in ("index", "count", "start", "stop")):
+            raise ValueError("shard is not four integers")
+        if results is AIS_RESULTS:
+            AISCost(header["cost"]["pilot_gradients"], header["cost"]["gradients"])
+        elif header["kl_kind"] not in KL_KINDS:
+            raise ValueError(f"kl_kind {header['kl_kind']!r}")
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as error:
+        raise DataError(path, f"line 1: not a complete {results.schema} header ({type(error).__name__}: {error})") from None
+    if "digest" in header and seal(header)["digest"] != header["digest"]:
+        raise DataError(path, "line 1: the header was edited after it was written (its digest does not match)")
+    return results
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_point(path: Path, number: int, record: Any, results: ResultsFormat, n: int, seen: set[int]) -> dict[str, Any]:
+    """A point line, checked: an object, an index within the data not seen before, finite numbers.
+
+    Raises:
+        DataError: naming the line and what is wrong with it.
+    """
+    where = f"line {number}"
+    if not isinstance(record, dict):
+        raise DataError(path, f"{where} is {type(record).__name__}, not a point object")
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+        raise DataError(path, f"{where}: point index {index!r} is not one of the data's {n} points")
+    if index in seen:
+        raise DataError(path, f"{where}: point {index} is in the file twice")
+    seen.add(index)
+    for key in results.numbers:
+        if not _finite_number(record.get(key)):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not a finite number")
+    for key in results.maybe_numbers:
+        if record.get(key) is not None and not _finite_number(record[key]):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record[key]!r}, not a finite number or null")
+    for key in results.flags:
+        if not isinstance(record.get(key), bool):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not true or false")
+    return record
+
+
+def _checked_summary(path: Path, summary: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary line, if the point lines are still those it was written after."""
+    if "count" not in summary:  # written before summaries were sealed: the count of points is all there is
+        return summary
+    if summary["count"] != len(points) or summary.get("digest") != points_digest(points):
+        raise DataError(
+            path,
+            f"was edited after the run finished: its summary counts {summary['count']} point lines and a digest that the "
+            f"{len(points)} lines now in it do not match; restore it, or run again without {option('resume')}",
+        )
+    return summary
 
 
 def read_results(path: str | Path) -> StoredRun:
-    """A results file, or an ``elbo --json`` document read as one.
+    """A results file, or an ``elbo --json`` or ``ais --json`` document read as one.
 
     Raises:
-        DataError: neither.
+        DataError: neither, or a document without its summary or points.
     """
     path = Path(path)
+    regular_file(path, DataError, "results file")
     try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(path, "no such file") from None
+        with reading(path, DataError, "results file"):
+            text = path.read_text()
+        document = load_json(text, "the document")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return read_stream(path)
-    except OSError as error:
-        raise DataError(path, f"cannot be read ({error.strerror or error})") from None
+    except ValueError as error:
+        raise DataError(path, str(error)) from None
     documents = {results.document: results for results in FORMATS.values()}
     if not isinstance(document, dict) or document.get("schema") not in documents:
         if isinstance(document, dict) and document.get("schema") in FORMATS:
             return read_stream(path)  # a results file holding only its header
         raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
-    summary = document["summary"]
-    header = {
-        "kind": "header",
-        "schema": documents[document["schema"]].schema,
-        "model": document["model"],
-        "data": document["data"],
-        "settings": document["settings"],
-        "scoring": summary["scoring"],
-        **({"kl_kind": summary["kl_kind"]} if "kl_kind" in summary else {"cost": summary["cost"]}),
-        "domain": document["data"]["domain"],
-        "shard": None,
-    }
-    return StoredRun(path, header, document["points"], {"kind": "summary", "summary": summary})
+    results = documents[document["schema"]]
+    try:
+        summary = document["summary"]
+        header = {
+            "kind": "header",
+            "schema": results.schema,
+            "model": document["model"],
+            "data": document["data"],
+            "settings": document["settings"],
+            "scoring": summary["scoring"],
+            **({"cost": summary["cost"]} if results is AIS_RESULTS else {"kl_kind": summary["kl_kind"]}),
+            "domain": document["data"]["domain"],
+            "shard": None,
+        }
+        raw_points = document["points"]
+        if not isinstance(raw_points, list):
+            raise TypeError("points is not a list")
+    except (KeyError, TypeError) as error:
+        raise DataError(path, f"not a complete {document['schema']} document (no {error})") from None
+    header = seal(header)
+    check_header(path, header)
+    seen: set[int] = set()
+    points = [check_point(path, number, record, results, header["data"]["n"], seen) for number, record in enumerate(raw_points)]
+    return StoredRun(path, header, points, {"kind": "summary", "summary": summary, "count": len(points),
+                                            "digest": points_digest(points)})
 
 
 def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
@@ -329,11 +466,11 @@ def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
         VaeevalError: as ``check_complete``.
     """
     records = check_complete(runs)
-    header = {**runs[0].header, "shard": None}
+    header = seal({**runs[0].header, "shard": None})
     return MergedRun(header, records, results_format(header).evaluation(header, records))
 
 
 def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Any) -> None:
     """Write a finished results file in one go: the header, every point, the summary."""
-    with Path(path).open("w") as handle:
-        ResultsWriter(handle).write([header, *records, results_format(header).summary_line(evaluation)])
+    with atomic_write(path) as handle:
+        ResultsWriter(handle).write([header, *records, results_format(header).summary_line(evaluation, records)])

@@ -7,12 +7,37 @@ chosen or switched for the process (a notebook's stays as it was).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from vaeeval.errors import VaeevalError, option
+from vaeeval.files import atomic_write, check_output, writing
 from vaeeval.results import Evaluation
+
+
+def _formats() -> dict[str, str]:
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise VaeevalError(f"{option('plot')} needs matplotlib: pip install 'vaeeval[plot]'") from None
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def check_plot(path: str | Path, inputs: Iterable[Path | None]) -> None:
+    """Refuse a plot file matplotlib cannot write (by its suffix), an input, or one in a missing directory.
+
+    Raises:
+        VaeevalError: naming the problem, before anything is computed.
+    """
+    path = Path(path)
+    formats = _formats()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        known = ", ".join(f".{name}" for name in sorted(formats))
+        raise VaeevalError(f"{option('plot')} {path}: give a file name ending in one of {known}")
+    check_output(path, inputs, parameter="plot")
 
 
 def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
@@ -51,8 +76,6 @@ def plot_diagnostics(evaluation: Evaluation, path: str | Path) -> Path:
     histogram.set_ylabel("points")
     histogram.legend()
     figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=100)
-    except OSError as error:
-        raise VaeevalError(f"{path}: cannot write the plot ({error.strerror or error})") from None
+    with writing(path, "plot"), atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format=path.suffix.lower().lstrip(".") or "png", dpi=100)
     return path
