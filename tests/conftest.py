@@ -219,3 +219,25 @@ def one_dimensional_bernoulli(tmp_path: Path, points: int = 25, dims: int = 8, e
         input_shape=[dims], latent_dim=1,
     )
     return OneDimensional(model, encoder, x, grid, step, log_lik, log_prior, log_joint, log_px)
+
+
+# every likelihood family: its spec, decoder outputs per dimension, and the kind of data it scores
+FAMILIES = [
+    ({"family": "bernoulli"}, 1, "binary"),
+    ({"family": "gaussian", "sigma": 0.4}, 1, "grey"),
+    ({"family": "gaussian"}, 2, "real"),
+    ({"family": "laplace"}, 2, "grey"),
+    ({"family": "continuous_bernoulli"}, 1, "grey"),
+    ({"family": "categorical", "levels": 5}, 5, "grey"),
+    ({"family": "discretized_logistic", "levels": 5}, 2, "grey"),
+]
+
+
+def family_data(kind: str, points: int, dims: int) -> np.ndarray:
+    """Data a family of ``FAMILIES`` scores: binary, grey levels k/4, or real numbers; float32."""
+    rng = np.random.default_rng(0)
+    return {
+        "binary": (rng.random((points, dims)) < 0.5),
+        "grey": rng.integers(0, 5, (points, dims)) / 4,
+        "real": rng.normal(size=(points, dims)),
+    }[kind].astype(np.float32)

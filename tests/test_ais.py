@@ -13,7 +13,7 @@ import math
 import jsonschema
 import numpy as np
 import pytest
-from conftest import PPCA, cli, make_ppca, one_dimensional_bernoulli
+from conftest import FAMILIES, PPCA, cli, family_data, make_ppca, one_dimensional_bernoulli
 from conftest import linear as conftest_linear
 
 from vaeeval import evaluate
@@ -236,17 +236,6 @@ def test_library_names_the_parameters(bernoulli_model, binary_data):
         evaluate_ais(bernoulli_model, np.zeros((2, 6), np.float32), schedule="cosine")
 
 
-FAMILIES = [
-    ({"family": "bernoulli"}, 1, "binary"),
-    ({"family": "gaussian", "sigma": 0.4}, 1, "grey"),
-    ({"family": "gaussian"}, 2, "real"),
-    ({"family": "laplace"}, 2, "grey"),
-    ({"family": "continuous_bernoulli"}, 1, "grey"),
-    ({"family": "categorical", "levels": 5}, 5, "grey"),
-    ({"family": "discretized_logistic", "levels": 5}, 2, "grey"),
-]
-
-
 @pytest.mark.parametrize(("likelihood", "outputs", "kind"), FAMILIES, ids=[f[0]["family"] + str(f[1]) for f in FAMILIES])
 def test_every_family_and_activation_anneals_the_same_bits_in_any_batch(tmp_path, likelihood, outputs, kind):
     """Gradients flow through every layer type and family (bin probabilities included), point by point."""
@@ -264,12 +253,7 @@ def test_every_family_and_activation_anneals_the_same_bits_in_any_batch(tmp_path
         nn.Linear(16, 16), nn.ELU(), nn.Linear(16, outputs * dims),
     )
     model = save_model(tmp_path / "m.safetensors", encoder, decoder, likelihood=likelihood, input_shape=[dims], latent_dim=3)
-    rng = np.random.default_rng(0)
-    data = {
-        "binary": (rng.random((13, dims)) < 0.5),
-        "grey": rng.integers(0, 5, (13, dims)) / 4,
-        "real": rng.normal(size=(13, dims)),
-    }[kind].astype(np.float32)
+    data = family_data(kind, 13, dims)
     for options in ({}, {"density": True}) if kind == "grey" else ({},):
         runs = [evaluate_ais(model, data, steps=5, leapfrog=2, chains=3, samples=8, seed=1, batch_size=b, **options)
                 for b in (13, 1, 5)]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import LOG_2PI, PPCA, arviz_khat
+from conftest import FAMILIES, LOG_2PI, PPCA, arviz_khat, family_data
 from scipy.special import logsumexp
 from torch import nn
 
@@ -111,17 +111,6 @@ def test_overflowing_model_is_an_error_not_a_number(tmp_path):
         evaluate(model, np.zeros((2, 2)), samples=4)
 
 
-FAMILIES = [
-    ({"family": "bernoulli"}, 1, "binary"),
-    ({"family": "gaussian", "sigma": 0.4}, 1, "grey"),
-    ({"family": "gaussian"}, 2, "real"),
-    ({"family": "laplace"}, 2, "grey"),
-    ({"family": "continuous_bernoulli"}, 1, "grey"),
-    ({"family": "categorical", "levels": 5}, 5, "grey"),
-    ({"family": "discretized_logistic", "levels": 5}, 2, "grey"),
-]
-
-
 @pytest.mark.parametrize(("likelihood", "outputs", "kind"), FAMILIES, ids=[f[0]["family"] + str(f[1]) for f in FAMILIES])
 def test_every_family_and_activation_is_bitwise_batch_independent(tmp_path, likelihood, outputs, kind):
     """Every layer type and family, scored as densities and on bins: the same bits whatever the batching."""
@@ -133,12 +122,7 @@ def test_every_family_and_activation_is_bitwise_batch_independent(tmp_path, like
         nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, outputs * dims),
     )
     model = save_model(tmp_path / "m.safetensors", encoder, decoder, likelihood=likelihood, input_shape=[dims], latent_dim=3)
-    rng = np.random.default_rng(0)
-    data = {
-        "binary": (rng.random((37, dims)) < 0.5),
-        "grey": rng.integers(0, 5, (37, dims)) / 4,
-        "real": rng.normal(size=(37, dims)),
-    }[kind].astype(np.float32)
+    data = family_data(kind, 37, dims)
     for options in ({}, {"density": True}) if kind == "grey" else ({},):
         runs = [
             evaluate(model, data, samples=130, seed=3, batch_size=b, chunk_size=c, **options)

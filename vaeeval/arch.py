@@ -24,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import math
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,28 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def _where(error: BaseException) -> str:
+    """`` at file.py:12 (expression)``: the last frame of the traceback outside vaeeval and torch, if any."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = str(Path(__file__).parent)
+    for frame in reversed(frames):
+        if not frame.filename.startswith(ours) and "/torch/" not in frame.filename and "<" not in frame.filename[:1]:
+            code = f" ({frame.line.strip()})" if frame.line else ""
+            return f" at {frame.filename}:{frame.lineno}{code}"
+    return ""
+
+
+def call_user(what: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``: the user's code; whatever it raises becomes one ``VaeevalError`` naming the call,
+    the exception, and the file and line it came from."""
+    try:
+        return function(*args)
+    except VaeevalError:
+        raise
+    except Exception as error:  # the user's code: any failure is reported, in one line
+        raise VaeevalError(f"{what} raised {_first_line(error)}{_where(error)}") from None
+
+
 def _import_file(spec: str, path: Path) -> Any:
     if not path.is_file():
         raise VaeevalError(f"{option('arch')} {spec}: {path}: no such file")
@@ -89,7 +112,7 @@ def _import_file(spec: str, path: Path) -> Any:
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the user's code: any failure is reported, in one line
-        raise VaeevalError(f"{option('arch')} {spec}: running {path} raised {_first_line(error)}") from None
+        raise VaeevalError(f"{option('arch')} {spec}: running {path} raised {_first_line(error)}{_where(error)}") from None
     finally:
         sys.modules.pop(name, None)
         sys.path.remove(str(path.resolve().parent))
@@ -197,7 +220,7 @@ class EncoderAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.encode_shape is not None:
             x = x.reshape(x.shape[0], *self.encode_shape)
-        output = getattr(self.module, self.method)(x)
+        output = call_user(f"{self.method}(x)", getattr(self.module, self.method), x)
         if isinstance(output, Independent):
             output = output.base_dist
         if isinstance(output, Normal):
@@ -235,8 +258,8 @@ class DecoderAdapter(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.logits_graph is not None:
-            return _flat(self.logits_graph(z), self.method)
-        output = _flat(getattr(self.module, self.method)(z), self.method)
+            return _flat(call_user(f"{self.method}(z)", self.logits_graph, z), self.method)
+        output = _flat(call_user(f"{self.method}(z)", getattr(self.module, self.method), z), self.method)
         if self.probabilities is None:
             return output
         outside = ~((output >= 0) & (output <= 1))
@@ -323,13 +346,8 @@ def probabilities_kind(likelihood: Likelihood, decoder_output: str) -> str | Non
 
 
 def _call(what: str, function: Callable[[], torch.Tensor]) -> torch.Tensor:
-    try:
-        with torch.inference_mode():
-            return function()
-    except VaeevalError:
-        raise
-    except Exception as error:
-        raise VaeevalError(f"{what} raised {_first_line(error)}") from None
+    with torch.inference_mode():
+        return call_user(what, function)
 
 
 def arch_model(weights: str | Path, options: ArchOptions, input_shape: Sequence[int]) -> Model:

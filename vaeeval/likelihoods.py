@@ -34,6 +34,7 @@ from vaeeval.specs import levels as levels_value
 from vaeeval.specs import named_tensor
 
 _LOG_HALF = math.log(0.5)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
 BINARY, CATEGORICAL = "binary", "categorical"  # how probabilities become logits: sigmoid or softmax outputs
 
@@ -475,6 +476,18 @@ class CategoricalLikelihood(_GridLikelihood):
         level = torch.round(x * (self.levels - 1)).long()
         return self.distribution(params).log_prob(level)
 
+    def log_prob_and_grad(
+        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log softmax(l)_k at each value's level k, and its gradient in closed form: onehot(k) - softmax(l)."""
+        axis = self._param_axis(params)
+        logits = params.movedim(axis, -1)
+        normalized = logits - logits.logsumexp(-1, keepdim=True)  # as torch's Categorical does
+        level = torch.round(x * (self.levels - 1)).long().expand(normalized.shape[:-1])[..., None]
+        terms = normalized.gather(-1, level).squeeze(-1)
+        grad = normalized.exp().neg_().scatter_add_(-1, level, torch.ones_like(level, dtype=normalized.dtype))
+        return self.sum_terms(terms), grad.movedim(-1, axis)
+
     def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(params.movedim(self._param_axis(params), -1), dim=-1)
         below = (probabilities.cumsum(-1) < uniform[..., None]).sum(-1).clamp(max=self.levels - 1)
@@ -571,11 +584,38 @@ class _LocationScale(Likelihood):
     def standard_log_cdf(t: torch.Tensor) -> torch.Tensor:
         """log F(t) of the standardized family."""
 
-    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
+    @staticmethod
+    @abstractmethod
+    def standard_log_pdf(t: torch.Tensor) -> torch.Tensor:
+        """log f(t) of the standardized family."""
+
+    def _standardized_bins(self, params: torch.Tensor, x: torch.Tensor, levels: int):
         location, scale = self.location_scale(params)
         lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
-        a, b = (lower - location) / scale, (upper - location) / scale
+        return (lower - location) / scale, (upper - location) / scale, open_low, open_high, scale
+
+    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
+        a, b, open_low, open_high, _ = self._standardized_bins(params, x, levels)
         return log_symmetric_bin(self.standard_log_cdf, a, b, open_low, open_high)
+
+    def log_prob_and_grad(
+        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """On bins, the gradient in closed form: with a, b the bin's standardized edges and P its probability,
+        d log P / d location = -(f(b) - f(a)) / (scale P) and d log P / d log scale = -(b f(b) - a f(a)) / P
+        (an open edge contributes nothing); each ratio f / P is taken as exp(log f - log P)."""
+        if levels is None:
+            return super().log_prob_and_grad(params, x, levels)
+        wide = params.double()
+        a, b, open_low, open_high, scale = self._standardized_bins(wide, x.double(), levels)
+        terms = log_symmetric_bin(self.standard_log_cdf, a, b, open_low, open_high)
+        at_b = torch.where(open_high, 0.0, torch.exp(self.standard_log_pdf(b) - terms))
+        at_a = torch.where(open_low, 0.0, torch.exp(self.standard_log_pdf(a) - terms))
+        grads = [-(at_b - at_a) / scale]
+        if self.scale is None:  # the decoder's second block is the log-scale
+            grads.append(-(b * at_b - a * at_a))
+        grad = torch.stack(grads, dim=self._param_axis(params)).to(params.dtype)
+        return self.sum_terms(terms), grad
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return np.zeros(x.shape, dtype=bool)
@@ -604,6 +644,10 @@ class GaussianLikelihood(_LocationScale):
     def standard_log_cdf(t: torch.Tensor) -> torch.Tensor:
         return torch.special.log_ndtr(t)
 
+    @staticmethod
+    def standard_log_pdf(t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * t * t - _HALF_LOG_2PI
+
 
 @register
 class LaplaceLikelihood(_LocationScale):
@@ -617,6 +661,10 @@ class LaplaceLikelihood(_LocationScale):
     def standard_log_cdf(t: torch.Tensor) -> torch.Tensor:
         # F(t) = exp(t) / 2 below 0 and 1 - exp(-t) / 2 above; clamps keep the unused branch finite
         return torch.where(t < 0, _LOG_HALF + t.clamp(max=0), torch.log(1 - 0.5 * torch.exp(-t.clamp(min=0))))
+
+    @staticmethod
+    def standard_log_pdf(t: torch.Tensor) -> torch.Tensor:
+        return _LOG_HALF - t.abs()
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
