@@ -258,8 +258,8 @@ class DecoderAdapter(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.logits_graph is not None:
-            return _flat(call_user(f"{self.method}(z)", self.logits_graph, z), self.method)
-        output = _flat(call_user(f"{self.method}(z)", getattr(self.module, self.method), z), self.method)
+            return _rows(_flat(call_user(f"{self.method}(z)", self.logits_graph, z), self.method), z.shape[0], self.method)
+        output = _rows(_flat(call_user(f"{self.method}(z)", getattr(self.module, self.method), z), self.method), z.shape[0], self.method)
         if self.probabilities is None:
             return output
         outside = ~((output >= 0) & (output <= 1))
@@ -271,12 +271,24 @@ class DecoderAdapter(nn.Module):
         return probs_to_logits(output, is_binary=self.probabilities == BINARY)
 
 
+def _rows(output: torch.Tensor, rows: int, method: str) -> torch.Tensor:
+    if output.shape[0] != rows:
+        raise VaeevalError(f"{method}(z) returned {output.shape[0]} rows for {rows} latent vectors; it must return one per vector")
+    return output
+
+
 def _flat(output: Any, method: str) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output.reshape(output.shape[0], -1)
-    if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
-        return torch.cat([t.reshape(t.shape[0], -1) for t in output], dim=1)
-    raise VaeevalError(f"{method}(z) returned {_describe(output)}; vaeeval needs a tensor of the likelihood's parameters")
+    parts = [output] if isinstance(output, torch.Tensor) else output
+    if (
+        not isinstance(parts, (tuple, list))
+        or not parts
+        or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == parts[0].shape[0] for t in parts)
+    ):
+        raise VaeevalError(
+            f"{method}(z) returned {_describe(output)}; vaeeval needs a tensor of the likelihood's parameters "
+            "(or a tuple of them), one row per latent vector"
+        )
+    return torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1) if len(parts) > 1 else parts[0].reshape(parts[0].shape[0], -1)
 
 
 class MethodModule(nn.Module):

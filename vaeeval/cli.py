@@ -56,7 +56,7 @@ from vaeeval.evaluate import (
     EvaluationOptions,
     Evaluator,
 )
-from vaeeval.files import check_output
+from vaeeval.files import check_output, load_json
 from vaeeval.gates import AIS_GATED, CHECKED, GateFailed, Threshold, check_baseline, check_thresholds
 from vaeeval.latents import LatentHealth, latent_health
 from vaeeval.likelihoods import families, likelihood_spec
@@ -331,9 +331,11 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
     if arch["likelihood"] is None:
         raise click.UsageError("--arch needs --likelihood: the distribution the decoder parameterizes")
     try:
-        args = json.loads(arch["arch_args"]) if arch["arch_args"] else {}
+        args = load_json(arch["arch_args"], "the JSON") if arch["arch_args"] else {}
     except json.JSONDecodeError as error:
         raise click.BadParameter(f"not JSON ({error})", param_hint="--arch-args") from None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--arch-args") from None
     if not isinstance(args, dict):
         raise click.BadParameter("must be a JSON object of keyword arguments", param_hint="--arch-args")
     return ArchOptions(

@@ -133,10 +133,13 @@ def compare(
     for position, (model, dataset) in enumerate(zip(models, datasets, strict=True)):
         offset = position * dataset.n
         report = None if progress is None else (lambda done, offset=offset: progress(offset + done))
-        if annealing is None:
-            evaluations.append(Evaluator(model, dataset, options).evaluate(report))
-        else:
-            evaluations.append(AISEvaluator(model, dataset, annealing, options or EvaluationOptions()).evaluate(report))
+        try:
+            if annealing is None:
+                evaluations.append(Evaluator(model, dataset, options).evaluate(report))
+            else:
+                evaluations.append(AISEvaluator(model, dataset, annealing, options or EvaluationOptions()).evaluate(report))
+        except VaeevalError as error:  # say which model
+            raise VaeevalError(f"{model.path or f'model {position}'}: {error.args[0]}") from None
     data_is_discrete = datasets[0].domain.grid_levels is not None
     comparison = rank(models, evaluations, data_is_discrete, "iwae" if annealing is None else "ais")
     rescored = [i for i, e in enumerate(evaluations) if e.scoring.levels is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ def _read_array(path: Path, key: str | None, limit: int | None, max_bytes: int) 
             read = _from_npz(path, key, limit, max_bytes)
         else:
             raise DataError(path, "not a .npy or .npz file")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except (ValueError, OSError, EOFError, OverflowError, MemoryError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
+            zlib.error) as error:  # what numpy's header parser and zipfile raise on a broken file
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(path, f"truncated or corrupt ({text})") from None
     return read

@@ -21,6 +21,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,15 +110,33 @@ def json_depth(text: str | bytes) -> int:
 
 
 def load_json(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that refuses documents nested deeper than ``max_depth`` (Python's parser recurses).
+    """``json.loads`` for JSON as the standard defines it, read safely.
+
+    Refused: nesting deeper than ``max_depth`` (Python's parser recurses), NaN and
+    infinities (not JSON, and never written by vaeeval), and integers of more than
+    ``_INTEGER_DIGITS`` digits (no count or index is that large).
 
     Raises:
-        ValueError: not JSON, or nested too deep; the message starts with ``where``.
+        json.JSONDecodeError: not JSON.
+        ValueError: any of the above; the message starts with ``where``.
     """
     depth = json_depth(text)
     if depth > max_depth:
         raise ValueError(f"{where} nests {depth} levels deep; at most {max_depth} are read")
-    return json.loads(text)
+    return json.loads(text, parse_constant=partial(_not_json, where), parse_int=partial(_integer, where))
+
+
+_INTEGER_DIGITS = 4000  # Python refuses to read integers of more than 4300 digits anyway, less clearly
+
+
+def _not_json(where: str, constant: str) -> Any:
+    raise ValueError(f"{where} holds {constant}, which is not a JSON number")
+
+
+def _integer(where: str, text: str) -> int:
+    if len(text.lstrip("-")) > _INTEGER_DIGITS:
+        raise ValueError(f"{where} holds an integer of {len(text)} digits; none that large is read")
+    return int(text)
 
 
 # ---------------------------------------------------------------- writing
@@ -147,6 +166,8 @@ def check_output(path: Path, inputs: Iterable[Path | None], *, parameter: str = 
         raise VaeevalError(f"{option(parameter)} {path}: the directory {folder} cannot be written (permission denied)")
     if path.is_dir():
         raise VaeevalError(f"{option(parameter)} {path} is a directory; give a file name")
+    if path.exists() and not path.is_file():
+        raise VaeevalError(f"{option(parameter)} {path} is {_what(path.stat().st_mode)}, not a file vaeeval can write")
 
 
 @contextlib.contextmanager
@@ -241,7 +262,10 @@ def _acquire(lock_path: Path, path: Path, wait: bool) -> IO[str]:
     longer at ``lock_path`` is let go and taken again on the new one."""
     while True:
         with writing(lock_path, "lock file"):
-            handle = lock_path.open("a+")
+            if lock_path.is_symlink() or (lock_path.exists() and not lock_path.is_file()):
+                raise VaeevalError(f"{lock_path} is not a lock file vaeeval made (a link or a special file); remove it")
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

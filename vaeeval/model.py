@@ -238,7 +238,9 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     """
     path = Path(path)
     header = _read_header(path)
-    return header, _load_tensors(path)
+    tensors = _load_tensors(path)
+    _check_finite(path, {name: t for name, t in tensors.items() if t.is_floating_point()})
+    return header, tensors
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -256,11 +258,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise ModelFileError(path, f"tensor {name!r} is {dtype}; format 1 weights are floating point")
     converted = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
-    for name, tensor in converted.items():
+    _check_finite(path, converted)
+    return converted
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
         bad = int((~tensor.isfinite()).sum())
         if bad:
             raise ModelFileError(path, f"tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); a trained model has none")
-    return converted
 
 
 def _positive_int(document: Mapping[str, Any], key: str) -> int:
@@ -270,10 +276,16 @@ def _positive_int(document: Mapping[str, Any], key: str) -> int:
     return value
 
 
+_MAX_DIMS = 1 << 26  # values per data point: a 8192 x 8192 image
+_MAX_ACTIVATION = 1 << 28  # values per point out of any one layer
+
+
 def _input_shape(document: Mapping[str, Any]) -> Shape:
     value = document.get("input_shape")
     if not isinstance(value, list) or not value or not all(is_integer(s, 1) for s in value):
         raise SpecError(f"\"input_shape\" must be a non-empty list of positive integers, found {value!r}")
+    if math.prod(value) > _MAX_DIMS:
+        raise SpecError(f"\"input_shape\" {value} holds {math.prod(value):,} values per point; at most {_MAX_DIMS:,} are read")
     return tuple(value)
 
 
@@ -287,6 +299,8 @@ def _build_chain(
     for index, spec in enumerate(specs):
         label = f"{part} layer {index} ({describe(spec) if isinstance(spec, Mapping) else repr(spec)})"
         built = build_layer(spec, tensors, shape, label)
+        if math.prod(built.out_shape) > _MAX_ACTIVATION:
+            raise SpecError(f"{label}: gives {format_shape(built.out_shape)} per point, more than {_MAX_ACTIVATION:,} values")
         params = sum(tensors[name].numel() for name in built.tensors)
         detail = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
         infos.append(LayerInfo(part, index, spec["type"], detail, built.out_shape, params))

@@ -7,10 +7,11 @@ of one uninterrupted single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,9 @@ def run(
                 if stored.summary is not None:  # finished already: nothing to compute
                     evaluation = results.evaluation(header, old) if old else None
                     return Outcome(evaluation, False, indices.size, header)
-                writer = ResultsWriter(stack.enter_context(_opened(path, "a")))
+                writer = ResultsWriter(stack.enter_context(_opened(path, "a")), path)
             else:
-                writer = ResultsWriter(stack.enter_context(_opened(path, "w")))
+                writer = ResultsWriter(stack.enter_context(_opened(path, "w")), path)
                 writer.write([header])
         done = np.array([record["index"] for record in old], dtype=np.int64)
         remaining = indices[~np.isin(indices, done)]
@@ -151,9 +152,16 @@ def run(
     return Outcome(evaluation, interrupted, indices.size, header)
 
 
-def _opened(path: Path, mode: str) -> TextIO:
+@contextlib.contextmanager
+def _opened(path: Path, mode: str) -> Iterator[TextIO]:
+    """The results file, open; every line is flushed as written, so closing it (on a full disk too) loses nothing."""
     with writing(path, "results file"):
-        return path.open(mode)
+        handle = path.open(mode)
+    try:
+        yield handle
+    finally:
+        with contextlib.suppress(OSError):
+            handle.close()
 
 
 # ---------------------------------------------------------------- torchrun

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from vaeeval.domains import domain_from_spec
 from vaeeval.errors import DataError, SpecError, VaeevalError, listing, option
-from vaeeval.files import atomic_write, load_json, reading, regular_file
+from vaeeval.files import MAX_JSON_DEPTH, atomic_write, json_depth, load_json, reading, regular_file, writing
 from vaeeval.output.records import (
     ais_evaluation_from_records,
     ais_point_records,
@@ -54,6 +54,8 @@ class Shard:
 
     @classmethod
     def of(cls, index: int, count: int, n: int) -> Shard:
+        if count < 1:
+            raise VaeevalError(f"{option('shard')} {index}/{count}: the number of shards must be at least 1")
         if not 0 <= index < count:
             raise VaeevalError(f"{option('shard')} {index}/{count}: the index must be between 0 and {count - 1}")
         return cls(index, count, index * n // count, (index + 1) * n // count)
@@ -218,6 +220,7 @@ AIS_RESULTS = ResultsFormat(
     maybe_numbers=("ais_stderr", "acceptance", "ess", "step_size"),
 )
 FORMATS = {results.schema: results for results in (ELBO_RESULTS, AIS_RESULTS)}
+_SCHEMA_NAMES = list(FORMATS)  # a list: a header's "schema" may be any JSON value, hashable or not
 
 
 def results_format(header: dict[str, Any]) -> ResultsFormat:
@@ -250,13 +253,24 @@ def describe_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 class ResultsWriter:
     """Appends JSON lines to a results file, flushing after every batch."""
 
-    def __init__(self, handle: TextIO) -> None:
-        self.handle = handle
+    def __init__(self, handle: TextIO, path: Path) -> None:
+        self.handle, self.path = handle, path
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        for record in records:
-            self.handle.write(json.dumps(record, allow_nan=False) + "\n")
-        self.handle.flush()
+        """The lines, written and flushed.
+
+        Raises:
+            VaeevalError: the file cannot take them (a full disk); what was written before stays valid.
+        """
+        try:
+            for record in records:
+                self.handle.write(json.dumps(record, allow_nan=False) + "\n")
+            self.handle.flush()
+        except OSError as error:
+            raise VaeevalError(
+                f"{self.path}: cannot write the results file ({error.strerror or error}); the points written so far stay, "
+                f"and {option('resume')} continues from them"
+            ) from None
 
 
 def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
@@ -273,23 +287,25 @@ def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
     with reading(path, DataError, "results file"):
         raw = path.read_bytes()
     complete, _, tail = raw.rpartition(b"\n")
-    if tail and repair:
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete) + 1 if complete else 0)
     lines = (complete + b"\n").decode("utf-8", errors="replace").splitlines() if complete else []
     if not repair and tail:
         lines.append(tail.decode("utf-8", errors="replace"))
-    records = [_line(path, number, line) for number, line in enumerate(lines, 1)]
-    if not records or not isinstance(records[0], dict) or records[0].get("kind") != "header" or records[0].get("schema") not in FORMATS:
+    if not lines:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
-    header = records[0]
+    header = _line(path, 1, lines[0])
+    if not isinstance(header, dict) or header.get("kind") != "header" or header.get("schema") not in _SCHEMA_NAMES:
+        raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
     results = check_header(path, header)
+    if tail and repair:  # only a results file is ever cut, and only its half-written last line
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete) + 1)
+    records = [header, *(_line(path, number, line) for number, line in enumerate(lines[1:], 2))]
     points, summary, seen = [], None, set()
     for number, record in enumerate(records[1:], 2):
         if isinstance(record, dict) and record.get("kind") == "summary":
             summary = record
         else:
-            points.append(check_point(path, number, record, results, header["data"]["n"], seen))
+            points.append(check_point(path, f"line {number}", record, results, header["data"]["n"], seen))
     if summary is not None:
         summary = _checked_summary(path, summary, points)
     return StoredRun(path, header, points, summary)
@@ -337,13 +353,12 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_point(path: Path, number: int, record: Any, results: ResultsFormat, n: int, seen: set[int]) -> dict[str, Any]:
-    """A point line, checked: an object, an index within the data not seen before, finite numbers.
+def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: int, seen: set[int]) -> dict[str, Any]:
+    """A point line (or entry), checked: an object, an index within the data not seen before, finite numbers.
 
     Raises:
-        DataError: naming the line and what is wrong with it.
+        DataError: naming ``where`` (``line 7``, ``points[5]``) and what is wrong.
     """
-    where = f"line {number}"
     if not isinstance(record, dict):
         raise DataError(path, f"{where} is {type(record).__name__}, not a point object")
     index = record.get("index")
@@ -388,14 +403,20 @@ def read_results(path: str | Path) -> StoredRun:
     try:
         with reading(path, DataError, "results file"):
             text = path.read_text()
+    except UnicodeDecodeError:
+        return read_stream(path)
+    if _opens_a_results_file(text):
+        return read_stream(path)
+    try:
         document = load_json(text, "the document")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except json.JSONDecodeError:
         return read_stream(path)
     except ValueError as error:
         raise DataError(path, str(error)) from None
     documents = {results.document: results for results in FORMATS.values()}
-    if not isinstance(document, dict) or document.get("schema") not in documents:
-        if isinstance(document, dict) and document.get("schema") in FORMATS:
+    schema = document.get("schema") if isinstance(document, dict) else None
+    if not isinstance(schema, str) or schema not in documents:
+        if schema in _SCHEMA_NAMES:
             return read_stream(path)  # a results file holding only its header
         raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
     results = documents[document["schema"]]
@@ -420,9 +441,22 @@ def read_results(path: str | Path) -> StoredRun:
     header = seal(header)
     check_header(path, header)
     seen: set[int] = set()
-    points = [check_point(path, number, record, results, header["data"]["n"], seen) for number, record in enumerate(raw_points)]
+    points = [check_point(path, f"points[{number}]", record, results, header["data"]["n"], seen)
+              for number, record in enumerate(raw_points)]
     return StoredRun(path, header, points, {"kind": "summary", "summary": summary, "count": len(points),
                                             "digest": points_digest(points)})
+
+
+def _opens_a_results_file(text: str) -> bool:
+    """The first line is a results file's header (a ``--json`` document, indented, opens with ``{`` alone)."""
+    line = text.split("\n", 1)[0]
+    if json_depth(line) > MAX_JSON_DEPTH:
+        return False
+    try:
+        first = json.loads(line, parse_constant=lambda constant: None)
+    except ValueError:
+        return False
+    return isinstance(first, dict) and first.get("kind") == "header"
 
 
 def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
@@ -443,11 +477,25 @@ def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
                 raise VaeevalError(f"{run.path}: point {record['index']} is in more than one file")
             records[record["index"]] = record
     n = first.header["data"]["n"]
-    missing = sorted(set(range(n)) - set(records))
-    if missing:
-        shown = listing(missing)
-        raise VaeevalError(f"the files hold {len(records)} of {n} points; missing {shown} (a shard not finished or not given)")
+    if len(records) < n:
+        missing = _first_missing(sorted(records), n)
+        raise VaeevalError(
+            f"the files hold {len(records)} of {n} points; missing {listing(missing)} (a shard not finished or not given)"
+        )
     return [records[index] for index in range(n)]
+
+
+def _first_missing(present: list[int], n: int, most: int = 6) -> list[int]:
+    """The first few of 0..n-1 not in ``present`` (sorted), without listing all n."""
+    missing, expected = [], 0
+    for index in [*present, n]:
+        while expected < index and len(missing) < most:
+            missing.append(expected)
+            expected += 1
+        expected = index + 1
+        if len(missing) >= most:
+            break
+    return missing
 
 
 @dataclass(frozen=True)
@@ -472,5 +520,5 @@ def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
 
 def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Any) -> None:
     """Write a finished results file in one go: the header, every point, the summary."""
-    with atomic_write(path) as handle:
-        ResultsWriter(handle).write([header, *records, results_format(header).summary_line(evaluation, records)])
+    with writing(Path(path), "results file"), atomic_write(path) as handle:
+        ResultsWriter(handle, Path(path)).write([header, *records, results_format(header).summary_line(evaluation, records)])
