@@ -20,6 +20,7 @@ from vaeeval.convert import AGREEMENT
 
 # The VAE of pytorch/examples (vae/main.py), smaller: two encoder heads, a sigmoid output.
 EXAMPLES_VAE = '''
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,6 +91,64 @@ class NormalEncoder(VAE):
     def encode(self, x):
         mean, log_var = super().encode(x)
         return torch.distributions.Normal(mean, (0.5 * log_var).exp())
+
+
+class SigmoidModule(VAE):
+    """pythae's decoders end in an nn.Sigmoid module, and reshape by np.prod of a stored shape."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.squash = nn.Sigmoid()
+        self.shape = (kwargs.get("dims", 784),)
+
+    def encode(self, x):
+        return super().encode(x.reshape(-1, np.prod(self.shape)))
+
+    def decode(self, z):
+        return self.squash(self.fc4(F.relu(self.fc3(z))))
+
+
+class MixturePrior(VAE):
+    """A learned mixture prior, as a torch distribution."""
+
+    def __init__(self, components=3, **kwargs):
+        super().__init__(**kwargs)
+        latent = kwargs.get("latent_dim", 20)
+        self.prior_logits = nn.Parameter(torch.linspace(-0.5, 0.5, components))
+        self.prior_means = nn.Parameter(torch.linspace(-1, 1, components * latent).reshape(components, latent))
+        self.prior_log_scales = nn.Parameter(torch.full((components, latent), -0.3))
+
+    def prior(self):
+        D = torch.distributions
+        components = D.Independent(D.Normal(self.prior_means, self.prior_log_scales.exp()), 1)
+        return D.MixtureSameFamily(D.Categorical(logits=self.prior_logits), components)
+
+
+class VampPrior(VAE):
+    """p(z) = the mean of q(z|u_k) over learned pseudo-inputs u_k (Tomczak & Welling 2018), as pythae builds it."""
+
+    def __init__(self, components=5, **kwargs):
+        super().__init__(**kwargs)
+        self.pseudo_inputs = nn.Sequential(nn.Linear(components, kwargs.get("dims", 784), bias=False), nn.Hardtanh(0.0, 1.0))
+        self.register_buffer("idle_input", torch.eye(components), persistent=False)
+        self.unused_head = nn.Linear(3, 3)
+
+    def prior(self):
+        D = torch.distributions
+        mean, log_var = self.encode(self.pseudo_inputs(self.idle_input))
+        components = D.Independent(D.Normal(mean, (0.5 * log_var).exp()), 1)
+        return D.MixtureSameFamily(D.Categorical(logits=torch.zeros(mean.shape[0])), components)
+
+
+class BernoulliDistribution(VAE):
+    def decode(self, z):
+        return torch.distributions.Bernoulli(logits=self.fc4(F.relu(self.fc3(z))))
+
+
+class FullCovariance(VAE):
+    def encode(self, x):
+        mean, log_var = super().encode(x)
+        return torch.distributions.MultivariateNormal(mean, scale_tril=torch.diag_embed((0.5 * log_var).exp()))
 '''
 
 # A convolutional VAE over [1, 8, 8] images: a chunked encoder output, a view in the decoder, logits.
@@ -262,14 +321,16 @@ BROKEN = [
     ("no such method", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", ARGS, "--encode-method", "embed"],
      "has no method 'embed'"),
     ("options without --arch", lambda f: ["--sigma", "0.1"], "--sigma goes with --arch"),
-    ("--arch without --likelihood", lambda f: ["--arch", f"{f / 'vae.py'}:VAE"], "--arch needs --likelihood"),
+    ("--arch without --likelihood", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--arch-args", ARGS],
+     "returns a tensor [2, 64]: say which distribution it parameterizes with --likelihood"),
+    ("--sigma without --likelihood", lambda f: ["--arch", f"{f / 'vae.py'}:VAE", "--sigma", "0.1"], "--sigma goes with --likelihood"),
 ]
 
 
 @pytest.mark.parametrize(("case", "options", "phrase"), BROKEN, ids=[case for case, _, _ in BROKEN])
 def test_arch_errors_are_one_line_exit_2(examples, case, options, phrase):
     args = options(examples)
-    if "--likelihood" not in args and "--arch" in args and case != "--arch without --likelihood":
+    if "--likelihood" not in args and "--arch" in args and "without --likelihood" not in case:
         args += ["--likelihood", "bernoulli"]
     result = run("elbo", examples / "weights.safetensors", examples / "data.npy", "-k", "4", *args, ok=False)
     assert result.exit_code == 2 and result.stdout == ""
@@ -352,3 +413,169 @@ def test_ais_through_arch_anneals_through_the_users_decoder_as_its_conversion_do
     assert via_arch["model"]["arch"] and via_format1["model"]["format"] == 1
     np.testing.assert_allclose([p["ais"] for p in via_arch["points"]], [p["ais"] for p in via_format1["points"]],
                                atol=1e-3, rtol=0)
+
+
+def _weights_of(examples: Path, name: str, **kwargs) -> Path:
+    """The state dict of vae.py's class ``name`` (the VAE's weights plus its own), as safetensors."""
+    sys.path.insert(0, str(examples))
+    try:
+        import importlib
+
+        vae_module = importlib.import_module("vae")
+        torch.manual_seed(1)
+        model = getattr(vae_module, name)(dims=DIMS, hidden=HIDDEN, latent_dim=LATENT, **kwargs)
+    finally:
+        sys.path.remove(str(examples))
+        sys.modules.pop("vae", None)
+    path = examples / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def test_an_nn_sigmoid_module_is_read_as_exact_logits_and_converts(examples):
+    """pythae's decoders: an nn.Sigmoid module, and np.prod in a reshape (which torch.fx now traces)."""
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    function = json.loads(run("elbo", weights, data, "-k", "100", "--json", *_arch_args(examples)).stdout)
+    module = json.loads(run("elbo", weights, data, "-k", "100", "--json", *_arch_args(examples, "SigmoidModule")).stdout)
+    assert "logits read before its final sigmoid" in module["model"]["description"]
+    assert [p["iwae"] for p in module["points"]] == [p["iwae"] for p in function["points"]]
+    out = examples / "converted.safetensors"
+    run("convert", weights, *_arch_args(examples, "SigmoidModule"), "--data", data, "-o", out)
+    converted = json.loads(run("elbo", out, data, "-k", "100", "--json").stdout)
+    for a, b in zip(converted["points"], function["points"], strict=True):
+        assert abs(a["iwae"] - b["iwae"]) < AGREEMENT * max(1, abs(b["iwae"]))
+
+
+def test_probabilities_declared_as_logits_warn_on_stderr_and_in_the_output(examples):
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    args = ["--arch", f"{examples / 'vae.py'}:VAE", "--arch-args", ARGS, "--likelihood", "bernoulli"]
+    result = run("elbo", weights, data, "-k", "8", "--json", *args)
+    warning = "every decode(z) output lies in [0, 1] although --decoder-output says logits"
+    assert warning in result.stderr and result.stderr.count("\n") == 1
+    assert any(warning in note for note in json.loads(result.stdout)["model"]["notes"])
+    quiet = run("elbo", weights, data, "-k", "8", "--json", *args, "--decoder-output", "probs")
+    assert quiet.stderr == ""
+
+
+def test_a_missing_scale_names_both_ways_to_give_one(examples):
+    weights = _weights_of(examples, "GaussianVAE")
+    np.save(examples / "grey.npy", np.random.default_rng(0).random((4, DIMS)).astype(np.float32))
+    result = run("elbo", weights, examples / "grey.npy", "--arch", f"{examples / 'vae.py'}:GaussianVAE", "--arch-args", ARGS,
+                 "--likelihood", "gaussian", ok=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--sigma" in result.stderr and "--log-sigma-tensor" in result.stderr and "64 values per point" in result.stderr
+
+
+def test_tracing_failures_name_the_file_line_and_expression(examples):
+    result = run("convert", examples / "weights.safetensors", *_arch_args(examples, "Untraceable"), "--input-shape", str(DIMS),
+                 "-o", examples / "out.safetensors", ok=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"{examples / 'vae.py'}:" in result.stderr and "(if p.sum() > 0:" in result.stderr
+    assert not (examples / "out.safetensors").exists()
+
+
+def test_convert_writes_a_mixture_prior_and_refuses_unused_tensors_unless_allowed(examples):
+    data = examples / "data.npy"
+    mixture = _weights_of(examples, "MixturePrior")
+    run("convert", mixture, *_arch_args(examples, "MixturePrior"), "--data", data, "-o", examples / "mixture.safetensors")
+    assert load_model(examples / "mixture.safetensors").prior.family == "mixture_of_gaussians"
+    # a VampPrior is a mixture through the encoder: kept, and its pseudo-inputs count as used; the stray head does not
+    vamp = _weights_of(examples, "VampPrior")
+    out = examples / "vamp.safetensors"
+    refused = run("convert", vamp, *_arch_args(examples, "VampPrior"), "--data", data, "-o", out, ok=False)
+    assert refused.exit_code == 2 and "--allow-unused" in refused.stderr
+    assert "unused_head.weight, unused_head.bias of the state dict" in refused.stderr
+    assert "pseudo_inputs" not in refused.stderr and not (examples / "vamp.safetensors").exists()
+    allowed = run("convert", vamp, *_arch_args(examples, "VampPrior"), "--data", data, "-o", examples / "vamp.safetensors",
+                  "--allow-unused")
+    assert "mixture_of_gaussians prior" in allowed.stdout and "left out (--allow-unused): unused_head" in allowed.stdout
+    via_arch = json.loads(run("elbo", vamp, data, "-k", "300", "--json", *_arch_args(examples, "VampPrior")).stdout)
+    converted = json.loads(run("elbo", examples / "vamp.safetensors", data, "-k", "300", "--json").stdout)
+    assert via_arch["model"]["prior"]["source"] == "prior()" and via_arch["summary"]["kl_kind"] == "monte_carlo"
+    for a, b in zip(converted["points"], via_arch["points"], strict=True):
+        assert abs(a["iwae"] - b["iwae"]) < AGREEMENT * max(1, abs(b["iwae"]))
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "phrase"),
+    [
+        ("FullCovariance", [], "encode(x) returns a MultivariateNormal; format 1's q(z|x) is a diagonal Normal"),
+        ("BernoulliDistribution", [], "decode(z) returns a Bernoulli; format 1 holds a decoder giving the likelihood's parameters"),
+    ],
+)
+def test_convert_refuses_what_format1_cannot_hold(examples, name, extra, phrase):
+    args = ["--arch", f"{examples / 'vae.py'}:{name}", "--arch-args", ARGS, *extra]
+    if name != "BernoulliDistribution":
+        args += ["--likelihood", "bernoulli", "--decoder-output", "probs"]
+    result = run("convert", examples / "weights.safetensors", *args, "--input-shape", str(DIMS), "-o", examples / "x.safetensors",
+                 ok=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and phrase in result.stderr, result.stderr
+    assert "--arch instead" in result.stderr
+
+
+def test_compare_takes_arch_once_for_all_or_once_per_model(examples):
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    converted = examples / "model.safetensors"
+    run("convert", weights, *_arch_args(examples), "--data", data, "-o", converted)
+    both = json.loads(run("compare", weights, weights, data, "-k", "50", "--json", *_arch_args(examples)).stdout)
+    assert [m["model"]["arch"] for m in both["models"]] == [f"{examples / 'vae.py'}:VAE"] * 2
+    mixed = json.loads(run("compare", weights, converted, data, "-k", "50", "--json", "--arch", f"{examples / 'vae.py'}:VAE",
+                           "--arch", "-", "--arch-args", ARGS, "--likelihood", "bernoulli", "--decoder-output", "probs").stdout)
+    assert [m["model"]["format"] for m in mixed["models"]] == [None, 1]
+    iwae = [m["summary"]["iwae"]["mean"] for m in mixed["models"]]
+    assert abs(iwae[0] - iwae[1]) < 1e-4  # the model and its conversion
+    wrong = run("compare", weights, weights, weights, data, "--arch", "a.py:A", "--arch", "b.py:B", ok=False)
+    assert wrong.exit_code == 2 and "--arch is given 2 times for 3 models" in wrong.stderr
+
+
+CATEGORICAL = '''
+import torch
+from torch import nn
+
+
+class Categorical(nn.Module):
+    """Levels-first probabilities from a final nn.Softmax over the levels (format 1's layout)."""
+
+    def __init__(self, dims=6, levels=4, latent_dim=2):
+        super().__init__()
+        self.dims, self.levels = dims, levels
+        self.encoder = nn.Linear(dims, 2 * latent_dim)
+        self.decoder = nn.Linear(latent_dim, levels * dims)
+        self.softmax = nn.Softmax(dim=1)
+
+    def encode(self, x):
+        return self.encoder(x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        return self.softmax(self.decoder(z).view(-1, self.levels, self.dims))
+
+
+class LevelsLast(Categorical):
+    def decode(self, z):
+        return torch.softmax(self.decoder(z).view(-1, self.dims, self.levels), dim=-1)
+'''
+
+
+def test_a_final_softmax_module_is_read_as_logits_and_a_softmax_over_the_wrong_axis_is_refused(tmp_path):
+    (tmp_path / "cat.py").write_text(CATEGORICAL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        torch.manual_seed(0)
+        module = importlib.import_module("cat").Categorical()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cat", None)
+    save_file(module.state_dict(), tmp_path / "cat.safetensors")
+    np.save(tmp_path / "x.npy", (np.random.default_rng(0).integers(0, 4, (10, 6)) / 3).astype(np.float32))
+    args = ["--likelihood", "categorical", "--levels", "4", "--decoder-output", "probs"]
+    weights, data = tmp_path / "cat.safetensors", tmp_path / "x.npy"
+    arch = json.loads(run("elbo", weights, data, "-k", "50", "--json", "--arch", f"{tmp_path / 'cat.py'}:Categorical", *args).stdout)
+    assert "logits read before its final softmax" in arch["model"]["description"]
+    run("convert", weights, "--arch", f"{tmp_path / 'cat.py'}:Categorical", *args, "--data", data, "-o", tmp_path / "c.safetensors")
+    converted = json.loads(run("elbo", tmp_path / "c.safetensors", data, "-k", "50", "--json").stdout)
+    for a, b in zip(converted["points"], arch["points"], strict=True):
+        assert abs(a["iwae"] - b["iwae"]) < AGREEMENT * max(1, abs(b["iwae"]))
+    wrong = run("elbo", weights, data, "--arch", f"{tmp_path / 'cat.py'}:LevelsLast", *args, ok=False)
+    assert wrong.exit_code == 2 and "probabilities sum to" in wrong.stderr and "[levels, *input_shape]" in wrong.stderr

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributions import Independent, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 from vaeeval import rng
 from vaeeval.annealing import (
@@ -36,9 +36,11 @@ from vaeeval.annealing import (
     SIMULATE_X,
     STEP_SIZE_RANGE,
     Chains,
+    PointsFirst,
     Streams,
     Target,
     anneal,
+    chain_counters,
     decodable,
     gaussian_draws,
     log_mean_exp,
@@ -46,6 +48,7 @@ from vaeeval.annealing import (
     schedule,
 )
 from vaeeval.data import Dataset
+from vaeeval.distributions import draw, in_float64, moments, noise_width
 from vaeeval.domains import detect_domain
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators import effective_sample_size, iwae_stderr
@@ -178,51 +181,44 @@ class _Annealer:
 
         return tick
 
-    def _batches(self, indices: np.ndarray | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def _batches(self, indices: np.ndarray | None) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
         indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
         for start in range(0, indices.size, self.settings.batch_size):
             rows = indices[start : start + self.settings.batch_size]
             x = torch.from_numpy(np.array(self.dataset.array[rows], dtype=np.float32)).to(self.settings.device)
-            yield rows, x
+            yield rows, x, self.dataset.covariates_of(rows, self.settings.device)
 
-    def _target(self, x: torch.Tensor) -> tuple[Target, torch.Tensor, torch.Tensor]:
-        """The densities for these points, and q(z|x)'s mean and standard deviation (float64)."""
-        mean, log_var = self.model.encode(x)
+    def _target(self, x: torch.Tensor, covariates: dict[str, torch.Tensor]) -> tuple[Target, Start]:
+        """The densities for these points, and q0."""
+        model = self.model
+        if model.general:
+            q = in_float64(model.posterior(x, covariates))
+            prior = model.prior.distribution(x)
+            start = Start(self.model, self.ais.init, self.settings.seed, posterior=q, like=x)
+            init = None if self.ais.init == "prior" else PointsFirst(q)
+            return Target(model, x, self.scoring.levels, init, prior, covariates), start
+        mean, log_var = model.encode(x)
         mean, std = mean.double(), (0.5 * log_var.double()).exp()
-        prior = self.model.prior.distribution(mean)
+        prior = model.prior.distribution(mean)
         init = None if self.ais.init == "prior" else Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
-        return Target(self.model, x, self.scoring.levels, init, prior), mean, std
+        return Target(model, x, self.scoring.levels, init, prior), Start(model, self.ais.init, self.settings.seed, mean, std, like=x)
 
-    def _initial(self, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, chains: int, streams: Streams) -> torch.Tensor:
-        """``[B, C, L]`` draws from q0."""
-        seed = self.settings.seed
-        if self.ais.init == "prior":
-            return prior_draws(self.model.prior, seed, rows, chains, streams, mean.device)
-        return gaussian_draws(mean, std, seed, rows, chains, streams)
-
-    def _step_sizes(
-        self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, tick: Callable[[], None] | None
-    ) -> torch.Tensor:
+    def _step_sizes(self, target: Target, start: Start, rows: np.ndarray, tick: Callable[[], None] | None) -> torch.Tensor:
         """ε per point and step ``[B, T + 1]``: fixed, or tuned by a pilot run."""
-        points, steps = rows.size, self.ais.steps
+        points, steps, device = rows.size, self.ais.steps, target.x.device
         if self.ais.step_size is not None:
-            return torch.full((points, steps + 1), self.ais.step_size, dtype=torch.float64, device=mean.device)
-        if self.ais.init == "prior":
-            start = self.model.prior.distribution(mean).stddev.min(-1).values.expand(points)
-        else:
-            start = std.min(-1).values
-        step_sizes = torch.zeros(points, steps + 1, dtype=torch.float64, device=mean.device)
-        step_sizes[:, 1] = (0.5 * start).clamp(*STEP_SIZE_RANGE)
-        z = self._initial(mean, std, rows, self.ais.pilot_chains, PILOT)
+            return torch.full((points, steps + 1), self.ais.step_size, dtype=torch.float64, device=device)
+        z = start.draw(rows, self.ais.pilot_chains, PILOT)
+        step_sizes = torch.zeros(points, steps + 1, dtype=torch.float64, device=device)
+        step_sizes[:, 1] = (0.5 * start.smallest_std(z)).clamp(*STEP_SIZE_RANGE)
         pilot = anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=PILOT,
                        leapfrog=self.ais.leapfrog, adapt=True, tick=tick)
         return pilot.step_sizes
 
     def _forward(
-        self, target: Target, mean: torch.Tensor, std: torch.Tensor, rows: np.ndarray, step_sizes: torch.Tensor,
-        tick: Callable[[], None] | None,
+        self, target: Target, start: Start, rows: np.ndarray, step_sizes: torch.Tensor, tick: Callable[[], None] | None
     ) -> Chains:
-        z = self._initial(mean, std, rows, self.ais.chains, FORWARD)
+        z = start.draw(rows, self.ais.chains, FORWARD)
         return anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=FORWARD,
                       leapfrog=self.ais.leapfrog, tick=tick)
 
@@ -239,6 +235,55 @@ class _Annealer:
     def _mean_step_size(self, step_sizes: torch.Tensor) -> np.ndarray:
         inner = step_sizes[:, 1 : self.ais.steps]
         return (inner.mean(1) if inner.shape[1] else torch.full_like(step_sizes[:, 0], math.nan)).cpu().numpy()
+
+
+class Start:
+    """q0, where every chain starts: q(z|x) (``init="encoder"``) or p(z), drawn keyed by point and chain.
+
+    Args:
+        model: the model.
+        init: ``encoder`` or ``prior``.
+        seed: the noise seed.
+        mean, std: a diagonal q(z|x) ``[B, L]`` (format 1's path), or
+        posterior: any q(z|x) of batch ``[B]`` (the general path).
+        like: a tensor of the device to compute on.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        init: str,
+        seed: int,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        *,
+        posterior: Distribution | None = None,
+        like: torch.Tensor,
+    ) -> None:
+        self.model, self.init, self.seed = model, init, seed
+        self.mean, self.std, self.posterior, self.device = mean, std, posterior, like.device
+
+    def draw(self, rows: np.ndarray, chains: int, streams: Streams) -> torch.Tensor:
+        """``[B, C, L]`` starting points, exact in float32."""
+        if self.init == "prior":
+            return prior_draws(self.model.prior, self.seed, rows, chains, streams, self.device)
+        if self.posterior is None:
+            return gaussian_draws(self.mean, self.std, self.seed, rows, chains, streams)
+        width = noise_width(self.posterior)
+        normal = rng.normal(self.seed, rows, chain_counters(0, chains, width), streams.init).to(self.device)
+        uniform = torch.from_numpy(rng.uniform(self.seed, rows, chain_counters(0, chains, 1)[:, 0], streams.component))
+        z = draw(self.posterior, normal.transpose(0, 1), uniform.to(self.device).transpose(0, 1), (self.seed, int(rows[0]), streams.init))
+        return decodable(z.transpose(0, 1).double())
+
+    def smallest_std(self, z: torch.Tensor) -> torch.Tensor:
+        """q0's smallest standard deviation per point ``[B]`` (from the draws ``z [B, C, L]`` where it has none)."""
+        if self.init == "encoder" and self.std is not None:
+            return self.std.min(-1).values
+        q0 = self.model.prior.distribution(z) if self.init == "prior" else self.posterior
+        found = moments(q0)
+        if found is not None:
+            return found[1].double().sqrt().min(-1).values.expand(z.shape[0]).to(z.device)
+        return z.std(1).min(-1).values if z.shape[1] > 1 else torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
 
 
 @dataclass(frozen=True)
@@ -266,11 +311,11 @@ class AISEvaluator(_Annealer):
         """Anneal the points ``indices`` (default: all, in order), one batch per part."""
         done = 0
         with torch.no_grad():
-            for rows, x in self._batches(indices):
+            for rows, x, covariates in self._batches(indices):
                 tick = self._ticks(progress, done, rows.size)
-                target, mean, std = self._target(x)
-                step_sizes = self._step_sizes(target, mean, std, rows, tick)
-                forward = self._forward(target, mean, std, rows, step_sizes, tick)
+                target, start = self._target(x, covariates)
+                step_sizes = self._step_sizes(target, start, rows, tick)
+                forward = self._forward(target, start, rows, step_sizes, tick)
                 yield AISPart(self._points(rows, forward, step_sizes))
                 done += rows.size
                 if progress is not None:
@@ -353,6 +398,11 @@ def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) 
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
         raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
+    if getattr(model, "covariates", ()):
+        raise VaeevalError(
+            f"bdmc simulates points from p(z) p(x|z), and this model is conditioned on {', '.join(model.covariates)}, "
+            "which it cannot simulate; run vaeeval ais on data instead"
+        )
     indices = np.arange(n)
     dims = model.data_dims
     xs, zs = [], []
@@ -360,14 +410,25 @@ def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) 
         for start in range(0, n, 256):
             rows = indices[start : start + 256]
             z = prior_draws(model.prior, seed, rows, 1, SIMULATE, torch.device("cpu"))[:, 0]
-            params = model.decode(z.float()).double()
-            uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
-            x = model.likelihood.sample(params, uniform.reshape(rows.size, *model.input_shape))
+            decoded = model.decode_any(z.float()) if model.general else model.decode(z.float())
+            if isinstance(decoded, Distribution):  # the model's own sampler, seeded by the batch's first point
+                x = _sampled(decoded, seed, int(rows[0])).reshape(rows.size, *model.input_shape)
+            else:
+                uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
+                x = model.likelihood.sample(decoded.double(), uniform.reshape(rows.size, *model.input_shape))
             if levels is not None and model.likelihood.levels is None:
                 x = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
             xs.append(x.to(torch.float32).numpy())
             zs.append(z.numpy())
     return Simulated(np.concatenate(xs), np.concatenate(zs), levels)
+
+
+def _sampled(distribution: Distribution, seed: int, first: int) -> torch.Tensor:
+    """One draw of ``distribution`` by its own ``sample``, under a generator keyed by (seed, first point)."""
+    key = int(rng.point_keys(seed, np.asarray([first]), SIMULATE_X)[0]) & (2**63 - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        return distribution.sample()
 
 
 @dataclass(frozen=True)
@@ -396,12 +457,12 @@ class BDMCEvaluator(_Annealer):
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[BDMCPart]:
         done = 0
         with torch.no_grad():
-            for rows, x in self._batches(indices):
+            for rows, x, covariates in self._batches(indices):
                 tick = self._ticks(progress, done, rows.size)
-                target, mean, std = self._target(x)
-                step_sizes = self._step_sizes(target, mean, std, rows, tick)
-                forward = self._forward(target, mean, std, rows, step_sizes, tick)
-                truth = torch.from_numpy(self.simulated.z[rows]).to(mean.device).double()
+                target, start = self._target(x, covariates)
+                step_sizes = self._step_sizes(target, start, rows, tick)
+                forward = self._forward(target, start, rows, step_sizes, tick)
+                truth = torch.from_numpy(self.simulated.z[rows]).to(x.device).double()
                 start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
                 reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
                                  streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True, tick=tick)

@@ -25,7 +25,7 @@ through ``rng``, so no number depends on the batch, the process or the other poi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,8 +34,11 @@ import torch
 from torch.distributions import Distribution, Independent, Normal
 
 from vaeeval import rng
+from vaeeval.distributions import flows, log_prob64
+from vaeeval.errors import VaeevalError
 from vaeeval.model import Model, rows_independently
 from vaeeval.priors import Prior
+from vaeeval.user import first_line, where
 
 SCHEDULES = ("sigmoid", "linear", "geometric")
 SIGMOID_RADIUS = 4.0  # the sigmoid schedule runs over sigmoid(-4 .. 4) (Grosse et al. 2015; Wu et al. 2017)
@@ -128,9 +131,19 @@ def log_prob_and_grad(distribution: Distribution, z: torch.Tensor) -> tuple[torc
             return log_p, -standardized / base.scale
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        log_p = distribution.log_prob(z)
+        log_p = log_prob64(distribution, z) if isinstance(distribution, Distribution) else distribution.log_prob(z)
         (grad,) = torch.autograd.grad(log_p.sum(), z)
     return log_p.detach(), grad
+
+
+class PointsFirst:
+    """q(z|x) of batch ``[B]`` read at ``z [B, C, L]`` (chains second), as ``Target`` evaluates it."""
+
+    def __init__(self, distribution: Distribution) -> None:
+        self.distribution = distribution
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return log_prob64(self.distribution, z.transpose(0, 1)).transpose(0, 1)
 
 
 class Target:
@@ -146,9 +159,16 @@ class Target:
     """
 
     def __init__(
-        self, model: Model, x: torch.Tensor, levels: int | None, init: Distribution | None, prior: Distribution
+        self,
+        model: Model,
+        x: torch.Tensor,
+        levels: int | None,
+        init: Distribution | PointsFirst | None,
+        prior: Distribution,
+        covariates: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.model, self.x, self.levels, self.init, self.prior = model, x[:, None], levels, init, prior
+        self.covariates = dict(covariates or {})
         self.shortcut = None
         parts = model.linear_head()
         if parts is not None and levels is None and model.likelihood.linear_shortcut:
@@ -161,17 +181,43 @@ class Target:
         """The state at positions ``z [B, C, L]`` (float64 values exact in float32)."""
         points, chains, latent = z.shape
         decoded = z.to(torch.float32).reshape(points * chains, latent).requires_grad_(True)
-        if self.shortcut is None:
+        if self.model.general:
+            log_likelihood, grad = self._through_distributions(decoded, points, chains)
+        elif self.shortcut is None:
             log_likelihood, grad = self._through_decoder(decoded, points, chains)
         else:
             log_likelihood, grad = self._through_head(decoded, points, chains)
-        log_prior, grad_prior = log_prob_and_grad(self.prior, z)
+        log_prior, grad_prior = self._log_prob_and_grad("prior()", self.prior, z)
         if self.init is None:
             log_init, grad_init = log_prior, grad_prior
         else:
-            log_init, grad_init = log_prob_and_grad(self.init, z)
+            log_init, grad_init = self._log_prob_and_grad(f"{getattr(self.model.encoder, 'method', 'encode')}(x)", self.init, z)
         grad_likelihood = grad.reshape(points, chains, latent).double()
         return State(log_prior + log_likelihood, grad_prior + grad_likelihood, log_init, grad_init)
+
+    def _log_prob_and_grad(self, what: str, distribution: Distribution | PointsFirst, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_prob_and_grad``; for a model's own distributions, a failure is one error naming them."""
+        if not self.model.general:
+            return log_prob_and_grad(distribution, z)
+        name = type(getattr(distribution, "distribution", distribution)).__name__
+        hint = ""
+        if flows(getattr(distribution, "distribution", distribution)):
+            hint = " (AIS needs the log-density at any z, so the flow's inverse; or start from the prior: --init prior)"
+        try:
+            return log_prob_and_grad(distribution, z)
+        except VaeevalError:
+            raise
+        except Exception as error:  # the user's distribution: any failure is reported, in one line
+            raise VaeevalError(f"{what}'s {name}.log_prob raised {first_line(error)}{where(error)}{hint}") from None
+
+    def _through_distributions(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x|z) ``[B, C]`` and its gradient in z for a model of the general path, through autograd."""
+        x = self.x[:, 0].repeat_interleave(chains, dim=0)
+        covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
+        with torch.enable_grad():
+            log_likelihood = self.model.log_likelihood(decoded, x, covariates, self.levels)
+            (grad,) = torch.autograd.grad(log_likelihood.sum(), decoded)
+        return log_likelihood.detach().reshape(points, chains), grad
 
     def _through_decoder(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z) ``[B, C]`` and its gradient in the decoder's input: the likelihood's gradient, back through autograd."""
@@ -324,8 +370,7 @@ def anneal(
 
 def prior_draws(prior: Prior, seed: int, indices: np.ndarray, chains: int, streams: Streams, device: torch.device) -> torch.Tensor:
     """``[B, C, L]`` draws from the prior, keyed by point and chain, exact in float32."""
-    latent = prior.latent_dim
-    normal = rng.normal(seed, indices, chain_counters(0, chains, latent), streams.init).to(device)
+    normal = rng.normal(seed, indices, chain_counters(0, chains, prior.noise_width), streams.init).to(device)
     component = torch.from_numpy(rng.uniform(seed, indices, chain_counters(0, chains, 1)[:, 0], streams.component))
     return decodable(prior.sample(normal, component.to(device)))
 

@@ -46,7 +46,7 @@ from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
 from vaeeval.compare import compare as compare_models
 from vaeeval.convert import convert as convert_model
 from vaeeval.data import load_data, point_shape
-from vaeeval.errors import VaeevalError
+from vaeeval.errors import VaeevalError, listing
 from vaeeval.evaluate import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_MEMORY,
@@ -180,6 +180,13 @@ def _stdout() -> Console:
     return console if console.is_terminal else Console(width=120)
 
 
+def _warn(model: Model) -> None:
+    """The model's warnings (a likely misread decoder), one line each on stderr, besides the output's notes."""
+    for note in model.notes:
+        if note.startswith("warning: "):
+            click.echo(f"vaeeval: {note}", err=True)
+
+
 def _progress(total: int, label: str) -> ProgressBar:
     return ProgressBar(total, label, Console(stderr=True))
 
@@ -285,29 +292,59 @@ def _annealing(options: dict[str, Any]) -> AISOptions:
     )
 
 
-_ARCH_ONLY = ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape")
-_arch_options = _options(
-    click.option("--arch", metavar="FILE.py:NAME", default=None,
-                 help="RUNS USER CODE: evaluate MODEL (then a safetensors state dict) with the class or factory "
-                      "NAME from FILE.py, package.module:NAME, or a name registered under the entry-point group "
-                      "vaeeval.architectures. Without --arch nothing from any file is executed."),
-    click.option("--arch-args", metavar="JSON", default=None,
-                 help="Keyword arguments for the class or factory, as a JSON object: '{\"latent_dim\": 20}'."),
-    click.option("--likelihood", type=click.Choice(families()), default=None,
-                 help="With --arch: the decoder's distribution."),
-    click.option("--sigma", type=_Finite(0.0, low_open=True), default=None,
-                 help="With --arch: a fixed scale (gaussian sigma, laplace scale)."),
-    click.option("--log-sigma-tensor", metavar="NAME", default=None,
-                 help="With --arch: the state-dict tensor holding log sigma (gaussian) or log scale (laplace)."),
-    click.option("--levels", type=click.IntRange(2, MAX_LEVELS), default=None,
-                 help="With --arch: levels of a categorical or discretized_logistic likelihood."),
-    click.option("--decoder-output", type=click.Choice(DECODER_OUTPUTS), default="logits", show_default=True,
-                 help="With --arch: what decode returns: logits (format-1 parameters), probs, or mean."),
-    click.option("--encode-method", default="encode", show_default=True, help="With --arch: the encoding method."),
-    click.option("--decode-method", default="decode", show_default=True, help="With --arch: the decoding method."),
-    click.option("--input-shape", metavar="SHAPE", default=None,
-                 help="With --arch: the shape encode takes per point, e.g. 784 or 1,28,28 (default: the data's)."),
+_ARCH_ONLY = ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape", "covariates")
+_LIKELIHOOD_ONLY = ("sigma", "log_sigma_tensor", "levels")
+_ARCH = (
+    (("--arch",), {"metavar": "FILE.py:NAME", "default": None,
+                   "help": "RUNS USER CODE: evaluate MODEL (then a safetensors state dict) with the class or factory "
+                           "NAME from FILE.py, package.module:NAME, or a name registered under the entry-point group "
+                           "vaeeval.architectures. Without --arch nothing from any file is executed."}),
+    (("--arch-args",), {"metavar": "JSON", "default": None,
+                        "help": "Keyword arguments for the class or factory, as a JSON object: '{\"latent_dim\": 20}'."}),
+    (("--likelihood",), {"type": click.Choice(families()), "default": None,
+                         "help": "With --arch: the distribution decode's output parameterizes (not needed when decode "
+                                 "returns a torch distribution)."}),
+    (("--sigma",), {"type": _Finite(0.0, low_open=True), "default": None,
+                    "help": "With --arch: a fixed scale (gaussian sigma, laplace scale)."}),
+    (("--log-sigma-tensor",), {"metavar": "NAME", "default": None,
+                               "help": "With --arch: the state-dict tensor holding log sigma (gaussian) or log scale (laplace)."}),
+    (("--levels",), {"type": click.IntRange(2, MAX_LEVELS), "default": None,
+                     "help": "With --arch: levels of a categorical or discretized_logistic likelihood."}),
+    (("--decoder-output",), {"type": click.Choice(DECODER_OUTPUTS), "default": "logits", "show_default": True,
+                             "help": "With --arch: what decode returns: logits (format-1 parameters), probs, or mean."}),
+    (("--encode-method",), {"default": "encode", "show_default": True, "help": "With --arch: the encoding method."}),
+    (("--decode-method",), {"default": "decode", "show_default": True, "help": "With --arch: the decoding method."}),
+    (("--input-shape",), {"metavar": "SHAPE", "default": None,
+                          "help": "With --arch: the shape encode takes per point, e.g. 784 or 1,28,28 (default: the data's)."}),
+    (("--covariates",), {"metavar": "NAME,...", "default": None,
+                         "help": "With --arch: arrays of the .npz DATA passed to encode and decode per point as keyword "
+                                 "arguments (a conditional model, evaluated as log p(x | covariates))."}),
 )
+_arch_options = _options(*(click.option(*names, **settings) for names, settings in _ARCH))
+# compare: each --arch option once for every model, or once per model in the models' order
+_ARCH_NAMES = tuple(names[0].lstrip("-").replace("-", "_") for names, _ in _ARCH)
+_per_model_arch_options = _options(*(
+    click.option(*names, **{**settings, "multiple": True, "default": (), "show_default": False,
+                            "help": settings["help"] + " Once for all models, or once per model."})
+    for names, settings in _ARCH
+))
+
+
+def _per_model(options: dict[str, Any], models: int) -> list[ArchOptions | None]:
+    """Each model's --arch options (compare): an option given once holds for every model; ``-`` for --arch is a format-1 file."""
+    given = {name: options.pop(name) for name in _ARCH_NAMES}
+    defaults = {names[0].lstrip("-").replace("-", "_"): settings["default"] for names, settings in _ARCH}
+    chosen: list[dict[str, Any]] = [{} for _ in range(models)]
+    for name, values in given.items():
+        if len(values) not in (0, 1, models):
+            flag = f"--{name.replace('_', '-')}"
+            raise click.UsageError(f"{flag} is given {len(values)} times for {models} models: give it once, or once per model")
+        for index, picked in enumerate(chosen):
+            picked[name] = defaults[name] if not values else values[0] if len(values) == 1 else values[index]
+    for index, picked in enumerate(chosen):
+        if picked["arch"] in (None, "-"):  # a format-1 file: the --arch options given for the others do not apply
+            chosen[index] = dict(defaults)
+    return [_arch(picked) for picked in chosen]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -329,7 +366,9 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
             raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --arch")
         return None
     if arch["likelihood"] is None:
-        raise click.UsageError("--arch needs --likelihood: the distribution the decoder parameterizes")
+        given = [name for name in _LIKELIHOOD_ONLY if arch[name] is not None]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --likelihood")
     try:
         args = load_json(arch["arch_args"], "the JSON") if arch["arch_args"] else {}
     except json.JSONDecodeError as error:
@@ -340,7 +379,7 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
         raise click.BadParameter("must be a JSON object of keyword arguments", param_hint="--arch-args")
     return ArchOptions(
         spec=arch["arch"],
-        likelihood=likelihood_spec(
+        likelihood=None if arch["likelihood"] is None else likelihood_spec(
             arch["likelihood"], sigma=arch["sigma"], log_sigma_tensor=arch["log_sigma_tensor"], levels=arch["levels"]
         ),
         args=args,
@@ -348,7 +387,19 @@ def _arch(options: dict[str, Any]) -> ArchOptions | None:
         encode_method=arch["encode_method"],
         decode_method=arch["decode_method"],
         encode_shape=_shape(arch["input_shape"]) if arch["input_shape"] else None,
+        covariates=_names(arch["covariates"]) if arch["covariates"] else (),
     )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``--covariates y,batch``: distinct Python identifiers, since they become keyword arguments."""
+    names = tuple(part.strip() for part in text.split(","))
+    bad = [name for name in names if not name.isidentifier()]
+    if bad or not names:
+        raise click.BadParameter(f"{bad[0] if bad else text!r} is not a name a keyword argument can have", param_hint="--covariates")
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"{text!r} names a covariate twice", param_hint="--covariates")
+    return names
 
 
 _STREAMING = (
@@ -412,6 +463,7 @@ def elbo(
         )
     settings = _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
+    _warn(loaded)
     if plot is not None:
         check_plot(plot, [model, data])
     outcome = _run(Evaluator(loaded, dataset, settings), streaming, "evaluating points", render_elbo)
@@ -521,6 +573,7 @@ def ais(
     streaming = _streaming(options)
     annealing, settings = _annealing(options), _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
+    _warn(loaded)
     started = time.monotonic()
     outcome = _run(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", render_ais)
     if outcome is None:
@@ -599,6 +652,7 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     """
     settings = _evaluation(options)
     loaded, dataset = load(model, data, arch=_arch(options), **options)
+    _warn(loaded)
     with _progress(dataset.n, "evaluating points") as progress:
         result = Evaluator(loaded, dataset, settings).evaluate(progress)
     health = _latent_health(result, loaded)
@@ -631,6 +685,7 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--estimator", type=click.Choice(("iwae", "ais")), default="iwae", show_default=True,
               help="Rank by the importance-weighted estimate, or by annealed importance sampling (the options below).")
 @_options(*_ANNEALING)
+@_per_model_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
 def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: Any) -> None:
     """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
@@ -646,6 +701,8 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
       vaeeval compare sample_models/digits_gaussian.safetensors \\
         sample_models/digits_categorical.safetensors sample_models/digits_grey_test.npy
       vaeeval compare A.safetensors B.safetensors data.npy --estimator ais --steps 1000
+      vaeeval compare vae.safetensors iwae.safetensors data.npy --arch load.py:load   # both through --arch
+      vaeeval compare mine.safetensors format1.safetensors data.npy --arch vae.py:VAE --arch -
     """
     if len(paths) < 3:
         raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
@@ -654,7 +711,10 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
     if click.get_current_context().get_parameter_source("batch_size") is ParameterSource.DEFAULT:
         annealing = replace(annealing, batch_size=None)  # the batch for the importance samples; AIS plans its own
     settings = _evaluation(options)
-    loaded = [load(path, data, **options) for path in model_paths]
+    archs = _per_model(options, len(model_paths))
+    loaded = [load(path, data, arch=arch, **options) for path, arch in zip(model_paths, archs, strict=True)]
+    for model, _ in loaded:
+        _warn(model)
     models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
     with _progress(datasets[0].n * len(models), "evaluating models") as progress:
         result = compare_models(models, datasets, settings, annealing=annealing if estimator == "ais" else None,
@@ -675,7 +735,10 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
 @click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per point for the verification.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Noise seed for the verification.")
-def convert(weights: Path, output: Path, data: Path | None, key: str | None, samples: int, seed: int, **options: Any) -> None:
+@click.option("--allow-unused", is_flag=True, help="Write the file even when state-dict tensors would be left out of it.")
+def convert(
+    weights: Path, output: Path, data: Path | None, key: str | None, samples: int, seed: int, allow_unused: bool, **options: Any
+) -> None:
     """Write a user's model (--arch, RUNS USER CODE) as a self-contained format-1 file.
 
     encode and decode are traced (torch.fx) into format-1 layers; two linear heads
@@ -692,19 +755,22 @@ def convert(weights: Path, output: Path, data: Path | None, key: str | None, sam
     arch = _arch(options)
     if arch is None:
         raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
+    if arch.covariates:
+        raise click.UsageError("convert: format 1 holds no covariates; evaluate a conditional model with --arch")
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
     check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
     shape = arch.encode_shape or point_shape(data, key=key)
     source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None if data is None else load_data(data, source, key=key, limit=64).array
-    result = convert_model(source, output, data=points, samples=samples, seed=seed)
+    result = convert_model(source, output, data=points, samples=samples, seed=seed, allow_unused=allow_unused)
     layers = result.model.layers
     encoder_layers = sum(layer.part == "encoder" for layer in layers)
+    left_out = f"; left out (--allow-unused): {listing(result.unused, 6, counted=True)}" if result.unused else ""
     click.echo(
         f"wrote {result.path}: format 1, {encoder_layers} encoder and {len(layers) - encoder_layers} decoder layers, "
-        f"{result.model.likelihood.family} likelihood; verified on {result.points} points, K = {result.samples}, "
-        f"seed {result.seed}: largest difference {result.largest_difference:.2g} nats"
+        f"{result.model.likelihood.family} likelihood, {result.model.prior.family} prior; verified on {result.points} "
+        f"points, K = {result.samples}, seed {result.seed}: largest difference {result.largest_difference:.2g} nats{left_out}"
     )
 
 

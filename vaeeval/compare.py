@@ -71,13 +71,26 @@ def _names(models: Sequence[Model], indices: Sequence[int]) -> str:
     return ", ".join(str(models[i].path.name if models[i].path else f"model {i}") for i in indices)
 
 
+def _given(model: Model) -> tuple[str, ...]:
+    """The covariates a model's numbers are conditioned on (log p(x | c)), sorted."""
+    return tuple(sorted(getattr(model, "covariates", ())))
+
+
+def _given(model: Model) -> tuple[str, ...]:
+    """The covariates a model's numbers are conditioned on (log p(x | c)), sorted."""
+    return tuple(sorted(getattr(model, "covariates", ())))
+
+
 def rank(
     models: Sequence[Model], evaluations: Sequence[Evaluation | AISEvaluation], data_is_discrete: bool, metric: str = "iwae"
 ) -> Comparison:
-    """Group evaluations by measure, rank by ``metric`` within a group, pair each with its group's best."""
+    """Group evaluations by measure (and by the covariates a model is conditioned on), rank by ``metric``
+    within a group, pair each with its group's best."""
     by_measure: dict[str, list[int]] = {}
+    by_group: dict[tuple[str, tuple[str, ...]], list[int]] = {}
     for index, evaluation in enumerate(evaluations):
         by_measure.setdefault(evaluation.measure, []).append(index)
+        by_group.setdefault((evaluation.measure, _given(models[index])), []).append(index)
     groups, differences, notes = [], [], []
     if len(by_measure) > 1:
         notes.append(
@@ -85,7 +98,15 @@ def rank(
             f"{_names(models, by_measure[PROBABILITY])} log-probabilities, which measure different things"
             + (" (drop --density to score the continuous models on the data's bins)." if data_is_discrete else ".")
         )
-    for measure, members in by_measure.items():
+    conditions: dict[tuple[str, ...], list[int]] = {}
+    for index, model in enumerate(models):
+        conditions.setdefault(_given(model), []).append(index)
+    if len(conditions) > 1:
+        shown = "; ".join(
+            f"{_names(models, members)} log p(x{' | ' + ', '.join(given) if given else ''})" for given, members in conditions.items()
+        )
+        notes.append(f"Not ranked against each other: {shown}; conditioned on different covariates, they are different quantities.")
+    for (measure, _), members in by_group.items():
         if measure == DENSITY and data_is_discrete:
             if len(members) > 1:
                 notes.append(

@@ -13,7 +13,8 @@ import os
 import tokenize
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -25,6 +26,8 @@ from vaeeval.errors import DataError, option
 from vaeeval.files import reading, regular_file
 
 if TYPE_CHECKING:
+    import torch
+
     from vaeeval.model import Model
 
 _NUMERIC_KINDS = "biuf"
@@ -44,6 +47,16 @@ class Dataset:
     key: str | None = None
     total: int = 0  # points in the file, before a limit
     domain: Domain = Domain("real")
+    covariates: Mapping[str, np.ndarray] = field(default_factory=dict)  # per point, by name, for a conditional model
+
+    def covariates_of(self, rows: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """These points' covariates as the model takes them (``covariate_dtype``)."""
+        import torch
+
+        return {
+            name: torch.from_numpy(np.array(values[rows])).to(device=device, dtype=covariate_dtype(values.dtype))
+            for name, values in self.covariates.items()
+        }
 
     @property
     def n(self) -> int:
@@ -55,8 +68,11 @@ class Dataset:
 
     @cached_property
     def digest(self) -> str:
-        """``sha256:<hex>`` of the points as evaluated (see ``data_digest``), computed once."""
-        return data_digest(self.array)
+        """``sha256:<hex>`` of the points as evaluated (see ``data_digest``) and their covariates, computed once."""
+        if not self.covariates:
+            return data_digest(self.array)
+        parts = [data_digest(self.array), *(f"{name}={data_digest(values)}" for name, values in sorted(self.covariates.items()))]
+        return f"sha256:{hashlib.sha256(' '.join(parts).encode()).hexdigest()}"
 
 
 def load_data(
@@ -66,6 +82,7 @@ def load_data(
     key: str | None = None,
     limit: int | None = None,
     max_data_size: int | None = None,
+    covariates: Sequence[str] = (),
 ) -> Dataset:
     """Read a ``.npy`` (memory-mapped) or ``.npz`` file and check it against ``model``.
 
@@ -76,18 +93,80 @@ def load_data(
         limit: use only the first ``limit`` points (an ``.npz`` member is inflated only that far).
         max_data_size: refuse an ``.npz`` array that would inflate to more bytes than this
             (default ``default_max_data_size()``, half the machine's memory).
+        covariates: names of ``.npz`` arrays holding each point's covariates (``[N, ...]``).
 
     Raises:
         DataError: unreadable, not numeric, wrong shape, non-finite values, or values
-            outside the likelihood's support or the model's declared domain.
+            outside the likelihood's support or the model's declared domain; a missing or
+            misshapen covariate.
     """
     path = Path(path)
-    raw = _read_array(path, key, limit, default_max_data_size() if max_data_size is None else max_data_size)
+    max_bytes = default_max_data_size() if max_data_size is None else max_data_size
+    raw = _read_array(path, key, limit, max_bytes)
     array = _shaped(path, raw.array, model.input_shape)
     if limit is not None:
         array = array[:limit]
     domain = check_values(Dataset(array, path, key, raw.rows), model)
-    return Dataset(array, path, key, raw.rows, domain)
+    found = read_covariates(path, covariates, key=key, limit=limit, max_data_size=max_bytes)
+    return Dataset(array, path, key, raw.rows, domain, found)
+
+
+def read_covariates(
+    path: str | Path, names: Sequence[str], *, key: str | None = None, limit: int | None = None, max_data_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """The ``.npz`` arrays ``names``, one row per data point (the first ``limit``), checked finite.
+
+    Raises:
+        DataError: DATA is not an ``.npz``, a name it does not hold, a scalar, rows that are not
+            the data's, or a non-finite value.
+    """
+    path = Path(path)
+    if not names:
+        return {}
+    max_bytes = default_max_data_size() if max_data_size is None else max_data_size
+    rows = _read_array(path, key, 0, max_bytes).rows
+    return {name: _covariate(path, name, key, limit, max_bytes, rows)[:limit] for name in names}
+
+
+def covariate_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype a covariate reaches the model in: integers (labels) as int64, flags as bool, else float32."""
+    import torch
+
+    kind = np.dtype(dtype).kind
+    return torch.int64 if kind in "iu" else torch.bool if kind == "b" else torch.float32
+
+
+def covariate_headers(
+    path: str | Path, names: Sequence[str], *, key: str | None = None, max_data_size: int | None = None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each covariate's shape per point and dtype (``read_covariates`` checks every value first).
+
+    Raises:
+        DataError: as ``read_covariates``.
+    """
+    found = read_covariates(path, names, key=key, max_data_size=max_data_size)
+    return {name: (tuple(values.shape[1:]), values.dtype) for name, values in found.items()}
+
+
+def _covariate(path: Path, name: str, key: str | None, limit: int | None, max_bytes: int, rows: int | None) -> np.ndarray:
+    """The ``.npz`` array ``name``: one value (or array) per point, finite."""
+    if name == key:
+        raise DataError(path, f"{option('covariates')} {name}: is the data array itself ({option('key')})")
+    with reading(path, DataError, "data file"), path.open("rb") as handle:
+        if not handle.read(2).startswith(b"PK"):
+            raise DataError(path, f"{option('covariates')} are read from an .npz file's arrays, and this is not one")
+    read = _read_array(path, name, limit, max_bytes)
+    if not read.shape:
+        raise DataError(path, f"covariate {name!r} is a scalar; it needs one value per point, [N] or [N, ...]")
+    if rows is not None and read.rows != rows:
+        raise DataError(path, f"covariate {name!r} has {read.rows} rows; the data has {rows} points")
+    values = read.array
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            first = tuple(np.argwhere(bad)[0])
+            raise DataError(path, f"covariate {name!r} of point {first[0]} is {values[first]}; covariates must be finite")
+    return values
 
 
 def default_max_data_size() -> int:

@@ -10,7 +10,7 @@ in fixed blocks, so results do not depend on the batch or chunk size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 from vaeeval.data import Dataset
+from vaeeval.distributions import flows, in_float64, keyed_sample, moments
 from vaeeval.domains import detect_domain
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators import (
@@ -31,6 +32,7 @@ from vaeeval.estimators import (
     log_weights,
 )
 from vaeeval.model import Model, rows_independently
+from vaeeval.protocol import ArchModel
 from vaeeval.psis import pareto_khat, reliability_threshold, top_size
 from vaeeval.results import (
     METRICS,
@@ -201,9 +203,11 @@ class Evaluator:
                 contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
                 batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
                 x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
-                estimates = _evaluate_batch(
+                covariates = self.dataset.covariates_of(rows, device)
+                estimate = _evaluate_general_batch if self.model.general else _evaluate_batch
+                estimates = estimate(
                     self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
-                    self.scoring.levels, self.checkpoints,
+                    self.scoring.levels, self.checkpoints, covariates,
                 )
                 part = estimates.part(rows, settings.samples)
                 _check_finite(part.points)
@@ -364,8 +368,9 @@ def _evaluate_batch(
     chunk_size: int,
     levels: int | None,
     checkpoints: tuple[int, ...],
+    covariates: Mapping[str, torch.Tensor] | None = None,
 ) -> BatchEstimates:
-    """The estimates and diagnostics, ``[B, ...]`` float64, for one batch of points ``x``."""
+    """The estimates and diagnostics, ``[B, ...]`` float64, for one batch of points ``x`` (format 1's path)."""
     mean, log_var = model.encode(x)
     mean, std = mean.double(), (0.5 * log_var.double()).exp()
     analytic_kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
@@ -392,6 +397,56 @@ def _evaluate_batch(
             )
         statistics.update(first, log_px_z, prior.log_prob(z64), q.log_prob(z64))
     return statistics.finish(analytic_kl, mean, std * std)
+
+
+def _evaluate_general_batch(
+    model: ArchModel,
+    x: torch.Tensor,
+    indices: np.ndarray,
+    samples: int,
+    seed: int,
+    chunk_size: int,
+    levels: int | None,
+    checkpoints: tuple[int, ...],
+    covariates: Mapping[str, torch.Tensor] | None = None,
+) -> BatchEstimates:
+    """``_evaluate_batch`` for a model whose parts are torch distributions (``Model.general``).
+
+    The same estimators, from keyed draws of q(z|x) (``keyed_sample``), log q and log p(z)
+    from the distributions in float64, and log p(x|z) from what ``decode`` returns: its
+    distribution's ``log_prob`` (binned through its ``cdf`` where asked), or a format-1
+    likelihood of its parameters. Draws of a distribution without a normalizing flow are
+    rounded to float32 first, as on the fast path; a flow's draws stay as drawn, since
+    its ``log_prob`` may need them cached to invert it.
+    """
+    covariates = dict(covariates or {})
+    q = model.posterior(x, covariates)
+    analytic_kl = model.prior.kl(q)
+    q, prior = in_float64(q), model.prior.distribution(x)
+    rows, latent = x.shape[0], model.latent_dim
+    statistics = _SampleStatistics(rows, samples, checkpoints, x, monte_carlo_kl=analytic_kl is None)
+    found = moments(q)
+    drawn = Moments() if found is None else None
+    for first in range(0, samples, chunk_size):
+        last = min(samples, first + chunk_size)
+        count = last - first
+        z = keyed_sample(q, seed, indices, first, last)  # [S, B, L]
+        if not flows(q):
+            z = z.to(torch.float32).double() if z.dtype == torch.float64 else z
+        log_qz = model.user_log_prob("encode(x)", q, z)
+        log_pz = model.user_log_prob("prior()", prior, z)
+        points_first = z.transpose(0, 1).reshape(rows * count, latent)
+        repeated = {name: value.repeat_interleave(count, dim=0) for name, value in covariates.items()}
+        log_px_z = model.log_likelihood(points_first.to(torch.float32), x.repeat_interleave(count, dim=0), repeated, levels)
+        statistics.update(first, log_px_z.reshape(rows, count), log_pz.T.contiguous(), log_qz.T.contiguous())
+        if drawn is not None:
+            drawn.update(points_first.double().reshape(rows, count, latent).permute(0, 2, 1).reshape(rows * latent, count))
+    if found is None:
+        mean = drawn.mean(samples).reshape(rows, latent)
+        variance = (drawn.stderr(samples).square() * samples).nan_to_num(0.0).reshape(rows, latent)
+    else:
+        mean, variance = (value.double().expand(rows, latent) for value in found)
+    return statistics.finish(analytic_kl, mean, variance)
 
 
 def _linear_shortcut(model: Model, x: torch.Tensor, levels: int | None):

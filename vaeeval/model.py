@@ -35,7 +35,7 @@ _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 # BLAS takes another code path, which rounds differently, for a handful of rows.
 # Padding every network call to at least this many rows keeps each point's
 # numbers independent of the batch it was evaluated in.
-_MIN_ROWS = 64
+MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class Model:
     arch: str | None = None  # the class an --arch model was read through (None: format 1)
     extra_parameters: int = 0  # likelihood and prior tensors
     decoder_width: int = 0  # the widest decoder activation per sample, for memory budgets
+    general: bool = False  # evaluated through torch distributions (protocol.ArchModel), not format 1's fast path
+    notes: tuple[str, ...] = ()  # what the output must say about how the model was read (an assumed prior, a warning)
 
     @property
     def data_dims(self) -> int:
@@ -118,9 +120,9 @@ class Model:
 def rows_independently(net: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     """``net(x)`` (a tensor or a tuple of them), each row's result independent of how many rows came with it."""
     rows = x.shape[0]
-    if rows >= _MIN_ROWS:
+    if rows >= MIN_ROWS:
         return net(x)
-    result = net(torch.cat([x, x.new_zeros((_MIN_ROWS - rows, *x.shape[1:]))]))
+    result = net(torch.cat([x, x.new_zeros((MIN_ROWS - rows, *x.shape[1:]))]))
     return tuple(part[:rows] for part in result) if isinstance(result, tuple) else result[:rows]
 
 

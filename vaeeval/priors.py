@@ -81,8 +81,13 @@ class Prior(ABC):
             return None
         return kl_divergence(Normal(means, variances.sqrt()), marginals)
 
+    @property
+    def noise_width(self) -> int:
+        """Standard normal numbers ``sample`` takes per draw."""
+        return self.latent_dim
+
     def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        """z ~ p(z) from given noise: ``normal [..., latent_dim]`` N(0, 1) and ``uniform [...]`` on (0, 1).
+        """z ~ p(z) from given noise: ``normal [..., noise_width]`` N(0, 1) and ``uniform [...]`` on (0, 1).
 
         A deterministic function of the noise, so draws keyed by point and chain stay so.
         """

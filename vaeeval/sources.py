@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vaeeval.arch import ArchOptions, arch_model
-from vaeeval.data import Dataset, load_data, point_shape
+from vaeeval.data import Dataset, covariate_headers, load_data, point_shape
 from vaeeval.model import Model, load_model
 
 
@@ -23,7 +23,8 @@ def model_for(path: str | Path, data: str | Path, arch: ArchOptions | None, *, k
         return load_model(path)
     shape = point_shape(data, key=key)
     encode_shape = arch.encode_shape if arch.encode_shape != shape else None
-    return arch_model(path, replace(arch, encode_shape=encode_shape), shape)
+    covariates = covariate_headers(data, arch.covariates, key=key)
+    return arch_model(path, replace(arch, encode_shape=encode_shape), shape, covariates)
 
 
 def load(
@@ -49,4 +50,5 @@ def load(
         VaeevalError: a model or data file that cannot be read or does not fit.
     """
     loaded = model_for(model, data, arch, key=key)
-    return loaded, load_data(data, loaded, key=key, limit=limit, max_data_size=max_data_size)
+    covariates = arch.covariates if arch is not None else ()
+    return loaded, load_data(data, loaded, key=key, limit=limit, max_data_size=max_data_size, covariates=covariates)

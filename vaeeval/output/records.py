@@ -134,6 +134,8 @@ def model_record(model: Model) -> dict[str, Any]:
         "domain": model.domain.to_spec() if model.domain else None,
         "parameters": model.parameter_count,
         "digest": model.digest,  # of the model (or weights) file
+        "notes": list(model.notes),  # how the model was read: an assumed prior, a warning
+        "covariates": list(getattr(model, "covariates", ())),  # the data's arrays the model is conditioned on
     }
 
 
@@ -147,7 +149,8 @@ def data_record(dataset: Dataset) -> dict[str, Any]:
         "shape": list(dataset.array.shape),
         "dims": dataset.dims,
         "domain": dataset.domain.to_spec(),  # as detected from the values
-        "digest": dataset.digest,  # of the evaluated points: runs on the same data share it
+        "digest": dataset.digest,  # of the evaluated points (and covariates): runs on the same data share it
+        "covariates": sorted(dataset.covariates),
     }
 
 

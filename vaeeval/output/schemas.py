@@ -61,6 +61,8 @@ MODEL = _object(
         "description": STRING,
         "kl": KL_KIND,
         "domain": {"anyOf": [DOMAIN, {"type": "null"}]},
+        "notes": {"type": "array", "items": STRING},
+        "covariates": {"type": "array", "items": STRING},
     },
 )
 DATA = _object(
@@ -73,7 +75,7 @@ DATA = _object(
         "domain": DOMAIN,
         "digest": STRING,
     },
-    {"key": MAYBE_STRING},
+    {"key": MAYBE_STRING, "covariates": {"type": "array", "items": STRING}},
 )
 SETTINGS = _object(
     {

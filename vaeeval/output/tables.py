@@ -44,6 +44,12 @@ def _measure_note(evaluation: Evaluation) -> str:
     return note
 
 
+def _family(spec: dict[str, Any]) -> str:
+    """A likelihood's or prior's family; for one a model returns as a distribution, its class too."""
+    family = spec["family"]
+    return f"{family} {spec['distribution']}" if "distribution" in spec else family
+
+
 def _header(evaluation: Evaluation, model: dict[str, Any], data: dict[str, Any]) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -51,13 +57,16 @@ def _header(evaluation: Evaluation, model: dict[str, Any], data: dict[str, Any])
     grid.add_row("model", escape(f"{model['path']}"))
     if model["description"]:
         grid.add_row("", f"[dim]{escape(model['description'])}[/]")
-    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
-    grid.add_row("prior", f"{model['prior']['family']}, KL {evaluation.kl_kind.replace('_', ' ')}")
+    for note in model.get("notes", ()):
+        grid.add_row("note", f"[{'red' if note.startswith('warning') else 'yellow'}]{escape(note)}[/]")
+    grid.add_row("likelihood", f"{_family(model['likelihood'])}, reported as {evaluation.scoring.label}")
+    grid.add_row("prior", f"{_family(model['prior'])}, KL {evaluation.kl_kind.replace('_', ' ')}")
     grid.add_row("latent dim", str(model["latent_dim"]))
     n, total = data["n"], data["total"]
     shown = f"{n} of {total}" if n != total else str(n)
     key = f" [{data['key']}]" if data["key"] else ""
-    grid.add_row("data", escape(f"{data['path']}{key}: N = {shown} points, D = {model['dims']} dims"))
+    given = f"; given {', '.join(data['covariates'])}" if data.get("covariates") else ""
+    grid.add_row("data", escape(f"{data['path']}{key}: N = {shown} points, D = {model['dims']} dims{given}"))
     grid.add_row("values", f"{evaluation.domain.describe()} (detected)")
     settings = evaluation.settings
     grid.add_row("samples", f"K = {settings.samples}, seed {settings.seed}, on {settings.device}")

@@ -1,0 +1,1 @@
+"""Models trained with other libraries, made to speak vaeeval's ``--arch`` protocol."""

@@ -1,0 +1,38 @@
+"""The user's code, which ``--arch`` runs: calling it, and reporting its failures in one line naming where."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vaeeval.errors import VaeevalError
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def where(error: BaseException) -> str:
+    """`` at file.py:12 (expression)``: the last frame of the traceback outside vaeeval and torch, if any."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = str(Path(__file__).parent)
+    for frame in reversed(frames):
+        if not frame.filename.startswith(ours) and "/torch/" not in frame.filename and "<" not in frame.filename[:1]:
+            code = f" ({frame.line.strip()})" if frame.line else ""
+            return f" at {frame.filename}:{frame.lineno}{code}"
+    return ""
+
+
+def call_user(what: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``: the user's code; whatever it raises becomes one ``VaeevalError`` naming the call,
+    the exception, and the file and line it came from."""
+    try:
+        return function(*args)
+    except VaeevalError:
+        raise
+    except Exception as error:  # the user's code: any failure is reported, in one line
+        raise VaeevalError(f"{what} raised {first_line(error)}{where(error)}") from None
