@@ -359,7 +359,7 @@ def test_readme_worked_example_runs(tmp_path, monkeypatch):
     import shlex
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Your own architecture", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Your own architecture", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
     python_blocks = [code for language, code in blocks if language == "python"]
     commands = [line for language, code in blocks if language == "sh" for line in code.splitlines() if line.startswith("vaeeval ")]

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,8 @@ from vaeeval.arch import ArchOptions, arch_model
 from vaeeval.cli import main
 from vaeeval.data import covariate_headers, load_data, point_shape
 from vaeeval.evaluate import EvaluationOptions
-from vaeeval.protocol import ArchModel, as_posterior, standard_normal
+from vaeeval.output.schemas import schema
+from vaeeval.protocol import ASSUMED, ArchModel, as_posterior, standard_normal
 from vaeeval.results import DENSITY, MONTE_CARLO, PROBABILITY
 
 MODELS = '''
@@ -381,6 +383,19 @@ def test_covariates_reach_encode_and_decode_giving_log_p_x_given_c(models):
     assert out.exit_code == 0, out.stderr
     document = json.loads(out.stdout)
     np.testing.assert_allclose([p["iwae"] for p in document["points"]], exact, atol=2e-4)
+    jsonschema.Draft202012Validator(schema("vaeeval.elbo/1")).validate(document)
+    assert document["model"]["covariates"] == ["y"] and document["data"]["covariates"] == ["y"]
+    assert document["model"]["prior"]["source"] == ASSUMED and ASSUMED in document["model"]["notes"]
+    # the covariates are part of what was evaluated: other labels, another data digest
+    np.savez(folder / "xy2.npz", x=x, y=(y + 1) % 3)
+    other = CliRunner().invoke(main, ["elbo", str(folder / "conditional.safetensors"), str(folder / "xy2.npz"), "--key", "x",
+                                      "--covariates", "y", "--arch", f"{folder / 'models.py'}:ConditionalPPCA", "-k", "5",
+                                      "--json"])
+    assert json.loads(other.stdout)["data"]["digest"] != document["data"]["digest"]
+    table = CliRunner().invoke(main, ["elbo", str(folder / "conditional.safetensors"), str(folder / "xy.npz"), "--key", "x",
+                                      "--covariates", "y", "--arch", f"{folder / 'models.py'}:ConditionalPPCA", "-k", "5"])
+    words = " ".join(table.stdout.split())  # the table wraps long lines
+    assert "note N(0, I) assumed: the model defines no prior()" in words and "D = 4 dims; given y" in words
 
 
 def _general_twin(fast):

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +55,18 @@ K = 1000
 Z = 4.0  # standard errors allowed between two independent estimates
 SEEDS = 3  # get_nll runs averaged: its side of a comparison has 1/SEEDS of one run's variance
 
-LOAD_PY = """from pythae.models import AutoModel
-from vaeeval.adapters.pythae import wrap
 
-def load():
-    return wrap(AutoModel.load_from_folder({folder!r}))
-"""
+
+def _readme_load_py() -> str:
+    """The README's three-line ``load.py`` for pythae models, its folder a ``{folder!r}`` to fill: the tests run the documented code."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### pythae models", 1)[1].split("\n## ", 1)[0]
+    load_py = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    assert '"my_model/final_model"' in load_py and "{" not in load_py
+    return load_py.replace('"my_model/final_model"', "{folder!r}")
+
+
+LOAD_PY = _readme_load_py()
 
 
 @dataclass(frozen=True)

@@ -534,7 +534,7 @@ def arch_model(
             )
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)
         decoder = DecoderAdapter(module, options.decode_method, None, None)
-        how = f"{options.decode_method}(z) returns a {type(raw).__name__}, whose log_prob is log p(x|z)"
+        how = f"{options.decode_method}(z) returns {likelihood.spec['distribution']}, whose log_prob is log p(x|z)"
     else:
         if not options.likelihood:
             raise VaeevalError(
@@ -561,7 +561,7 @@ def arch_model(
     if prior is None:
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
-        prior.spec["source"] = ASSUMED
+        prior.spec["source"] = ASSUMED  # in words in the notes, and in JSON here
     fields = {
         "encoder": encoder,
         "decoder": decoder,

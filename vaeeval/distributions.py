@@ -198,6 +198,16 @@ def analytic_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | 
         return None
 
 
+def describe(distribution: Distribution) -> str:
+    """Its class, with what it wraps: ``Independent(Normal)``, ``MixtureSameFamily(Independent(Normal))``."""
+    name = type(distribution).__name__
+    if isinstance(distribution, Independent | TransformedDistribution):
+        return f"{name}({describe(distribution.base_dist)})"
+    if isinstance(distribution, MixtureSameFamily):
+        return f"{name}({describe(distribution.component_distribution)})"
+    return name
+
+
 def measure_of(distribution: Distribution) -> str:
     """``probability`` for a discrete support (Bernoulli, Poisson, ...), else ``density``."""
     return PROBABILITY if distribution.support.is_discrete else DENSITY

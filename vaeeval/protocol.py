@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Independent, Normal, constraints
 
-from vaeeval.distributions import analytic_kl, draw, first_rows, in_float64, log_prob64, log_prob_of, measure_of, noise_width
+from vaeeval.distributions import analytic_kl, describe, draw, first_rows, in_float64, log_prob64, log_prob_of, measure_of, noise_width
 from vaeeval.errors import VaeevalError
 from vaeeval.likelihoods import Likelihood
 from vaeeval.model import MIN_ROWS, Model
@@ -43,7 +43,7 @@ class DistributionPrior(Prior):
     family = "prior()"
 
     def __init__(self, distribution: Distribution, latent_dim: int, probe: Distribution, source: str = "prior()") -> None:
-        super().__init__({"family": self.family, "distribution": type(distribution).__name__, "source": source}, latent_dim)
+        super().__init__({"family": self.family, "distribution": describe(distribution), "source": source}, latent_dim)
         self.prior = in_float64(distribution)
         self.kl_kind = ANALYTIC if analytic_kl(in_float64(probe), self.prior) is not None else MONTE_CARLO
 
@@ -71,9 +71,9 @@ class DistributionPrior(Prior):
 def standard_normal(latent_dim: int, probe: Distribution) -> DistributionPrior:
     """N(0, I), assumed for a model that defines no ``prior()``: the output says so."""
     zeros = torch.zeros(latent_dim, dtype=torch.float64)
-    return DistributionPrior(
-        Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1), latent_dim, probe, ASSUMED
-    )
+    prior = DistributionPrior(Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1), latent_dim, probe, ASSUMED)
+    prior.family = prior.spec["family"] = "standard_normal"  # type: ignore[misc]
+    return prior
 
 
 ASSUMED = "N(0, I) assumed: the model defines no prior()"
@@ -115,7 +115,7 @@ class DistributionLikelihood(Likelihood):
     family = "decode()"
 
     def __init__(self, probe: Distribution, input_shape: tuple[int, ...], method: str) -> None:
-        name = type(probe).__name__
+        name = describe(probe)
         super().__init__({"family": self.family, "distribution": name}, input_shape, 1)
         shape = (*probe.batch_shape, *probe.event_shape)
         if not shape or shape[0] != 2 or math.prod(shape[1:]) != math.prod(input_shape):

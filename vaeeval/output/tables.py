@@ -47,7 +47,7 @@ def _measure_note(evaluation: Evaluation) -> str:
 def _family(spec: dict[str, Any]) -> str:
     """A likelihood's or prior's family; for one a model returns as a distribution, its class too."""
     family = spec["family"]
-    return f"{family} {spec['distribution']}" if "distribution" in spec else family
+    return f"{family}: {spec['distribution']}" if "distribution" in spec and family != "standard_normal" else family
 
 
 def _header(evaluation: Evaluation, model: dict[str, Any], data: dict[str, Any]) -> Table:
