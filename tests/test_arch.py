@@ -499,8 +499,8 @@ def test_convert_writes_a_mixture_prior_and_refuses_unused_tensors_unless_allowe
 @pytest.mark.parametrize(
     ("name", "extra", "phrase"),
     [
-        ("FullCovariance", [], "encode(x) returns a MultivariateNormal; format 1's q(z|x) is a diagonal Normal"),
-        ("BernoulliDistribution", [], "decode(z) returns a Bernoulli; format 1 holds a decoder giving the likelihood's parameters"),
+        ("FullCovariance", [], "encode(x) returns MultivariateNormal; format 1's q(z|x) is a diagonal Normal"),
+        ("BernoulliDistribution", [], "decode(z) returns Bernoulli; format 1 holds a decoder giving the likelihood's parameters"),
     ],
 )
 def test_convert_refuses_what_format1_cannot_hold(examples, name, extra, phrase):

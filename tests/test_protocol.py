@@ -161,6 +161,26 @@ class OneWayFlow(AffineFlow):
         return TransformedDistribution(Independent(Normal(mean, std), 1), [OneWay()])
 
 
+class PriorTensor(PoissonDecoder):
+    def prior(self):
+        return torch.zeros(1)
+
+
+class PriorShape(PoissonDecoder):
+    def prior(self):
+        return Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+
+
+class DecodeShape(PoissonDecoder):
+    def decode(self, z):
+        return Poisson((z * self.w[:3] + self.c[:3]).exp())
+
+
+class EncodeShape(PoissonDecoder):
+    def encode(self, x):
+        return Normal(torch.zeros(x.shape[0] + 1, 1), 1.0)
+
+
 class ConditionalPPCA(nn.Module):
     """x = W z + offsets[y] + sigma * noise: encode(x, y) gives the exact posterior, so IWAE = log p(x | y)."""
 
@@ -567,3 +587,23 @@ def test_bad_covariates_are_one_line_exit_2(models, case, arrays, args, phrase):
     result = CliRunner().invoke(main, ["elbo", str(weights), str(folder / "xy.npz"), "--key", "x", "-k", "4", *arch, *extra])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, (case, result.stderr, result.exception)
     assert phrase in result.stderr, (case, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "phrase"),
+    [
+        ("PriorTensor", [], "prior() returned a tensor [1]; vaeeval needs a torch.distributions.Distribution over z"),
+        ("PriorShape", [], "prior() returned Independent(Normal) with batch shape [] and event shape [3]; vaeeval needs batch [] "),
+        ("DecodeShape", [], "decode(z) returned Poisson of shape [2, 3] for 2 latent vectors; vaeeval needs one data point (4 values)"),
+        ("EncodeShape", [], "encode(x) returned Independent(Normal) with batch shape [3] and event shape [1] for 2 points"),
+        ("PoissonDecoder", ["--likelihood", "gaussian"], "decode(z) returns Poisson, which is the likelihood itself"),
+    ],
+)
+def test_protocol_mistakes_are_one_line_exit_2(models, name, extra, phrase):
+    folder, module = models
+    weights = _save(getattr(module, name)(), folder, name)
+    np.save(folder / "counts.npy", np.ones((3, 4), dtype=np.float32))
+    arch = f"{folder / 'models.py'}:{name}"
+    result = CliRunner().invoke(main, ["elbo", str(weights), str(folder / "counts.npy"), "--arch", arch, *extra])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, (result.stderr, result.exception)
+    assert phrase in result.stderr, result.stderr

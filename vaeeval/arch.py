@@ -38,6 +38,7 @@ from torch.distributions.utils import probs_to_logits
 
 from vaeeval import rng
 from vaeeval.data import covariate_dtype
+from vaeeval.distributions import describe
 from vaeeval.errors import VaeevalError, listing, option
 from vaeeval.files import file_digest
 from vaeeval.likelihoods import BINARY, CATEGORICAL, Likelihood, likelihood_from_spec
@@ -456,7 +457,7 @@ def _prior(module: nn.Module, latent_dim: int, posterior: Distribution) -> Distr
         raise VaeevalError(f"prior() returned {_describe(found)}; vaeeval needs a torch.distributions.Distribution over z")
     if tuple(found.event_shape) != (latent_dim,) or tuple(found.batch_shape) != ():
         raise VaeevalError(
-            f"prior() returned a {type(found).__name__} with batch shape {list(found.batch_shape)} and event shape "
+            f"prior() returned {describe(found)} with batch shape {list(found.batch_shape)} and event shape "
             f"{list(found.event_shape)}; vaeeval needs batch [] and event [{latent_dim}] (encode's latent dimension)"
         )
     return DistributionPrior(found, latent_dim, posterior)
@@ -529,7 +530,7 @@ def arch_model(
     if isinstance(raw, Distribution):
         if options.likelihood:
             raise VaeevalError(
-                f"{option('likelihood')}: {options.decode_method}(z) returns a {type(raw).__name__}, which is the "
+                f"{option('likelihood')}: {options.decode_method}(z) returns {describe(raw)}, which is the "
                 f"likelihood itself; leave {option('likelihood')} out"
             )
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)

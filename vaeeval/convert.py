@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from vaeeval.arch import DecoderAdapter, EncoderAdapter, skip_final_squash, trace
+from vaeeval.distributions import describe
 from vaeeval.errors import VaeevalError, listing, option
 from vaeeval.evaluate import evaluate
 from vaeeval.files import staged, writing
@@ -252,7 +253,7 @@ def _expressible(source: Model) -> None:
         raise VaeevalError(f"convert: the model takes covariates ({', '.join(source.covariates)}), which format 1 cannot hold; {instead}")
     if isinstance(source.likelihood, DistributionLikelihood):
         raise VaeevalError(
-            f"convert: {source.decoder.method}(z) returns a {source.likelihood.spec['distribution']}; format 1 holds a decoder "
+            f"convert: {source.decoder.method}(z) returns {source.likelihood.spec['distribution']}; format 1 holds a decoder "
             f"giving the likelihood's parameters (convert a method returning them, with {option('decode_method')} and "
             f"{option('likelihood')}), or {instead}"
         )
@@ -260,7 +261,7 @@ def _expressible(source: Model) -> None:
         probe = source.posterior(torch.zeros(2, *source.input_shape))
         if not diagonal(probe):
             raise VaeevalError(
-                f"convert: {source.encoder.method}(x) returns a {type(probe).__name__}; format 1's q(z|x) is a diagonal "
+                f"convert: {source.encoder.method}(x) returns {describe(probe)}; format 1's q(z|x) is a diagonal "
                 f"Normal; {instead}"
             )
 
@@ -286,7 +287,7 @@ def prior_spec(source: Model) -> dict[str, Any] | None:
             return {"family": "mixture_of_gaussians", "logits": logits.float(), "means": base.loc.float(),
                     "log_vars": 2 * base.scale.float().log()}
     raise VaeevalError(
-        f"convert: prior() returns a {type(found).__name__}; format 1 holds a diagonal Gaussian or a mixture of them; "
+        f"convert: prior() returns {describe(found)}; format 1 holds a diagonal Gaussian or a mixture of them; "
         f"evaluate it with {option('arch')} instead"
     )
 

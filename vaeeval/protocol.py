@@ -120,7 +120,7 @@ class DistributionLikelihood(Likelihood):
         shape = (*probe.batch_shape, *probe.event_shape)
         if not shape or shape[0] != 2 or math.prod(shape[1:]) != math.prod(input_shape):
             raise VaeevalError(
-                f"{method}(z) returned a {name} of shape {list(shape)} for 2 latent vectors; vaeeval needs one data point "
+                f"{method}(z) returned {name} of shape {list(shape)} for 2 latent vectors; vaeeval needs one data point "
                 f"({math.prod(input_shape)} values) per latent vector"
             )
         self.measure = measure_of(probe)  # type: ignore[misc]
@@ -241,7 +241,7 @@ def as_posterior(output: Any, method: str, rows: int) -> Distribution:
         raise VaeevalError(f"{method}(x) returned a {type(output).__name__}; vaeeval needs (mean, log_var) or a distribution")
     if tuple(output.batch_shape) != (rows,) or len(output.event_shape) != 1:
         raise VaeevalError(
-            f"{method}(x) returned a {type(output).__name__} with batch shape {list(output.batch_shape)} and event shape "
+            f"{method}(x) returned {describe(output)} with batch shape {list(output.batch_shape)} and event shape "
             f"{list(output.event_shape)} for {rows} points; vaeeval needs batch [{rows}] and event [latent_dim]"
         )
     return output
