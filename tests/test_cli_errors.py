@@ -366,8 +366,8 @@ MODEL_CASES: list[tuple[str, Breaker, tuple[str, ...]]] = [
     ("integer-tensor", edit_tensors(lambda t: t.__setitem__("encoder.0.bias", torch.zeros(16, dtype=torch.int32))),
      ("'encoder.0.bias'", "int32", "floating point")),
     # -- likelihood, prior, data blocks
-    ("unknown-likelihood-family", edit_doc(_set("likelihood", {"family": "poisson"})),
-     ("likelihood family 'poisson' is not supported",)),
+    ("unknown-likelihood-family", edit_doc(_set("likelihood", {"family": "weibull"})),
+     ("likelihood family 'weibull' is not supported",)),
     ("likelihood-missing", edit_doc(_pop("likelihood")), ('likelihood must be an object with a string "family"',)),
     ("likelihood-unknown-key", edit_doc(_set("likelihood", {"family": "bernoulli", "levels": 3})),
      ("unknown key(s) levels",)),

@@ -111,6 +111,7 @@ def test_domain_describe():
     assert Domain("discrete", 5).describe() == "discrete data on 5 levels k/4"
     assert Domain("unit_interval").describe() == "data in [0, 1]"
     assert Domain("real").describe() == "real-valued data"
+    assert Domain("counts").describe() == "count data (non-negative integers)"
 
 
 # ----------------------------------------------------------------- detection
@@ -126,7 +127,10 @@ def test_domain_describe():
         ((np.arange(256) / 255).astype(np.float32), Domain("discrete", 256)),
         (np.random.default_rng(0).random(500), Domain("unit_interval")),
         ([-0.5, 0.25], Domain("real")),
-        ([0.0, 2.0], Domain("real")),
+        ([0.0, 2.0], Domain("counts")),  # non-negative integers beyond 1
+        ([0.0, 2.0, 1e6], Domain("counts")),
+        ([0.0, 2.5], Domain("real")),
+        ([-1.0, 2.0], Domain("real")),
     ],
 )
 def test_domain_detection(values, domain):
@@ -138,7 +142,9 @@ def test_detection_reads_every_block(monkeypatch):
     monkeypatch.setattr("vaeeval.domains._SCAN_ELEMENTS", 3)  # three one-value points per block
     binary = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert detect_domain(np.array([*binary, 0.5]).reshape(-1, 1)) == Domain("discrete", 3)
-    assert detect_domain(np.array([*binary, 2.0]).reshape(-1, 1)) == Domain("real")
+    assert detect_domain(np.array([*binary, 2.5]).reshape(-1, 1)) == Domain("real")
+    assert detect_domain(np.array([*binary, 2.0]).reshape(-1, 1)) == Domain("counts")
+    assert detect_domain(np.array([2.0, 3.0, 4.0, 0.5]).reshape(-1, 1)) == Domain("real")
     assert detect_domain(np.array(binary).reshape(-1, 1)) == Domain("binary")
 
 

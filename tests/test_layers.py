@@ -33,12 +33,23 @@ def _example(cls: type[nn.Module]) -> tuple[nn.Module, tuple[int, ...]]:
         nn.Flatten: lambda: (nn.Flatten(), (2, 3, 2)),
         nn.Unflatten: lambda: (nn.Unflatten(1, (2, 3)), (6,)),
         Reshape: lambda: (Reshape((3, 2)), (6,)),
+        nn.BatchNorm1d: lambda: (_trained(nn.BatchNorm1d(5, eps=1e-3)), (5,)),
+        nn.BatchNorm2d: lambda: (_trained(nn.BatchNorm2d(3)), (3, 4, 4)),
     }
     if cls in examples:
         return examples[cls]()
     (layer_type,) = [t for t in LAYER_TYPES.values() if cls in t.modules]
     assert not layer_type.keys, f"add an example of {cls.__name__} to _example"
     return cls(), (2, 3)  # an activation: no keys, any shape
+
+
+def _trained(norm: nn.Module) -> nn.Module:
+    """A batch norm whose running statistics and affine parameters are not the identity's, in eval mode."""
+    with torch.no_grad():
+        for buffer in (norm.running_mean, norm.weight, norm.bias):
+            buffer.copy_(torch.randn_like(buffer))
+        norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.1)
+    return norm.eval()
 
 
 REGISTERED = [(layer_type.name, cls) for layer_type in LAYER_TYPES.values() for cls in layer_type.modules]
@@ -50,7 +61,7 @@ def test_every_registered_module_round_trips_through_its_spec(name, cls):
     module, shape = _example(cls)
     spec = layer_spec("net.0", module)
     assert spec["type"] == name and set(spec) <= LAYER_TYPES[name].keys | {"type"}
-    tensors = {f"net.0.{key}": value for key, value in module.state_dict().items()}
+    tensors = {f"net.0.{key}": value for key, value in module.state_dict().items() if value.is_floating_point()}
     built = build_layer(spec, tensors, shape, "net layer 0")
     assert set(built.tensors) == set(tensors)
     assert LAYER_TYPES[name].matches(built.module) and is_layer_module(module) and is_layer_module(built.module)
@@ -66,12 +77,12 @@ def test_save_model_writes_every_layer_type_and_leaves_out_identities(tmp_path):
     encoder = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
         nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(72, 8), nn.GELU(), nn.Tanh(), nn.Identity(), nn.Sigmoid(),
-        nn.SiLU(), nn.Softplus(), nn.ELU(), nn.LeakyReLU(0.2), nn.Linear(8, 4),
+        nn.SiLU(), nn.Softplus(), nn.ELU(), nn.LeakyReLU(0.2), _trained(nn.BatchNorm1d(8)), nn.Linear(8, 4),
     )
     decoder = nn.Sequential(nn.Linear(2, 72), nn.Unflatten(1, (2, 6, 6)), nn.Flatten(), Reshape((2, 6, 6)))
     expected = ["conv2d", "conv_transpose2d", "relu", "flatten", "linear", "gelu", "tanh", "sigmoid", "silu", "softplus",
-                "elu", "leaky_relu", "linear", "linear", "unflatten", "flatten", "unflatten"]
-    assert set(expected) == set(LAYER_TYPES)  # every registered type is in this file
+                "elu", "leaky_relu", "batch_norm", "linear", "linear", "unflatten", "flatten", "unflatten"]
+    assert set(expected) | {"log1p"} == set(LAYER_TYPES)  # every registered type is in this file (log1p: below)
     saved = save_model(tmp_path / "m.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
                        input_shape=[2, 6, 6], latent_dim=2)
     assert [layer.type for layer in saved.layers] == expected
@@ -90,8 +101,8 @@ class _OwnLinear(nn.Linear):
 @pytest.mark.parametrize(
     ("module", "known"),
     [(nn.Dropout(), True), (nn.Identity(), True), (nn.ReLU(), True), (Linear(2, 2), True), (_OwnLinear(2, 2), True),
-     (nn.BatchNorm1d(3), False), (nn.MaxPool2d(2), False), (_OwnReLU(), False), (nn.Sequential(), False)],
-    ids=["dropout", "identity", "relu", "vaeeval-linear", "linear-subclass", "batchnorm", "maxpool", "relu-subclass",
+     (nn.BatchNorm1d(3), True), (nn.LayerNorm(3), False), (nn.MaxPool2d(2), False), (_OwnReLU(), False), (nn.Sequential(), False)],
+    ids=["dropout", "identity", "relu", "vaeeval-linear", "linear-subclass", "batchnorm", "layernorm", "maxpool", "relu-subclass",
          "sequential"],
 )
 def test_is_layer_module(module, known):
@@ -102,7 +113,8 @@ def test_is_layer_module(module, known):
 @pytest.mark.parametrize(
     ("module", "phrase"),
     [
-        (nn.BatchNorm1d(4), "format 1 has no such layer"),
+        (nn.LayerNorm(4), "format 1 has no such layer"),
+        (nn.BatchNorm1d(4, track_running_stats=False), "without running statistics"),
         (nn.Conv2d(1, 1, 3, dilation=2), "dilation=1"),
         (nn.Conv2d(1, 1, 3, padding="same"), "give the padding as numbers"),
         (nn.GELU(approximate="tanh"), "exact one"),
@@ -152,9 +164,20 @@ def test_traced_method_calls_become_modules_computing_the_same(name, args):
     assert torch.equal(method_layer(name, args)(x), getattr(x, name)(*args))
 
 
+def test_log1p_calls_become_a_position_independent_log1p():
+    """torch.log1p and x.log1p() are the log1p layer, computed through log so no element's value depends on its place."""
+    x = torch.cat([torch.rand(500) * 1000, torch.rand(100) * 1e-6, torch.tensor([0.0, 1e-30, 3e38])])
+    for module in (function_layer(torch.log1p, (), {}), method_layer("log1p", ())):
+        assert layer_spec("net.0", module) == {"type": "log1p"}
+        torch.testing.assert_close(module(x), torch.log1p(x), rtol=2.5e-7, atol=0)
+        whole = module(x)
+        assert all(torch.equal(module(x[start : start + 37]), whole[start : start + 37]) for start in range(0, 64))
+
+
 def test_every_registered_call_is_tested_and_others_are_not_layers():
-    assert {f for t in LAYER_TYPES.values() for f in t.functions} == {target for target, _, _ in TRACED_FUNCTIONS}
-    assert {m for t in LAYER_TYPES.values() for m in t.methods} == {name for name, _ in TRACED_METHODS}
+    tested = {target for target, _, _ in TRACED_FUNCTIONS} | {torch.log1p}
+    assert {f for t in LAYER_TYPES.values() for f in t.functions} == tested
+    assert {m for t in LAYER_TYPES.values() for m in t.methods} == {name for name, _ in TRACED_METHODS} | {"log1p"}
     assert function_layer(torch.add, (1.0,), {}) is None and function_layer(F.dropout, (), {}) is None
     assert method_layer("view", (-1,)) is None and method_layer("exp", ()) is None
 

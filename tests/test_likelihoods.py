@@ -99,7 +99,7 @@ def test_log_prob_sums_in_float64():
 @pytest.mark.parametrize(
     ("spec", "tensors", "phrase"),
     [
-        ({"family": "poisson"}, {}, "family 'poisson' is not supported"),
+        ({"family": "weibull"}, {}, "family 'weibull' is not supported"),
         ({"family": "gaussian", "sigma": 1.0, "log_sigma": "t"}, {"t": torch.zeros(())}, "not both"),
         ({"family": "gaussian", "sigma": -1.0}, {}, "positive finite number"),
         ({"family": "gaussian", "log_sigma": "t"}, {}, "which the file does not have"),

@@ -197,11 +197,12 @@ class _Annealer:
             start = Start(self.model, self.ais.init, self.settings.seed, posterior=q, like=x)
             init = None if self.ais.init == "prior" else PointsFirst(q)
             return Target(model, x, self.scoring.levels, init, prior, covariates), start
-        mean, log_var = model.encode(x)
+        mean, log_var = model.encode(x, covariates)
         mean, std = mean.double(), (0.5 * log_var.double()).exp()
         prior = model.prior.distribution(mean)
         init = None if self.ais.init == "prior" else Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
-        return Target(model, x, self.scoring.levels, init, prior), Start(model, self.ais.init, self.settings.seed, mean, std, like=x)
+        target = Target(model, x, self.scoring.levels, init, prior, covariates)
+        return target, Start(model, self.ais.init, self.settings.seed, mean, std, like=x)
 
     def _step_sizes(self, target: Target, start: Start, rows: np.ndarray, tick: Callable[[], None] | None) -> torch.Tensor:
         """ε per point and step ``[B, T + 1]``: fixed, or tuned by a pilot run."""

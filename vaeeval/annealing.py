@@ -221,8 +221,9 @@ class Target:
 
     def _through_decoder(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z) ``[B, C]`` and its gradient in the decoder's input: the likelihood's gradient, back through autograd."""
+        covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
         with torch.enable_grad():
-            params = self.model.decode(decoded)
+            params = self.model.decode(decoded, covariates)
         shaped = params.detach().reshape(points, chains, *self.model.decode_shape)
         log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.levels)
         (grad,) = torch.autograd.grad(params, decoded, grad_outputs=grad_params.reshape(params.shape))

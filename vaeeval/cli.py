@@ -226,9 +226,13 @@ _MAX_MEMORY = click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX
 _DATA = (
     click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points."),
     click.option("--key", default=None, help="The array to use from an .npz file that holds several."),
+    click.option("--layer", default=None, metavar="NAME",
+                 help="The AnnData layer holding the data in an .h5ad DATA file; default: the one the model file records, else X."),
     click.option("--max-data-size", type=_ByteSize(), default=None, show_default="half the memory",
                  help="Refuse an .npz array that would inflate to more than this, e.g. 4G."),
 )
+
+
 _DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 _SCORING = (
     click.option("--discretize", type=click.IntRange(2, MAX_LEVELS), default=None, metavar="L",
@@ -725,6 +729,25 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
         render_compare(_stdout(), result, datasets[0])
 
 
+def _convert_scvi(folder: Path, output: Path, options: dict[str, Any], *, data: Path | None, seed: int) -> None:
+    """``convert --from scvi``: the SCVI folder through scvi-tools' loader, checked against scVI's own modules."""
+    from vaeeval.adapters.scvi import check_folder, convert_scvi
+
+    if options.get("arch") or data is not None:
+        extra = "--arch" if options.get("arch") else "--data"
+        raise click.UsageError(f"convert --from scvi reads everything from the folder; drop {extra}")
+    check_output(output, [folder])
+    check_folder(folder)
+    click.echo(f"vaeeval: reading {folder} with scvi-tools' own loader (model.pt is a torch checkpoint: loading it runs "
+               "pickled code; convert only folders you trust)", err=True)
+    result = convert_scvi(folder, output, seed=seed)
+    covariates = f", covariates {', '.join(result.covariates)}" if result.covariates else ""
+    click.echo(
+        f"wrote {result.path}: format 1, {result.family} likelihood, library size {result.library}{covariates}; "
+        f"equal to scVI's q(z|x) and log p(x | z, library) on random counts to {result.largest_difference:.2g} (relative)"
+    )
+
+
 @main.command()
 @click.argument("weights", type=_PATH)
 @_arch_options
@@ -732,12 +755,24 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
 @click.option("--data", type=_PATH, default=None,
               help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
 @click.option("--key", default=None, help="The array to use from an .npz --data file.")
+@click.option("--layer", default=None, metavar="NAME", help="The AnnData layer holding the points in an .h5ad --data file (default X).")
 @click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per point for the verification.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Noise seed for the verification.")
 @click.option("--allow-unused", is_flag=True, help="Write the file even when state-dict tensors would be left out of it.")
+@click.option("--from", "source", type=click.Choice(["scvi"]), default=None,
+              help="WEIGHTS is the folder SCVI.save wrote (RUNS scvi-tools' LOADER, which unpickles model.pt).")
 def convert(
-    weights: Path, output: Path, data: Path | None, key: str | None, samples: int, seed: int, allow_unused: bool, **options: Any
+    weights: Path,
+    output: Path,
+    data: Path | None,
+    key: str | None,
+    layer: str | None,
+    samples: int,
+    seed: int,
+    allow_unused: bool,
+    source: str | None,
+    **options: Any,
 ) -> None:
     """Write a user's model (--arch, RUNS USER CODE) as a self-contained format-1 file.
 
@@ -747,11 +782,20 @@ def convert(
     gives the original's numbers on the same data and seed; otherwise the message
     names the operation format 1 cannot express, or the difference.
 
+    With --from scvi, WEIGHTS is the folder scvi-tools' SCVI.save wrote: its own
+    loader reads it (a torch checkpoint, so only convert folders you trust), and the
+    file, which records the counts layer and the covariates, is kept only if it gives
+    scVI's own q(z|x) and log p(x | z, library) on random counts.
+
     \b
     Example:
       vaeeval convert weights.safetensors --arch vae.py:VAE --likelihood bernoulli \\
         --decoder-output probs --input-shape 784 -o model.safetensors
+      vaeeval convert --from scvi my_scvi_model/ -o scvi.safetensors
     """
+    if source == "scvi":
+        _convert_scvi(weights, output, options, data=data, seed=seed)
+        return
     arch = _arch(options)
     if arch is None:
         raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
@@ -760,9 +804,9 @@ def convert(
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
     check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
-    shape = arch.encode_shape or point_shape(data, key=key)
+    shape = arch.encode_shape or point_shape(data, key=key, layer=layer)
     source = arch_model(weights, replace(arch, encode_shape=None), shape)
-    points = None if data is None else load_data(data, source, key=key, limit=64).array
+    points = None if data is None else load_data(data, source, key=key, layer=layer, limit=64).array
     result = convert_model(source, output, data=points, samples=samples, seed=seed, allow_unused=allow_unused)
     layers = result.model.layers
     encoder_layers = sum(layer.part == "encoder" for layer in layers)

@@ -1,4 +1,4 @@
-"""Data: read ``.npy``/``.npz`` without unpickling, and check it against a model.
+"""Data: read ``.npy``/``.npz`` and AnnData ``.h5ad`` files without unpickling, and check them against a model.
 
 Every check runs over the whole selected data before anything is computed:
 shape, finiteness, the likelihood's support and the model's declared domain.
@@ -22,8 +22,9 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from vaeeval.domains import Domain, DomainDetector, row_blocks
-from vaeeval.errors import DataError, option
+from vaeeval.errors import DataError, listing, option
 from vaeeval.files import reading, regular_file
+from vaeeval.h5ad import Rows, is_hdf5, read_matrix, read_obs
 
 if TYPE_CHECKING:
     import torch
@@ -38,16 +39,19 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 class Dataset:
     """Data points ready to evaluate: ``array`` is ``[N, *input_shape]`` (possibly memory-mapped).
 
+    From an ``.h5ad`` file ``array`` is ``Rows``, read a block of rows at a time: index it
+    by a slice or by rows (``array[start:stop]``, ``array[rows]``) for dense points.
     ``domain`` is what the values are, as detected: the smallest of binary,
     discrete (on some k/(L-1) grid), unit_interval and real that holds them all.
     """
 
-    array: np.ndarray
+    array: np.ndarray | Rows
     path: Path | None = None
     key: str | None = None
     total: int = 0  # points in the file, before a limit
     domain: Domain = Domain("real")
     covariates: Mapping[str, np.ndarray] = field(default_factory=dict)  # per point, by name, for a conditional model
+    layer: str | None = None  # the AnnData layer the points are from (an .h5ad file); None: X, or not an .h5ad
 
     def covariates_of(self, rows: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """These points' covariates as the model takes them (``covariate_dtype``)."""
@@ -80,49 +84,99 @@ def load_data(
     model: Model,
     *,
     key: str | None = None,
+    layer: str | None = None,
     limit: int | None = None,
     max_data_size: int | None = None,
     covariates: Sequence[str] = (),
 ) -> Dataset:
-    """Read a ``.npy`` (memory-mapped) or ``.npz`` file and check it against ``model``.
+    """Read a ``.npy`` (memory-mapped), ``.npz`` or AnnData ``.h5ad`` file and check it against ``model``.
+
+    An ``.h5ad`` (recognized by its HDF5 signature, not its name) gives the rows of X or of
+    a layer, dense or sparse, read a block of rows at a time and never made dense whole;
+    its covariates are ``obs`` columns (``read_covariates``).
 
     Args:
         path: the data file; ``[N, *input_shape]``, or ``[N, D]`` for any input shape with D elements.
         model: the model the data is for.
         key: the array to use from an ``.npz`` that holds several.
+        layer: the layer of an ``.h5ad`` holding the points (``"X"``: X); default: the one the
+            model records (``model.data_layer``), else X.
         limit: use only the first ``limit`` points (an ``.npz`` member is inflated only that far).
-        max_data_size: refuse an ``.npz`` array that would inflate to more bytes than this
-            (default ``default_max_data_size()``, half the machine's memory).
-        covariates: names of ``.npz`` arrays holding each point's covariates (``[N, ...]``).
+        max_data_size: refuse an ``.npz`` array that would inflate to more bytes than this, or an
+            ``.h5ad`` CSC matrix that would take more to read (default ``default_max_data_size()``,
+            half the machine's memory).
+        covariates: names of ``.npz`` arrays holding each point's covariates (``[N, ...]``), or of
+            an ``.h5ad``'s ``obs`` columns.
 
     Raises:
         DataError: unreadable, not numeric, wrong shape, non-finite values, or values
             outside the likelihood's support or the model's declared domain; a missing or
-            misshapen covariate.
+            misshapen covariate; ``key`` with an ``.h5ad``, ``layer`` with anything else, a
+            missing layer; anndata not installed for an ``.h5ad``.
     """
     path = Path(path)
     max_bytes = default_max_data_size() if max_data_size is None else max_data_size
-    raw = _read_array(path, key, limit, max_bytes)
+    raw = _read_array(path, key, limit, max_bytes, layer=layer, recorded_layer=model.data_layer)
     array = _shaped(path, raw.array, model.input_shape)
     if limit is not None:
-        array = array[:limit]
-    domain = check_values(Dataset(array, path, key, raw.rows), model)
-    found = read_covariates(path, covariates, key=key, limit=limit, max_data_size=max_bytes)
-    return Dataset(array, path, key, raw.rows, domain, found)
+        array = array.head(limit) if isinstance(array, Rows) else array[:limit]
+    chosen = array.layer if isinstance(array, Rows) else None
+    domain = check_values(Dataset(array, path, key, raw.rows, layer=chosen), model)
+    found = read_covariates(path, covariates, key=key, limit=limit, max_data_size=max_bytes, categories=model.categories)
+    check_covariates(path, found, model)
+    return Dataset(array, path, key, raw.rows, domain, found, chosen)
+
+
+def check_covariates(path: str | Path | None, found: Mapping[str, np.ndarray], model: Model) -> None:
+    """A format-1 model's covariates as it declares them: a categorical one integer codes into its categories,
+    a continuous one ``size`` numbers per point.
+
+    Raises:
+        DataError: naming the covariate, and the first bad point and value.
+    """
+    for name, labels in model.categories.items():
+        values = found.get(name)
+        if values is None:
+            continue
+        if values.dtype.kind not in "iu" or values.ndim != 1:
+            raise DataError(path, f"covariate {name!r} is {values.dtype} {list(values.shape)}; the model needs one integer code "
+                            f"per point into its categories ({listing(list(labels))})")
+        bad = np.flatnonzero((values < 0) | (values >= len(labels)))
+        if bad.size:
+            raise DataError(path, f"covariate {name!r}: point {int(bad[0])} has code {int(values[bad[0]])}; the model knows "
+                            f"{len(labels)} categories (codes 0 to {len(labels) - 1}: {listing(list(labels))})")
+    for name, size in model.covariate_sizes.items():
+        values = found.get(name)
+        if values is not None and math.prod(values.shape[1:]) != size:
+            raise DataError(path, f"covariate {name!r} has {math.prod(values.shape[1:])} value(s) per point; the model takes {size}")
 
 
 def read_covariates(
-    path: str | Path, names: Sequence[str], *, key: str | None = None, limit: int | None = None, max_data_size: int | None = None
+    path: str | Path,
+    names: Sequence[str],
+    *,
+    key: str | None = None,
+    limit: int | None = None,
+    max_data_size: int | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The ``.npz`` arrays ``names``, one row per data point (the first ``limit``), checked finite.
 
+    From an ``.h5ad`` they are ``obs`` columns (``h5ad.read_obs``): a categorical or string
+    column becomes int64 codes, the position of each label in ``categories[name]`` (the
+    model's labels, ``Model.categories``) when given, else in the column's own categories.
+
     Raises:
-        DataError: DATA is not an ``.npz``, a name it does not hold, a scalar, rows that are not
-            the data's, or a non-finite value.
+        DataError: DATA is not an ``.npz`` or ``.h5ad``, a name it does not hold, a scalar, rows
+            that are not the data's, a non-finite or missing value, a label the model does not know.
     """
     path = Path(path)
     if not names:
         return {}
+    if _is_h5ad(path):
+        if key is not None:
+            raise _key_with_h5ad(path)
+        return read_obs(path, names, limit=limit, categories=categories)
     max_bytes = default_max_data_size() if max_data_size is None else max_data_size
     rows = _read_array(path, key, 0, max_bytes).rows
     return {name: _covariate(path, name, key, limit, max_bytes, rows)[:limit] for name in names}
@@ -154,7 +208,7 @@ def _covariate(path: Path, name: str, key: str | None, limit: int | None, max_by
         raise DataError(path, f"{option('covariates')} {name}: is the data array itself ({option('key')})")
     with reading(path, DataError, "data file"), path.open("rb") as handle:
         if not handle.read(2).startswith(b"PK"):
-            raise DataError(path, f"{option('covariates')} are read from an .npz file's arrays, and this is not one")
+            raise DataError(path, f"{option('covariates')} are read from an .npz file's arrays or an .h5ad file's obs, and this is neither")
     read = _read_array(path, name, limit, max_bytes)
     if not read.shape:
         raise DataError(path, f"covariate {name!r} is a scalar; it needs one value per point, [N] or [N, ...]")
@@ -185,13 +239,18 @@ def data_digest(array: np.ndarray) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def point_shape(path: str | Path, *, key: str | None = None) -> tuple[int, ...]:
+def point_shape(path: str | Path, *, key: str | None = None, layer: str | None = None) -> tuple[int, ...]:
     """The shape of one point of a data file (everything after N), read from its header alone.
+
+    Args:
+        path: the data file.
+        key: the array of an ``.npz`` that holds several.
+        layer: the layer of an ``.h5ad`` (default X).
 
     Raises:
         DataError: unreadable, not numeric, or fewer than two axes.
     """
-    shape = _read_array(Path(path), key, 0, default_max_data_size()).shape
+    shape = _read_array(Path(path), key, 0, default_max_data_size(), layer=layer).shape
     if len(shape) < 2:
         raise DataError(path, f"data has shape {list(shape)}; it needs [N, ...], one row per point")
     return tuple(shape[1:])
@@ -201,31 +260,55 @@ def point_shape(path: str | Path, *, key: str | None = None) -> tuple[int, ...]:
 class _Read:
     """An array as read: its first rows (all, or those asked for), the rows the file declares, its full shape."""
 
-    array: np.ndarray
+    array: np.ndarray | Rows
     rows: int
     shape: tuple[int, ...]
 
 
-def _read_array(path: Path, key: str | None, limit: int | None, max_bytes: int) -> _Read:
+def _read_array(
+    path: Path, key: str | None, limit: int | None, max_bytes: int, *, layer: str | None = None, recorded_layer: str | None = None
+) -> _Read:
+    """The array of a data file by its first bytes: ``.npy``, ``.npz`` or ``.h5ad`` (``layer``, else ``recorded_layer``, else X)."""
     size = regular_file(path, DataError, "data file").st_size
-    with reading(path, DataError, "data file"), path.open("rb") as handle:
-        magic = handle.read(6)
+    magic = _magic(path)
     if magic.startswith(b"\x80"):
         raise DataError(path, "a Python pickle; vaeeval never unpickles files — save the array with numpy.save")
+    if is_hdf5(magic):
+        if key is not None:
+            raise _key_with_h5ad(path)
+        rows = read_matrix(path, layer, recorded_layer=recorded_layer, max_bytes=max_bytes)
+        return _Read(rows if limit is None else rows.head(limit), len(rows), rows.shape)
+    if layer is not None:
+        raise DataError(path, f"{option('layer')} selects a layer of an .h5ad (AnnData) file, and this is not one")
     if key is not None and not magic.startswith(b"PK"):
         raise DataError(path, f"{option('key')} selects an array of an .npz file, and this is not one")
     try:
-        if magic == b"\x93NUMPY":
+        if magic.startswith(b"\x93NUMPY"):
             read = _from_npy(path, size)
         elif magic.startswith(b"PK"):
             read = _from_npz(path, key, limit, max_bytes)
         else:
-            raise DataError(path, "not a .npy or .npz file")
+            raise DataError(path, "not a .npy or .npz file, nor an .h5ad (AnnData)")
     except (ValueError, OSError, EOFError, OverflowError, MemoryError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
             zlib.error) as error:  # what numpy's header parser and zipfile raise on a broken file
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(path, f"truncated or corrupt ({text})") from None
     return read
+
+
+def _magic(path: Path) -> bytes:
+    """A file's first bytes, enough to tell a pickle, ``.npy``, ``.npz`` (zip) and ``.h5ad`` (HDF5) apart."""
+    with reading(path, DataError, "data file"), path.open("rb") as handle:
+        return handle.read(8)
+
+
+def _is_h5ad(path: Path) -> bool:
+    regular_file(path, DataError, "data file")
+    return is_hdf5(_magic(path))
+
+
+def _key_with_h5ad(path: Path) -> DataError:
+    return DataError(path, f"{option('key')} selects an array of an .npz file; an .h5ad holds X and layers ({option('layer')})")
 
 
 def _header(stream: IO[bytes], path: Path, where: str = "") -> tuple[tuple[int, ...], bool, np.dtype, int]:

@@ -1,7 +1,8 @@
 """Format 1's vocabulary of data domains, and finding the smallest one that holds some values.
 
 A domain says what values a data point may take: ``binary`` (0 or 1),
-``discrete`` (the grid k/(L-1) on [0, 1]), ``unit_interval`` or ``real``. A
+``discrete`` (the grid k/(L-1) on [0, 1]), ``unit_interval``, ``real`` or
+``counts`` (non-negative integers, as in single-cell RNA data). A
 model may declare one (its ``data`` block); vaeeval detects one from the data,
 and a discrete one decides the bins a continuous likelihood is scored on.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from vaeeval.errors import SpecError
 from vaeeval.specs import levels as levels_value
 
-DOMAINS = ("binary", "discrete", "unit_interval", "real")
+DOMAINS = ("binary", "discrete", "unit_interval", "real", "counts")
 GRID_TOLERANCE = 1e-4  # in units of one grid step: float32 k/(L-1) is well within it
 _SCAN_ELEMENTS = 1 << 22  # elements per block when scanning an array
 
@@ -37,6 +38,8 @@ class Domain:
             return (x != 0) & (x != 1)
         if self.kind == "real":
             return np.zeros(x.shape, dtype=bool)
+        if self.kind == "counts":
+            return (x < 0) | (x != np.floor(x))
         outside = (x < 0) | (x > 1)
         if self.kind == "discrete":
             steps = np.asarray(x, dtype=np.float64) * (self.levels - 1)
@@ -50,6 +53,7 @@ class Domain:
             "discrete": f"discrete data on {self.levels} levels k/{(self.levels or 2) - 1}",
             "unit_interval": "data in [0, 1]",
             "real": "real-valued data",
+            "counts": "count data (non-negative integers)",
         }[self.kind]
 
     @property
@@ -88,7 +92,7 @@ def row_blocks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def detect_domain(array: np.ndarray) -> Domain:
-    """The smallest domain (binary, discrete, unit_interval, real) holding every value of ``array``."""
+    """The smallest domain (binary, discrete, unit_interval, counts, real) holding every value of ``array``."""
     detector = DomainDetector()
     for _, block in row_blocks(array):
         detector.update(block)
@@ -108,11 +112,14 @@ class DomainDetector:
     def __init__(self) -> None:
         self.low, self.high = math.inf, -math.inf
         self.values: np.ndarray | None = np.empty(0)
+        self.integers = True
 
     def update(self, block: np.ndarray) -> None:
         if block.size == 0:
             return
         self.low, self.high = min(self.low, float(block.min())), max(self.high, float(block.max()))
+        if self.integers and block.dtype.kind == "f":
+            self.integers = bool(np.all(block == np.floor(block)))
         if self.values is not None:
             self.values = np.union1d(self.values, np.unique(block).astype(np.float64))
             if self.values.size > self.MAX_LEVELS:
@@ -120,7 +127,7 @@ class DomainDetector:
 
     def domain(self) -> Domain:
         if self.low < 0 or self.high > 1:
-            return Domain("real")
+            return Domain("counts") if self.low >= 0 and self.integers else Domain("real")
         levels = None if self.values is None else grid_levels(self.values, self.MAX_LEVELS)
         if levels is None:
             return Domain("unit_interval")

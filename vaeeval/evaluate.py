@@ -370,8 +370,12 @@ def _evaluate_batch(
     checkpoints: tuple[int, ...],
     covariates: Mapping[str, torch.Tensor] | None = None,
 ) -> BatchEstimates:
-    """The estimates and diagnostics, ``[B, ...]`` float64, for one batch of points ``x`` (format 1's path)."""
-    mean, log_var = model.encode(x)
+    """The estimates and diagnostics, ``[B, ...]`` float64, for one batch of points ``x`` (format 1's path).
+
+    ``covariates``: the points' own, for a model conditioned on them (each sample decodes with its point's).
+    """
+    covariates = dict(covariates or {})
+    mean, log_var = model.encode(x, covariates)
     mean, std = mean.double(), (0.5 * log_var.double()).exp()
     analytic_kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
     q = Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
@@ -387,7 +391,8 @@ def _evaluate_batch(
         z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
         z64 = z.double()  # ...and exactly that point for the densities
         if shortcut is None:
-            params = model.decode(z.reshape(-1, latent)).reshape(rows, last - first, *model.decode_shape)
+            repeated = {name: value.repeat_interleave(last - first, dim=0) for name, value in covariates.items()}
+            params = model.decode(z.reshape(-1, latent), repeated).reshape(rows, last - first, *model.decode_shape)
             log_px_z = model.likelihood.log_prob(params, x_each, levels)
         else:
             trunk, head, projected, offset = shortcut

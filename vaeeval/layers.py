@@ -109,7 +109,7 @@ def describe(spec: Mapping[str, Any]) -> str:
 
 
 def build_layer(
-    spec: Any, tensors: Mapping[str, torch.Tensor], in_shape: Shape, label: str
+    spec: Any, tensors: Mapping[str, torch.Tensor], in_shape: Shape, label: str, covariates: Mapping[str, int] | None = None
 ) -> BuiltLayer:
     """Build one layer from its spec, checked against ``in_shape``.
 
@@ -118,6 +118,7 @@ def build_layer(
         tensors: every tensor of the file, by name.
         in_shape: the shape reaching this layer, without the batch axis.
         label: how messages name the layer, e.g. ``decoder layer 2 (linear "decoder.2")``.
+        covariates: the widths of the document's covariates, by name, for a layer taking some.
 
     Raises:
         SpecError: unknown type or key, missing tensor, or shapes that do not meet.
@@ -131,6 +132,8 @@ def build_layer(
     unknown = sorted(set(spec) - layer_type.keys - {"type"})
     if unknown:
         raise SpecError(f"{label}: unknown key(s) {', '.join(unknown)} for a {kind} layer")
+    if "covariates" in spec:
+        return layer_type.build(spec, tensors, in_shape, label, covariates=covariates or {})
     return layer_type.build(spec, tensors, in_shape, label)
 
 
@@ -247,18 +250,114 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-@register("linear", ("tensor",), modules=(nn.Linear,))
-def _linear(spec, tensors, in_shape, label):
+class CovariateLinear(nn.Module):
+    """A linear layer whose input is the features followed by the point's covariates (FORMAT.md, "Covariates").
+
+    The weight ``[out, features + covariate widths]`` is split: the covariates' part is a
+    per-row offset added to the features' product, so the covariates are never copied
+    beside every sample's features.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, covariates: tuple[str, ...], features: int) -> None:
+        super().__init__()
+        self.covariates = covariates
+        with torch.device("meta"):
+            linear = Linear(features, weight.shape[0], bias=bias is not None)
+        self.linear = _assign(linear, weight[:, :features].contiguous(), bias)
+        self.register_buffer("covariate_weight", weight[:, features:].contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        given = torch.cat([encoded[name] for name in self.covariates], dim=-1).to(x.dtype)
+        weight, bias = self.linear.weight, self.linear.bias
+        offset = given @ self.covariate_weight.T if bias is None else torch.addmm(bias, given, self.covariate_weight.T)
+        return torch.addmm(offset, x, weight.T)
+
+    def extra_repr(self) -> str:
+        return f"covariates={list(self.covariates)}"
+
+
+class Chain(nn.Sequential):
+    """``nn.Sequential`` that hands the points' encoded covariates (name -> ``[N, width]``) to the layers taking them."""
+
+    def forward(self, x: torch.Tensor, encoded: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, encoded) if isinstance(layer, CovariateLinear) else layer(x)
+        return x
+
+    @property
+    def covariates(self) -> tuple[str, ...]:
+        """The covariates some layer of this chain takes, in the order first taken."""
+        names = [name for layer in self if isinstance(layer, CovariateLinear) for name in layer.covariates]
+        return tuple(dict.fromkeys(names))
+
+
+@register("linear", ("tensor", "covariates"), modules=(nn.Linear,))
+def _linear(spec, tensors, in_shape, label, covariates: Mapping[str, int] | None = None):
     weight, bias, names = _weight_and_bias(spec, tensors, 2, label)
     out_features, in_features = weight.shape
-    if not in_shape or in_shape[-1] != in_features:
+    taken = _taken_covariates(spec, covariates or {}, label)
+    width = sum((covariates or {})[name] for name in taken)
+    if taken and len(in_shape) != 1:
+        raise SpecError(f"{label}: a layer taking covariates needs flat features, the previous layer gives {_fmt(in_shape)}")
+    if not in_shape or in_shape[-1] + width != in_features:
+        given = f" + {width} of covariates {', '.join(taken)}" if taken else ""
         raise SpecError(
             f"{label}: weight is {_fmt(weight.shape)}, the previous layer gives "
-            f"{_fmt(in_shape)} ({in_shape[-1] if in_shape else 0} features, {in_features} needed)"
+            f"{_fmt(in_shape)} ({in_shape[-1] if in_shape else 0} features{given}, {in_features} needed)"
         )
+    if taken:
+        return BuiltLayer(CovariateLinear(weight, bias, taken, in_shape[-1]), (out_features,), names)
     with torch.device("meta"):
         module = Linear(in_features, out_features, bias=bias is not None)
     return BuiltLayer(_assign(module, weight, bias), (*in_shape[:-1], out_features), names)
+
+
+def _taken_covariates(spec: Mapping[str, Any], widths: Mapping[str, int], label: str) -> tuple[str, ...]:
+    """The names of a layer's ``covariates`` key, each declared by the document."""
+    names = spec.get("covariates", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise SpecError(f"{label}: covariates must be a list of distinct covariate names, found {names!r}")
+    unknown = [name for name in names if name not in widths]
+    if unknown:
+        declared = ", ".join(widths) or "none"
+        raise SpecError(f"{label}: takes covariate {unknown[0]!r}, which the document's \"covariates\" does not declare ({declared})")
+    return tuple(names)
+
+
+def _batch_norm_spec(module: nn.Module) -> dict[str, Any]:
+    _require(module.track_running_stats and module.running_mean is not None, "a batch norm without running statistics")
+    return {"eps": float(module.eps)}
+
+
+@register("batch_norm", ("tensor", "eps"), modules=(nn.BatchNorm1d, nn.BatchNorm2d), spec_of=_batch_norm_spec)
+def _batch_norm(spec, tensors, in_shape, label):
+    prefix = spec.get("tensor")
+    if not isinstance(prefix, str) or not prefix:
+        raise SpecError(f"{label}: needs \"tensor\", the name prefix of its running statistics")
+    eps = spec.get("eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise SpecError(f"{label}: eps must be a non-negative number, found {eps!r}")
+    channels = in_shape[0] if in_shape else 0
+    found, names = {}, []
+    for key, required in (("running_mean", True), ("running_var", True), ("weight", False), ("bias", False)):
+        name = f"{prefix}.{key}"
+        if name not in tensors and not required:
+            continue
+        tensor = named_tensor(tensors, name, f"{label}:")
+        if tuple(tensor.shape) != (channels,):
+            raise SpecError(f"{label}: {name} is {_fmt(tensor.shape)}, the previous layer gives {_fmt(in_shape)} ({channels} channels)")
+        found[key] = tensor
+        names.append(name)
+    if (found["running_var"] < 0).any():
+        raise SpecError(f"{label}: {prefix}.running_var has negative variances")
+    if len(in_shape) not in (1, 3):
+        raise SpecError(f"{label}: needs [features] or [channels, height, width], the previous layer gives {_fmt(in_shape)}")
+    if ("weight" in found) != ("bias" in found):
+        raise SpecError(f"{label}: give both {prefix}.weight and {prefix}.bias, or neither")
+    kind = nn.BatchNorm1d if len(in_shape) == 1 else nn.BatchNorm2d
+    module = kind(channels, eps=float(eps), affine="weight" in found)
+    module.load_state_dict({**found, "num_batches_tracked": torch.tensor(0)}, assign=True)
+    return BuiltLayer(module.eval().requires_grad_(False), in_shape, tuple(names))
 
 
 _LARGEST_STEP = 1 << 16  # strides and paddings of an image layer
@@ -443,6 +542,21 @@ for _name, _known in _ACTIVATIONS.items():
     register(_name, exact=True, **_known)(
         lambda spec, tensors, in_shape, label, make=_make: BuiltLayer(make(), in_shape, ())
     )
+
+
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + x) through ``log`` (Goldberg's correction: exact to float32 rounding for tiny x), like the forms above."""
+    u = 1 + x
+    return torch.where(u == 1, x, torch.log(u) * (x / (u - 1)))
+
+
+def _log1p_module(*args: Any, **kwargs: Any) -> nn.Module:
+    return Elementwise("log1p", log1p)
+
+
+@register("log1p", exact=True, functions={torch.log1p: _log1p_module}, methods={"log1p": _log1p_module})
+def _log1p(spec, tensors, in_shape, label):
+    return BuiltLayer(Elementwise("log1p", log1p), in_shape, ())
 
 
 @register(

@@ -727,3 +727,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
         positive = 1 + torch.log(uniform + (1 - uniform) * torch.exp(-safe.clamp(min=0))) / safe
         negative = torch.log1p(uniform * torch.expm1(safe.clamp(max=0))) / safe
         return torch.where(eta.abs() < 1e-6, uniform, torch.where(eta > 0, positive, negative))
+
+
+# The count families (Poisson, negative binomial, zero-inflated) register themselves on import.
+from vaeeval import counts as _counts  # noqa: E402,F401  (after Likelihood and register exist)

@@ -11,22 +11,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vaeeval.counts import COUNT_FAMILIES
 from vaeeval.domains import Domain, domain_from_spec
 from vaeeval.errors import ModelFileError, SpecError, VaeevalError, listing
 from vaeeval.files import file_digest, load_json, reading, regular_file, staged, writing
-from vaeeval.layers import Shape, build_layer, describe, format_shape, layer_spec
+from vaeeval.layers import Chain, Shape, build_layer, describe, format_shape, layer_spec
+from vaeeval.library import LATENT, OBSERVED, Library
 from vaeeval.likelihoods import Likelihood, likelihood_from_spec
-from vaeeval.priors import Prior, prior_from_spec
-from vaeeval.specs import is_integer
+from vaeeval.priors import Prior, StandardNormalPrior, prior_from_spec
+from vaeeval.specs import is_integer, named_tensor
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vaeeval"
@@ -70,6 +73,12 @@ class Model:
     decoder_width: int = 0  # the widest decoder activation per sample, for memory budgets
     general: bool = False  # evaluated through torch distributions (protocol.ArchModel), not format 1's fast path
     notes: tuple[str, ...] = ()  # what the output must say about how the model was read (an assumed prior, a warning)
+    data_layer: str | None = None  # the AnnData layer holding the counts (format 1's data.layer); None: X
+    categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # a categorical covariate's labels, by name
+    covariates: tuple[str, ...] = ()  # what encoder and decoder are conditioned on, by name: the numbers are log p(x | c)
+    covariate_sizes: Mapping[str, int] = field(default_factory=dict)  # a continuous covariate's values per point, by name
+    library: Library | None = None  # a count model's library size (FORMAT.md, "Library size")
+    variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
 
     @property
     def data_dims(self) -> int:
@@ -94,15 +103,55 @@ class Model:
             decoder=self.decoder.to(device),
             likelihood=self.likelihood.to(device),
             prior=self.prior.to(device),
+            library=None if self.library is None else self.library.to(device),
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z|x) parameters: ``x [B, *input_shape]`` -> ``(mean, log_var)``, each ``[B, latent_dim]``."""
-        out = _run(self.encoder, x).reshape(x.shape[0], 2 * self.latent_dim)
-        return out[:, : self.latent_dim], out[:, self.latent_dim :]
+    def encoded_covariates(self, covariates: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The points' covariates as layers take them: a categorical one one-hot, a continuous one ``[N, size]`` float32.
+
+        Raises:
+            VaeevalError: a covariate the model needs is missing.
+        """
+        given = covariates or {}
+        missing = [name for name in self.covariates if name not in given]
+        if missing:
+            raise VaeevalError(f"the model is conditioned on {', '.join(self.covariates)}; {missing[0]!r} was not given")
+        encoded = {}
+        for name in self.covariates:
+            value = given[name]
+            if name in self.categories:
+                encoded[name] = F.one_hot(value.reshape(-1).long(), len(self.categories[name])).to(torch.float32)
+            else:
+                encoded[name] = value.reshape(value.shape[0], -1).to(torch.float32)
+        return encoded
+
+    def encode(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x) parameters: ``x [B, *input_shape]`` -> ``(mean, log_var)``, each ``[B, latent_dim]``.
+
+        ``covariates`` are the points' own (name -> ``[B]`` codes or ``[B, size]`` values). A
+        latent library size is the last latent unit, standardized by its prior (``Library``).
+        """
+        encoded = self.encoded_covariates(covariates)
+        width = self.latent_dim - (self.library is not None and self.library.latent)
+        out = _run(self.encoder, x, encoded).reshape(x.shape[0], 2 * width)
+        mean, log_var = out[:, :width], self._floored(out[:, width:])
+        if self.library is not None and self.library.latent:
+            own = _run(self.library.encoder, x, encoded).reshape(x.shape[0], 2)
+            prior_mean, prior_log_var = self.library.prior(covariates or {}, x.shape[0])
+            mean = torch.cat([mean, (own[:, :1] - prior_mean) * torch.exp(-0.5 * prior_log_var)], dim=1)
+            log_var = torch.cat([log_var, self._floored(own[:, 1:]) - prior_log_var], dim=1)
+        return mean, log_var
+
+    def _floored(self, log_var: torch.Tensor) -> torch.Tensor:
+        return log_var if not self.variance_floor else torch.logaddexp(log_var, torch.tensor(math.log(self.variance_floor)))
 
     def linear_head(self) -> tuple[nn.Module, nn.Linear] | None:
-        """(everything before, the last layer) when the decoder ends in a linear layer, else None."""
+        """(everything before, the last layer) when the decoder ends in a linear layer, else None.
+
+        None as well for a model taking covariates or a library size, whose decoder needs them.
+        """
+        if self.covariates or self.library is not None:
+            return None
         if isinstance(self.decoder, nn.Sequential) and isinstance(self.decoder[-1], nn.Linear):
             return self.decoder[:-1], self.decoder[-1]
         return None
@@ -112,17 +161,40 @@ class Model:
         hidden = _run(trunk, z) if len(trunk) else z
         return hidden, _run(head, hidden)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters: ``z [B, latent_dim]`` -> ``[B, P, *input_shape]``."""
-        return _run(self.decoder, z).reshape(z.shape[0], *self.decode_shape)
+    def decode(self, z: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Likelihood parameters: ``z [N, latent_dim]`` -> ``[N, P, *input_shape]``.
+
+        ``covariates`` are each row's own (repeat a point's for each of its samples). With a
+        latent library size (the last unit of z), the first block becomes the log-mean:
+        log softmax of the decoder's logits + the log library size.
+        """
+        encoded = self.encoded_covariates(covariates)
+        latent = self.library is not None and self.library.latent
+        params = _run(self.decoder, z[:, :-1] if latent else z, encoded).reshape(z.shape[0], *self.decode_shape)
+        if not latent:
+            return params
+        prior_mean, prior_log_var = self.library.prior(covariates or {}, z.shape[0])
+        log_library = prior_mean + torch.exp(0.5 * prior_log_var) * z[:, -1:]
+        first = params[:, 0].reshape(z.shape[0], -1)
+        shares = F.log_softmax(first, dim=-1) + log_library
+        return torch.cat([shares.reshape(z.shape[0], 1, *self.input_shape), params[:, 1:]], dim=1)
 
 
-def rows_independently(net: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
-    """``net(x)`` (a tensor or a tuple of them), each row's result independent of how many rows came with it."""
-    rows = x.shape[0]
+def rows_independently(
+    net: Callable[..., Any], x: torch.Tensor, encoded: Mapping[str, torch.Tensor] | None = None
+) -> Any:
+    """``net(x)`` (a tensor or a tuple of them), each row's result independent of how many rows came with it.
+
+    With ``encoded`` covariates (a ``Chain``'s), ``net(x, encoded)``, padded alike.
+    """
+    rows, encoded = x.shape[0], encoded or None
     if rows >= MIN_ROWS:
-        return net(x)
-    result = net(torch.cat([x, x.new_zeros((MIN_ROWS - rows, *x.shape[1:]))]))
+        return net(x) if encoded is None else net(x, encoded)
+    padded = torch.cat([x, x.new_zeros((MIN_ROWS - rows, *x.shape[1:]))])
+    if encoded is None:
+        result = net(padded)
+    else:
+        result = net(padded, {name: torch.cat([v, v.new_zeros((MIN_ROWS - rows, *v.shape[1:]))]) for name, v in encoded.items()})
     return tuple(part[:rows] for part in result) if isinstance(result, tuple) else result[:rows]
 
 
@@ -292,15 +364,15 @@ def _input_shape(document: Mapping[str, Any]) -> Shape:
 
 
 def _build_chain(
-    part: str, specs: Any, tensors: Mapping[str, torch.Tensor], in_shape: Shape
-) -> tuple[nn.Sequential, list[LayerInfo], set[str]]:
+    part: str, specs: Any, tensors: Mapping[str, torch.Tensor], in_shape: Shape, covariates: Mapping[str, int] | None = None
+) -> tuple[Chain, list[LayerInfo], set[str]]:
     if not isinstance(specs, list) or not specs:
         raise SpecError(f"\"{part}\" must be a non-empty list of layers, found {specs!r}")
     modules, infos, used = [], [], set()
     shape = in_shape
     for index, spec in enumerate(specs):
         label = f"{part} layer {index} ({describe(spec) if isinstance(spec, Mapping) else repr(spec)})"
-        built = build_layer(spec, tensors, shape, label)
+        built = build_layer(spec, tensors, shape, label, covariates)
         if math.prod(built.out_shape) > _MAX_ACTIVATION:
             raise SpecError(f"{label}: gives {format_shape(built.out_shape)} per point, more than {_MAX_ACTIVATION:,} values")
         params = sum(tensors[name].numel() for name in built.tensors)
@@ -309,7 +381,7 @@ def _build_chain(
         modules.append(built.module)
         used.update(built.tensors)
         shape = built.out_shape
-    return nn.Sequential(*modules).eval(), infos, used
+    return Chain(*modules).eval(), infos, used
 
 
 def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None) -> Model:
@@ -318,15 +390,18 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
     likelihood = likelihood_from_spec(document.get("likelihood"), tensors, input_shape)
     prior = prior_from_spec(document.get("prior"), tensors, latent_dim)
     domain = domain_from_spec(document.get("data"))
+    covariates = _covariates(document.get("covariates"))
+    widths = {c.name: c.width for c in covariates}
+    floor = _variance_floor(document.get("posterior"))
 
-    encoder, encoder_infos, encoder_used = _build_chain("encoder", document.get("encoder"), tensors, input_shape)
+    encoder, encoder_infos, encoder_used = _build_chain("encoder", document.get("encoder"), tensors, input_shape, widths)
     encoder_out = encoder_infos[-1].out_shape
     if encoder_out != (2 * latent_dim,):
         raise SpecError(
             f"the encoder gives {format_shape(encoder_out)} per point; with latent_dim {latent_dim} "
             f"it must give [{2 * latent_dim}] (mean, then log-variance)"
         )
-    decoder, decoder_infos, decoder_used = _build_chain("decoder", document.get("decoder"), tensors, (latent_dim,))
+    decoder, decoder_infos, decoder_used = _build_chain("decoder", document.get("decoder"), tensors, (latent_dim,), widths)
     decoder_out = decoder_infos[-1].out_shape
     expected = likelihood.params_per_dim * math.prod(input_shape)
     if math.prod(decoder_out) != expected:
@@ -335,37 +410,155 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
             f"the {likelihood.family} likelihood needs P x D = {likelihood.params_per_dim} x "
             f"{math.prod(input_shape)} = {expected}"
         )
-
-    _dry_run(encoder, input_shape, encoder_out, "encoder")
-    _dry_run(decoder, (latent_dim,), decoder_out, "decoder")
+    library, library_infos, library_used = _library(document.get("library"), tensors, input_shape, likelihood, covariates)
+    chains = {"encoder": (encoder, input_shape, encoder_out), "decoder": (decoder, (latent_dim,), decoder_out)}
+    if library is not None and library.latent:
+        chains["library encoder"] = (library.encoder, input_shape, (2,))
+    for part, (chain, in_shape, out_shape) in chains.items():
+        _dry_run(chain, in_shape, out_shape, part, widths)
+    if not isinstance(prior, StandardNormalPrior) and library is not None and library.latent:
+        raise SpecError("a latent library size needs the standard_normal prior for z (its own prior is in \"library\")")
 
     own = set(likelihood.tensors) | set(prior.tensors)
-    unused = sorted(set(tensors) - encoder_used - decoder_used - own)
+    unused = sorted(set(tensors) - encoder_used - decoder_used - library_used - own)
     if unused:
         shown = listing([repr(name) for name in unused])
         raise SpecError(f"{len(unused)} tensor(s) not used by any layer, likelihood or prior: {shown}")
     description = document.get("description", "")
+    infos = encoder_infos + decoder_infos + library_infos
     return Model(
         encoder=encoder,
         decoder=decoder,
         likelihood=likelihood,
-        prior=prior,
+        prior=prior if library is None or not library.latent else prior_from_spec(None, tensors, latent_dim + 1),
         input_shape=input_shape,
-        latent_dim=latent_dim,
+        latent_dim=latent_dim + (library is not None and library.latent),
         domain=domain,
         description=description if isinstance(description, str) else str(description),
-        layers=tuple(encoder_infos + decoder_infos),
+        layers=tuple(infos),
         path=path,
-        extra_parameters=sum(tensors[name].numel() for name in own),
+        extra_parameters=sum(tensors[name].numel() for name in own)
+        + (0 if library is None or not library.latent else 2 * library.mean.numel()),
         decoder_width=max(math.prod(info.out_shape) for info in decoder_infos),
+        data_layer=_data_layer(document.get("data")),
+        categories={c.name: c.categories for c in covariates if c.categories is not None},
+        covariates=tuple(c.name for c in covariates),
+        covariate_sizes={c.name: c.width for c in covariates if c.categories is None},
+        library=library,
+        variance_floor=floor,
+        notes=() if library is None else (f"library size {library.describe()}",),
     )
 
 
-def _dry_run(net: nn.Sequential, in_shape: Shape, expected: Shape, part: str) -> None:
+@dataclass(frozen=True)
+class Covariate:
+    """One entry of the document's ``covariates``: categorical (with its labels, one-hot) or continuous (``size`` values)."""
+
+    name: str
+    categories: tuple[str, ...] | None = None
+    size: int = 1
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) if self.categories is not None else self.size
+
+
+def _covariates(spec: Any) -> list[Covariate]:
+    if spec is None:
+        return []
+    if not isinstance(spec, list):
+        raise SpecError(f"\"covariates\" must be a list of objects with a \"name\", found {spec!r}")
+    found: list[Covariate] = []
+    for index, entry in enumerate(spec):
+        where = f"covariates[{index}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise SpecError(f"{where} must be an object with a non-empty string \"name\", found {entry!r}")
+        unknown = sorted(set(entry) - {"name", "categories", "size"})
+        if unknown:
+            raise SpecError(f"{where} ({entry['name']}): unknown key(s) {', '.join(unknown)}")
+        if any(c.name == entry["name"] for c in found):
+            raise SpecError(f"{where}: covariate {entry['name']!r} is declared twice")
+        categories = entry.get("categories")
+        if "categories" in entry and "size" in entry:
+            raise SpecError(f"{where} ({entry['name']}): give categories (categorical) or size (continuous), not both")
+        if categories is not None:
+            if not isinstance(categories, list) or not categories or len(categories) > 1 << 20 or not all(
+                isinstance(c, str) for c in categories
+            ) or len(set(categories)) != len(categories):
+                raise SpecError(f"{where} ({entry['name']}): categories must be a non-empty list of distinct strings")
+            found.append(Covariate(entry["name"], tuple(categories)))
+            continue
+        size = entry.get("size", 1)
+        if not is_integer(size, 1, 1 << 20):
+            raise SpecError(f"{where} ({entry['name']}): size must be a positive integer, found {size!r}")
+        found.append(Covariate(entry["name"], None, size))
+    return found
+
+
+def _variance_floor(spec: Any) -> float:
+    if spec is None:
+        return 0.0
+    if not isinstance(spec, Mapping) or set(spec) - {"variance_floor"}:
+        raise SpecError(f"\"posterior\" takes one key, variance_floor, found {spec!r}")
+    floor = spec.get("variance_floor", 0.0)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
+        raise SpecError(f"posterior: variance_floor must be a non-negative number, found {floor!r}")
+    return float(floor)
+
+
+def _data_layer(spec: Any) -> str | None:
+    layer = spec.get("layer") if isinstance(spec, Mapping) else None
+    if layer is not None and (not isinstance(layer, str) or not layer):
+        raise SpecError(f"data: layer must be the name of an AnnData layer, found {layer!r}")
+    return layer
+
+
+def _library(
+    spec: Any, tensors: Mapping[str, torch.Tensor], input_shape: Shape, likelihood: Likelihood, covariates: list[Covariate]
+) -> tuple[Library | None, list[LayerInfo], set[str]]:
+    """The document's ``library`` block, checked: the library, its encoder's layers, and the tensors it reads."""
+    if spec is None:
+        return None, [], set()
+    kind = spec.get("type") if isinstance(spec, Mapping) else None
+    if kind not in (OBSERVED, LATENT):
+        raise SpecError(f"library must be {{\"type\": \"observed\"}} or {{\"type\": \"latent\", ...}}, found {spec!r}")
+    if likelihood.family not in COUNT_FAMILIES:
+        raise SpecError(f"library: a library size scales the mean of a count family ({', '.join(COUNT_FAMILIES)}), not {likelihood.family}")
+    allowed = {"type"} if kind == OBSERVED else {"type", "encoder", "mean", "log_var", "covariate"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise SpecError(f"library: unknown key(s) {', '.join(unknown)} for type {kind!r}")
+    if kind == OBSERVED:
+        likelihood.observed_library = True
+        return Library(OBSERVED), [], set()
+    widths = {c.name: c.width for c in covariates}
+    encoder, infos, used = _build_chain("library encoder", spec.get("encoder"), tensors, input_shape, widths)
+    if infos[-1].out_shape != (2,):
+        raise SpecError(
+            f"the library encoder gives {format_shape(infos[-1].out_shape)} per point; it must give [2] (mean, then log-variance of l)"
+        )
+    covariate = spec.get("covariate")
+    categories = {c.name: c.categories for c in covariates if c.categories is not None}
+    if covariate is not None and covariate not in categories:
+        raise SpecError(f"library: covariate {covariate!r} is not a categorical covariate the document declares")
+    components = len(categories[covariate]) if covariate is not None else 1
+    values = {}
+    for key in ("mean", "log_var"):
+        tensor = named_tensor(tensors, spec.get(key), f"library: {key}", finite=True)
+        if tensor.numel() != components or tensor.dim() > 1:
+            raise SpecError(f"library: {key} tensor {spec.get(key)!r} is {list(tensor.shape)}; it needs [{components}], one per "
+                            + (f"category of {covariate}" if covariate else "model (no covariate)"))
+        values[key] = tensor.reshape(components)
+        used.add(spec[key])
+    return Library(LATENT, encoder, values["mean"], values["log_var"], covariate), infos, used
+
+
+def _dry_run(net: Chain, in_shape: Shape, expected: Shape, part: str, widths: Mapping[str, int] | None = None) -> None:
     """One zero input through ``net``: torch must agree with the shapes inferred layer by layer."""
+    encoded = {name: torch.zeros(1, width) for name, width in (widths or {}).items()}
     try:
         with torch.inference_mode():
-            found = tuple(net(torch.zeros(1, *in_shape)).shape[1:])
+            found = tuple(net(torch.zeros(1, *in_shape), encoded).shape[1:])
     except RuntimeError as error:
         raise SpecError(f"the {part} fails on a [1, {', '.join(map(str, in_shape))}] input: {error}") from None
     if found != expected:
@@ -462,7 +655,8 @@ def _sequential_specs(net: nn.Module, prefix: str, tensors: dict[str, torch.Tens
             continue
         if "tensor" in spec:
             for key, value in module.state_dict().items():
-                tensors[f"{name}.{key}"] = value
+                if value.is_floating_point():  # a batch norm's num_batches_tracked is no weight
+                    tensors[f"{name}.{key}"] = value
         specs.append(spec)
     return specs
 

@@ -163,12 +163,11 @@ class ArchModel(Model):
     Attributes:
         posterior_of: ``(x, covariates)`` -> q(z|x), batch ``[B]``, event ``[latent_dim]``.
         decode_of: ``(z, covariates)`` -> a distribution over x, or format-1 parameters ``[N, P*D]``.
-        covariates: the names ``encode`` and ``decode`` take them by.
+        covariates (``Model``'s): the names ``encode`` and ``decode`` take them by.
     """
 
     posterior_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Distribution] | None = None
     decode_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Any] | None = None
-    covariates: tuple[str, ...] = ()
 
     def posterior(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Distribution:
         """q(z|x), batch ``[B]`` and event ``[latent_dim]``.

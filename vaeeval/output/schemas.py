@@ -63,6 +63,7 @@ MODEL = _object(
         "domain": {"anyOf": [DOMAIN, {"type": "null"}]},
         "notes": {"type": "array", "items": STRING},
         "covariates": {"type": "array", "items": STRING},
+        "library": {"enum": ["observed", "latent", None]},
     },
 )
 DATA = _object(
@@ -75,7 +76,7 @@ DATA = _object(
         "domain": DOMAIN,
         "digest": STRING,
     },
-    {"key": MAYBE_STRING, "covariates": {"type": "array", "items": STRING}},
+    {"key": MAYBE_STRING, "covariates": {"type": "array", "items": STRING}, "layer": MAYBE_STRING},
 )
 SETTINGS = _object(
     {

@@ -259,6 +259,15 @@ def render_inspect(console: Console, model: Model) -> None:
     )
     facts.add_row("prior", f"{model.prior.family}, KL {model.prior.kl_kind}")
     facts.add_row("data domain", model.domain.describe() if model.domain else "not declared")
+    if model.data_layer:
+        facts.add_row("counts layer", escape(f"{model.data_layer} (of an .h5ad DATA file)"))
+    if model.covariates:
+        shown = [f"{name} ({len(model.categories[name])} categories)" if name in model.categories else name for name in model.covariates]
+        facts.add_row("covariates", escape(", ".join(shown) + ": the numbers are log p(x | covariates)"))
+    if model.library is not None:
+        facts.add_row("library size", model.library.describe())
+    if model.variance_floor:
+        facts.add_row("q(z|x)", f"variance exp(log-variance) + {model.variance_floor:g}")
     facts.add_row("parameters", f"{model.parameter_count:,}")
     console.print(Group(table, Text(), facts))
 
