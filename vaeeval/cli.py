@@ -321,8 +321,9 @@ _ARCH = (
     (("--input-shape",), {"metavar": "SHAPE", "default": None,
                           "help": "With --arch: the shape encode takes per point, e.g. 784 or 1,28,28 (default: the data's)."}),
     (("--covariates",), {"metavar": "NAME,...", "default": None,
-                         "help": "With --arch: arrays of the .npz DATA passed to encode and decode per point as keyword "
-                                 "arguments (a conditional model, evaluated as log p(x | covariates))."}),
+                         "help": "With --arch: arrays of the .npz DATA (obs columns of an .h5ad) passed to encode and decode "
+                                 "per point as keyword arguments (a conditional model, evaluated as log p(x | covariates)). "
+                                 "A format-1 model names its own."}),
 )
 _arch_options = _options(*(click.option(*names, **settings) for names, settings in _ARCH))
 # compare: each --arch option once for every model, or once per model in the models' order
