@@ -113,6 +113,32 @@ def test_a_latent_library_and_batch_dispersion_convert_to_scvis_numbers(cells, t
     assert abs(difference.mean()) < 4 * difference.std(ddof=1) / math.sqrt(difference.size) + 0.05
 
 
+def test_the_counts_layer_is_recorded_and_an_observed_library_is_not_ranked_against_a_latent_one(cells, tmp_path):
+    """An SCVI set up on layers["counts"] (X holding normalized values, which are no counts) converts to a file
+    that reads that layer from the .h5ad by itself; log p(x | library size) and log p(x) are not ranked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = scvi.data.synthetic_iid()  # its own: setting up a copy of the shared one would unregister that
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = np.log1p(np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X) / 10.0)
+        adata.write_h5ad(tmp_path / "layered.h5ad")
+        scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+        observed = _train(adata, tmp_path / "observed", gene_likelihood="nb")
+        latent = _train(adata, tmp_path / "latent", gene_likelihood="nb", use_observed_lib_size=False)
+    for folder in (observed, latent):
+        cli("convert", "--from", "scvi", folder, "-o", folder.with_suffix(".safetensors"))
+    inspected = json.loads(cli("inspect", observed.with_suffix(".safetensors"), "--json").stdout)
+    assert inspected["model"]["data_layer"] == "counts"
+    out = json.loads(cli("elbo", observed.with_suffix(".safetensors"), tmp_path / "layered.h5ad", "-k", 20, "--json").stdout)
+    assert out["data"]["layer"] == "counts" and out["data"]["domain"] == {"domain": "counts"}
+    refused = cli("elbo", observed.with_suffix(".safetensors"), tmp_path / "layered.h5ad", "--layer", "X", code=2)
+    assert "non-negative integers" in refused.stderr
+    compared = json.loads(cli("compare", observed.with_suffix(".safetensors"), latent.with_suffix(".safetensors"),
+                              tmp_path / "layered.h5ad", "-k", 20, "--json").stdout)
+    assert any("log p(x | batch, library size)" in note and "log p(x | batch)" in note for note in compared["notes"])
+    assert not compared["differences"]
+
+
 @pytest.mark.parametrize(
     ("options", "phrase"),
     [

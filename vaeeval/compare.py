@@ -72,13 +72,10 @@ def _names(models: Sequence[Model], indices: Sequence[int]) -> str:
 
 
 def _given(model: Model) -> tuple[str, ...]:
-    """The covariates a model's numbers are conditioned on (log p(x | c)), sorted."""
-    return tuple(sorted(getattr(model, "covariates", ())))
-
-
-def _given(model: Model) -> tuple[str, ...]:
-    """The covariates a model's numbers are conditioned on (log p(x | c)), sorted."""
-    return tuple(sorted(getattr(model, "covariates", ())))
+    """What a model's numbers are conditioned on (log p(x | c)), sorted: its covariates, and an observed library size."""
+    library = getattr(model, "library", None)
+    observed = ("library size",) if library is not None and not library.latent else ()
+    return tuple(sorted((*getattr(model, "covariates", ()), *observed)))
 
 
 def rank(
@@ -105,7 +102,7 @@ def rank(
         shown = "; ".join(
             f"{_names(models, members)} log p(x{' | ' + ', '.join(given) if given else ''})" for given, members in conditions.items()
         )
-        notes.append(f"Not ranked against each other: {shown}; conditioned on different covariates, they are different quantities.")
+        notes.append(f"Not ranked against each other: {shown}; conditioned on different things, they are different quantities.")
     for (measure, _), members in by_group.items():
         if measure == DENSITY and data_is_discrete:
             if len(members) > 1:

@@ -137,6 +137,7 @@ def model_record(model: Model) -> dict[str, Any]:
         "notes": list(model.notes),  # how the model was read: an assumed prior, a warning
         "covariates": list(getattr(model, "covariates", ())),  # the data's arrays the model is conditioned on
         "library": None if model.library is None else model.library.kind,  # a count model's library size: observed or latent
+        "data_layer": model.data_layer,  # the AnnData layer holding its counts, as the file records it
     }
 
 

@@ -64,6 +64,7 @@ MODEL = _object(
         "notes": {"type": "array", "items": STRING},
         "covariates": {"type": "array", "items": STRING},
         "library": {"enum": ["observed", "latent", None]},
+        "data_layer": MAYBE_STRING,
     },
 )
 DATA = _object(
