@@ -181,6 +181,22 @@ class _Annealer:
 
         return tick
 
+    def _annealed(
+        self, indices: np.ndarray | None, progress: Callable[[int], None] | None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, Target, torch.Tensor, Chains, Callable[[], None]]]:
+        """Per batch: its rows, points, target, step sizes, forward chains and progress tick; progress is
+        reported once the caller has taken the batch."""
+        done = 0
+        with torch.no_grad():
+            for rows, x, covariates in self._batches(indices):
+                tick = self._ticks(progress, done, rows.size)
+                target, start = self._target(x, covariates)
+                step_sizes = self._step_sizes(target, start, rows, tick)
+                yield rows, x, target, step_sizes, self._forward(target, start, rows, step_sizes, tick), tick
+                done += rows.size
+                if progress is not None:
+                    progress(done)
+
     def _batches(self, indices: np.ndarray | None) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
         indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
         for start in range(0, indices.size, self.settings.batch_size):
@@ -310,17 +326,8 @@ class AISEvaluator(_Annealer):
 
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[AISPart]:
         """Anneal the points ``indices`` (default: all, in order), one batch per part."""
-        done = 0
-        with torch.no_grad():
-            for rows, x, covariates in self._batches(indices):
-                tick = self._ticks(progress, done, rows.size)
-                target, start = self._target(x, covariates)
-                step_sizes = self._step_sizes(target, start, rows, tick)
-                forward = self._forward(target, start, rows, step_sizes, tick)
-                yield AISPart(self._points(rows, forward, step_sizes))
-                done += rows.size
-                if progress is not None:
-                    progress(done)
+        for rows, _, _, step_sizes, forward, _ in self._annealed(indices, progress):
+            yield AISPart(self._points(rows, forward, step_sizes))
 
     def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor) -> AISPointResults:
         log_weight = forward.log_weight
@@ -399,7 +406,7 @@ def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) 
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
         raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
-    if getattr(model, "covariates", ()):
+    if model.covariates:
         raise VaeevalError(
             f"bdmc simulates points from p(z) p(x|z), and this model is conditioned on {', '.join(model.covariates)}, "
             "which it cannot simulate; run vaeeval ais on data instead"
@@ -456,31 +463,23 @@ class BDMCEvaluator(_Annealer):
         self.simulated = simulated
 
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[BDMCPart]:
-        done = 0
-        with torch.no_grad():
-            for rows, x, covariates in self._batches(indices):
-                tick = self._ticks(progress, done, rows.size)
-                target, start = self._target(x, covariates)
-                step_sizes = self._step_sizes(target, start, rows, tick)
-                forward = self._forward(target, start, rows, step_sizes, tick)
+        for rows, x, target, step_sizes, forward, tick in self._annealed(indices, progress):
+            with torch.no_grad():
                 truth = torch.from_numpy(self.simulated.z[rows]).to(x.device).double()
                 start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
                 reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
                                  streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True, tick=tick)
-                lower = log_mean_exp(forward.log_weight).cpu().numpy()
-                upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
-                beside = self._beside(rows)
-                yield BDMCPart(BDMCPointResults(
-                    index=rows.copy(),
-                    lower=lower,
-                    upper=upper,
-                    gap=upper - lower,
-                    iwae=beside.iwae,
-                    acceptance=self._acceptance(forward, reverse),
-                ))
-                done += rows.size
-                if progress is not None:
-                    progress(done)
+            lower = log_mean_exp(forward.log_weight).cpu().numpy()
+            upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
+            beside = self._beside(rows)
+            yield BDMCPart(BDMCPointResults(
+                index=rows.copy(),
+                lower=lower,
+                upper=upper,
+                gap=upper - lower,
+                iwae=beside.iwae,
+                acceptance=self._acceptance(forward, reverse),
+            ))
 
     def finish(self, parts: Sequence[BDMCPart]) -> BDMCEvaluation:
         points = BDMCPointResults.concatenate([p.points for p in parts]).in_index_order()

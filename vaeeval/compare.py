@@ -73,9 +73,8 @@ def _names(models: Sequence[Model], indices: Sequence[int]) -> str:
 
 def _given(model: Model) -> tuple[str, ...]:
     """What a model's numbers are conditioned on (log p(x | c)), sorted: its covariates, and an observed library size."""
-    library = getattr(model, "library", None)
-    observed = ("library size",) if library is not None and not library.latent else ()
-    return tuple(sorted((*getattr(model, "covariates", ()), *observed)))
+    observed = ("library size",) if model.library is not None and not model.library.latent else ()
+    return tuple(sorted((*model.covariates, *observed)))
 
 
 def rank(

@@ -47,6 +47,7 @@ class _CountLikelihood(Likelihood):
     measure = PROBABILITY
     support = "non-negative integers (counts)"
     theta_key: ClassVar[str | None] = None
+    inflated: ClassVar[int] = 0  # 1: a last block of zero-inflation logits
 
     def __init__(self, spec: Mapping[str, Any], input_shape: tuple[int, ...], params_per_dim: int) -> None:
         super().__init__(spec, input_shape, params_per_dim)
@@ -55,7 +56,7 @@ class _CountLikelihood(Likelihood):
 
     @classmethod
     def _from_spec(cls, spec, tensors, input_shape):
-        extra = 1 if cls.family == "zinb" else 0
+        extra = cls.inflated
         if cls.theta_key is None:
             return cls(spec, input_shape, 1)
         if cls.theta_key not in spec:
@@ -171,6 +172,7 @@ class ZeroInflatedNegativeBinomialLikelihood(NegativeBinomialLikelihood):
     """pi 1{x = 0} + (1 - pi) NB(mu, theta): log mu, [log theta], then the logits of pi."""
 
     family = "zinb"
+    inflated = 1
 
     def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.double()

@@ -81,6 +81,11 @@ class Model:
     variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
 
     @property
+    def latent_library(self) -> bool:
+        """The last latent unit is a library size (standardized: ``Library``)."""
+        return self.library is not None and self.library.latent
+
+    @property
     def data_dims(self) -> int:
         """D, the number of dimensions of one data point."""
         return math.prod(self.input_shape)
@@ -132,10 +137,10 @@ class Model:
         latent library size is the last latent unit, standardized by its prior (``Library``).
         """
         encoded = self.encoded_covariates(covariates)
-        width = self.latent_dim - (self.library is not None and self.library.latent)
+        width = self.latent_dim - self.latent_library
         out = _run(self.encoder, x, encoded).reshape(x.shape[0], 2 * width)
         mean, log_var = out[:, :width], self._floored(out[:, width:])
-        if self.library is not None and self.library.latent:
+        if self.latent_library:
             own = _run(self.library.encoder, x, encoded).reshape(x.shape[0], 2)
             prior_mean, prior_log_var = self.library.prior(covariates or {}, x.shape[0])
             mean = torch.cat([mean, (own[:, :1] - prior_mean) * torch.exp(-0.5 * prior_log_var)], dim=1)
@@ -169,9 +174,8 @@ class Model:
         log softmax of the decoder's logits + the log library size.
         """
         encoded = self.encoded_covariates(covariates)
-        latent = self.library is not None and self.library.latent
-        params = _run(self.decoder, z[:, :-1] if latent else z, encoded).reshape(z.shape[0], *self.decode_shape)
-        if not latent:
+        params = _run(self.decoder, z[:, :-1] if self.latent_library else z, encoded).reshape(z.shape[0], *self.decode_shape)
+        if not self.latent_library:
             return params
         prior_mean, prior_log_var = self.library.prior(covariates or {}, z.shape[0])
         log_library = prior_mean + torch.exp(0.5 * prior_log_var) * z[:, -1:]
@@ -411,12 +415,13 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
             f"{math.prod(input_shape)} = {expected}"
         )
     library, library_infos, library_used = _library(document.get("library"), tensors, input_shape, likelihood, covariates)
+    latent_library = library is not None and library.latent
     chains = {"encoder": (encoder, input_shape, encoder_out), "decoder": (decoder, (latent_dim,), decoder_out)}
-    if library is not None and library.latent:
+    if latent_library:
         chains["library encoder"] = (library.encoder, input_shape, (2,))
     for part, (chain, in_shape, out_shape) in chains.items():
         _dry_run(chain, in_shape, out_shape, part, widths)
-    if not isinstance(prior, StandardNormalPrior) and library is not None and library.latent:
+    if latent_library and not isinstance(prior, StandardNormalPrior):
         raise SpecError("a latent library size needs the standard_normal prior for z (its own prior is in \"library\")")
 
     own = set(likelihood.tensors) | set(prior.tensors)
@@ -430,15 +435,14 @@ def _build(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pat
         encoder=encoder,
         decoder=decoder,
         likelihood=likelihood,
-        prior=prior if library is None or not library.latent else prior_from_spec(None, tensors, latent_dim + 1),
+        prior=prior_from_spec(None, tensors, latent_dim + 1) if latent_library else prior,
         input_shape=input_shape,
-        latent_dim=latent_dim + (library is not None and library.latent),
+        latent_dim=latent_dim + latent_library,
         domain=domain,
         description=description if isinstance(description, str) else str(description),
         layers=tuple(infos),
         path=path,
-        extra_parameters=sum(tensors[name].numel() for name in own)
-        + (0 if library is None or not library.latent else 2 * library.mean.numel()),
+        extra_parameters=sum(tensors[name].numel() for name in own) + (2 * library.mean.numel() if latent_library else 0),
         decoder_width=max(math.prod(info.out_shape) for info in decoder_infos),
         data_layer=_data_layer(document.get("data")),
         categories={c.name: c.categories for c in covariates if c.categories is not None},

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -430,5 +430,5 @@ def convert_scvi(folder: str | Path, out: str | Path, *, seed: int = 0) -> ScviC
         if not largest <= AGREEMENT:
             raise VaeevalError(f"the converted model differs from scVI's by {largest:.3g} (relative), more than float32 rounding; "
                                f"{out} not written")
-    return ScviConversion(out, load_model(out), document["likelihood"]["family"], document["library"]["type"],
+    return ScviConversion(out, replace(converted, path=out), document["likelihood"]["family"], document["library"]["type"],
                           converted.covariates, largest)

@@ -135,7 +135,7 @@ def model_record(model: Model) -> dict[str, Any]:
         "parameters": model.parameter_count,
         "digest": model.digest,  # of the model (or weights) file
         "notes": list(model.notes),  # how the model was read: an assumed prior, a warning
-        "covariates": list(getattr(model, "covariates", ())),  # the data's arrays the model is conditioned on
+        "covariates": list(model.covariates),  # the data's arrays the model is conditioned on
         "library": None if model.library is None else model.library.kind,  # a count model's library size: observed or latent
         "data_layer": model.data_layer,  # the AnnData layer holding its counts, as the file records it
     }
@@ -153,7 +153,7 @@ def data_record(dataset: Dataset) -> dict[str, Any]:
         "domain": dataset.domain.to_spec(),  # as detected from the values
         "digest": dataset.digest,  # of the evaluated points (and covariates): runs on the same data share it
         "covariates": sorted(dataset.covariates),
-        "layer": getattr(dataset, "layer", None),  # the AnnData layer read from an .h5ad
+        "layer": dataset.layer,  # the AnnData layer read from an .h5ad
     }
 
 
