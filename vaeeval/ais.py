@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Independent, Normal
 
-from vaeeval import rng
+from vaeeval import numerics, rng
 from vaeeval.annealing import (
     FORWARD,
     PILOT,
@@ -55,6 +55,7 @@ from vaeeval.estimators import effective_sample_size, iwae_stderr
 from vaeeval.evaluate import MAX_BATCH_SIZE, EvaluationOptions, Evaluator, batch_within
 from vaeeval.files import atomic_write, writing
 from vaeeval.model import Model
+from vaeeval.numerics import tree_sum
 from vaeeval.results import (
     AISCost,
     AISEvaluation,
@@ -251,7 +252,7 @@ class _Annealer:
 
     def _mean_step_size(self, step_sizes: torch.Tensor) -> np.ndarray:
         inner = step_sizes[:, 1 : self.ais.steps]
-        return (inner.mean(1) if inner.shape[1] else torch.full_like(step_sizes[:, 0], math.nan)).cpu().numpy()
+        return (tree_sum(inner) / inner.shape[1] if inner.shape[1] else torch.full_like(step_sizes[:, 0], math.nan)).cpu().numpy()
 
 
 class Start:
@@ -300,7 +301,10 @@ class Start:
         found = moments(q0)
         if found is not None:
             return found[1].double().sqrt().min(-1).values.expand(z.shape[0]).to(z.device)
-        return z.std(1).min(-1).values if z.shape[1] > 1 else torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
+        if z.shape[1] < 2:
+            return torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
+        deviations = z - tree_sum(z, dim=1)[:, None] / z.shape[1]
+        return (tree_sum(deviations * deviations, dim=1) / (z.shape[1] - 1)).sqrt().min(-1).values
 
 
 @dataclass(frozen=True)
@@ -332,8 +336,8 @@ class AISEvaluator(_Annealer):
     def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor) -> AISPointResults:
         log_weight = forward.log_weight
         chains = log_weight.shape[1]
-        log_sum = torch.logsumexp(log_weight, 1)
-        ess = effective_sample_size(log_sum, torch.logsumexp(2 * log_weight, 1))
+        log_sum = numerics.logsumexp(log_weight)
+        ess = effective_sample_size(log_sum, numerics.logsumexp(2 * log_weight))
         stderr = iwae_stderr(ess, chains) if chains > 1 else torch.full_like(ess, math.nan)
         beside = self._beside(rows)
         ais = log_mean_exp(log_weight).cpu().numpy()

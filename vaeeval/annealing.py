@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Independent, Normal
 
-from vaeeval import rng
+from vaeeval import numerics, rng
 from vaeeval.distributions import flows, log_prob64
 from vaeeval.errors import VaeevalError
 from vaeeval.model import Model, rows_independently
+from vaeeval.numerics import tree_sum
 from vaeeval.priors import Prior
 from vaeeval.user import first_line, where
 
@@ -60,7 +61,7 @@ def schedule(name: str, steps: int) -> np.ndarray:
     if name == "linear":
         betas = t
     elif name == "sigmoid":
-        s = 1 / (1 + np.exp(-SIGMOID_RADIUS * (2 * t - 1)))
+        s = 1 / (1 + numerics.exp(torch.from_numpy(-SIGMOID_RADIUS * (2 * t - 1))).numpy())
         betas = (s - s[0]) / (s[-1] - s[0])
     elif name == "geometric":
         betas = GEOMETRIC_START ** (1 - t)
@@ -127,7 +128,7 @@ def log_prob_and_grad(distribution: Distribution, z: torch.Tensor) -> tuple[torc
         if distribution.reinterpreted_batch_ndims == 1:
             base = distribution.base_dist
             standardized = (z - base.loc) / base.scale
-            log_p = (-0.5 * standardized * standardized - torch.log(base.scale) - _HALF_LOG_2PI).sum(-1)
+            log_p = tree_sum(-0.5 * standardized * standardized - torch.log(base.scale) - _HALF_LOG_2PI)
             return log_p, -standardized / base.scale
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -289,8 +290,8 @@ def hmc(
         proposal = decodable(proposal + epsilon * p)
         proposed = target.evaluate(proposal)
         p = p + (epsilon if step < leapfrog - 1 else 0.5 * epsilon) * proposed.grad_f(beta)
-    before = state.log_f(beta) - 0.5 * (momentum * momentum).sum(-1)
-    after = proposed.log_f(beta) - 0.5 * (p * p).sum(-1)
+    before = state.log_f(beta) - 0.5 * tree_sum(momentum * momentum)
+    after = proposed.log_f(beta) - 0.5 * tree_sum(p * p)
     accepted = log_uniform < after - before  # NaN compares False: rejected
     return torch.where(accepted[..., None], proposal, z), state.where(accepted, proposed), accepted
 
@@ -357,13 +358,13 @@ def anneal(
         if k in (0, steps):
             continue
         momentum = rng.normal(seed, indices, chain_counters(k, chains, latent), streams.momentum).to(z.device)
-        log_uniform = torch.from_numpy(
-            np.log(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
+        log_uniform = numerics.log(
+            torch.from_numpy(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
         ).to(z.device)
         z, state, moved = hmc(target, z, state, float(betas[k]), step_sizes[:, k], momentum, log_uniform, leapfrog)
         accepted += moved.sum(1)
         if adapt and k + 1 < steps:
-            rate = moved.double().mean(1)
+            rate = tree_sum(moved.double()) / chains
             factor = torch.full_like(rate, ADAPT_DOWN).masked_fill_(rate > TARGET_ACCEPTANCE, ADAPT_UP)
             step_sizes[:, k + 1] = (step_sizes[:, k] * factor).clamp(*STEP_SIZE_RANGE)
     return Chains(log_weight, accepted, step_sizes)
@@ -386,4 +387,4 @@ def gaussian_draws(
 
 def log_mean_exp(values: torch.Tensor) -> torch.Tensor:
     """log (1/C) Σ_c exp(values[..., c]), ``[..., C] -> [...]``."""
-    return torch.logsumexp(values, dim=-1) - math.log(values.shape[-1])
+    return numerics.logsumexp(values) - math.log(values.shape[-1])

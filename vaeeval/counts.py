@@ -29,11 +29,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from vaeeval import numerics
 from vaeeval.errors import SpecError, VaeevalError
-from vaeeval.layers import log1p
 from vaeeval.likelihoods import Likelihood, register
+from vaeeval.numerics import log1p
 from vaeeval.results import PROBABILITY
 from vaeeval.specs import named_tensor
 
@@ -76,7 +76,7 @@ class _CountLikelihood(Likelihood):
             return first
         dims = len(self.input_shape)
         flat = first.flatten(start_dim=first.dim() - dims)
-        shares = F.log_softmax(flat, dim=-1).reshape(first.shape)
+        shares = numerics.log_softmax(flat).reshape(first.shape)
         total = x.flatten(start_dim=x.dim() - dims).sum(dim=-1).clamp(min=_NO_COUNTS)
         return shares + torch.log(total).reshape(*total.shape, *([1] * dims))
 
@@ -135,7 +135,7 @@ def log_negative_binomial(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torc
     """(log NB(x; mu, theta), log NB(0; mu, theta)) elementwise, float64 (module docstring)."""
     theta = log_theta.exp()
     d = log_mu - log_theta
-    s = F.softplus(d)
+    s = numerics.softplus(d)
     coefficient = log_rising(theta, x) - torch.lgamma(x + 1)
     return x * d - (theta + x) * s + coefficient, -theta * s
 
@@ -178,5 +178,5 @@ class ZeroInflatedNegativeBinomialLikelihood(NegativeBinomialLikelihood):
         x = x.double()
         log_mu, log_theta, logits = self.blocks(params, x)
         log_nb, log_zero = log_negative_binomial(x, log_mu, log_theta)
-        extra = torch.where(x == 0, F.softplus(logits - log_zero), 0.0)  # the zero-inflation's own mass at 0
-        return log_nb - F.softplus(logits) + extra
+        extra = torch.where(x == 0, numerics.softplus(logits - log_zero), 0.0)  # the zero-inflation's own mass at 0
+        return log_nb - numerics.softplus(logits) + extra

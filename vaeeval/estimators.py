@@ -15,48 +15,21 @@ Samples arrive in chunks, so the reductions over k are streamed: the state
 per point is one float64 number, whatever K is. To make the result independent
 of the chunk size, every reduction runs over fixed blocks of ``BLOCK`` samples
 (the last one padded with the reduction's identity) and folds the blocks into
-the state one at a time, in sample order; chunks hold whole blocks.
+the state one at a time, in sample order; chunks hold whole blocks. Within a
+block, sums are fixed pairwise trees and log-sum-exps use ``numerics``' own exp
+and log, so no bit depends on torch's reduction order or the CPU's vector code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
+import vaeeval.numerics as numerics
+from vaeeval.numerics import fold_, tree_sum
+
 BLOCK = 64
-
-
-def fold_(values: torch.Tensor, combine: Callable[..., torch.Tensor], *, narrowest: int = 64, most: int | None = None) -> torch.Tensor:
-    """Combine the last axis of ``values`` pairwise, in place, until at most ``narrowest`` columns are left.
-
-    Column j takes column j + w/2 at each halving (an odd last column goes into column
-    0 first), so each result column is a balanced tree of the inputs. The tree depends
-    only on the width, and ``combine`` (``torch.add``, ``torch.mul``) is exactly rounded
-    elementwise, so a row's result never depends on the other rows or on vectorization.
-
-    Args:
-        values: ``[..., D]`` float tensor, overwritten.
-        combine: a binary elementwise torch function taking ``out=``.
-        narrowest: stop at this many columns or fewer.
-        most: stop before any column would combine more than this many inputs.
-
-    Returns:
-        ``[..., w]``, a view of ``values``' first ``w`` columns: ``w <= narrowest`` unless ``most`` stopped the folding first.
-    """
-    width, terms = values.shape[-1], 1
-    while width > narrowest:
-        grown = terms * (3 if width % 2 else 2)
-        if most is not None and grown > most:
-            break
-        if width % 2:
-            combine(values[..., :1], values[..., width - 1 : width], out=values[..., :1])
-            width -= 1
-        half = width // 2
-        combine(values[..., :half], values[..., half:width], out=values[..., :half])
-        width, terms = half, grown
-    return values[..., :width]
 
 
 def row_sums(values: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
@@ -72,14 +45,14 @@ def row_sums(values: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
     """
     dims = values.shape[-1]
     if values.dtype == torch.float64 or dims <= 64:
-        return values.sum(-1, dtype=torch.float64)
+        return tree_sum(values.double())
     if not consume:  # fold_'s first step, into a new tensor: ``values`` is left as it was
         half = dims // 2
         scratch = values[..., :half] + values[..., half : 2 * half]
         if dims % 2:
             torch.add(values[..., :1] + values[..., dims - 1 :], values[..., half : half + 1], out=scratch[..., :1])
         values = scratch
-    return fold_(values, torch.add).sum(-1, dtype=torch.float64)
+    return tree_sum(fold_(values, torch.add).double())
 
 
 def log_weights(log_px_z: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor) -> torch.Tensor:
@@ -98,7 +71,7 @@ def _blocks(values: torch.Tensor, fill: float) -> torch.Tensor:
 
 def fold_sum(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Add the sum over samples of ``values [B, S]`` to ``total [B]``, block by block."""
-    for block_sum in _blocks(values, 0.0).sum(dim=2).unbind(dim=1):
+    for block_sum in tree_sum(_blocks(values, 0.0)).unbind(dim=1):
         total = total + block_sum
     return total
 
@@ -124,18 +97,18 @@ def fold_logsumexp_prefixes(
     """
     blocks = _blocks(log_values, -math.inf)
     prefixes = {}
-    for index, block_lse in enumerate(torch.logsumexp(blocks, dim=2).unbind(dim=1)):
+    for index, block_lse in enumerate(numerics.logsumexp(blocks).unbind(dim=1)):
         start = first + index * BLOCK
         for k in checkpoints:
             if start < k <= start + BLOCK:
-                prefixes[k] = torch.logaddexp(total, torch.logsumexp(blocks[:, index, : k - start], dim=1))
-        total = torch.logaddexp(total, block_lse)
+                prefixes[k] = numerics.logaddexp(total, numerics.logsumexp(blocks[:, index, : k - start]))
+        total = numerics.logaddexp(total, block_lse)
     return total, prefixes
 
 
 def effective_sample_size(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor) -> torch.Tensor:
     """(sum w)^2 / sum w^2 from the logs of both sums (Kong 1992)."""
-    return torch.exp(2 * log_sum_w - log_sum_w2)
+    return numerics.exp(2 * log_sum_w - log_sum_w2)
 
 
 def iwae_stderr(ess: torch.Tensor, samples: int) -> torch.Tensor:

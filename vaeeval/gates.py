@@ -16,7 +16,7 @@ from statistics import NormalDist
 import numpy as np
 
 from vaeeval.errors import VaeevalError, option
-from vaeeval.results import AISSummary, Stat, Summary, mean_and_stderr
+from vaeeval.results import AISSummary, Stat, Summary, exact_mean, mean_and_stderr
 from vaeeval.stream import StoredRun
 
 GATED = ("elbo", "recon", "iwae")  # higher is better
@@ -131,8 +131,8 @@ def check_baseline(
     bound = difference.mean + NormalDist().inv_cdf(confidence) * (difference.stderr or 0.0)
     return BaselineCheck(
         metric=metric,
-        new=float(a.mean()),
-        baseline=float(b.mean()),
+        new=exact_mean(a),
+        baseline=exact_mean(b),
         difference=difference,
         points=len(order),
         tolerance=tolerance,

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch.distributions import Independent, Normal
 
+from vaeeval import numerics
 from vaeeval.priors import Prior
+from vaeeval.results import exact_mean, exact_variance
 from vaeeval.rng import standard_normal
 
 ACTIVE_THRESHOLD = 0.01
@@ -61,8 +63,8 @@ class LatentHealth:
 def _log_gaussians(z: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
     """log N(z_i; mean_n, diag var_n) for every pair: ``[I, L] x [N, L] -> [I, N]``, by matrix products."""
     precision = 1 / variances
-    quadratic = (z * z) @ precision.T - 2 * z @ (means * precision).T + (means * means * precision).sum(1)
-    return -0.5 * (quadratic + torch.log(variances).sum(1) + z.shape[1] * _LOG_2PI)
+    quadratic = (z * z) @ precision.T - 2 * z @ (means * precision).T + numerics.tree_sum(means * means * precision)
+    return -0.5 * (quadratic + numerics.tree_sum(numerics.log(variances)) + z.shape[1] * _LOG_2PI)
 
 
 def mutual_information(means: np.ndarray, variances: np.ndarray, seed: int = 0) -> float:
@@ -73,15 +75,15 @@ def mutual_information(means: np.ndarray, variances: np.ndarray, seed: int = 0) 
     eps = standard_normal(seed, np.arange(n), 0, 1, latent)[:, 0]
     z = mu + var.sqrt() * eps
     log_q_own = Independent(Normal(mu, var.sqrt()), 1).log_prob(z)
-    total = 0.0
+    terms = []
     for first in range(0, n, _CHUNK):
         rows = slice(first, first + _CHUNK)
         log_aggregate = torch.full((z[rows].shape[0],), -math.inf, dtype=torch.float64)
         for inner in range(0, n, _CHUNK):
             cols = slice(inner, inner + _CHUNK)
-            log_aggregate = torch.logaddexp(log_aggregate, torch.logsumexp(_log_gaussians(z[rows], mu[cols], var[cols]), 1))
-        total += float((log_q_own[rows] - (log_aggregate - math.log(n))).sum())
-    return total / n
+            log_aggregate = numerics.logaddexp(log_aggregate, numerics.logsumexp(_log_gaussians(z[rows], mu[cols], var[cols])))
+        terms.append((log_q_own[rows] - (log_aggregate - math.log(n))).numpy())
+    return exact_mean(np.concatenate(terms))
 
 
 def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prior: Prior, seed: int = 0) -> LatentHealth:
@@ -95,12 +97,12 @@ def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prio
     """
     mu = torch.as_tensor(means, dtype=torch.float64)
     var = torch.as_tensor(variances, dtype=torch.float64)
-    activity = mu.var(dim=0, unbiased=True).numpy() if mu.shape[0] > 1 else np.zeros(mu.shape[1])
+    activity = np.array([exact_variance(column) for column in np.asarray(means, dtype=np.float64).T])
     information = mutual_information(means, variances, seed)
-    mean_kl = float(np.mean(kl))
+    mean_kl = exact_mean(kl)
     kl_per_dim = prior.kl_per_dim(mu, var)
     return LatentHealth(
-        kl_per_dim=None if kl_per_dim is None else kl_per_dim.mean(dim=0).numpy(),
+        kl_per_dim=None if kl_per_dim is None else np.array([exact_mean(column) for column in kl_per_dim.numpy().T]),
         activity=activity,
         active=activity > ACTIVE_THRESHOLD,
         mutual_information=information,
@@ -108,3 +110,4 @@ def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prio
         aggregate_kl=mean_kl - information,
         max_information=math.log(mu.shape[0]),
     )
+

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaeeval import numerics
 from vaeeval.errors import SpecError, VaeevalError
 from vaeeval.specs import is_integer, named_tensor
 
@@ -454,11 +455,12 @@ def _conv_transpose2d(spec, tensors, in_shape, label):
 class Elementwise(nn.Module):
     """An activation computed from elementwise operations whose result does not depend on position.
 
-    torch's vectorized CPU kernels for sigmoid, SiLU, softplus and (float64) ELU handle
-    a tensor's last few elements with a scalar path that rounds differently, so an
-    element's value would depend on where it sits in the batch. These forms (through
-    log-sigmoid, exp and expm1, which do not) give every point the same numbers whatever
-    the batch and chunk sizes; they agree with torch's to a unit in the last place.
+    torch's vectorized CPU kernels for sigmoid, SiLU, softplus and ELU handle a tensor's
+    last few elements with a scalar path that rounds differently, and change their last
+    bit with the CPU's vector instructions, so an element's value would depend on where
+    it sits in the batch and on the machine. These forms (``numerics``: exp and log with
+    exactly rounded arithmetic around them) give every point the same numbers whatever
+    the batch, chunk and ISA; they agree with torch's to a unit in the last place.
     """
 
     def __init__(self, name: str, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -473,14 +475,14 @@ class Elementwise(nn.Module):
 
 
 def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(nn.functional.logsigmoid(x))
+    return torch.exp(-numerics.softplus(-x))
 
 
 _POSITION_INDEPENDENT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": _sigmoid,
     "silu": lambda x: x * _sigmoid(x),
-    "softplus": lambda x: -nn.functional.logsigmoid(-x),
-    "elu": lambda x: torch.where(x > 0, x, torch.expm1(x)),
+    "softplus": numerics.softplus,
+    "elu": lambda x: torch.where(x > 0, x, numerics.expm1(x)),
 }
 
 
@@ -544,10 +546,7 @@ for _name, _known in _ACTIVATIONS.items():
     )
 
 
-def log1p(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + x) through ``log`` (Goldberg's correction: exact to float32 rounding for tiny x), like the forms above."""
-    u = 1 + x
-    return torch.where(u == 1, x, torch.log(u) * (x / (u - 1)))
+log1p = numerics.log1p
 
 
 def _log1p_module(*args: Any, **kwargs: Any) -> nn.Module:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Distribution, Laplace, Normal
 from torch.distributions.utils import broadcast_all
 
+from vaeeval import numerics
 from vaeeval.domains import Domain
 from vaeeval.errors import SpecError, VaeevalError, option
 from vaeeval.estimators import fold_, row_sums
@@ -284,12 +285,12 @@ def likelihood_from_spec(
 def log1mexp(d: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012).
 
-    Above log 2, 1 - exp(-d) >= 1/2 is exact enough for ``log``; torch's ``log1p`` is
-    avoided because its CPU result depends on the element's position in the tensor. Each
+    Above log 2, 1 - exp(-d) >= 1/2 is exact enough for ``log``; below, ``numerics.expm1``
+    (torch's own depends on the element's position and the CPU's ISA). Each
     branch sees only its own range, so neither sends an infinite gradient through the other.
     """
     small = d < _LOG_2
-    return torch.where(small, torch.log(-torch.expm1(-d.clamp(max=_LOG_2))), torch.log(1 - torch.exp(-d.clamp(min=_LOG_2))))
+    return torch.where(small, torch.log(-numerics.expm1(-d.clamp(max=_LOG_2))), torch.log(1 - torch.exp(-d.clamp(min=_LOG_2))))
 
 
 def finite_edges(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

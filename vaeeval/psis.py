@@ -5,7 +5,8 @@ sampling", JMLR 25(72). The M largest weights (M = ceil(min(K/5, 3 sqrt(K))))
 above the (M+1)-th are fitted with a generalized Pareto distribution by the
 empirical-Bayes method of Zhang & Stephens (2009), with the usual weak prior
 pulling k toward 0.5; the same computation as arviz's ``psislw``, vectorized
-over points, in float64. k-hat above min(1 - 1/log10(K), 0.7) means the
+over points, in float64, with ``numerics``' exp, log and sums (NumPy's own change their
+last bit with the CPU's vector instructions). k-hat above min(1 - 1/log10(K), 0.7) means the
 importance-sampling estimate is unreliable: its variance may be infinite, and
 the estimate can look fine while being badly low.
 
@@ -54,13 +55,13 @@ def gpd_fit(tails: np.ndarray) -> np.ndarray:
     m = 30 + int(n**0.5)
     b = 1 - np.sqrt(m / (np.arange(1, m + 1, dtype=float) - 0.5))
     b = b[None, :] / (_PRIOR_BS * tails[:, int(n / 4 + 0.5) - 1][:, None]) + 1 / tails[:, -1][:, None]  # [R, m]
-    k = np.log1p(-b[:, :, None] * tails[:, None, :]).mean(axis=2)  # [R, m]
-    profile = n * (np.log(-(b / k)) - k - 1)
-    weights = 1 / np.exp(profile[:, None, :] - profile[:, :, None]).sum(axis=2)
+    k = _mean(_log1p(-b[:, :, None] * tails[:, None, :]))  # [R, m]
+    profile = n * (_log(-(b / k)) - k - 1)
+    weights = 1 / _sum(_exp(profile[:, None, :] - profile[:, :, None]))
     weights = np.where(weights >= 10 * _EPS, weights, 0.0)
-    weights /= weights.sum(axis=1, keepdims=True)
-    b_post = (b * weights).sum(axis=1)
-    k_post = np.log1p(-b_post[:, None] * tails).mean(axis=1)
+    weights /= _sum(weights)[:, None]
+    b_post = _sum(b * weights)
+    k_post = _mean(_log1p(-b_post[:, None] * tails))
     return (n * k_post + _PRIOR_K * 0.5) / (n + _PRIOR_K)
 
 
@@ -89,6 +90,37 @@ def pareto_khat(top: np.ndarray, samples: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for n in np.unique(lengths[lengths > 4]):
             rows = np.flatnonzero(lengths == n)
-            exceedances = np.exp(x[rows, :n]) - np.exp(cutoff[rows])[:, None]
+            exceedances = _exp(x[rows, :n]) - _exp(cutoff[rows])[:, None]
             khat[rows] = gpd_fit(exceedances[:, ::-1])
     return khat
+
+
+# numerics (torch) is imported inside these, so that importing psis (results.py does) needs no torch.
+def _exp(values: np.ndarray) -> np.ndarray:
+    from vaeeval import numerics
+
+    return numerics.exp(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
+
+
+def _log(values: np.ndarray) -> np.ndarray:
+    from vaeeval import numerics
+
+    return numerics.log(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
+
+
+def _log1p(values: np.ndarray) -> np.ndarray:
+    from vaeeval import numerics
+
+    return numerics.log1p(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64)), numerics.log).numpy()
+
+
+def _sum(values: np.ndarray) -> np.ndarray:
+    """Sums over the last axis, as a fixed pairwise tree."""
+    from vaeeval import numerics
+
+    return numerics.tree_sum(numerics.torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))).numpy()
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    return _sum(values) / values.shape[-1]
+

@@ -201,11 +201,39 @@ class Evaluation:
         return self.kl_kind == MONTE_CARLO
 
 
+def exact_sum(values: np.ndarray) -> float:
+    """The correctly rounded sum (``math.fsum``): the same bits in any order or grouping of the values."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not np.isfinite(values).all():  # inf or NaN: exact anyway, and fsum refuses inf - inf
+        return float(values.sum())
+    return math.fsum(values.tolist())
+
+
+def exact_mean(values: np.ndarray) -> float:
+    """``exact_sum`` over n."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return exact_sum(values) / values.size
+
+
 def mean_and_stderr(values: np.ndarray) -> Stat:
-    """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n))."""
-    values = np.asarray(values, dtype=np.float64)
-    stderr = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
-    return Stat(float(values.mean()), stderr)
+    """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n)).
+
+    Both sums are exactly rounded (``exact_sum``), so the numbers do not depend on how the
+    points were split into batches, shards or processes, nor on NumPy's vector code.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size < 2:
+        return Stat(exact_mean(values), None)
+    return Stat(exact_mean(values), math.sqrt(exact_variance(values)) / math.sqrt(values.size))
+
+
+def exact_variance(values: np.ndarray) -> float:
+    """The unbiased sample variance from exactly rounded sums (0 for fewer than two values)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size < 2:
+        return 0.0
+    deviations = values - exact_mean(values)
+    return exact_sum(deviations * deviations) / (values.size - 1)
 
 
 def convergence_checkpoints(samples: int) -> tuple[int, ...]:

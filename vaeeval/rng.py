@@ -5,7 +5,8 @@ batched, how samples are chunked, or which process computes them: the same
 seed gives the same numbers, bit for bit. Each draw hashes its counter with the
 SplitMix64 finalizer (Steele, Lea & Flood 2014, the seeding generator of
 java.util.SplittableRandom), takes 53 bits as a uniform on (0, 1) and, for
-normal draws, maps it through the normal quantile function. Everything is
+normal draws, maps it through the normal quantile function (``numerics.ndtri``, the
+same bits on every CPU). Everything is
 vectorized: no Python loop over points or samples.
 
 Independent uses of randomness draw from separate streams (an integer mixed
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from vaeeval.numerics import ndtri
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -62,7 +65,7 @@ def uniform(seed: int, indices: np.ndarray, counters: np.ndarray, stream: int = 
 
 def normal(seed: int, indices: np.ndarray, counters: np.ndarray, stream: int = 0) -> torch.Tensor:
     """Standard-normal draws, ``[B, *counters.shape]`` float64 (see ``uniform``)."""
-    return torch.special.ndtri(torch.from_numpy(uniform(seed, indices, counters, stream)))
+    return torch.from_numpy(ndtri(uniform(seed, indices, counters, stream)))
 
 
 def standard_normal(seed: int, indices: np.ndarray, start: int, stop: int, dim: int) -> torch.Tensor:
