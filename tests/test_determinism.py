@@ -4,7 +4,8 @@ One matrix: each command's whole JSON document (per-point estimates, standard er
 ESS, k-hat, convergence, latent health, AIS and compare statistics) from a plain run is
 compared with the same command's under another batch size, memory budget or thread
 count, under every ATen vector ISA this CPU has (``ATEN_CPU_CAPABILITY``), with NumPy's
-AVX-512 code switched off, and split into shards then merged, or killed and resumed.
+AVX-512 code switched off, split across torchrun processes, and split into shards then
+merged, or killed and resumed.
 Each run is a fresh process, so the environment variables take effect.
 """
 
@@ -57,10 +58,13 @@ VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
-def _run(args: list, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-    environment = {**os.environ, **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "vaeeval", *map(str, args)], capture_output=True, text=True,
-                          env=environment, cwd=cwd, timeout=300)
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _run(args: list, env: dict[str, str] | None = None, launcher: list[str] | None = None) -> str:
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, *(launcher or []), "-m", "vaeeval", *map(str, args)], capture_output=True,
+                          text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -91,6 +95,15 @@ def test_every_number_is_the_same_bits(plain, workload, variant):
 
 
 @pytest.mark.parametrize("workload", STREAMED)
+def test_torchrun_processes_give_the_same_bits(plain, workload, tmp_path):
+    output = tmp_path / "run.jsonl"
+    assert _numbers(_run([*WORKLOADS[workload], "--json", "--output", output], launcher=TORCHRUN)) == plain[workload]
+    assert sorted(json.loads(line)["index"] for line in output.read_text().splitlines()[1:-1]) == list(
+        range(plain[workload]["summary"]["n"])
+    )
+
+
+@pytest.mark.parametrize("workload", STREAMED)
 def test_shards_merged_and_a_resumed_run_are_the_same_bits(workload, tmp_path):
     args = [a for a in WORKLOADS[workload] if a not in ("--diagnostics", "--convergence")]  # they need one process
     whole = _numbers(_run([*args, "--json", "--output", tmp_path / "whole.jsonl"]))
@@ -111,3 +124,72 @@ def test_statistics_do_not_depend_on_how_the_points_are_grouped():
 
     values = np.random.default_rng(3).standard_normal(1001) * 1e3 + 1e6
     assert mean_and_stderr(values) == mean_and_stderr(values[::-1]) == mean_and_stderr(np.roll(values, 17))
+
+
+_EVERY_FAMILY = """
+import hashlib, json, sys
+import numpy as np, torch
+from vaeeval import evaluate, load_model
+from vaeeval.ais import AISEvaluator, AISOptions
+from vaeeval.evaluate import EvaluationOptions
+from vaeeval.likelihoods import likelihood_from_spec
+
+found = {}
+for name in sys.argv[2:]:
+    model, data = load_model(f"{sys.argv[1]}/{name}.safetensors"), np.load(f"{sys.argv[1]}/{name}.npy")
+    for options in ({}, {"density": True}):
+        result = evaluate(model, data, samples=130, seed=3, batch_size=5, **options)
+        found[f"{name} {options}"] = [getattr(result.points, k).tolist() for k in ("elbo", "iwae", "ess", "khat")]
+    ais = AISEvaluator(model, data[:6], AISOptions(steps=6, leapfrog=2, chains=3), EvaluationOptions(samples=8)).evaluate()
+    found[f"{name} ais"] = [ais.points.ais.tolist(), ais.points.acceptance.tolist()]
+rng = np.random.default_rng(0)
+x = torch.from_numpy(rng.poisson(3.0, (4, 50)).astype(np.float64))
+for family in ("poisson", "negative_binomial", "zinb"):
+    blocks = 1 if family == "poisson" else 2 if family == "negative_binomial" else 3
+    spec, tensors = ({"family": family}, {}) if family == "poisson" else ({"family": family}, {})
+    likelihood = likelihood_from_spec(spec, tensors, (50,))
+    params = torch.from_numpy(rng.normal(size=(4, likelihood.params_per_dim, 50)))
+    found[family] = likelihood.log_prob(params, x).tolist()
+print(hashlib.sha256(json.dumps(found).encode()).hexdigest(), json.dumps(found))
+"""
+
+
+def test_every_family_layer_and_path_is_the_same_bits_under_every_isa(tmp_path):
+    """Each family (densities and bins), each activation, a convolutional decoder off the linear
+    shortcut, AIS through them, and the count families: the same bits under each ATen ISA."""
+    from conftest import FAMILIES, family_data
+    from torch import nn
+
+    from vaeeval import save_model
+
+    torch.manual_seed(0)
+    dims, names = 16, []
+    for likelihood, outputs, kind in FAMILIES:
+        encoder = nn.Sequential(nn.Linear(dims, 16), nn.ELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 6))
+        decoder = nn.Sequential(
+            nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 16), nn.Sigmoid(),
+            nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, outputs * dims),
+        )
+        names.append(f"{likelihood['family']}{outputs}")
+        save_model(tmp_path / f"{names[-1]}.safetensors", encoder, decoder, likelihood=likelihood, input_shape=[dims],
+                   latent_dim=3)
+        np.save(tmp_path / f"{names[-1]}.npy", family_data(kind, 11, dims))
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 4))
+    decoder = nn.Sequential(nn.Linear(2, 4 * 4 * 4), nn.ReLU(), nn.Unflatten(1, (4, 4, 4)), nn.ConvTranspose2d(4, 1, 4, 2, 1))
+    save_model(tmp_path / "conv.safetensors", encoder, decoder, likelihood={"family": "bernoulli"}, input_shape=[1, 8, 8],
+               latent_dim=2)
+    np.save(tmp_path / "conv.npy", family_data("binary", 11, 64).reshape(11, 1, 8, 8))
+    names.append("conv")
+    script = tmp_path / "every_family.py"
+    script.write_text(_EVERY_FAMILY)
+    digests = {}
+    for isa in _capabilities():
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), *names], capture_output=True, text=True,
+                              env={**os.environ, "ATEN_CPU_CAPABILITY": isa}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        digests[isa] = done.stdout.split(" ", 1)
+    first, *others = digests.values()
+    for isa, (digest, found) in zip(list(digests)[1:], others, strict=True):
+        if digest != first[0]:
+            expected, differs = json.loads(first[1]), json.loads(found)
+            assert differs == expected, f"{isa}: " + ", ".join(k for k in expected if expected[k] != differs[k])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaeeval.estimators import (
     BLOCK,
+    LogSumExp,
     fold_,
-    fold_logsumexp,
     fold_sum,
     iwae_bound,
     log_weights,
@@ -26,6 +27,13 @@ def _streamed(values: torch.Tensor, chunk: int, fold, start: float) -> torch.Ten
     return total
 
 
+def _streamed_lse(values: torch.Tensor, chunk: int, checkpoints: tuple[int, ...] = ()) -> tuple[LogSumExp, dict]:
+    state, prefixes = LogSumExp(values.shape[0], values), {}
+    for first in range(0, values.shape[1], chunk):
+        prefixes.update(state.update(values[:, first : first + chunk], first, checkpoints))
+    return state, prefixes
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     samples=st.integers(1, 700),
@@ -36,22 +44,31 @@ def test_streaming_is_bitwise_chunk_independent_and_matches_one_reduction(sample
     generator = torch.Generator().manual_seed(seed)
     log_w = torch.randn(3, samples, generator=generator, dtype=torch.float64) * 30 - 100
     sums = [_streamed(log_w, c * BLOCK, fold_sum, 0.0) for c in chunks]
-    lses = [_streamed(log_w, c * BLOCK, fold_logsumexp, -math.inf) for c in chunks]
-    assert torch.equal(sums[0], sums[1]) and torch.equal(lses[0], lses[1])
+    checkpoints = tuple(k for k in (1, 10, 100) if k < samples)
+    streamed = [_streamed_lse(log_w, c * BLOCK, checkpoints) for c in chunks]
+    (first, prefixes), (second, other_prefixes) = streamed
+    assert torch.equal(sums[0], sums[1]) and torch.equal(first.log_sum(), second.log_sum())
+    assert torch.equal(first.effective_sample_size(), second.effective_sample_size())
+    assert all(torch.equal(prefixes[k], other_prefixes[k]) for k in checkpoints)
     torch.testing.assert_close(sums[0], log_w.sum(1), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(lses[0], torch.logsumexp(log_w, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first.log_sum(), torch.logsumexp(log_w, 1), rtol=1e-12, atol=1e-12)
+    for k in checkpoints:
+        torch.testing.assert_close(prefixes[k], torch.logsumexp(log_w[:, :k], 1), rtol=1e-12, atol=1e-12)
+    ess = torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1))
+    torch.testing.assert_close(first.effective_sample_size(), ess, rtol=1e-10, atol=0)
 
 
 def test_logsumexp_is_stable_far_from_zero():
     log_w = torch.tensor([[-1e4, -1e4 + math.log(3.0)]], dtype=torch.float64)
-    total = fold_logsumexp(torch.tensor([-math.inf], dtype=torch.float64), log_w)
-    assert total.item() == -1e4 + math.log(4.0)
+    state, _ = _streamed_lse(log_w, BLOCK)
+    assert state.log_sum().item() == -1e4 + math.log(4.0) and state.effective_sample_size().item() == pytest.approx(1.6, rel=1e-14)
 
 
 def test_iwae_of_equal_weights_is_the_weight():
     log_w = torch.full((2, 1000), -7.25, dtype=torch.float64)
-    lse = fold_logsumexp(torch.full((2,), -math.inf, dtype=torch.float64), log_w)
-    torch.testing.assert_close(iwae_bound(lse, 1000), torch.full((2,), -7.25, dtype=torch.float64))
+    state, _ = _streamed_lse(log_w, 3 * BLOCK)
+    torch.testing.assert_close(iwae_bound(state.log_sum(), 1000), torch.full((2,), -7.25, dtype=torch.float64))
+    torch.testing.assert_close(state.effective_sample_size(), torch.full((2,), 1000.0, dtype=torch.float64))
 
 
 def test_log_weights_is_the_importance_ratio():

@@ -1,9 +1,8 @@
-"""vaeeval.run: long runs killed and resumed, interrupted with Ctrl-C, and split across torchrun processes."""
+"""vaeeval.run: long runs killed and resumed, interrupted with Ctrl-C; the torchrun world (its numbers: test_determinism)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -103,33 +102,3 @@ def test_the_torchrun_world_is_read_from_its_environment(monkeypatch, environmen
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert distributed_world() == world and local_processes() == local
-
-
-def test_torchrun_two_processes_give_the_single_process_numbers(bernoulli_model, binary_data, tmp_path):
-    args = [str(bernoulli_model.path), str(binary_data), "-k", "48", "--json", "--convergence", "--diagnostics"]
-    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    distributed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vaeeval", "elbo",
-         *args, "--output", str(tmp_path / "d.jsonl")],
-        capture_output=True, text=True, timeout=300, env=environment,
-    )
-    assert distributed.returncode == 0, distributed.stderr
-    single = cli("elbo", *args)
-    distributed_doc, single_doc = json.loads(distributed.stdout), json.loads(single.stdout)
-    for key in ("points", "summary", "convergence", "latents"):
-        assert distributed_doc[key] == single_doc[key], key
-    assert [r["index"] for r in jsonl(tmp_path / "d.jsonl") if "kind" not in r] == list(range(23))
-
-
-def test_torchrun_ais_gives_the_single_process_numbers(bernoulli_model, binary_data):
-    args = [str(bernoulli_model.path), str(binary_data), "--steps", "4", "--chains", "3", "--leapfrog", "2", "-k", "16",
-            "--json"]
-    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    distributed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vaeeval", "ais",
-         *args],
-        capture_output=True, text=True, timeout=300, env=environment,
-    )
-    assert distributed.returncode == 0, distributed.stderr
-    distributed_doc, single_doc = json.loads(distributed.stdout), json.loads(cli("ais", *args).stdout)
-    assert distributed_doc["points"] == single_doc["points"] and distributed_doc["summary"] == single_doc["summary"]

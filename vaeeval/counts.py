@@ -120,7 +120,7 @@ def log_rising(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Stirling's formula, (theta - 1/2) log1p(x / theta) + x log(theta + x) - x, plus the
     difference of the series' remainders 1/(12 n) - 1/(360 n^3) (the next term is below 1e-23).
     """
-    direct = torch.lgamma(x + theta) - torch.lgamma(theta)
+    direct = numerics.lgamma(x + theta) - numerics.lgamma(theta)
     big = theta.clamp(min=_STIRLING_FROM)
     moved = big + x
 
@@ -136,7 +136,7 @@ def log_negative_binomial(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torc
     theta = log_theta.exp()
     d = log_mu - log_theta
     s = numerics.softplus(d)
-    coefficient = log_rising(theta, x) - torch.lgamma(x + 1)
+    coefficient = log_rising(theta, x) - numerics.lgamma(x + 1)
     return x * d - (theta + x) * s + coefficient, -theta * s
 
 
@@ -149,7 +149,7 @@ class PoissonLikelihood(_CountLikelihood):
     def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.double()
         log_mu, _, _ = self.blocks(params, x)
-        return x * log_mu - log_mu.exp() - torch.lgamma(x + 1)
+        return x * log_mu - log_mu.exp() - numerics.lgamma(x + 1)
 
 
 @register

@@ -76,34 +76,60 @@ def fold_sum(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def fold_logsumexp(total: torch.Tensor, log_values: torch.Tensor) -> torch.Tensor:
-    """``logaddexp(total, logsumexp_k log_values[:, k])`` for ``total [B]``, ``log_values [B, S]``."""
-    return fold_logsumexp_prefixes(total, log_values, 0, ())[0]
+class LogSumExp:
+    """Streaming log Σ_k w_k and log Σ_k w_k² per point, from log-weights arriving in chunks of whole blocks.
 
+    The state is each point's running maximum m and the sums s = Σ exp(v_k - m) and
+    s2 = Σ exp(2 (v_k - m)). A block with maximum M and sums S, S2 taken at M (fixed
+    trees) updates them, in sample order, as
 
-def fold_logsumexp_prefixes(
-    total: torch.Tensor, log_values: torch.Tensor, first: int, checkpoints: tuple[int, ...]
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """``fold_logsumexp``, also giving the running logsumexp after the first k samples.
+        m' = max(m, M),  s' = s e^(m - m') + S e^(M - m'),  s2' = s2 e^(2(m - m')) + S2 e^(2(M - m')),
 
-    Args:
-        total: ``[B]`` the logsumexp of samples ``0 .. first-1``.
-        log_values: ``[B, S]`` samples ``first .. first+S-1``; ``first`` is a multiple of ``BLOCK``.
-        checkpoints: sample counts k; those in ``(first, first + S]`` are reported.
-
-    Returns:
-        The new total and ``{k: logsumexp of samples 0 .. k-1}``, each prefix computed from
-        the total before its block, so independent of the chunking like the total.
+    the exponentials of a whole chunk's blocks computed at once (``numerics.exp``), so a
+    block costs a few elementwise products and nothing depends on how samples were chunked.
+    log Σ w = m + log s; the ESS (Σ w)² / Σ w² is s² / s2, with no exp or log at all.
     """
-    blocks = _blocks(log_values, -math.inf)
-    prefixes = {}
-    for index, block_lse in enumerate(numerics.logsumexp(blocks).unbind(dim=1)):
-        start = first + index * BLOCK
-        for k in checkpoints:
-            if start < k <= start + BLOCK:
-                prefixes[k] = numerics.logaddexp(total, numerics.logsumexp(blocks[:, index, : k - start]))
-        total = numerics.logaddexp(total, block_lse)
-    return total, prefixes
+
+    def __init__(self, rows: int, like: torch.Tensor) -> None:
+        self.top = torch.full((rows,), -math.inf, dtype=torch.float64, device=like.device)
+        self.sum = torch.zeros_like(self.top)
+        self.sum_squares = torch.zeros_like(self.top)
+
+    def update(self, log_values: torch.Tensor, first: int = 0, checkpoints: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+        """Add samples ``first .. first + S - 1`` (``log_values [B, S]``; ``first`` a multiple of ``BLOCK``).
+
+        Returns:
+            ``{k: log Σ of samples 0 .. k-1}`` for each checkpoint k in ``(first, first + S]``.
+        """
+        blocks = _blocks(log_values.double(), -math.inf)  # [B, n, BLOCK]
+        block_top = blocks.amax(-1)
+        scaled = numerics.exp(blocks - torch.where(block_top.isfinite(), block_top, 0.0)[..., None])
+        block_sum, block_squares = tree_sum(scaled), tree_sum(scaled * scaled)
+        running = torch.maximum(torch.cummax(block_top, dim=1).values, self.top[:, None])  # m after each block
+        before = torch.cat([self.top[:, None], running[:, :-1]], dim=1)
+        exponents = torch.stack([torch.where(before.isfinite(), before - running, -math.inf),
+                                 torch.where(block_top.isfinite(), block_top - running, -math.inf)])
+        decay, gain = numerics.exp(exponents).unbind(0)
+        prefixes = {}
+        for index in range(blocks.shape[1]):
+            start = first + index * BLOCK
+            for k in checkpoints:
+                if start < k <= start + BLOCK:
+                    so_far = self.top + numerics.log(self.sum)
+                    prefixes[k] = numerics.logaddexp(so_far, numerics.logsumexp(blocks[:, index, : k - start]))
+            d, g = decay[:, index], gain[:, index]
+            self.sum = self.sum * d + block_sum[:, index] * g
+            self.sum_squares = self.sum_squares * (d * d) + block_squares[:, index] * (g * g)
+            self.top = running[:, index]
+        return prefixes
+
+    def log_sum(self) -> torch.Tensor:
+        """log Σ_k w_k, ``[B]``."""
+        return self.top + numerics.log(self.sum)
+
+    def effective_sample_size(self) -> torch.Tensor:
+        """(Σ w)² / Σ w² (Kong 1992), ``[B]``."""
+        return self.sum * self.sum / self.sum_squares
 
 
 def effective_sample_size(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor) -> torch.Tensor:

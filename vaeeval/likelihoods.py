@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Distribution, Laplace, Normal
 from torch.distributions.utils import broadcast_all
 
@@ -378,11 +377,16 @@ class BernoulliLikelihood(Likelihood):
     def distribution(self, params: torch.Tensor) -> Distribution:
         return Bernoulli(logits=self.split(params)[0], validate_args=False)
 
+    def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x l - softplus(l): torch's Bernoulli (binary cross-entropy) changes its last bit with the ISA."""
+        logits = self.split(params)[0]
+        return x * logits - numerics.softplus(logits)
+
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return (x != 0) & (x != 1)
 
     def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        return (torch.log(uniform) < F.logsigmoid(self.split(params)[0])).to(params.dtype)
+        return (torch.log(uniform) < -numerics.softplus(-self.split(params)[0])).to(params.dtype)
 
     def log_prob_through_linear(self, hidden, logits, projected, offset):
         """sum_d x_d l_d - softplus(l_d), through the last linear layer l = W h + b; overwrites ``hidden`` and ``logits``.
@@ -395,9 +399,9 @@ class BernoulliLikelihood(Likelihood):
         on the CPU (torch's softplus is not), so a row's result is the same in any batch.
         """
         agreement = row_sums(hidden.mul_(projected[:, None, :]), consume=True) + offset[:, None]
-        magnitude = logits.abs_()
-        factors = _exp_minus(magnitude).add_(1)
-        halves = row_sums(magnitude, consume=True).mul_(0.5)
+        negative = logits.copysign_(-1.0)  # -|l|, one pass
+        halves = row_sums(negative).mul_(-0.5)
+        factors = negative.clamp_(min=-_NORMAL_EXPONENT).exp_().add_(1)  # 1 + exp(-|l|), never subnormal, in place
         products = fold_(factors, torch.mul, most=16)
         return agreement - halves - row_sums(products.double().log_())
 
@@ -416,9 +420,9 @@ class BernoulliLikelihood(Likelihood):
             ``[B, S]`` float64 log p(x|z) and ``[B, S, D]`` its gradient in the logits.
         """
         agreement = row_sums(hidden * projected[:, None, :], consume=True) + offset[:, None]
-        magnitude = logits.abs()
-        factors = _exp_minus(magnitude).add_(1)  # 1 + exp(-|l|), in (1, 2]
-        halves = row_sums(magnitude, consume=True).mul_(0.5)
+        negative = torch.copysign(logits, -1.0)
+        halves = row_sums(negative).mul_(-0.5)
+        factors = negative.clamp_(min=-_NORMAL_EXPONENT).exp_().add_(1)  # 1 + exp(-|l|), in (1, 2], never subnormal
         # sigmoid(l) - 1/2 = sign(l) (sigmoid(|l|) - 1/2), so x - sigmoid(l) = (x - 1/2) - copysign(sigmoid(|l|) - 1/2, l)
         grad = factors.reciprocal().sub_(0.5).copysign_(logits)
         torch.sub(x - 0.5, grad, out=grad)
@@ -432,13 +436,9 @@ class BernoulliLikelihood(Likelihood):
         return centered @ head.weight, offset
 
 
-def _exp_minus(magnitude: torch.Tensor) -> torch.Tensor:
-    """exp(-|l|) for ``magnitude`` = |l|, a new tensor, never subnormal: 1 + exp(-|l|) is 1 in float32
-    past |l| = 17 anyway, and subnormal arithmetic is many times slower on x86."""
-    return torch.clamp(magnitude, max=_NORMAL_EXPONENT).neg_().exp_()
-
-
-_NORMAL_EXPONENT = 87.0  # exp(-87) = 1.6e-38 is still a normal float32
+# exp(-87) = 1.6e-38 is still a normal float32: exp(-|l|) is clamped there, never subnormal (subnormal
+# arithmetic is many times slower on x86), and 1 + exp(-|l|) is 1 in float32 past |l| = 17 anyway.
+_NORMAL_EXPONENT = 87.0
 
 
 class _GridLikelihood(Likelihood):
@@ -474,8 +474,10 @@ class CategoricalLikelihood(_GridLikelihood):
         return Categorical(logits=params.movedim(self._param_axis(params), -1), validate_args=False)
 
     def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        level = torch.round(x * (self.levels - 1)).long()
-        return self.distribution(params).log_prob(level)
+        """log softmax(l)_k at each value's level k (``numerics.log_softmax``, fixed bits on any ISA)."""
+        normalized = numerics.log_softmax(params.movedim(self._param_axis(params), -1))
+        level = torch.round(x * (self.levels - 1)).long().expand(normalized.shape[:-1])[..., None]
+        return normalized.gather(-1, level).squeeze(-1)
 
     def log_prob_and_grad(
         self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
@@ -483,7 +485,7 @@ class CategoricalLikelihood(_GridLikelihood):
         """log softmax(l)_k at each value's level k, and its gradient in closed form: onehot(k) - softmax(l)."""
         axis = self._param_axis(params)
         logits = params.movedim(axis, -1)
-        normalized = logits - logits.logsumexp(-1, keepdim=True)  # as torch's Categorical does
+        normalized = numerics.log_softmax(logits)
         level = torch.round(x * (self.levels - 1)).long().expand(normalized.shape[:-1])[..., None]
         terms = normalized.gather(-1, level).squeeze(-1)
         grad = normalized.exp().neg_().scatter_add_(-1, level, torch.ones_like(level, dtype=normalized.dtype))
@@ -517,13 +519,13 @@ class DiscretizedLogisticLikelihood(_GridLikelihood):
         inv_scale = torch.exp(-log_scale)
         u_a, u_b = (lower - mean) * inv_scale, (upper - mean) * inv_scale
         width = (upper - lower) * inv_scale  # the edges' difference, not u_b - u_a: no cancellation
-        below, above = F.logsigmoid(u_b), F.logsigmoid(-u_a)  # log P(X <= b), log P(X >= a)
+        below, above = -numerics.softplus(-u_b), -numerics.softplus(u_a)  # log P(X <= b), log P(X >= a)
         return torch.where(open_low, below, torch.where(open_high, above, below + above + log1mexp(width)))
 
     def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """A logistic draw, binned: the edge bins are open, so values beyond [0, 1] fall into them."""
         mean, log_scale = self.split(params)
-        value = mean + torch.exp(log_scale) * (torch.log(uniform) - torch.log1p(-uniform))
+        value = mean + torch.exp(log_scale) * (torch.log(uniform) - numerics.log1p(-uniform))
         step = self.levels - 1
         return torch.round(value.clamp(0, 1) * step) / step
 
@@ -677,19 +679,20 @@ class StableContinuousBernoulli(ContinuousBernoulli):
     log C = log a - log(1 - exp(-a)) + log(1 + exp(-a)), whose pieces are stable
     for all a; below 1e-2 the series log 2 + a^2/12 - 7 a^4/1440 is used.
     ``log_prob`` is torch's own formula (minus the binary cross-entropy, plus log C)
-    with that log C, written out here rather than through torch's private hook.
+    with that log C, written out here rather than through torch's private hook, and the
+    cross-entropy as x l - softplus(l) (``numerics``: fixed bits on any ISA).
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits, value = broadcast_all(self.logits, value)
-        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none") + continuous_bernoulli_log_norm(self.logits)
+        return value * logits - numerics.softplus(logits) + continuous_bernoulli_log_norm(self.logits)
 
 
 def continuous_bernoulli_log_norm(logits: torch.Tensor) -> torch.Tensor:
     """log C(eta) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), stable for any logit."""
     a = logits.abs()
     safe = a.clamp(min=1e-2)
-    exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log(1 + torch.exp(-safe))
+    exact = torch.log(safe) - torch.log(-numerics.expm1(-safe)) + torch.log(1 + torch.exp(-safe))
     series = math.log(2.0) + a**2 / 12 - 7 * a**4 / 1440
     return torch.where(a < 1e-2, series, exact)
 
@@ -726,7 +729,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
         eta = self.split(params)[0]
         safe = torch.where(eta.abs() < 1e-6, torch.ones_like(eta), eta)
         positive = 1 + torch.log(uniform + (1 - uniform) * torch.exp(-safe.clamp(min=0))) / safe
-        negative = torch.log1p(uniform * torch.expm1(safe.clamp(max=0))) / safe
+        negative = numerics.log1p(uniform * numerics.expm1(safe.clamp(max=0))) / safe
         return torch.where(eta.abs() < 1e-6, uniform, torch.where(eta > 0, positive, negative))
 
 

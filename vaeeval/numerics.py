@@ -30,67 +30,114 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**11 (fdlibm)
 _LN2_LO = 1.90821492927058770002e-10
-_EXP_TERMS = tuple(1 / math.factorial(k) for k in range(14))  # exp(r), |r| <= ln2/2: error < 2**-60
+# fdlibm's e_exp.c P1..P5 (Remez, |r| <= ln2/2): exp(r) to within 2**-59 through its rational form.
+_EXP_P = (4.13813679705723846039e-08, -1.65339022054652515390e-06, 6.61375632143793436117e-05,
+          -2.77777777770155933842e-03, 1.66666666666666019037e-01)
 _ATANH_TERMS = tuple(1 / (2 * k + 1) for k in range(12))  # atanh(s)/s in s^2, |s| <= 0.1716: error < 2**-60
 _SQRT_HALF = math.sqrt(0.5)
 _MANTISSA = (1 << 52) - 1
 _EXPONENT_ONE = 1023 << 52
 
 
-def _power_of_two(n: torch.Tensor) -> torch.Tensor:
-    """2**n, float64, for int64 ``n`` in [-1022, 1023], from its bits."""
-    return ((n + 1023) << 52).view(torch.float64)
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
 
-def exp(x: torch.Tensor) -> torch.Tensor:
-    """e**x in float64 (no gradient: it reads bits), within about 1 ulp, the same bits on any CPU and at any position.
+def _horner(coefficients: tuple[float, ...], r: Array) -> Array:
+    """The polynomial with these coefficients (highest power first) at ``r``, in place on a new array."""
+    result = r * coefficients[0] + coefficients[1]
+    for coefficient in coefficients[2:]:
+        result *= r
+        result += coefficient
+    return result
 
-    x = n ln2 + r with |r| <= ln2/2 (n ln2 subtracted in two exact parts), exp(r) from its
-    Taylor polynomial by Horner's rule, then scaled by 2**n in two exact steps (so that
-    subnormal results are right too). Overflow gives inf, underflow 0, NaN stays NaN.
+
+def _float64(x: Array) -> Array:
+    return x.astype(np.float64, copy=False) if isinstance(x, np.ndarray) else x.double()
+
+
+def _view(x: Array, integer: bool) -> Array:
+    """The same 64 bits read as int64 or float64."""
+    if isinstance(x, np.ndarray):
+        return x.view(np.int64 if integer else np.float64)
+    return x.view(torch.int64 if integer else torch.float64)
+
+
+def _where(condition: Array, a, b) -> Array:
+    return np.where(condition, a, b) if isinstance(condition, np.ndarray) else torch.where(condition, a, b)
+
+
+def _any(mask: Array) -> bool:
+    return bool(mask.any())
+
+
+def exp(x: Array) -> Array:
+    """e**x in float64 for a tensor or a NumPy array (no gradient: it reads bits), within 1 ulp,
+    the same bits on any CPU and at any position.
+
+    x = n ln2 + r with |r| <= ln2/2 (n ln2 subtracted in two exact parts, as fdlibm's
+    ``__ieee754_exp``), exp(r) = 1 - ((r c)/(c - 2) - r) with c = r - r² P(r²), P fdlibm's
+    degree-4 minimax polynomial, then scaled by 2**n in two exact steps (so that subnormal
+    results are right too). Overflow gives inf, underflow 0, NaN stays NaN.
     """
-    x = x.double().clamp(-746.0, 710.0)
-    n = torch.round(x / _LN2_HI)
+    x = _float64(x)
+    x = np.clip(x, -746.0, 710.0) if isinstance(x, np.ndarray) else x.clamp(-746.0, 710.0)
+    n = x / _LN2_HI
+    n = np.rint(n) if isinstance(n, np.ndarray) else torch.round(n)  # both round half to even
     r = (x - n * _LN2_HI) - n * _LN2_LO
-    poly = torch.full_like(r, _EXP_TERMS[-1])
-    for coefficient in _EXP_TERMS[-2::-1]:
-        poly = poly * r + coefficient
-    whole = n.nan_to_num(0.0).to(torch.int64)
-    half = torch.div(whole, 2, rounding_mode="floor")
-    return poly * _power_of_two(half) * _power_of_two(whole - half)
+    t = r * r
+    c = _horner(_EXP_P, t)
+    c *= t
+    c = r - c
+    result = r * c
+    result /= c - 2.0
+    result -= r
+    result = 1.0 - result
+    if _any(n != n):
+        n = _where(n == n, n, 0.0)  # NaN -> 0 (the result is NaN already)
+    whole = n.astype(np.int64) if isinstance(n, np.ndarray) else n.to(torch.int64)
+    half = whole >> 1
+    result *= _view((half + 1023) << 52, integer=False)  # 2**half and 2**(n - half), each in [-1022, 1023]
+    result *= _view((whole - half + 1023) << 52, integer=False)
+    return result
 
 
-def log(x: torch.Tensor) -> torch.Tensor:
-    """The natural log in float64 (no gradient), within about 1 ulp, the same bits on any CPU and at any position.
+def log(x: Array) -> Array:
+    """The natural log in float64 for a tensor or a NumPy array (no gradient), within 3 ulp,
+    the same bits on any CPU and at any position.
 
     x = m 2**e with m in [sqrt(1/2), sqrt(2)) read from the bits; log m = 2 atanh(s) with
     s = (m - 1)/(m + 1), |s| < 0.172, from its odd series; e ln2 added in two parts.
     log 0 = -inf, log of a negative number or NaN is NaN, log inf = inf.
     """
-    x = x.double()
-    subnormal = x < 2.2250738585072014e-308
-    scaled = torch.where(subnormal, x * 2.0**54, x)
-    bits = scaled.view(torch.int64)
-    e = ((bits >> 52) & 0x7FF) - 1023 - torch.where(subnormal, 54, 0)
-    m = ((bits & _MANTISSA) | _EXPONENT_ONE).view(torch.float64)
+    x = _float64(x)
+    subnormal = x < 2.2250738585072014e-308  # also 0, negatives and -inf: fixed below
+    scaled = _where(subnormal, x * 2.0**54, x) if _any(subnormal) else x
+    bits = _view(scaled, integer=True)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    m = _view((bits & _MANTISSA) | _EXPONENT_ONE, integer=False)
     high = m > 2 * _SQRT_HALF
-    m = torch.where(high, m * 0.5, m)
-    e = (e + high.to(torch.int64)).double()
+    m = _where(high, m * 0.5, m)
+    e = _float64(e + _where(high, 1, 0))
+    if _any(subnormal):
+        e = e - _where(subnormal, 54.0, 0.0)
     s = (m - 1) / (m + 1)
-    s2 = s * s
-    series = torch.full_like(s, _ATANH_TERMS[-1])
-    for coefficient in _ATANH_TERMS[-2::-1]:
-        series = series * s2 + coefficient
-    result = e * _LN2_HI + (e * _LN2_LO + 2 * s * series)
-    result = torch.where(x == 0, -math.inf, result)
-    result = torch.where(x == math.inf, math.inf, result)
-    return torch.where((x < 0) | x.isnan(), math.nan, result)
+    series = _horner(_ATANH_TERMS[::-1], s * s)
+    series *= 2 * s
+    result = e * _LN2_HI + (e * _LN2_LO + series)
+    special = ~(x > 0) | (x == math.inf)
+    if _any(special):
+        result = _where(x == 0, -math.inf, result)
+        result = _where(x == math.inf, math.inf, result)
+        result = _where((x < 0) | (x != x), math.nan, result)
+    return result
 
 
 def log1p(x: torch.Tensor, logarithm: Callable[[torch.Tensor], torch.Tensor] = torch.log) -> torch.Tensor:
@@ -159,23 +206,25 @@ def fold_(values: torch.Tensor, combine: Callable[..., torch.Tensor], *, narrowe
     return values[..., :width]
 
 
-def tree_sum(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """The sum over ``dim`` as a balanced pairwise tree that depends only on that axis' length.
+def tree_sum(values: Array, dim: int = -1) -> Array:
+    """The sum over ``dim`` of a tensor or NumPy array as a balanced pairwise tree that depends
+    only on that axis' length.
 
-    Each level adds the two halves elementwise (exactly rounded; an odd last column goes
-    into column 0 first, as ``fold_``), so a row's sum never depends on the other rows, the
-    shape or the vector width. Not in place: ``values`` is kept, and autograd works.
+    The axis is padded with zeros to a power of two, then each level adds its two halves
+    elementwise (exactly rounded), so a row's sum never depends on the other rows, the shape
+    or the vector width. Not in place: ``values`` is kept, and autograd works.
     """
-    values = values.movedim(dim, -1)
-    if values.shape[-1] == 0:
-        return values.new_zeros(values.shape[:-1])
+    numpy = isinstance(values, np.ndarray)
+    values = np.moveaxis(values, dim, -1) if numpy else values.movedim(dim, -1)
+    width = values.shape[-1]
+    if width == 0:
+        return np.zeros(values.shape[:-1], values.dtype) if numpy else values.new_zeros(values.shape[:-1])
+    missing = (1 << (width - 1).bit_length()) - width
+    if missing:
+        values = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, missing)]) if numpy else F.pad(values, (0, missing))
     while values.shape[-1] > 1:
-        width = values.shape[-1]
-        if width % 2:
-            values = torch.cat([values[..., :1] + values[..., width - 1 :], values[..., 1 : width - 1]], dim=-1)
-            width -= 1
-        half = width // 2
-        values = values[..., :half] + values[..., half:width]
+        half = values.shape[-1] // 2
+        values = values[..., :half] + values[..., half:]
     return values[..., 0]
 
 
@@ -192,6 +241,35 @@ def logsumexp(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     finite_top = torch.where(top.isfinite(), top, 0.0)
     total = log(tree_sum(exp(values - finite_top[..., None]))) + finite_top
     return torch.where(top.isinf() | top.isnan(), top, total)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# Stirling's series for lgamma: B_2k / (2k (2k - 1)), k = 1..8, in powers of 1/z²; at z >= 8 the
+# first term left out is below 1e-17 of lgamma(z).
+_STIRLING = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 360360, 1 / 156, -3617 / 122400)
+_LGAMMA_SHIFT = 8
+
+
+def lgamma(x: torch.Tensor) -> torch.Tensor:
+    """log Γ(x) for x > 0, float64, with torch's ``log`` and exactly rounded arithmetic only.
+
+    Below 8, Γ(x) = Γ(x + 8) / (x (x + 1) ... (x + 7)); from 8 on, Stirling's series to eight
+    terms. Within a few units of 1e-16 of lgamma's larger terms (so an absolute error of
+    about 2e-15 where lgamma is near 0, at 1 and 2). torch's own ``lgamma`` changes its last
+    bit with the CPU's vector ISA.
+    """
+    x = x.double()
+    small = x < _LGAMMA_SHIFT
+    z = torch.where(small, x + _LGAMMA_SHIFT, x)
+    product = x.clone()
+    for step in range(1, _LGAMMA_SHIFT):
+        product *= x + step
+    inverse_square = 1 / (z * z)
+    series = torch.full_like(z, _STIRLING[-1])
+    for coefficient in _STIRLING[-2::-1]:
+        series = series * inverse_square + coefficient
+    stirling = (z - 0.5) * torch.log(z) - z + _HALF_LOG_2PI + series / z
+    return torch.where(small, stirling - torch.log(torch.where(small, product, 1.0)), stirling)
 
 
 def log_softmax(values: torch.Tensor) -> torch.Tensor:
@@ -267,7 +345,7 @@ def ndtri(p: np.ndarray) -> np.ndarray:
     if tail.size:
         qt = q[tail]
         smaller = np.where(qt < 0, p[tail], 0.5 - qt)  # min(p, 1 - p); 0.5 - q = 1 - p exactly for p > 1/2
-        r = np.sqrt(-log(torch.from_numpy(smaller)).numpy())
+        r = np.sqrt(-log(smaller))
         with np.errstate(invalid="ignore"):  # r = inf at p = 0 or 1: inf / inf, set below
             inner = _rational(_INNER_TAIL, r - 1.6)
             far = r > 5.0

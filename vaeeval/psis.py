@@ -95,32 +95,33 @@ def pareto_khat(top: np.ndarray, samples: int) -> np.ndarray:
     return khat
 
 
-# numerics (torch) is imported inside these, so that importing psis (results.py does) needs no torch.
+# numerics' own exp, log and sums (it imports torch, so they are imported here: results.py imports psis without it).
 def _exp(values: np.ndarray) -> np.ndarray:
-    from vaeeval import numerics
+    from vaeeval.numerics import exp
 
-    return numerics.exp(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
+    return exp(np.asarray(values, dtype=np.float64))
 
 
 def _log(values: np.ndarray) -> np.ndarray:
-    from vaeeval import numerics
+    from vaeeval.numerics import log
 
-    return numerics.log(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
+    return log(np.asarray(values, dtype=np.float64))
 
 
 def _log1p(values: np.ndarray) -> np.ndarray:
-    from vaeeval import numerics
-
-    return numerics.log1p(numerics.torch.from_numpy(np.asarray(values, dtype=np.float64)), numerics.log).numpy()
+    """log(1 + x) for x > -1 (Goldberg's correction of the rounded 1 + x), with ``numerics.log``."""
+    values = np.asarray(values, dtype=np.float64)
+    u = 1 + values
+    ordinary = u != 1
+    return np.where(ordinary, _log(u) * (values / np.where(ordinary, u - 1, 1.0)), values)
 
 
 def _sum(values: np.ndarray) -> np.ndarray:
     """Sums over the last axis, as a fixed pairwise tree."""
-    from vaeeval import numerics
+    from vaeeval.numerics import tree_sum
 
-    return numerics.tree_sum(numerics.torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))).numpy()
+    return tree_sum(np.ascontiguousarray(values, dtype=np.float64))
 
 
 def _mean(values: np.ndarray) -> np.ndarray:
     return _sum(values) / values.shape[-1]
-
