@@ -36,8 +36,8 @@ def row_sums(values: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
     """Sums over the last axis in float64, ``[..., D] -> [...]``, without a float64 copy of ``values``.
 
     Float32 values are added pairwise in float32 (``fold_``) down to at most 64 partial
-    sums of about D/64 terms each, and those are added in float64: nearly float64
-    accuracy for about the cost of one pass over ``values``.
+    sums of about D/64 terms each, and those are added in float64 (the same fixed tree):
+    nearly float64 accuracy for about the cost of one pass over ``values``.
 
     Args:
         values: ``[..., D]``.
@@ -52,7 +52,7 @@ def row_sums(values: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
         if dims % 2:
             torch.add(values[..., :1] + values[..., dims - 1 :], values[..., half : half + 1], out=scratch[..., :1])
         values = scratch
-    return tree_sum(fold_(values, torch.add).double())
+    return fold_(fold_(values, torch.add).double(), torch.add, narrowest=1)[..., 0]  # in place: no autograd here
 
 
 def log_weights(log_px_z: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 
 from vaeeval.errors import VaeevalError, option
+from vaeeval.numerics import ndtri
 from vaeeval.results import AISSummary, Stat, Summary, exact_mean, mean_and_stderr
 from vaeeval.stream import StoredRun
 
@@ -87,7 +87,7 @@ class BaselineCheck:
         )
         if self.passed:
             return f"{head}; not worse by more than {self.tolerance:g} at {self.confidence:.0%} confidence"
-        bound = self.difference.mean + NormalDist().inv_cdf(self.confidence) * se
+        bound = self.difference.mean + _quantile(self.confidence) * se
         return f"{head}; worse by more than {self.tolerance:g} at {self.confidence:.0%} confidence (upper bound {bound:+.4f})"
 
 
@@ -128,7 +128,7 @@ def check_baseline(
     a = np.array([new_points[i] for i in order], dtype=np.float64)
     b = np.array([old_points[i] for i in order], dtype=np.float64)
     difference = mean_and_stderr(a - b)
-    bound = difference.mean + NormalDist().inv_cdf(confidence) * (difference.stderr or 0.0)
+    bound = difference.mean + _quantile(confidence) * (difference.stderr or 0.0)
     return BaselineCheck(
         metric=metric,
         new=exact_mean(a),
@@ -139,3 +139,9 @@ def check_baseline(
         confidence=confidence,
         passed=bound >= -tolerance,
     )
+
+
+def _quantile(confidence: float) -> float:
+    """The standard normal quantile (``numerics.ndtri``: the same bits on every machine)."""
+    return float(ndtri(np.array([confidence]))[0])
+
