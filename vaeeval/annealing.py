@@ -61,7 +61,7 @@ def schedule(name: str, steps: int) -> np.ndarray:
     if name == "linear":
         betas = t
     elif name == "sigmoid":
-        s = 1 / (1 + numerics.exp(torch.from_numpy(-SIGMOID_RADIUS * (2 * t - 1))).numpy())
+        s = 1 / (1 + numerics.exp(-SIGMOID_RADIUS * (2 * t - 1)))
         betas = (s - s[0]) / (s[-1] - s[0])
     elif name == "geometric":
         betas = GEOMETRIC_START ** (1 - t)
@@ -358,8 +358,8 @@ def anneal(
         if k in (0, steps):
             continue
         momentum = rng.normal(seed, indices, chain_counters(k, chains, latent), streams.momentum).to(z.device)
-        log_uniform = numerics.log(
-            torch.from_numpy(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
+        log_uniform = torch.from_numpy(
+            numerics.log(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
         ).to(z.device)
         z, state, moved = hmc(target, z, state, float(betas[k]), step_sizes[:, k], momentum, log_uniform, leapfrog)
         accepted += moved.sum(1)

@@ -140,16 +140,17 @@ def log(x: Array) -> Array:
     return result
 
 
-def log1p(x: torch.Tensor, logarithm: Callable[[torch.Tensor], torch.Tensor] = torch.log) -> torch.Tensor:
-    """log(1 + x) for x >= -1, accurate near 0 (Goldberg 1991), through ``logarithm``.
+def log1p(x: Array, logarithm: Callable[[Array], Array] = torch.log) -> Array:
+    """log(1 + x) for x >= -1, accurate near 0 (Goldberg 1991), through ``logarithm``
+    (torch's for the per-element passes; ``numerics.log`` for statistics and NumPy arrays).
 
     u = 1 + x is rounded; log(u) x / (u - 1) corrects for that rounding. Where u is 1 the
     result is x, and no branch sends a NaN gradient through the other.
     """
     u = 1 + x
-    ordinary = (u != 1) & u.isfinite()
-    ratio = x / torch.where(ordinary, u - 1, 1.0)
-    return torch.where(ordinary, logarithm(torch.where(ordinary, u, 2.0)) * ratio, torch.where(u == 1, x, logarithm(u)))
+    ordinary = (u != 1) & (np.isfinite(u) if isinstance(u, np.ndarray) else u.isfinite())
+    ratio = x / _where(ordinary, u - 1, 1.0)
+    return _where(ordinary, logarithm(_where(ordinary, u, 2.0)) * ratio, _where(u == 1, x, logarithm(u)))
 
 
 def expm1(x: torch.Tensor) -> torch.Tensor:

@@ -109,11 +109,9 @@ def _log(values: np.ndarray) -> np.ndarray:
 
 
 def _log1p(values: np.ndarray) -> np.ndarray:
-    """log(1 + x) for x > -1 (Goldberg's correction of the rounded 1 + x), with ``numerics.log``."""
-    values = np.asarray(values, dtype=np.float64)
-    u = 1 + values
-    ordinary = u != 1
-    return np.where(ordinary, _log(u) * (values / np.where(ordinary, u - 1, 1.0)), values)
+    from vaeeval.numerics import log, log1p
+
+    return log1p(np.asarray(values, dtype=np.float64), log)
 
 
 def _sum(values: np.ndarray) -> np.ndarray:
