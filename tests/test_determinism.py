@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
     "batch size 7": ({}, ["--batch-size", "7"]),
     "memory 1M": ({}, ["--max-memory", "1M"]),
     "1 thread": ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, []),
+    "5 threads": ({"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}, []),  # more than the cores, an odd split
     "NumPy without AVX-512": ({"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512_SKX"}, []),
     **{f"ATen {isa}": ({"ATEN_CPU_CAPABILITY": isa}, []) for isa in _capabilities()},
 }
