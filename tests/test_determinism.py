@@ -194,3 +194,50 @@ def test_every_family_layer_and_path_is_the_same_bits_under_every_isa(tmp_path):
         if digest != first[0]:
             expected, differs = json.loads(first[1]), json.loads(found)
             assert differs == expected, f"{isa}: " + ", ".join(k for k in expected if expected[k] != differs[k])
+
+
+_ARCH = """
+from torch import nn
+
+
+class VAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 6))
+        self.dec = nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, 16))
+
+    def encode(self, x):
+        return self.enc(x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        return self.dec(z)
+"""
+
+
+def test_an_arch_model_scored_with_a_likelihood_is_the_same_bits_under_every_isa(tmp_path):
+    """--arch whose decode gives the likelihood's parameters: elbo is fixed (vaeeval's own part, and the
+    user's forward pass through torch's tanh); AIS, which differentiates the user's network with torch's
+    kernels, is fixed once the model is converted to format 1."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "tiny_vae.py").write_text(_ARCH)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from tiny_vae import VAE
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    save_file(VAE().state_dict(), tmp_path / "w.safetensors")
+    np.save(tmp_path / "x.npy", (np.random.default_rng(0).random((9, 16)) < 0.4).astype(np.float32))
+    arch = [tmp_path / "w.safetensors", tmp_path / "x.npy", "--arch", f"{tmp_path / 'tiny_vae.py'}:VAE", "--likelihood",
+            "bernoulli", "--json"]
+    converted = tmp_path / "converted.safetensors"
+    _run(["convert", arch[0], *arch[2:6], "--input-shape", "16", "-o", converted])
+    documents = {
+        isa: [_numbers(_run(["elbo", *arch, "-k", "80", "--all", "--diagnostics"], {"ATEN_CPU_CAPABILITY": isa})),
+              _numbers(_run(["ais", converted, tmp_path / "x.npy", "--steps", "8", "--leapfrog", "3", "--chains", "3",
+                             "-k", "16", "--all", "--json"], {"ATEN_CPU_CAPABILITY": isa}))]
+        for isa in _capabilities()
+    }
+    first, *others = documents.values()
+    assert all(other == first for other in others)
