@@ -265,10 +265,7 @@ def lgamma(x: torch.Tensor) -> torch.Tensor:
     product = x.clone()
     for step in range(1, _LGAMMA_SHIFT):
         product *= x + step
-    inverse_square = 1 / (z * z)
-    series = torch.full_like(z, _STIRLING[-1])
-    for coefficient in _STIRLING[-2::-1]:
-        series = series * inverse_square + coefficient
+    series = _horner(_STIRLING[::-1], 1 / (z * z))
     stirling = (z - 0.5) * torch.log(z) - z + _HALF_LOG_2PI + series / z
     return torch.where(small, stirling - torch.log(torch.where(small, product, 1.0)), stirling)
 
@@ -317,14 +314,10 @@ _OUTER_TAIL = (
 
 
 def _rational(coefficients: tuple[tuple[float, ...], tuple[float, ...]], r: np.ndarray) -> np.ndarray:
-    """numerator(r) / denominator(r) by Horner's rule, in place (NumPy: fewer passes than torch at these sizes)."""
-    numerator, denominator = (np.full_like(r, c[0]) for c in coefficients)
-    for a, b in zip(coefficients[0][1:], coefficients[1][1:], strict=True):
-        np.multiply(numerator, r, out=numerator)
-        numerator += a
-        np.multiply(denominator, r, out=denominator)
-        denominator += b
-    return np.divide(numerator, denominator, out=numerator)
+    """numerator(r) / denominator(r), each by Horner's rule."""
+    numerator = _horner(coefficients[0], r)
+    numerator /= _horner(coefficients[1], r)
+    return numerator
 
 
 def ndtri(p: np.ndarray) -> np.ndarray:

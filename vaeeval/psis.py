@@ -51,17 +51,19 @@ def gpd_fit(tails: np.ndarray) -> np.ndarray:
     Returns:
         ``[R]`` the posterior-mean shape, shrunk toward 0.5 by a weak prior (as arviz).
     """
+    from vaeeval import numerics  # torch: imported here, so that results.py imports psis without it
+
     rows, n = tails.shape
     m = 30 + int(n**0.5)
     b = 1 - np.sqrt(m / (np.arange(1, m + 1, dtype=float) - 0.5))
     b = b[None, :] / (_PRIOR_BS * tails[:, int(n / 4 + 0.5) - 1][:, None]) + 1 / tails[:, -1][:, None]  # [R, m]
-    k = _mean(_log1p(-b[:, :, None] * tails[:, None, :]))  # [R, m]
-    profile = n * (_log(-(b / k)) - k - 1)
-    weights = 1 / _sum(_exp(profile[:, None, :] - profile[:, :, None]))
+    k = numerics.tree_sum(numerics.log1p(-b[:, :, None] * tails[:, None, :], numerics.log)) / n  # [R, m]
+    profile = n * (numerics.log(-(b / k)) - k - 1)
+    weights = 1 / numerics.tree_sum(numerics.exp(profile[:, None, :] - profile[:, :, None]))
     weights = np.where(weights >= 10 * _EPS, weights, 0.0)
-    weights /= _sum(weights)[:, None]
-    b_post = _sum(b * weights)
-    k_post = _mean(_log1p(-b_post[:, None] * tails))
+    weights /= numerics.tree_sum(weights)[:, None]
+    b_post = numerics.tree_sum(b * weights)
+    k_post = numerics.tree_sum(numerics.log1p(-b_post[:, None] * tails, numerics.log)) / n
     return (n * k_post + _PRIOR_K * 0.5) / (n + _PRIOR_K)
 
 
@@ -77,6 +79,8 @@ def pareto_khat(top: np.ndarray, samples: int) -> np.ndarray:
         when the largest M + 1 weights are all equal, the exact-posterior case
         (nothing to fit, and nothing to worry about).
     """
+    from vaeeval import numerics
+
     top = np.sort(np.asarray(top, dtype=np.float64), axis=1)[:, ::-1]
     points = top.shape[0]
     khat = np.full(points, np.inf)
@@ -90,36 +94,6 @@ def pareto_khat(top: np.ndarray, samples: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for n in np.unique(lengths[lengths > 4]):
             rows = np.flatnonzero(lengths == n)
-            exceedances = _exp(x[rows, :n]) - _exp(cutoff[rows])[:, None]
+            exceedances = numerics.exp(x[rows, :n]) - numerics.exp(cutoff[rows])[:, None]
             khat[rows] = gpd_fit(exceedances[:, ::-1])
     return khat
-
-
-# numerics' own exp, log and sums (it imports torch, so they are imported here: results.py imports psis without it).
-def _exp(values: np.ndarray) -> np.ndarray:
-    from vaeeval.numerics import exp
-
-    return exp(np.asarray(values, dtype=np.float64))
-
-
-def _log(values: np.ndarray) -> np.ndarray:
-    from vaeeval.numerics import log
-
-    return log(np.asarray(values, dtype=np.float64))
-
-
-def _log1p(values: np.ndarray) -> np.ndarray:
-    from vaeeval.numerics import log, log1p
-
-    return log1p(np.asarray(values, dtype=np.float64), log)
-
-
-def _sum(values: np.ndarray) -> np.ndarray:
-    """Sums over the last axis, as a fixed pairwise tree."""
-    from vaeeval.numerics import tree_sum
-
-    return tree_sum(np.ascontiguousarray(values, dtype=np.float64))
-
-
-def _mean(values: np.ndarray) -> np.ndarray:
-    return _sum(values) / values.shape[-1]
