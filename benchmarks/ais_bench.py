@@ -52,8 +52,8 @@ def useful_flops(points: int) -> float:
 
 def child_vaeeval(pilot: bool) -> dict:
     from vaeeval import save_model, tuning
-    from vaeeval.ais import AISEvaluator, AISOptions
-    from vaeeval.evaluate import EvaluationOptions
+    from vaeeval.estimators.annealing.ais import AISEvaluator, AISOptions
+    from vaeeval.estimators.importance.evaluate import EvaluationOptions
 
     tuning.keep_freed_memory()  # as the vaeeval command does
     encoder, decoder = bench._mlp_modules()
@@ -79,7 +79,7 @@ def child_plain() -> dict:
     import torch.nn.functional as F
     from torch.distributions import Normal
 
-    from vaeeval.annealing import schedule
+    from vaeeval.estimators.annealing.kernel import schedule
 
     torch.manual_seed(1)
     encoder, decoder = bench._mlp_modules()

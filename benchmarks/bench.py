@@ -147,12 +147,12 @@ def child_parts(samples: int, points: int) -> dict:
     import functools
 
     from vaeeval import evaluate, save_model, tuning
-    from vaeeval.evaluate import BatchEstimates, _SampleStatistics
-    from vaeeval.likelihoods import BernoulliLikelihood
-    from vaeeval.model import Model
+    from vaeeval.estimators.importance.evaluate import BatchEstimates, _SampleStatistics
+    from vaeeval.format.likelihoods import BernoulliLikelihood
+    from vaeeval.format.model import Model
 
     tuning.keep_freed_memory()
-    evaluation = sys.modules["vaeeval.evaluate"]
+    evaluation = sys.modules["vaeeval.estimators.importance.evaluate"]
     spent: collections.Counter = collections.Counter()
 
     def timed(owner, name: str, stage: str) -> None:
@@ -195,7 +195,7 @@ def child_products(samples: int, points: int, workload: str = "mlp") -> dict:
     import torch
 
     from vaeeval import save_model, tuning
-    from vaeeval.evaluate import DEFAULT_BATCH_SIZE, chunk_size_for
+    from vaeeval.estimators.importance.evaluate import DEFAULT_BATCH_SIZE, chunk_size_for
 
     tuning.keep_freed_memory()  # as vaeeval's own run does
     encoder, decoder = _mlp_modules() if workload == "mlp" else _conv_modules()
@@ -259,7 +259,7 @@ def child_peak() -> dict:
     the oneDNN product vaeeval's linear layers use (best of 10 each)."""
     import torch
 
-    from vaeeval.layers import Linear
+    from vaeeval.format.layers import Linear
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     linear = Linear(1024, 1024, bias=False)
@@ -300,7 +300,7 @@ def fixed_cost(repeats: int) -> dict:
         "imports_collector_paused": [sys.executable, "-c", f"import gc; gc.disable(); {imports}; gc.freeze(); gc.enable()"],
     }
     cached = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-    environments = {name: cached for name in argvs}
+    environments = dict.fromkeys(argvs, cached)
     argvs["source_compiled"] = command  # every start compiles vaeeval's modules from source
     environments["source_compiled"] = {**cached, "PYTHONDONTWRITEBYTECODE": "1"}
     times: dict[str, list[float]] = {name: [] for name in argvs}

@@ -43,8 +43,8 @@ def _vaeeval(*args: str) -> dict:
 def main() -> None:
     import scvi
 
-    from vaeeval.evaluate import evaluate
-    from vaeeval.sources import load
+    from vaeeval.estimators.importance.evaluate import evaluate
+    from vaeeval.user.sources import load
 
     logging.getLogger("scvi").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")

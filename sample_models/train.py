@@ -58,7 +58,7 @@ try:
 except ImportError:  # run from a source checkout without installing: use the checkout's vaeeval
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from vaeeval import save_model
-from vaeeval.likelihoods import continuous_bernoulli_log_norm
+from vaeeval.format.likelihoods import continuous_bernoulli_log_norm
 
 LATENT_DIM = 8
 HIDDEN = 128

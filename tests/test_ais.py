@@ -17,9 +17,9 @@ from conftest import FAMILIES, PPCA, cli, family_data, make_ppca, one_dimensiona
 from conftest import linear as conftest_linear
 
 from vaeeval import evaluate
-from vaeeval.ais import AISOptions, evaluate_ais, run_bdmc, simulate
-from vaeeval.evaluate import EvaluationOptions
-from vaeeval.output.schemas import schema
+from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais, run_bdmc, simulate
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.results.schemas import schema
 
 Z = 4.0
 

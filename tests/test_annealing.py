@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from vaeeval.annealing import (
+from vaeeval.estimators.annealing.kernel import (
     ADAPT_DOWN,
     ADAPT_UP,
     FORWARD,
@@ -122,7 +122,7 @@ def test_annealing_a_normalized_gaussian_path_gives_weights_of_mean_one():
 
 def test_the_pilot_rule_multiplies_by_1_02_above_65_percent_and_0_98_below(monkeypatch):
     """ε for f_{t+1} is ε_t × 1.02 when the point's chains accepted more than 65%, else × 0.98, clipped."""
-    import vaeeval.annealing as annealing
+    import vaeeval.estimators.annealing.kernel as annealing
 
     steps, rates = 40, iter(np.tile([1.0, 0.5, 0.7, 0.6], 10))
 

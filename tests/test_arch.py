@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from vaeeval import VaeevalError, evaluate, load_data, load_model
-from vaeeval.arch import ArchOptions, arch_model, load_architecture
+from vaeeval.analysis.convert import AGREEMENT
 from vaeeval.cli import main
-from vaeeval.convert import AGREEMENT
+from vaeeval.user.arch import ArchOptions, arch_model, load_architecture
 
 # The VAE of pytorch/examples (vae/main.py), smaller: two encoder heads, a sigmoid output.
 EXAMPLES_VAE = '''

@@ -30,7 +30,7 @@ from torch import nn
 
 from vaeeval import VaeevalError, evaluate, load_data, load_model, save_model
 from vaeeval.cli import main
-from vaeeval.likelihoods import likelihood_spec
+from vaeeval.format.likelihoods import likelihood_spec
 
 ERROR_PREFIX = "vaeeval: error: "
 D = 6  # data dimensions of the small test models

@@ -13,10 +13,10 @@ from conftest import cli
 from torch import nn
 
 from vaeeval import evaluate, load_data, save_model
+from vaeeval.analysis.compare import compare
 from vaeeval.cli import main
-from vaeeval.compare import compare
-from vaeeval.evaluate import EvaluationOptions
-from vaeeval.results import mean_and_stderr
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.results.numbers import mean_and_stderr
 
 DIMS = 4
 
@@ -144,7 +144,7 @@ def test_compare_needs_two_models(models, grey):
 
 
 def test_compare_ranks_by_ais_with_paired_differences(models, grey):
-    from vaeeval.ais import AISOptions
+    from vaeeval.estimators.annealing.ais import AISOptions
 
     datasets = [load_data(grey, m) for m in models]
     annealing = AISOptions(steps=4, leapfrog=2, chains=3)
@@ -161,7 +161,7 @@ def test_compare_ranks_by_ais_with_paired_differences(models, grey):
 def test_compare_estimator_ais_on_the_command_line(models, grey):
     import jsonschema
 
-    from vaeeval.output.schemas import schema
+    from vaeeval.results.schemas import schema
 
     paths = [m.path for m in models]
     out = cli("compare", *paths, grey, "-k", "16", "--estimator", "ais", "--steps", "3", "--chains", "2",

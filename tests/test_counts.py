@@ -18,10 +18,10 @@ from scipy import stats
 from scipy.special import log_softmax, logsumexp
 
 from vaeeval import evaluate, load_model
-from vaeeval.ais import evaluate_ais
-from vaeeval.data import Dataset
-from vaeeval.domains import detect_domain
-from vaeeval.likelihoods import likelihood_from_spec
+from vaeeval.estimators.annealing.ais import evaluate_ais
+from vaeeval.format.data import Dataset
+from vaeeval.format.domains import detect_domain
+from vaeeval.format.likelihoods import likelihood_from_spec
 
 # ---------------------------------------------------------------- the families
 

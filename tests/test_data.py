@@ -1,4 +1,4 @@
-"""vaeeval.data: reading .npy/.npz without unpickling, shapes, limits, domains and DataError messages."""
+"""vaeeval.format.data: reading .npy/.npz without unpickling, shapes, limits, domains and DataError messages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import vaeeval.domains as domains_module
+import vaeeval.format.domains as domains_module
 from vaeeval import DataError, Dataset, VaeevalError, load_data, save_model
 
 D = 6

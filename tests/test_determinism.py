@@ -121,7 +121,7 @@ def test_shards_merged_and_a_resumed_run_are_the_same_bits(workload, tmp_path):
 
 
 def test_statistics_do_not_depend_on_how_the_points_are_grouped():
-    from vaeeval.results import mean_and_stderr
+    from vaeeval.results.numbers import mean_and_stderr
 
     values = np.random.default_rng(3).standard_normal(1001) * 1e3 + 1e6
     assert mean_and_stderr(values) == mean_and_stderr(values[::-1]) == mean_and_stderr(np.roll(values, 17))
@@ -131,9 +131,9 @@ _EVERY_FAMILY = """
 import hashlib, json, sys
 import numpy as np, torch
 from vaeeval import evaluate, load_model
-from vaeeval.ais import AISEvaluator, AISOptions
-from vaeeval.evaluate import EvaluationOptions
-from vaeeval.likelihoods import likelihood_from_spec
+from vaeeval.estimators.annealing.ais import AISEvaluator, AISOptions
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.format.likelihoods import likelihood_from_spec
 
 found = {}
 for name in sys.argv[2:]:

@@ -1,12 +1,12 @@
-"""vaeeval.domains: what values data may take, format 1's data block, and the smallest domain holding some values."""
+"""vaeeval.format.domains: what values data may take, format 1's data block, and the smallest domain holding some values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vaeeval.domains import DOMAINS, Domain, detect_domain, domain_from_spec, grid_levels
 from vaeeval.errors import SpecError
+from vaeeval.format.domains import DOMAINS, Domain, detect_domain, domain_from_spec, grid_levels
 
 pytestmark = pytest.mark.filterwarnings("error")  # checking values must not warn: in the CLI a warning is a line on stderr
 
@@ -139,7 +139,7 @@ def test_domain_detection(values, domain):
 
 def test_detection_reads_every_block(monkeypatch):
     """Binary in the first blocks, then one 0.5 or one 2 in the last: the whole array decides."""
-    monkeypatch.setattr("vaeeval.domains._SCAN_ELEMENTS", 3)  # three one-value points per block
+    monkeypatch.setattr("vaeeval.format.domains._SCAN_ELEMENTS", 3)  # three one-value points per block
     binary = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert detect_domain(np.array([*binary, 0.5]).reshape(-1, 1)) == Domain("discrete", 3)
     assert detect_domain(np.array([*binary, 2.5]).reshape(-1, 1)) == Domain("real")

@@ -9,14 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaeeval.estimators import (
+from vaeeval.core.numerics import fold_, row_sums
+from vaeeval.estimators.weights import (
     BLOCK,
     LogSumExp,
-    fold_,
     fold_sum,
     iwae_bound,
     log_weights,
-    row_sums,
 )
 
 

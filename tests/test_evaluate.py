@@ -12,11 +12,11 @@ from scipy.special import logsumexp
 from torch import nn
 
 from vaeeval import VaeevalError, evaluate, load_data, save_model
-from vaeeval.estimators import BLOCK
-from vaeeval.evaluate import chunk_size_for
-from vaeeval.psis import reliability_threshold
-from vaeeval.results import mean_and_stderr
-from vaeeval.rng import standard_normal
+from vaeeval.core.rng import standard_normal
+from vaeeval.estimators.importance.evaluate import chunk_size_for
+from vaeeval.estimators.weights import BLOCK
+from vaeeval.results.numbers import mean_and_stderr
+from vaeeval.results.psis import reliability_threshold
 
 METRICS = ("elbo", "recon", "kl", "iwae")
 

@@ -1,4 +1,4 @@
-"""vaeeval.gates: --fail-under thresholds and the paired, statistical baseline check."""
+"""vaeeval.analysis.gates: --fail-under thresholds and the paired, statistical baseline check."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from conftest import cli
 
 from vaeeval import VaeevalError
-from vaeeval.gates import Threshold, check_baseline
-from vaeeval.results import mean_and_stderr
-from vaeeval.stream import StoredRun
+from vaeeval.analysis.gates import Threshold, check_baseline
+from vaeeval.results.numbers import mean_and_stderr
+from vaeeval.runs.stream import StoredRun
 
 # ---------------------------------------------------------------- thresholds
 

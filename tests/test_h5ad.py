@@ -24,8 +24,8 @@ from torch import nn
 
 from vaeeval import DataError, Model, evaluate, load_data, save_model
 from vaeeval.cli import main
-from vaeeval.data import point_shape, read_covariates
-from vaeeval.h5ad import ANNDATA_MISSING, Rows
+from vaeeval.format.data import point_shape, read_covariates
+from vaeeval.io.h5ad import ANNDATA_MISSING, Rows
 
 anndata = pytest.importorskip("anndata")
 h5py = pytest.importorskip("h5py")
@@ -198,7 +198,7 @@ def test_the_matrix_is_never_made_dense_whole(tmp_path, monkeypatch, kind):
     values = binary(n, 3)
     path = write_h5ad(tmp_path / "big.h5ad", FORMATS[kind](values))
     model = tiny_bernoulli(tmp_path / "model.safetensors", dims=D)
-    monkeypatch.setattr("vaeeval.domains._SCAN_ELEMENTS", 10 * D)  # the checks and the digest: 10 rows per block
+    monkeypatch.setattr("vaeeval.format.domains._SCAN_ELEMENTS", 10 * D)  # the checks and the digest: 10 rows per block
     made_dense: list[int] = []
     read: list[int] = []
     for cls in (sparse.csr_matrix, sparse.csr_array, sparse.csc_matrix, sparse.csc_array):

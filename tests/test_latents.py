@@ -1,4 +1,4 @@
-"""vaeeval.latents: which latent units the encoder uses, and how much q(z|x) knows about x."""
+"""vaeeval.results.latents: which latent units the encoder uses, and how much q(z|x) knows about x."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from conftest import make_ppca
 
 from vaeeval import evaluate
-from vaeeval.latents import latent_health
+from vaeeval.results.latents import latent_health
 
 
 def test_latent_health_on_a_model_with_a_collapsed_unit(tmp_path):

@@ -1,4 +1,4 @@
-"""vaeeval.layers: format 1's layer table, from torch modules and traced calls to built, checked layers."""
+"""vaeeval.format.layers: format 1's layer table, from torch modules and traced calls to built, checked layers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vaeeval.layers as layers
+import vaeeval.format.layers as layers
 from vaeeval import VaeevalError, load_model, save_model
-from vaeeval.layers import (
+from vaeeval.format.layers import (
     LAYER_TYPES,
     Linear,
     Reshape,
@@ -19,7 +19,7 @@ from vaeeval.layers import (
     layer_spec,
     method_layer,
 )
-from vaeeval.model import rows_independently
+from vaeeval.format.model import rows_independently
 
 
 def _example(cls: type[nn.Module]) -> tuple[nn.Module, tuple[int, ...]]:
@@ -260,7 +260,7 @@ def test_linear_runs_the_private_operator_on_float32_cpu_inference(monkeypatch):
 def test_the_private_onednn_operator_exists_and_computes_f_linear(bias):
     """Pinned to torch.ops.mkldnn._linear_pointwise: a torch upgrade that drops or changes it fails here."""
     assert layers._onednn_linear() is not None and layers._ONEDNN_LINEAR is not None, (
-        "torch.ops.mkldnn._linear_pointwise is gone: vaeeval.layers.Linear falls back to nn.Linear (slower)"
+        "torch.ops.mkldnn._linear_pointwise is gone: vaeeval.format.layers.Linear falls back to nn.Linear (slower)"
     )
     torch.manual_seed(2)
     x, weight = torch.randn(257, 400), torch.randn(784, 400) / 20

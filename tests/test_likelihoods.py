@@ -12,7 +12,7 @@ from scipy import stats
 from torch.distributions import ContinuousBernoulli
 
 from vaeeval.errors import SpecError
-from vaeeval.likelihoods import StableContinuousBernoulli, likelihood_from_spec
+from vaeeval.format.likelihoods import StableContinuousBernoulli, likelihood_from_spec
 
 SHAPE = (2, 3, 4)  # an image-like input shape: P splits the axis before it
 

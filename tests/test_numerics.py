@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import special
 
-from vaeeval import numerics
+from vaeeval.core import numerics
 
 mpmath.mp.dps = 50
 
@@ -111,7 +111,7 @@ def test_the_torch_functions_vaeeval_relies_on_are_the_same_bits_everywhere(tmp_
     script = tmp_path / "hashes.py"
     script.write_text(
         "import hashlib, sys, numpy as np, torch\n"
-        "from vaeeval import numerics\n"
+        "from vaeeval.core import numerics\n"
         "x = torch.from_numpy(np.random.default_rng(0).standard_normal(4099) * 30)\n"
         "u = torch.from_numpy(np.random.default_rng(1).random(4099))\n"
         "functions = {'exp': torch.exp, 'log': lambda t: torch.log(t.abs()), 'tanh': torch.tanh, 'erf': torch.erf,\n"

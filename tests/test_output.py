@@ -17,10 +17,12 @@ from torch import nn
 
 import vaeeval.output.plot
 from vaeeval import evaluate, load_data, save_model
-from vaeeval.domains import DOMAINS
-from vaeeval.latents import latent_health
-from vaeeval.output import schemas
-from vaeeval.output.records import (
+from vaeeval.format.domains import DOMAINS
+from vaeeval.output.tables import ProgressBar
+from vaeeval.results import schemas
+from vaeeval.results.latents import latent_health
+from vaeeval.results.numbers import PointResults
+from vaeeval.results.records import (
     SCORING_KEYS,
     SETTINGS_KEYS,
     data_record,
@@ -32,9 +34,7 @@ from vaeeval.output.records import (
     summary_record,
     to_json,
 )
-from vaeeval.output.schemas import schema, schema_names
-from vaeeval.output.tables import ProgressBar
-from vaeeval.results import PointResults
+from vaeeval.results.schemas import schema, schema_names
 
 
 def validate(document, name):

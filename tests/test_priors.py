@@ -12,7 +12,7 @@ from torch import nn
 
 from vaeeval import evaluate, save_model
 from vaeeval.errors import SpecError
-from vaeeval.priors import prior_from_spec
+from vaeeval.format.priors import prior_from_spec
 
 Z = 4.0
 

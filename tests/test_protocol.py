@@ -16,14 +16,14 @@ from safetensors.torch import save_file
 from scipy import special, stats
 
 from vaeeval import evaluate
-from vaeeval.ais import AISOptions, evaluate_ais, run_bdmc
-from vaeeval.arch import ArchOptions, arch_model
 from vaeeval.cli import main
-from vaeeval.data import covariate_headers, load_data, point_shape
-from vaeeval.evaluate import EvaluationOptions
-from vaeeval.output.schemas import schema
-from vaeeval.protocol import ASSUMED, ArchModel, as_posterior, standard_normal
-from vaeeval.results import DENSITY, MONTE_CARLO, PROBABILITY
+from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais, run_bdmc
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.format.data import covariate_headers, load_data, point_shape
+from vaeeval.format.terms import DENSITY, MONTE_CARLO, PROBABILITY
+from vaeeval.results.schemas import schema
+from vaeeval.user.arch import ArchOptions, arch_model
+from vaeeval.user.protocol import ASSUMED, ArchModel, as_posterior, standard_normal
 
 MODELS = '''
 import torch

@@ -1,4 +1,4 @@
-"""vaeeval.psis: the Pareto tail shape k-hat of importance weights, against arviz, and its threshold."""
+"""vaeeval.results.psis: the Pareto tail shape k-hat of importance weights, against arviz, and its threshold."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import arviz_khat
 
-from vaeeval.psis import pareto_khat, reliability_threshold, top_size
+from vaeeval.results.psis import pareto_khat, reliability_threshold, top_size
 
 
 def _top(log_w: np.ndarray) -> np.ndarray:

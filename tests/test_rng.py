@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from vaeeval.rng import standard_normal
+from vaeeval.core.rng import standard_normal
 
 
 def test_draws_are_standard_normal():

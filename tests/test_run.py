@@ -1,4 +1,4 @@
-"""vaeeval.run: long runs killed and resumed, interrupted with Ctrl-C; the torchrun world (its numbers: test_determinism)."""
+"""vaeeval.runs.run: long runs killed and resumed, interrupted with Ctrl-C; the torchrun world (its numbers: test_determinism)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import cli, jsonl
 
-from vaeeval.run import distributed_world, local_processes
+from vaeeval.runs.run import distributed_world, local_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

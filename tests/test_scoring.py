@@ -14,9 +14,9 @@ from torch import nn
 
 from vaeeval import VaeevalError, evaluate, save_model
 from vaeeval.cli import main
-from vaeeval.domains import Domain
-from vaeeval.likelihoods import likelihood_from_spec
-from vaeeval.scoring import choose_scoring
+from vaeeval.estimators.importance.scoring import choose_scoring
+from vaeeval.format.domains import Domain
+from vaeeval.format.likelihoods import likelihood_from_spec
 
 GAUSSIAN = likelihood_from_spec({"family": "gaussian", "sigma": 1.0}, {}, (4,))
 CATEGORICAL = likelihood_from_spec({"family": "categorical", "levels": 17}, {}, (4,))

@@ -1,4 +1,4 @@
-"""vaeeval.stream: results files written as computed, read back, repaired on resume, sharded and merged."""
+"""vaeeval.runs.stream: results files written as computed, read back, repaired on resume, sharded and merged."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from conftest import cli, jsonl
 
 from vaeeval import DataError, VaeevalError
-from vaeeval.output.schemas import STREAM_SCHEMA
-from vaeeval.stream import Shard, StoredRun, check_complete, read_results, read_stream
+from vaeeval.results.schemas import STREAM_SCHEMA
+from vaeeval.runs.stream import Shard, StoredRun, check_complete, read_results, read_stream
 
 
 def _header(n: int, seed: int = 0) -> dict:

@@ -9,8 +9,8 @@ from conftest import cli
 
 import vaeeval
 from vaeeval import tuning
-from vaeeval.evaluate import EvaluationOptions, Evaluator
-from vaeeval.run import run
+from vaeeval.estimators.importance.evaluate import EvaluationOptions, Evaluator
+from vaeeval.runs.run import run
 
 
 def test_the_library_makes_no_process_wide_setting(monkeypatch, bernoulli_model, binary_data, tmp_path):

@@ -19,38 +19,36 @@ command line's start) does not load torch before it is needed.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 _WHERE = {
-    "Comparison": "compare",
-    "compare": "compare",
-    "Dataset": "data",
-    "load_data": "data",
-    "Domain": "domains",
+    "Comparison": "analysis.compare",
+    "compare": "analysis.compare",
+    "Dataset": "format.data",
+    "load_data": "format.data",
+    "Domain": "format.domains",
     "DataError": "errors",
     "ModelFileError": "errors",
     "VaeevalError": "errors",
-    "EvaluationOptions": "evaluate",
-    "Evaluator": "evaluate",
-    "evaluate": "evaluate",
-    "AISOptions": "ais",
-    "evaluate_ais": "ais",
-    "run_bdmc": "ais",
-    "LatentHealth": "latents",
-    "latent_health": "latents",
-    "Model": "model",
-    "load_model": "model",
-    "save_model": "model",
-    "Evaluation": "results",
-    "PointResults": "results",
-    "Settings": "results",
-    "Stat": "results",
-    "Summary": "results",
-    "summarize": "results",
+    "EvaluationOptions": "estimators.importance.evaluate",
+    "Evaluator": "estimators.importance.evaluate",
+    "evaluate": "estimators.importance.evaluate",
+    "AISOptions": "estimators.annealing.ais",
+    "evaluate_ais": "estimators.annealing.ais",
+    "run_bdmc": "estimators.annealing.ais",
+    "LatentHealth": "results.latents",
+    "latent_health": "results.latents",
+    "Model": "format.model",
+    "load_model": "format.model",
+    "save_model": "format.model",
+    "Evaluation": "results.numbers",
+    "PointResults": "results.numbers",
+    "Settings": "results.numbers",
+    "Stat": "results.numbers",
+    "Summary": "results.numbers",
+    "summarize": "results.numbers",
 }
 
 __all__ = sorted(_WHERE)
@@ -66,16 +64,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
-
-
-class _Package(types.ModuleType):
-    """``vaeeval.evaluate`` and ``vaeeval.compare`` are functions here, though modules of those names exist:
-    the import system's binding of a submodule to the package does not replace them."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WHERE and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -24,7 +24,11 @@ from click.core import ParameterSource
 from rich.console import Console
 
 from vaeeval import __version__, tuning
-from vaeeval.ais import (
+from vaeeval.analysis.compare import compare as compare_models
+from vaeeval.analysis.convert import convert as convert_model
+from vaeeval.analysis.gates import AIS_GATED, CHECKED, GateFailed, Threshold, check_baseline, check_thresholds
+from vaeeval.errors import VaeevalError, listing
+from vaeeval.estimators.annealing.ais import (
     DEFAULT_CHAINS,
     DEFAULT_LEAPFROG,
     DEFAULT_PILOT_CHAINS,
@@ -41,13 +45,8 @@ from vaeeval.ais import (
     simulate,
     simulation_levels,
 )
-from vaeeval.annealing import SCHEDULES, STEP_SIZE_RANGE
-from vaeeval.arch import DECODER_OUTPUTS, ArchOptions, arch_model
-from vaeeval.compare import compare as compare_models
-from vaeeval.convert import convert as convert_model
-from vaeeval.data import load_data, point_shape
-from vaeeval.errors import VaeevalError, listing
-from vaeeval.evaluate import (
+from vaeeval.estimators.annealing.kernel import SCHEDULES, STEP_SIZE_RANGE
+from vaeeval.estimators.importance.evaluate import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_MEMORY,
     DEFAULT_SAMPLES,
@@ -56,11 +55,11 @@ from vaeeval.evaluate import (
     EvaluationOptions,
     Evaluator,
 )
-from vaeeval.files import check_output, load_json
-from vaeeval.gates import AIS_GATED, CHECKED, GateFailed, Threshold, check_baseline, check_thresholds
-from vaeeval.latents import LatentHealth, latent_health
-from vaeeval.likelihoods import families, likelihood_spec
-from vaeeval.model import Model, load_model
+from vaeeval.format.data import load_data, point_shape
+from vaeeval.format.likelihoods import families, likelihood_spec
+from vaeeval.format.model import Model, load_model
+from vaeeval.format.specs import MAX_LEVELS
+from vaeeval.io.files import check_output, load_json
 from vaeeval.output.documents import (
     ais_document,
     bdmc_document,
@@ -71,8 +70,6 @@ from vaeeval.output.documents import (
     latents_document,
 )
 from vaeeval.output.plot import check_plot, plot_diagnostics
-from vaeeval.output.records import to_json
-from vaeeval.output.schemas import schema_names, schema_text
 from vaeeval.output.tables import (
     ProgressBar,
     render_ais,
@@ -82,11 +79,14 @@ from vaeeval.output.tables import (
     render_inspect,
     render_latents,
 )
-from vaeeval.results import Evaluation
-from vaeeval.run import Outcome, distributed_world, local_processes, run
-from vaeeval.sources import load
-from vaeeval.specs import MAX_LEVELS
-from vaeeval.stream import AIS_RESULTS, ELBO_RESULTS, Shard, merge_runs, read_results, read_stream, write_results
+from vaeeval.results.latents import LatentHealth, latent_health
+from vaeeval.results.numbers import Evaluation
+from vaeeval.results.records import to_json
+from vaeeval.results.schemas import schema_names, schema_text
+from vaeeval.runs.run import Outcome, distributed_world, local_processes, run
+from vaeeval.runs.stream import AIS_RESULTS, ELBO_RESULTS, Shard, merge_runs, read_results, read_stream, write_results
+from vaeeval.user.arch import DECODER_OUTPUTS, ArchOptions, arch_model
+from vaeeval.user.sources import load
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vaeeval.output.records import (
+from vaeeval.results.numbers import AISEvaluation, BDMCEvaluation, Evaluation
+from vaeeval.results.records import (
     ais_point_records,
     ais_settings_record,
     ais_summary_record,
@@ -19,7 +20,7 @@ from vaeeval.output.records import (
     stat_record,
     summary_record,
 )
-from vaeeval.output.schemas import (
+from vaeeval.results.schemas import (
     AIS_SCHEMA,
     BDMC_SCHEMA,
     CHECK_SCHEMA,
@@ -28,15 +29,14 @@ from vaeeval.output.schemas import (
     INSPECT_SCHEMA,
     LATENTS_SCHEMA,
 )
-from vaeeval.results import AISEvaluation, BDMCEvaluation, Evaluation
 
 if TYPE_CHECKING:
-    from vaeeval.ais import Simulated
-    from vaeeval.compare import Comparison
-    from vaeeval.data import Dataset
-    from vaeeval.gates import BaselineCheck
-    from vaeeval.latents import LatentHealth
-    from vaeeval.model import Model
+    from vaeeval.analysis.compare import Comparison
+    from vaeeval.analysis.gates import BaselineCheck
+    from vaeeval.estimators.annealing.ais import Simulated
+    from vaeeval.format.data import Dataset
+    from vaeeval.format.model import Model
+    from vaeeval.results.latents import LatentHealth
 
 UNITS = "nats per data point; higher is better (kl: lower)"
 

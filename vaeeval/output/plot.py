@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from vaeeval.errors import VaeevalError, option
-from vaeeval.files import atomic_write, check_output, writing
-from vaeeval.results import Evaluation
+from vaeeval.io.files import atomic_write, check_output, writing
+from vaeeval.results.numbers import Evaluation
 
 
 def _formats() -> dict[str, str]:

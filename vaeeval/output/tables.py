@@ -15,15 +15,16 @@ from rich.table import Table
 from rich.text import Text
 
 from vaeeval.errors import listing
-from vaeeval.layers import format_shape
-from vaeeval.output.records import DEQUANTIZATION
-from vaeeval.results import DENSITY, GAP_LIMIT, METRICS, AISCost, AISEvaluation, AISSettings, BDMCEvaluation, Evaluation
+from vaeeval.format.layers import format_shape
+from vaeeval.format.terms import DENSITY
+from vaeeval.results.numbers import GAP_LIMIT, METRICS, AISCost, AISEvaluation, AISSettings, BDMCEvaluation, Evaluation
+from vaeeval.results.records import DEQUANTIZATION
 
 if TYPE_CHECKING:
-    from vaeeval.compare import Comparison
-    from vaeeval.data import Dataset
-    from vaeeval.latents import LatentHealth
-    from vaeeval.model import Model
+    from vaeeval.analysis.compare import Comparison
+    from vaeeval.format.data import Dataset
+    from vaeeval.format.model import Model
+    from vaeeval.results.latents import LatentHealth
 
 _MEANINGS = {
     "elbo": "ELBO = recon - KL, a lower bound on log p(x)",

@@ -1,0 +1,390 @@
+"""Annealed importance sampling with Hamiltonian Monte Carlo: the tensor math, for a batch of points.
+
+For a point x, AIS (Neal 2001) moves C chains from an initial distribution f_0 = q0 (the
+encoder's q(z|x), or the prior p(z)) to the unnormalized posterior f_T = p(z) p(x|z) along
+the geometric path
+
+    log f_t(z) = (1 - β_t) log q0(z) + β_t log γ(z),   γ(z) = p(z) p(x|z),   0 = β_0 < ... < β_T = 1,
+
+weighing each chain by log w = Σ_t (β_t - β_{t-1}) (log γ(z_{t-1}) - log q0(z_{t-1})), where
+z_t is drawn from z_{t-1} by an HMC transition that leaves f_t invariant. E[w] = p(x).
+Started from an exact posterior sample and run backwards (β from 1 to 0), the same sum s
+gives E[exp(-s)] = 1/p(x) (Grosse, Ghahramani & Adams 2015).
+
+HMC (Neal 2011): momentum p ~ N(0, I), ``leapfrog`` steps of size ε on -log f_t, accepted
+with probability min(1, exp(-ΔH)). Each leapfrog step costs one decoder forward and
+backward pass; the log-densities and gradients at the end of a trajectory are kept with the
+state, so the acceptance test, the next weight increment and the next trajectory's first
+half-step cost nothing more.
+
+Positions are float64 values that float32 represents exactly: the decoder (float32) and the
+densities (float64) see the same point. Noise is keyed by (seed, point, stream, chain, step)
+through ``rng``, so no number depends on the batch, the process or the other points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, Independent, Normal
+
+from vaeeval.core import numerics, rng
+from vaeeval.core.numerics import tree_sum
+from vaeeval.errors import VaeevalError
+from vaeeval.format.model import Model, rows_independently
+from vaeeval.format.priors import Prior
+from vaeeval.user.calls import first_line, where
+from vaeeval.user.distributions import flows, log_prob64
+
+SCHEDULES = ("sigmoid", "linear", "geometric")
+SIGMOID_RADIUS = 4.0  # the sigmoid schedule runs over sigmoid(-4 .. 4) (Grosse et al. 2015; Wu et al. 2017)
+GEOMETRIC_START = 1e-4  # the geometric schedule's beta_1 scale: beta_t = 1e-4 ** (1 - t / T)
+TARGET_ACCEPTANCE = 0.65
+ADAPT_UP, ADAPT_DOWN = 1.02, 0.98  # step size factors above / below the target acceptance (Wu et al. 2017)
+STEP_SIZE_RANGE = (1e-4, 0.5)
+_CHAIN_BITS = 24  # counters: (step << 24 | chain) keeps chains apart for up to 16 million chains
+
+
+def schedule(name: str, steps: int) -> np.ndarray:
+    """β_0 = 0 < β_1 < ... < β_T = 1, ``[T + 1]`` float64.
+
+    ``linear``: t / T. ``sigmoid``: sigmoid(δ (2t/T - 1)) rescaled to run from 0 to 1,
+    δ = 4, dense at both ends. ``geometric``: 1e-4 ** (1 - t/T) (β_0 = 0), dense near 0,
+    where the path moves fastest for a poor initial distribution.
+    """
+    t = np.arange(steps + 1, dtype=np.float64) / steps
+    if name == "linear":
+        betas = t
+    elif name == "sigmoid":
+        s = 1 / (1 + numerics.exp(-SIGMOID_RADIUS * (2 * t - 1)))
+        betas = (s - s[0]) / (s[-1] - s[0])
+    elif name == "geometric":
+        betas = GEOMETRIC_START ** (1 - t)
+    else:
+        raise ValueError(f"unknown schedule {name!r}")
+    betas[0], betas[-1] = 0.0, 1.0
+    return betas
+
+
+class Streams(NamedTuple):
+    """The ``rng`` streams one run draws from: initial states (and a prior mixture's component), momenta, acceptance tests."""
+
+    init: int
+    component: int
+    momentum: int
+    accept: int
+
+
+FORWARD = Streams(1, 2, 3, 4)
+PILOT = Streams(5, 6, 7, 8)
+REVERSE = Streams(0, 0, 9, 10)  # reverse chains start from the simulated z: no initial draws
+SIMULATE = Streams(11, 12, 0, 0)  # z ~ p(z) of simulated points
+SIMULATE_X = 13  # x ~ p(x|z), one uniform per data dimension
+
+
+@dataclass
+class State:
+    """Log-densities and gradients at the chains' positions, ``[B, C]`` and ``[B, C, L]`` float64.
+
+    ``log_target`` is log γ(z) = log p(z) + log p(x|z); ``log_init`` is log q0(z).
+    """
+
+    log_target: torch.Tensor
+    grad_target: torch.Tensor
+    log_init: torch.Tensor
+    grad_init: torch.Tensor
+
+    def log_f(self, beta: float) -> torch.Tensor:
+        return (1 - beta) * self.log_init + beta * self.log_target
+
+    def grad_f(self, beta: float) -> torch.Tensor:
+        return (1 - beta) * self.grad_init + beta * self.grad_target
+
+    def where(self, keep_other: torch.Tensor, other: State) -> State:
+        """``other`` where ``keep_other [B, C]``, else this state."""
+        wide = keep_other[..., None]
+        return State(
+            torch.where(keep_other, other.log_target, self.log_target),
+            torch.where(wide, other.grad_target, self.grad_target),
+            torch.where(keep_other, other.log_init, self.log_init),
+            torch.where(wide, other.grad_init, self.grad_init),
+        )
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def log_prob_and_grad(distribution: Distribution, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``distribution.log_prob(z)`` and its gradient in z, for z ``[..., L]`` (float64, no graph kept).
+
+    Diagonal Gaussians in closed form; anything else through autograd.
+    """
+    if isinstance(distribution, Independent) and isinstance(distribution.base_dist, Normal):
+        if distribution.reinterpreted_batch_ndims == 1:
+            base = distribution.base_dist
+            standardized = (z - base.loc) / base.scale
+            log_p = tree_sum(-0.5 * standardized * standardized - torch.log(base.scale) - _HALF_LOG_2PI)
+            return log_p, -standardized / base.scale
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        log_p = log_prob64(distribution, z) if isinstance(distribution, Distribution) else distribution.log_prob(z)
+        (grad,) = torch.autograd.grad(log_p.sum(), z)
+    return log_p.detach(), grad
+
+
+class PointsFirst:
+    """q(z|x) of batch ``[B]`` read at ``z [B, C, L]`` (chains second), as ``Target`` evaluates it."""
+
+    def __init__(self, distribution: Distribution) -> None:
+        self.distribution = distribution
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return log_prob64(self.distribution, z.transpose(0, 1)).transpose(0, 1)
+
+
+class Target:
+    """log q0, log γ = log p(z) + log p(x|z) and their gradients for a batch of points.
+
+    Args:
+        model: the model (its decoder computes without weight gradients).
+        x: ``[B, *input_shape]`` float32, the points.
+        levels: score a continuous likelihood on this many levels' bins (the gradient
+            flows through the bin log-probability), or None.
+        init: q0 with batch shape ``[B, 1]`` and event shape ``[L]``, or None for the prior.
+        prior: p(z), event shape ``[L]``.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        levels: int | None,
+        init: Distribution | PointsFirst | None,
+        prior: Distribution,
+        covariates: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.x, self.levels, self.init, self.prior = model, x[:, None], levels, init, prior
+        self.covariates = dict(covariates or {})
+        self.shortcut = None
+        parts = model.linear_head()
+        if parts is not None and levels is None and model.likelihood.linear_shortcut:
+            trunk, head = parts
+            flat = x.reshape(x.shape[0], -1)
+            projected, offset = rows_independently(lambda rows: model.likelihood.linear_projection(rows, head), flat)
+            self.shortcut = (trunk, head, flat[:, None], projected, offset)
+
+    def evaluate(self, z: torch.Tensor) -> State:
+        """The state at positions ``z [B, C, L]`` (float64 values exact in float32)."""
+        points, chains, latent = z.shape
+        decoded = z.to(torch.float32).reshape(points * chains, latent).requires_grad_(True)
+        if self.model.general:
+            log_likelihood, grad = self._through_distributions(decoded, points, chains)
+        elif self.shortcut is None:
+            log_likelihood, grad = self._through_decoder(decoded, points, chains)
+        else:
+            log_likelihood, grad = self._through_head(decoded, points, chains)
+        log_prior, grad_prior = self._log_prob_and_grad("prior()", self.prior, z)
+        if self.init is None:
+            log_init, grad_init = log_prior, grad_prior
+        else:
+            log_init, grad_init = self._log_prob_and_grad(f"{getattr(self.model.encoder, 'method', 'encode')}(x)", self.init, z)
+        grad_likelihood = grad.reshape(points, chains, latent).double()
+        return State(log_prior + log_likelihood, grad_prior + grad_likelihood, log_init, grad_init)
+
+    def _log_prob_and_grad(self, what: str, distribution: Distribution | PointsFirst, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_prob_and_grad``; for a model's own distributions, a failure is one error naming them."""
+        if not self.model.general:
+            return log_prob_and_grad(distribution, z)
+        name = type(getattr(distribution, "distribution", distribution)).__name__
+        hint = ""
+        if flows(getattr(distribution, "distribution", distribution)):
+            hint = " (AIS needs the log-density at any z, so the flow's inverse; or start from the prior: --init prior)"
+        try:
+            return log_prob_and_grad(distribution, z)
+        except VaeevalError:
+            raise
+        except Exception as error:  # the user's distribution: any failure is reported, in one line
+            raise VaeevalError(f"{what}'s {name}.log_prob raised {first_line(error)}{where(error)}{hint}") from None
+
+    def _through_distributions(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x|z) ``[B, C]`` and its gradient in z for a model of the general path, through autograd."""
+        x = self.x[:, 0].repeat_interleave(chains, dim=0)
+        covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
+        with torch.enable_grad():
+            log_likelihood = self.model.log_likelihood(decoded, x, covariates, self.levels)
+            (grad,) = torch.autograd.grad(log_likelihood.sum(), decoded)
+        return log_likelihood.detach().reshape(points, chains), grad
+
+    def _through_decoder(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x|z) ``[B, C]`` and its gradient in the decoder's input: the likelihood's gradient, back through autograd."""
+        covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
+        with torch.enable_grad():
+            params = self.model.decode(decoded, covariates)
+        shaped = params.detach().reshape(points, chains, *self.model.decode_shape)
+        log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.levels)
+        (grad,) = torch.autograd.grad(params, decoded, grad_outputs=grad_params.reshape(params.shape))
+        return log_likelihood, grad
+
+    def _through_head(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for a decoder ending in a linear layer: the last layer's product and gradient by hand."""
+        trunk, head, x, projected, offset = self.shortcut
+        with torch.enable_grad():
+            hidden = rows_independently(trunk, decoded) if len(trunk) else decoded
+        inputs = hidden.detach()
+        logits = rows_independently(head, inputs).reshape(points, chains, -1)
+        log_likelihood, grad_logits = self.model.likelihood.log_prob_and_grad_through_linear(
+            inputs.reshape(points, chains, -1), logits, x, projected, offset
+        )
+        grad_hidden = rows_independently(lambda rows: rows @ head.weight, grad_logits.reshape(points * chains, -1))
+        if not len(trunk):
+            return log_likelihood, grad_hidden
+        (grad,) = torch.autograd.grad(hidden, decoded, grad_outputs=grad_hidden)
+        return log_likelihood, grad
+
+
+def decodable(z: torch.Tensor) -> torch.Tensor:
+    """``z`` rounded to the float32 value the decoder will see, kept in float64."""
+    return z.to(torch.float32).to(torch.float64)
+
+
+def chain_counters(step: int, chains: int, width: int) -> np.ndarray:
+    """``[chains, width]`` rng counters of draw ``step`` of every chain (width numbers each)."""
+    first = (np.uint64(step) << np.uint64(_CHAIN_BITS)) + np.arange(chains, dtype=np.uint64)
+    return first[:, None] * np.uint64(width) + np.arange(width, dtype=np.uint64)[None, :]
+
+
+def hmc(
+    target: Target,
+    z: torch.Tensor,
+    state: State,
+    beta: float,
+    step_size: torch.Tensor,
+    momentum: torch.Tensor,
+    log_uniform: torch.Tensor,
+    leapfrog: int,
+) -> tuple[torch.Tensor, State, torch.Tensor]:
+    """One HMC transition leaving f_β invariant (Neal 2011, section 5.3.2.1).
+
+    Args:
+        target: the densities.
+        z: ``[B, C, L]`` the chains' positions, ``state`` the densities there.
+        beta: the path's β.
+        step_size: ``[B]`` ε per point.
+        momentum: ``[B, C, L]`` N(0, I) draws.
+        log_uniform: ``[B, C]`` log U(0, 1) draws for the acceptance tests.
+        leapfrog: L, leapfrog steps.
+
+    Returns:
+        The new positions, their state and ``[B, C]`` booleans: which proposals were accepted.
+        A proposal whose density is not finite is rejected.
+    """
+    epsilon = step_size[:, None, None]
+    p = momentum + 0.5 * epsilon * state.grad_f(beta)
+    proposal, proposed = z, state
+    for step in range(leapfrog):
+        proposal = decodable(proposal + epsilon * p)
+        proposed = target.evaluate(proposal)
+        p = p + (epsilon if step < leapfrog - 1 else 0.5 * epsilon) * proposed.grad_f(beta)
+    before = state.log_f(beta) - 0.5 * tree_sum(momentum * momentum)
+    after = proposed.log_f(beta) - 0.5 * tree_sum(p * p)
+    accepted = log_uniform < after - before  # NaN compares False: rejected
+    return torch.where(accepted[..., None], proposal, z), state.where(accepted, proposed), accepted
+
+
+@dataclass(frozen=True)
+class Chains:
+    """What one annealing run found, per point and chain.
+
+    ``log_weight`` is Σ_t (β_t - β_{t-1}) (log γ - log q0) along each chain, ``[B, C]``;
+    ``accepted`` the number of accepted HMC proposals per point, ``[B]``; ``step_sizes``
+    ``[B, T + 1]`` the ε of the transition targeting f_t (column t, 1 <= t < T).
+    """
+
+    log_weight: torch.Tensor
+    accepted: torch.Tensor
+    step_sizes: torch.Tensor
+
+
+def anneal(
+    target: Target,
+    z: torch.Tensor,
+    betas: np.ndarray,
+    step_sizes: torch.Tensor,
+    *,
+    seed: int,
+    indices: np.ndarray,
+    streams: Streams,
+    leapfrog: int,
+    reverse: bool = False,
+    adapt: bool = False,
+    tick: Callable[[], None] | None = None,
+) -> Chains:
+    """Run the chains along the path, forward (β from 0 to 1) or in reverse.
+
+    Forward, ``z`` are draws from q0: for t = 1..T the weight takes the increment at the
+    current position, then (t < T) an HMC transition targets f_t. In reverse, ``z`` are
+    posterior samples: for t = T..1 the increment, then (t > 1) a transition targeting f_{t-1}.
+
+    Args:
+        target: the densities.
+        z: ``[B, C, L]`` the starting positions (exact in float32).
+        betas: ``[T + 1]`` the schedule.
+        step_sizes: ``[B, T + 1]`` ε per point for the transition targeting f_t; with
+            ``adapt``, only column 1 is read and the rest is filled in.
+        seed, indices, streams: where the momenta and acceptance draws come from.
+        leapfrog: leapfrog steps per transition.
+        reverse: run from β = 1 to 0.
+        adapt: tune ε toward the target acceptance rate as the chains go (a pilot run):
+            after the transition at f_t, ε for f_{t+1} is ε_t × 1.02 if the point's chains
+            accepted more than 65% of their proposals, else × 0.98, clipped to [1e-4, 0.5].
+        tick: called after each step (for a progress bar).
+    """
+    points, chains, latent = z.shape
+    steps = len(betas) - 1
+    step_sizes = step_sizes.clone()
+    state = target.evaluate(z)
+    log_weight = torch.zeros(points, chains, dtype=torch.float64, device=z.device)
+    accepted = torch.zeros(points, dtype=torch.float64, device=z.device)
+    for t in range(steps, 0, -1) if reverse else range(1, steps + 1):
+        log_weight += (betas[t] - betas[t - 1]) * (state.log_target - state.log_init)
+        k = t - 1 if reverse else t  # the transition that follows targets f_k
+        if tick is not None:
+            tick()
+        if k in (0, steps):
+            continue
+        momentum = rng.normal(seed, indices, chain_counters(k, chains, latent), streams.momentum).to(z.device)
+        log_uniform = torch.from_numpy(
+            numerics.log(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
+        ).to(z.device)
+        z, state, moved = hmc(target, z, state, float(betas[k]), step_sizes[:, k], momentum, log_uniform, leapfrog)
+        accepted += moved.sum(1)
+        if adapt and k + 1 < steps:
+            rate = tree_sum(moved.double()) / chains
+            factor = torch.full_like(rate, ADAPT_DOWN).masked_fill_(rate > TARGET_ACCEPTANCE, ADAPT_UP)
+            step_sizes[:, k + 1] = (step_sizes[:, k] * factor).clamp(*STEP_SIZE_RANGE)
+    return Chains(log_weight, accepted, step_sizes)
+
+
+def prior_draws(prior: Prior, seed: int, indices: np.ndarray, chains: int, streams: Streams, device: torch.device) -> torch.Tensor:
+    """``[B, C, L]`` draws from the prior, keyed by point and chain, exact in float32."""
+    normal = rng.normal(seed, indices, chain_counters(0, chains, prior.noise_width), streams.init).to(device)
+    component = torch.from_numpy(rng.uniform(seed, indices, chain_counters(0, chains, 1)[:, 0], streams.component))
+    return decodable(prior.sample(normal, component.to(device)))
+
+
+def gaussian_draws(
+    mean: torch.Tensor, std: torch.Tensor, seed: int, indices: np.ndarray, chains: int, streams: Streams
+) -> torch.Tensor:
+    """``[B, C, L]`` draws from N(mean, diag std²) (``mean``, ``std`` ``[B, L]``), keyed by point and chain."""
+    normal = rng.normal(seed, indices, chain_counters(0, chains, mean.shape[-1]), streams.init).to(mean.device)
+    return decodable(mean[:, None] + std[:, None] * normal)
+
+
+def log_mean_exp(values: torch.Tensor) -> torch.Tensor:
+    """log (1/C) Σ_c exp(values[..., c]), ``[..., C] -> [...]``."""
+    return numerics.logsumexp(values) - math.log(values.shape[-1])

@@ -1,0 +1,324 @@
+"""One JSON-ready record shape per result, and the way back from records to results.
+
+JSON keys named in the issue tracker and the README (``schema``, ``model``,
+``data``, ``settings``, ``summary``, ``points`` and the metric names) are a
+contract: add keys, never rename them. ``schemas`` builds the JSON Schemas from
+the key lists here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vaeeval.format.domains import domain_from_spec
+from vaeeval.results.numbers import (
+    GAP_LIMIT,
+    METRICS,
+    AISCost,
+    AISEvaluation,
+    AISPointResults,
+    AISSettings,
+    BDMCEvaluation,
+    BDMCPointResults,
+    Columns,
+    Evaluation,
+    PointResults,
+    Scoring,
+    Settings,
+    Stat,
+    evaluation_of,
+    summarize_ais,
+)
+
+if TYPE_CHECKING:
+    from vaeeval.format.data import Dataset
+    from vaeeval.format.model import Model
+    from vaeeval.results.latents import LatentHealth
+
+DEQUANTIZATION = (
+    "the uniform-dequantization figure for a density on discrete data, not a probability "
+    "(log P(bin) >= E_u[log p(x + u)] + D log Δ bounds the bin probability only for the density "
+    "averaged over the bin; this uses it at the bin's centre)"
+)
+SETTINGS_KEYS = tuple(f.name for f in fields(Settings))
+SCORING_KEYS = tuple(f.name for f in fields(Scoring))
+POINT_NUMBERS = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat")  # then ess_fraction, unreliable
+POINT_MONTE_CARLO = ("kl_stderr",)  # only when the KL was estimated from the samples
+
+
+def to_json(document: dict[str, Any]) -> str:
+    """Serialize a document; NaN and infinity are refused, never written."""
+    return json.dumps(document, indent=2, allow_nan=False)
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: an undefined number (a standard error from one sample) is null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def stat_record(stat: Stat) -> dict[str, float | None]:
+    return {"mean": finite(stat.mean), "stderr": finite(stat.stderr)}
+
+
+def settings_record(settings: Settings) -> dict[str, Any]:
+    """The ``settings`` object: how the evaluation was run."""
+    return {key: getattr(settings, key) for key in SETTINGS_KEYS}
+
+
+def scoring_record(scoring: Scoring) -> dict[str, Any]:
+    """What a document says about how the numbers were made."""
+    return {key: getattr(scoring, key) for key in SCORING_KEYS}
+
+
+def diagnostics_record(evaluation: Evaluation) -> dict[str, Any]:
+    """The ``summary.diagnostics`` object: how far to trust the numbers."""
+    diagnostics = evaluation.summary.diagnostics
+    return {
+        "unreliable": {
+            "count": len(diagnostics.unreliable),
+            "share": diagnostics.share,
+            "khat_threshold": finite(diagnostics.threshold),
+            "points": list(diagnostics.unreliable),  # worst (largest k-hat) first
+        },
+        "iwae_minus_elbo": stat_record(diagnostics.gap),
+        "ess": stat_record(diagnostics.ess),
+        "ess_fraction": stat_record(diagnostics.ess_fraction),
+        "khat": stat_record(diagnostics.khat),
+        "elbo_stderr": stat_record(diagnostics.elbo_stderr),
+        "iwae_stderr": stat_record(diagnostics.iwae_stderr),
+    }
+
+
+def convergence_records(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """The ``convergence`` list: IWAE over the first k samples of every point."""
+    return [{"samples": k, "iwae": stat_record(stat)} for k, stat in evaluation.convergence.summary()]
+
+
+def latents_record(health: LatentHealth) -> dict[str, Any]:
+    """The ``latents`` object: latent health."""
+    return {
+        "kl_per_dim": None if health.kl_per_dim is None else health.kl_per_dim.tolist(),
+        "activity": health.activity.tolist(),
+        "active_threshold": health.threshold,
+        "active_units": int(health.active.sum()),
+        "inactive": np.flatnonzero(~health.active).tolist(),
+        "mutual_information": health.mutual_information,
+        "mutual_information_max": health.max_information,
+        "mean_kl": health.mean_kl,
+        "aggregate_kl": health.aggregate_kl,
+        "warning": health.warning,
+    }
+
+
+def model_record(model: Model) -> dict[str, Any]:
+    """What a document says about the model."""
+    return {
+        "path": str(model.path) if model.path else None,
+        "format": None if model.arch else 1,
+        "arch": model.arch,  # the --arch the state dict was read through
+        "description": model.description,
+        "family": model.likelihood.family,
+        "likelihood": model.likelihood.spec,
+        "measure": model.likelihood.measure,  # the family's own; summary.measure is what was reported
+        "prior": model.prior.spec,
+        "kl": model.prior.kl_kind,
+        "latent_dim": model.latent_dim,
+        "input_shape": list(model.input_shape),
+        "dims": model.data_dims,
+        "domain": model.domain.to_spec() if model.domain else None,
+        "parameters": model.parameter_count,
+        "digest": model.digest,  # of the model (or weights) file
+        "notes": list(model.notes),  # how the model was read: an assumed prior, a warning
+        "covariates": list(model.covariates),  # the data's arrays the model is conditioned on
+        "library": None if model.library is None else model.library.kind,  # a count model's library size: observed or latent
+        "data_layer": model.data_layer,  # the AnnData layer holding its counts, as the file records it
+    }
+
+
+def data_record(dataset: Dataset) -> dict[str, Any]:
+    """What a document says about the data."""
+    return {
+        "path": str(dataset.path) if dataset.path else None,
+        "key": dataset.key,
+        "n": dataset.n,
+        "total": dataset.total,
+        "shape": list(dataset.array.shape),
+        "dims": dataset.dims,
+        "domain": dataset.domain.to_spec(),  # as detected from the values
+        "digest": dataset.digest,  # of the evaluated points (and covariates): runs on the same data share it
+        "covariates": sorted(dataset.covariates),
+        "layer": dataset.layer,  # the AnnData layer read from an .h5ad
+    }
+
+
+def evaluation_points(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """The ``points`` list of a document."""
+    return point_records(evaluation.points, evaluation.settings.samples, evaluation.monte_carlo_kl)
+
+
+def summary_record(evaluation: Evaluation) -> dict[str, Any]:
+    """The ``summary`` object of a document."""
+    summary = evaluation.summary
+    record = {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_record(evaluation.scoring),
+        "kl_kind": evaluation.kl_kind,
+        **{name: stat_record(getattr(summary, name)) for name in METRICS},
+        "bits_per_dim": stat_record(summary.bits_per_dim),
+    }
+    if summary.dequantized_bits_per_dim is not None:
+        record["dequantized_bits_per_dim"] = {**stat_record(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
+    record["diagnostics"] = diagnostics_record(evaluation)
+    return record
+
+
+def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
+    """One JSON object per point (the ``points`` list of a document, and the point lines of a results file).
+
+    Args:
+        points: the per-point results.
+        samples: K, for the ESS fraction.
+        monte_carlo_kl: the KL was estimated from the samples: add its standard error.
+    """
+    names = POINT_NUMBERS + (POINT_MONTE_CARLO if monte_carlo_kl else ())
+    columns = {name: getattr(points, name).tolist() for name in names}
+    fraction = (points.ess / samples).tolist()
+    unreliable = points.unreliable.tolist()
+    return [
+        {
+            "index": int(index),
+            **{name: finite(columns[name][row]) for name in names},
+            "ess_fraction": fraction[row],
+            "unreliable": unreliable[row],
+        }
+        for row, index in enumerate(points.index.tolist())
+    ]
+
+
+# ---------------------------------------------------------------- records -> results
+
+
+def _column(records: Sequence[dict[str, Any]], name: str, default: float = math.nan) -> np.ndarray:
+    return np.array([default if r.get(name) is None else r[name] for r in records], dtype=np.float64)
+
+
+def points_from_records(records: Sequence[dict[str, Any]]) -> PointResults:
+    """Per-point results from point records (``null`` numbers become NaN), sorted by index."""
+    records = sorted(records, key=lambda r: r["index"])
+    return PointResults(
+        index=np.array([r["index"] for r in records], dtype=np.int64),
+        **{name: _column(records, name) for name in POINT_NUMBERS},
+        kl_stderr=_column(records, "kl_stderr", 0.0),
+        unreliable=np.array([bool(r["unreliable"]) for r in records]),
+    )
+
+
+def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> Evaluation:
+    """The evaluation the point records of one run (or all its shards) add up to.
+
+    Args:
+        header: a results file's header (``stream.header_record``): settings, scoring, model and data.
+        records: point records, in any order.
+    """
+    return evaluation_of(
+        points_from_records(records),
+        settings=Settings(**header["settings"]),
+        scoring=Scoring(**header["scoring"]),
+        kl_kind=header["kl_kind"],
+        domain=domain_from_spec(header["domain"]),
+        dims=header["model"]["dims"],
+    )
+
+
+
+# ---------------------------------------------------------------- AIS and BDMC
+
+AIS_POINT_NUMBERS = ("ais", "ais_stderr", "acceptance", "elbo", "iwae", "ess", "step_size")
+BDMC_POINT_NUMBERS = ("lower", "upper", "gap", "iwae", "acceptance")
+
+
+def ais_settings_record(settings: AISSettings) -> dict[str, Any]:
+    """The ``settings`` object of an AIS or BDMC document."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+def cost_record(cost: AISCost) -> dict[str, Any]:
+    """Decoder gradient evaluations per point: the pilot's, the run's, and the pilot's share."""
+    return {"pilot_gradients": cost.pilot, "gradients": cost.run, "pilot_share": cost.pilot_share}
+
+
+def _columns(points: Columns, names: Sequence[str]) -> list[dict[str, Any]]:
+    columns = {name: getattr(points, name).tolist() for name in names}
+    return [
+        {"index": int(index), **{name: finite(columns[name][row]) for name in names}}
+        for row, index in enumerate(points.index.tolist())
+    ]
+
+
+def ais_point_records(points: AISPointResults) -> list[dict[str, Any]]:
+    """One JSON object per point of an AIS run (the ``points`` list, and a results file's point lines)."""
+    return _columns(points, AIS_POINT_NUMBERS)
+
+
+def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
+    """The ``summary`` object of a ``vaeeval.ais/1`` document."""
+    summary = evaluation.summary
+    return {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_record(evaluation.scoring),
+        **{name: stat_record(getattr(summary, name)) for name in ("ais", "elbo", "iwae")},
+        "ais_minus_iwae": stat_record(summary.gap),
+        "ais_stderr": stat_record(summary.ais_stderr),
+        "acceptance": stat_record(summary.acceptance),
+        "bits_per_dim": stat_record(summary.bits_per_dim),
+        "cost": cost_record(evaluation.cost),
+    }
+
+
+def bdmc_point_records(points: BDMCPointResults) -> list[dict[str, Any]]:
+    """One JSON object per simulated point of a BDMC run."""
+    return _columns(points, BDMC_POINT_NUMBERS)
+
+
+def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
+    """The ``summary`` object of a ``vaeeval.bdmc/1`` document."""
+    summary = evaluation.summary
+    return {
+        "n": summary.n,
+        "measure": evaluation.measure,
+        "scoring": scoring_record(evaluation.scoring),
+        **{name: stat_record(getattr(summary, name)) for name in BDMC_POINT_NUMBERS},
+        "gap_limit": GAP_LIMIT,
+        "weak": evaluation.weak,
+        "cost": cost_record(evaluation.cost),
+    }
+
+
+def ais_points_from_records(records: Sequence[dict[str, Any]]) -> AISPointResults:
+    """Per-point AIS results from point records (``null`` numbers become NaN), sorted by index."""
+    records = sorted(records, key=lambda r: r["index"])
+    return AISPointResults(
+        index=np.array([r["index"] for r in records], dtype=np.int64),
+        **{name: _column(records, name) for name in AIS_POINT_NUMBERS},
+    )
+
+
+def ais_evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> AISEvaluation:
+    """The AIS evaluation the point records of one run (or all its shards) add up to."""
+    points = ais_points_from_records(records)
+    return AISEvaluation(
+        points=points,
+        summary=summarize_ais(points, header["model"]["dims"]),
+        settings=AISSettings(**header["settings"]),
+        scoring=Scoring(**header["scoring"]),
+        domain=domain_from_spec(header["domain"]),
+        cost=AISCost(header["cost"]["pilot_gradients"], header["cost"]["gradients"]),
+    )

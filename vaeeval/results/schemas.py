@@ -1,0 +1,339 @@
+"""JSON Schemas (draft 2020-12) of every ``--json`` output and of results files.
+
+They state the contract: the keys CI scripts may rely on are ``required``;
+every object allows more keys, since later versions may add them (never rename).
+``vaeeval schema NAME`` prints one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vaeeval.errors import VaeevalError
+from vaeeval.format.domains import DOMAINS
+from vaeeval.format.terms import KL_KINDS, MEASURES
+from vaeeval.results.numbers import METRICS
+from vaeeval.results.records import AIS_POINT_NUMBERS, BDMC_POINT_NUMBERS, POINT_MONTE_CARLO
+
+ELBO_SCHEMA = "vaeeval.elbo/1"
+COMPARE_SCHEMA = "vaeeval.compare/1"
+CHECK_SCHEMA = "vaeeval.check/1"
+LATENTS_SCHEMA = "vaeeval.latents/1"
+INSPECT_SCHEMA = "vaeeval.inspect/1"
+STREAM_SCHEMA = "vaeeval.elbo-stream/1"
+AIS_SCHEMA = "vaeeval.ais/1"
+AIS_STREAM_SCHEMA = "vaeeval.ais-stream/1"
+BDMC_SCHEMA = "vaeeval.bdmc/1"
+
+_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+NUMBER = {"type": "number"}
+MAYBE_NUMBER = {"type": ["number", "null"]}
+INTEGER = {"type": "integer", "minimum": 0}
+STRING = {"type": "string"}
+MAYBE_STRING = {"type": ["string", "null"]}
+
+
+def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": {**required, **(optional or {})}}
+
+
+STAT = _object({"mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
+MEASURE = {"enum": list(MEASURES)}
+KL_KIND = {"enum": list(KL_KINDS)}
+
+DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER})
+MODEL = _object(
+    {
+        "path": MAYBE_STRING,
+        "family": STRING,
+        "likelihood": {"type": "object", "required": ["family"]},
+        "measure": MEASURE,
+        "prior": {"type": "object", "required": ["family"]},
+        "latent_dim": {"type": "integer", "minimum": 1},
+        "input_shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "dims": {"type": "integer", "minimum": 1},
+        "parameters": INTEGER,
+    },
+    {
+        "format": {"enum": [1, None]},
+        "arch": MAYBE_STRING,
+        "digest": MAYBE_STRING,
+        "description": STRING,
+        "kl": KL_KIND,
+        "domain": {"anyOf": [DOMAIN, {"type": "null"}]},
+        "notes": {"type": "array", "items": STRING},
+        "covariates": {"type": "array", "items": STRING},
+        "library": {"enum": ["observed", "latent", None]},
+        "data_layer": MAYBE_STRING,
+    },
+)
+DATA = _object(
+    {
+        "path": MAYBE_STRING,
+        "n": INTEGER,
+        "total": INTEGER,
+        "shape": {"type": "array", "items": INTEGER},
+        "dims": INTEGER,
+        "domain": DOMAIN,
+        "digest": STRING,
+    },
+    {"key": MAYBE_STRING, "covariates": {"type": "array", "items": STRING}, "layer": MAYBE_STRING},
+)
+SETTINGS = _object(
+    {
+        "samples": {"type": "integer", "minimum": 1},
+        "seed": INTEGER,
+        "batch_size": {"type": "integer", "minimum": 1},
+        "chunk_size": {"type": "integer", "minimum": 1},
+        "device": STRING,
+    }
+)
+SCORING = _object(
+    {
+        "measure": MEASURE,
+        "levels": {"type": ["integer", "null"]},
+        "data_levels": {"type": ["integer", "null"]},
+        "note": STRING,
+    }
+)
+DIAGNOSTICS = _object(
+    {
+        "unreliable": _object(
+            {"count": INTEGER, "share": NUMBER, "khat_threshold": MAYBE_NUMBER, "points": {"type": "array", "items": INTEGER}}
+        ),
+        "iwae_minus_elbo": STAT,
+        "ess": STAT,
+        "ess_fraction": STAT,
+        "khat": STAT,
+        "elbo_stderr": STAT,
+        "iwae_stderr": STAT,
+    }
+)
+SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": MEASURE,
+        "scoring": SCORING,
+        "kl_kind": KL_KIND,
+        **dict.fromkeys(METRICS, STAT),
+        "bits_per_dim": STAT,
+        "diagnostics": DIAGNOSTICS,
+    },
+    {"dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}}},
+)
+POINT = _object(  # the keys of output.records.point_records (a test holds them equal)
+    {
+        "index": INTEGER,
+        **dict.fromkeys(METRICS, NUMBER),
+        "elbo_stderr": MAYBE_NUMBER,
+        "iwae_stderr": NUMBER,
+        "ess": NUMBER,
+        "ess_fraction": NUMBER,
+        "khat": MAYBE_NUMBER,
+        "unreliable": {"type": "boolean"},
+    },
+    dict.fromkeys(POINT_MONTE_CARLO, MAYBE_NUMBER),
+)
+LATENTS = _object(
+    {
+        "kl_per_dim": {"type": ["array", "null"], "items": NUMBER},
+        "activity": {"type": "array", "items": NUMBER},
+        "active_threshold": NUMBER,
+        "active_units": INTEGER,
+        "inactive": {"type": "array", "items": INTEGER},
+        "mutual_information": NUMBER,
+        "mutual_information_max": NUMBER,
+        "mean_kl": NUMBER,
+        "aggregate_kl": NUMBER,
+        "warning": MAYBE_STRING,
+    }
+)
+CONVERGENCE = {"type": "array", "items": _object({"samples": {"type": "integer", "minimum": 1}, "iwae": STAT})}
+
+
+def _document(name: str, title: str, required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = _object({"schema": {"const": name}, **required}, optional)
+    return {"$schema": _DRAFT, "$id": name, "title": title, **body}
+
+
+SHARD = {"type": ["object", "null"], "required": ["index", "count", "start", "stop"]}
+POSITIVE = {"type": "integer", "minimum": 1}
+AIS_SETTINGS = _object(
+    {
+        "steps": POSITIVE,
+        "leapfrog": POSITIVE,
+        "chains": POSITIVE,
+        "init": {"enum": ["encoder", "prior"]},
+        "schedule": {"enum": ["sigmoid", "linear", "geometric"]},
+        "step_size": MAYBE_NUMBER,
+        "pilot_chains": POSITIVE,
+        "seed": INTEGER,
+        "samples": POSITIVE,
+        "batch_size": POSITIVE,
+        "device": STRING,
+    }
+)
+COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
+AIS_POINT = _object({"index": INTEGER, **dict.fromkeys(AIS_POINT_NUMBERS, MAYBE_NUMBER)})
+AIS_SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": MEASURE,
+        "scoring": SCORING,
+        "ais": STAT,
+        "elbo": STAT,
+        "iwae": STAT,
+        "ais_minus_iwae": STAT,
+        "ais_stderr": STAT,
+        "acceptance": STAT,
+        "bits_per_dim": STAT,
+        "cost": COST,
+    }
+)
+BDMC_POINT = _object({"index": INTEGER, **dict.fromkeys(BDMC_POINT_NUMBERS, MAYBE_NUMBER)})
+BDMC_SUMMARY = _object(
+    {
+        "n": INTEGER,
+        "measure": MEASURE,
+        "scoring": SCORING,
+        **dict.fromkeys(BDMC_POINT_NUMBERS, STAT),
+        "gap_limit": NUMBER,
+        "weak": {"type": "boolean"},
+        "cost": COST,
+    }
+)
+SIMULATED = _object(
+    {"n": POSITIVE, "domain": DOMAIN, "levels": {"type": ["integer", "null"]}, "seed": INTEGER},
+    {"saved": MAYBE_STRING},
+)
+_SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
+    _document(
+        ELBO_SCHEMA,
+        "vaeeval elbo --json: per-point and summary ELBO, reconstruction, KL and IWAE, in nats",
+        {"model": MODEL, "data": DATA, "settings": SETTINGS, "summary": SUMMARY, "points": {"type": "array", "items": POINT}},
+        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS},
+    ),
+    _document(
+        COMPARE_SCHEMA,
+        "vaeeval compare --json: several models on the same points, ranked where comparable",
+        {
+            "data": DATA,
+            "settings": {"anyOf": [SETTINGS, AIS_SETTINGS]},
+            "models": {
+                "type": "array",
+                "items": _object(
+                    {"model": MODEL, "rank": {"type": ["integer", "null"]}, "summary": {"anyOf": [SUMMARY, AIS_SUMMARY]},
+                     "points": {"type": "array", "items": {"anyOf": [POINT, AIS_POINT]}}}
+                ),
+            },
+            "rankings": {
+                "type": "array",
+                "items": _object(
+                    {"measure": STRING, "ranked": {"type": "boolean"}, "order": {"type": "array", "items": STRING},
+                     "reason": MAYBE_STRING}
+                ),
+            },
+            "differences": {
+                "type": "array",
+                "items": _object(
+                    {"model": STRING, "versus": STRING, "metric": STRING, "mean": NUMBER, "stderr": MAYBE_NUMBER,
+                     "unpaired_stderr": MAYBE_NUMBER}
+                ),
+            },
+            "notes": {"type": "array", "items": STRING},
+        },
+        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}},
+    ),
+    _document(
+        INSPECT_SCHEMA,
+        "vaeeval inspect --json: a model file's layers, likelihood, prior and data domain",
+        {
+            "model": MODEL,
+            "layers": {
+                "type": "array",
+                "items": _object(
+                    {"part": {"enum": ["encoder", "decoder"]}, "index": INTEGER, "type": STRING, "detail": STRING,
+                     "output_shape": {"type": "array", "items": INTEGER}, "parameters": INTEGER}
+                ),
+            },
+        },
+    ),
+    _document(
+        LATENTS_SCHEMA,
+        "vaeeval latents --json: latent health",
+        {"model": MODEL, "data": DATA, "settings": SETTINGS, "latents": LATENTS},
+    ),
+    _document(
+        CHECK_SCHEMA,
+        "vaeeval check --json: a run against its baseline, paired over the same points",
+        {
+            "metric": STRING, "new": NUMBER, "baseline": NUMBER, "difference": STAT, "points": INTEGER,
+            "tolerance": NUMBER, "confidence": NUMBER, "passed": {"type": "boolean"}, "reason": STRING,
+        },
+    ),
+    {
+        "$schema": _DRAFT,
+        "$id": STREAM_SCHEMA,
+        "title": "one line of a results file (elbo --output): the header, a point, or the final summary",
+        "oneOf": [
+            _object(
+                {"kind": {"const": "header"}, "schema": {"const": STREAM_SCHEMA}, "model": MODEL,
+                 "data": DATA, "settings": SETTINGS, "scoring": SCORING,
+                 "kl_kind": KL_KIND, "domain": DOMAIN, "shard": SHARD}
+            ),
+            _object({"kind": {"const": "summary"}, "summary": SUMMARY}),
+            {**POINT, "not": {"required": ["kind"]}},
+        ],
+    },
+    _document(
+        AIS_SCHEMA,
+        "vaeeval ais --json: per-point annealed importance sampling estimates of log p(x), with ELBO and IWAE",
+        {"model": MODEL, "data": DATA, "settings": AIS_SETTINGS, "summary": AIS_SUMMARY,
+         "points": {"type": "array", "items": AIS_POINT}},
+        {"units": STRING},
+    ),
+    _document(
+        BDMC_SCHEMA,
+        "vaeeval bdmc --json: forward and reverse AIS on points simulated from the model, a sandwich of log p(x)",
+        {"model": MODEL, "data": SIMULATED, "settings": AIS_SETTINGS, "summary": BDMC_SUMMARY,
+         "points": {"type": "array", "items": BDMC_POINT}},
+        {"units": STRING},
+    ),
+    {
+        "$schema": _DRAFT,
+        "$id": AIS_STREAM_SCHEMA,
+        "title": "one line of an AIS results file (ais --output): the header, a point, or the final summary",
+        "oneOf": [
+            _object(
+                {"kind": {"const": "header"}, "schema": {"const": AIS_STREAM_SCHEMA}, "model": MODEL,
+                 "data": DATA, "settings": AIS_SETTINGS, "scoring": SCORING, "domain": DOMAIN, "cost": COST,
+                 "shard": SHARD}
+            ),
+            _object({"kind": {"const": "summary"}, "summary": AIS_SUMMARY}),
+            {**AIS_POINT, "not": {"required": ["kind"]}},
+        ],
+    },
+)}
+
+
+def schema_names() -> tuple[str, ...]:
+    """Every schema's name, e.g. ``vaeeval.elbo/1``."""
+    return tuple(_SCHEMAS)
+
+
+def schema(name: str) -> dict[str, Any]:
+    """The schema called ``name`` (``vaeeval.elbo/1``, or just ``elbo``).
+
+    Raises:
+        VaeevalError: no such schema.
+    """
+    full = name if name in _SCHEMAS else f"vaeeval.{name}/1"
+    if full not in _SCHEMAS:
+        raise VaeevalError(f"no schema {name!r}; vaeeval has {', '.join(_SCHEMAS)}")
+    return _SCHEMAS[full]
+
+
+def schema_text(name: str) -> str:
+    """The schema as indented JSON text, ending in a newline."""
+    return json.dumps(schema(name), indent=2) + "\n"

@@ -1,0 +1,264 @@
+"""Long runs: stream results to a file, resume them, evaluate one shard, or split across torchrun ranks.
+
+Each point's numbers depend only on the seed and its index, never on batching,
+restarts or which process computed them, so every path here ends in the numbers
+of one uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from vaeeval.errors import VaeevalError, option
+from vaeeval.estimators.annealing.ais import AISEvaluator, AISPart
+from vaeeval.estimators.importance.evaluate import Evaluator
+from vaeeval.io.files import locked, writing
+from vaeeval.results.numbers import AISPointResults, Part, PointResults
+from vaeeval.runs.stream import (
+    AIS_RESULTS,
+    ELBO_RESULTS,
+    ResultsFormat,
+    ResultsWriter,
+    Shard,
+    StoredRun,
+    describe_difference,
+    read_stream,
+    write_results,
+)
+
+Estimator = Evaluator | AISEvaluator  # has n, parts(indices, progress), finish(parts)
+_FORMATS: dict[type, ResultsFormat] = {Evaluator: ELBO_RESULTS, AISEvaluator: AIS_RESULTS}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: its evaluation (of the points done, if interrupted)."""
+
+    evaluation: Any  # results.Evaluation or results.AISEvaluation
+    interrupted: bool
+    asked: int  # points this run was to cover
+    header: dict[str, Any]  # the results file's header: the model, data and settings records
+
+
+def results_format(estimator: Estimator) -> ResultsFormat:
+    """How the runs of this estimator are written to and read from results files."""
+    return _FORMATS[type(estimator)]
+
+
+def run_header(estimator: Estimator, shard: Shard | None = None) -> dict[str, Any]:
+    """The header line of a results file for this run (or one shard of it)."""
+    return results_format(estimator).header(estimator, shard)
+
+
+def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
+    stored = read_stream(path, repair=True)
+    difference = describe_difference(stored.header, header)
+    if difference is None and stored.header.get("shard") != header.get("shard"):
+        difference = f"the shard differs ({stored.header.get('shard')} vs {header.get('shard')})"
+    if difference:
+        raise VaeevalError(f"{option('resume')}: {path} holds another run: {difference}")
+    return stored
+
+
+def run(
+    evaluator: Estimator,
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    shard: Shard | None = None,
+    wait: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Outcome | None:
+    """Evaluate the data (or one shard), streaming point lines to ``output`` as they are computed.
+
+    Under torchrun (``distributed_world``) the points are split across the processes
+    and rank 0 gathers them (``run_distributed``); the other ranks return None.
+
+    Args:
+        evaluator: the prepared evaluation (``Evaluator``) or AIS run (``AISEvaluator``).
+        output: the results file; without it nothing is written.
+        resume: continue ``output`` from the points it already holds.
+        shard: evaluate only this slice of the points.
+        wait: when another run holds ``output``, wait for it instead of refusing.
+        progress: called with the number of points this call has finished.
+
+    Returns:
+        The evaluation: with K-convergence and latents when computed in one go without a
+        file, else from the point records (the same numbers). Ctrl-C ends the run early
+        with the points done so far (``interrupted``); the file then has no summary line
+        and ``--resume`` continues it. The evaluation is None when no point was done (an
+        interruption before the first, or a shard beyond the last point, whose file is a
+        valid empty part).
+
+    Raises:
+        VaeevalError: a results file of another run, or one another process is writing.
+    """
+    if distributed_world() is not None:
+        if resume or shard is not None:
+            raise VaeevalError(f"{option('resume')} and {option('shard')} are for single-process runs, not torchrun")
+        return run_distributed(evaluator, output=output, progress=progress)
+    results = results_format(evaluator)
+    header = results.header(evaluator, shard)
+    indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
+    with ExitStack() as stack:
+        old: list[dict[str, Any]] = []
+        writer = None
+        if output is not None:
+            path = Path(output)
+            stack.enter_context(locked(path, wait=wait))
+            if resume and path.exists():
+                stored = _resumed(path, header)
+                old = stored.points
+                if stored.summary is not None:  # finished already: nothing to compute
+                    evaluation = results.evaluation(header, old) if old else None
+                    return Outcome(evaluation, False, indices.size, header)
+                writer = ResultsWriter(stack.enter_context(_opened(path, "a")), path)
+            else:
+                writer = ResultsWriter(stack.enter_context(_opened(path, "w")), path)
+                writer.write([header])
+        done = np.array([record["index"] for record in old], dtype=np.int64)
+        remaining = indices[~np.isin(indices, done)]
+        if progress is not None and done.size:
+            progress(done.size)
+            progress = (lambda finished, offset=done.size, report=progress: report(offset + finished))
+        parts: list[Any] = []
+        records = list(old)  # every point line, old and new, when they are needed
+        interrupted = False
+        try:
+            for part in evaluator.parts(remaining, progress):
+                parts.append(part)
+                if writer is not None:
+                    records.extend(results.points(evaluator, part.points))
+                    writer.write(records[-part.points.index.size :])
+        except KeyboardInterrupt:
+            interrupted = True
+        if writer is None and not interrupted and shard is None:
+            return Outcome(evaluator.finish(parts), False, indices.size, header)
+        if writer is None:
+            records = [record for part in parts for record in results.points(evaluator, part.points)]
+        evaluation = results.evaluation(header, records) if records else None
+        if writer is not None and not interrupted:
+            writer.write([results.summary_line(evaluation, records) if records else results.empty_summary_line()])
+    return Outcome(evaluation, interrupted, indices.size, header)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, mode: str) -> Iterator[TextIO]:
+    """The results file, open; every line is flushed as written, so closing it (on a full disk too) loses nothing."""
+    with writing(path, "results file"):
+        handle = path.open(mode)
+    try:
+        yield handle
+    finally:
+        with contextlib.suppress(OSError):
+            handle.close()
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def distributed_world() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun with more than one process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def local_processes() -> int:
+    """How many processes torchrun started on this machine (1 outside torchrun)."""
+    world = distributed_world()
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world[1])) if world else 1
+
+
+def run_distributed(
+    evaluator: Estimator, *, output: str | Path | None = None, progress: Callable[[int], None] | None = None
+) -> Outcome | None:
+    """Under torchrun: each rank evaluates its shard; rank 0 gathers and returns the whole run.
+
+    gloo on the CPU, nccl on CUDA devices. Other ranks return None. Rank 0 writes
+    ``output`` (all points, then the summary) once everything is gathered. Each
+    process uses the threads torch gives it; ``tuning.share_cores(local_processes())``
+    divides the machine's cores among them (the command line does). The ranks send
+    their results as JSON bytes (``exchange``), never as pickles: a peer cannot make
+    rank 0 run code.
+    """
+    import torch.distributed as dist
+
+    rank, world = distributed_world()
+    backend = "nccl" if evaluator.settings.device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    try:
+        shard = Shard.of(rank, world, evaluator.n)
+        mine = list(evaluator.parts(np.arange(shard.start, shard.stop), progress))
+        gathered = _gather_bytes(json.dumps([encode(part) for part in mine]).encode(), rank, world, evaluator.settings.device)
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    evaluation = evaluator.finish([decode(part) for payload in gathered for part in json.loads(payload)])
+    results = results_format(evaluator)
+    header = results.header(evaluator, None)
+    if output is not None:
+        write_results(output, header, results.points(evaluator, evaluation.points), evaluation)
+    return Outcome(evaluation, False, evaluator.n, header)
+
+
+# ---------------------------------------------------------------- what the ranks send each other
+
+
+def encode(value: Any) -> Any:
+    """A part (dataclasses of NumPy arrays) as plain JSON values: floats keep every bit (``repr``)."""
+    if dataclasses.is_dataclass(value):
+        return {"class": type(value).__name__, "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    array = np.asarray(value)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def decode(value: Any) -> Any:
+    """``encode``'s inverse, building only the result classes vaeeval exchanges and numeric arrays.
+
+    Raises:
+        VaeevalError: anything else (a peer that is not vaeeval).
+    """
+    try:
+        if "class" in value:
+            cls = _EXCHANGED[value["class"]]
+            return cls(**{name: decode(field) for name, field in value["fields"].items()})
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biuf":
+            raise TypeError(f"dtype {dtype}")
+        return np.array(value["data"], dtype=dtype).reshape(value["shape"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise VaeevalError(f"a torchrun peer sent something that is not a vaeeval result ({error})") from None
+
+
+_EXCHANGED = {cls.__name__: cls for cls in (Part, PointResults, AISPart, AISPointResults)}
+
+
+def _gather_bytes(payload: bytes, rank: int, world: int, device: str) -> list[bytes]:
+    """Every rank's ``payload`` on rank 0 (others get []), as uint8 tensors padded to the longest."""
+    import torch
+    import torch.distributed as dist
+
+    place = torch.device(device)
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=place)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(size) for size in lengths))
+    buffer = torch.zeros(longest, dtype=torch.uint8, device=place)
+    buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(place)
+    gathered = [torch.zeros_like(buffer) for _ in range(world)] if rank == 0 else None
+    dist.gather(buffer, gathered, dst=0)
+    if rank != 0:
+        return []
+    return [bytes(part[: int(size)].cpu().numpy()) for part, size in zip(gathered, lengths, strict=True)]

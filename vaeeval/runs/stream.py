@@ -1,0 +1,525 @@
+"""Results as JSON lines: streamed as computed, resumed after a crash, sharded, merged.
+
+A results file (schema ``vaeeval.elbo-stream/1``, or ``vaeeval.ais-stream/1`` for
+AIS) is a header line (``"kind": "header"``: model, data, settings, scoring, and the
+shard if any), one line per point with exactly the keys of an entry of ``points`` in
+the command's ``--json`` document, written and flushed batch by batch, and a final
+summary line (``"kind": "summary"``). Every point's numbers depend only on the seed
+and its index, so a run resumed from its file, or shards merged, give the numbers of
+one uninterrupted run, bit for bit. ``ResultsFormat`` says, for each kind of run, how
+its lines are made and read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from vaeeval.errors import DataError, SpecError, VaeevalError, listing, option
+from vaeeval.format.domains import domain_from_spec
+from vaeeval.format.terms import KL_KINDS
+from vaeeval.io.files import MAX_JSON_DEPTH, atomic_write, json_depth, load_json, reading, regular_file, writing
+from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Scoring, Settings
+from vaeeval.results.records import (
+    ais_evaluation_from_records,
+    ais_point_records,
+    ais_settings_record,
+    ais_summary_record,
+    cost_record,
+    data_record,
+    evaluation_from_records,
+    model_record,
+    point_records,
+    scoring_record,
+    settings_record,
+    summary_record,
+)
+from vaeeval.results.schemas import AIS_SCHEMA, AIS_STREAM_SCHEMA, ELBO_SCHEMA, STREAM_SCHEMA
+
+_HOW_NOT_WHAT = ("batch_size", "chunk_size", "device")  # settings that never change a number
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Points ``start .. stop-1``: shard ``index`` of ``count`` equal contiguous slices."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+
+    @classmethod
+    def of(cls, index: int, count: int, n: int) -> Shard:
+        if count < 1:
+            raise VaeevalError(f"{option('shard')} {index}/{count}: the number of shards must be at least 1")
+        if not 0 <= index < count:
+            raise VaeevalError(f"{option('shard')} {index}/{count}: the index must be between 0 and {count - 1}")
+        return cls(index, count, index * n // count, (index + 1) * n // count)
+
+    @classmethod
+    def parse(cls, text: str, n: int) -> Shard:
+        """``i/n`` -> the shard."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise VaeevalError(f"{option('shard')} {text!r}: write it as i/n, e.g. 0/4") from None
+        return cls.of(index, count, n)
+
+    def to_record(self) -> dict[str, int]:
+        return {"index": self.index, "count": self.count, "start": self.start, "stop": self.stop}
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """What a results file (or an ``elbo --json`` document) holds."""
+
+    path: Path
+    header: dict[str, Any]
+    points: list[dict[str, Any]]
+    summary: dict[str, Any] | None  # None until the run finished
+
+    @property
+    def shard(self) -> dict[str, int] | None:
+        return self.header.get("shard")
+
+
+def header_record(
+    settings: Settings,
+    scoring: Scoring,
+    kl_kind: str,
+    domain: dict[str, Any],
+    model: dict[str, Any],
+    data: dict[str, Any],
+    shard: Shard | None = None,
+) -> dict[str, Any]:
+    """The first line of a results file.
+
+    Args:
+        settings, scoring, kl_kind: the evaluation's.
+        domain: the data's detected domain, as its spec.
+        model, data: ``model_record`` and ``data_record`` of what is evaluated.
+        shard: the slice of the points this file holds, if any.
+    """
+    return {
+        "kind": "header",
+        "schema": STREAM_SCHEMA,
+        "model": model,
+        "data": data,
+        "settings": settings_record(settings),
+        "scoring": scoring_record(scoring),
+        "kl_kind": kl_kind,
+        "domain": domain,
+        "shard": None if shard is None else shard.to_record(),
+    }
+
+
+def ais_header_record(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
+    """The first line of an AIS results file, for an ``ais.AISEvaluator``."""
+    return {
+        "kind": "header",
+        "schema": AIS_STREAM_SCHEMA,
+        "model": model_record(evaluator.model),
+        "data": data_record(evaluator.dataset),
+        "settings": ais_settings_record(evaluator.settings),
+        "scoring": scoring_record(evaluator.scoring),
+        "domain": evaluator.importance.domain.to_spec(),
+        "cost": cost_record(evaluator.cost),
+        "shard": None if shard is None else shard.to_record(),
+    }
+
+
+def _elbo_header(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
+    return header_record(
+        evaluator.settings,
+        evaluator.scoring,
+        evaluator.model.prior.kl_kind,
+        evaluator.domain.to_spec(),
+        model_record(evaluator.model),
+        data_record(evaluator.dataset),
+        shard,
+    )
+
+
+@dataclass(frozen=True)
+class ResultsFormat:
+    """One kind of results file: how its lines are made from a run's results, and read back.
+
+    Attributes:
+        schema: the header's schema (``vaeeval.elbo-stream/1``).
+        document: the ``--json`` document the file stands for (``vaeeval.elbo/1``).
+        header: (evaluator, shard) -> the header line.
+        points: (evaluator, per-point results) -> their point lines.
+        summary: evaluation -> the summary record.
+        evaluation: (header, point lines) -> the evaluation they add up to.
+    """
+
+    schema: str
+    document: str
+    make_header: Callable[[Any, Shard | None], dict[str, Any]]
+    points: Callable[[Any, Any], list[dict[str, Any]]]
+    summary: Callable[[Any], dict[str, Any]]
+    evaluation: Callable[[dict[str, Any], Sequence[dict[str, Any]]], Any]
+    settings: type  # the settings dataclass a header's settings must build
+    numbers: tuple[str, ...]  # point keys that must hold finite numbers
+    maybe_numbers: tuple[str, ...]  # point keys that hold finite numbers or null
+    flags: tuple[str, ...] = ()  # point keys that hold booleans
+
+    def header(self, evaluator: Any, shard: Shard | None) -> dict[str, Any]:
+        """The first line of a results file, sealed with the digest of its content."""
+        return seal(self.make_header(evaluator, shard))
+
+    def summary_line(self, evaluation: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The last line of a finished results file: the summary, and the count and digest of the point lines."""
+        return {"kind": "summary", "summary": self.summary(evaluation), "count": len(records), "digest": points_digest(records)}
+
+    def empty_summary_line(self) -> dict[str, Any]:
+        """The last line of a part with no points (a shard beyond the last point)."""
+        return {"kind": "summary", "summary": None, "count": 0, "digest": points_digest([])}
+
+
+def _digest(value: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def seal(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` with ``digest``: of everything else in it, so an edit is seen when it is read back."""
+    content = {key: value for key, value in header.items() if key != "digest"}
+    return {**content, "digest": _digest(content)}
+
+
+def points_digest(records: Sequence[dict[str, Any]]) -> str:
+    """The digest of a run's point lines, whatever their order in the file."""
+    return _digest(sorted(records, key=lambda record: record["index"]))
+
+
+ELBO_RESULTS = ResultsFormat(
+    STREAM_SCHEMA,
+    ELBO_SCHEMA,
+    _elbo_header,
+    lambda evaluator, points: point_records(points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl),
+    summary_record,
+    evaluation_from_records,
+    Settings,
+    numbers=(*METRICS, "iwae_stderr", "ess", "ess_fraction"),
+    maybe_numbers=("elbo_stderr", "khat", "kl_stderr"),
+    flags=("unreliable",),
+)
+AIS_RESULTS = ResultsFormat(
+    AIS_STREAM_SCHEMA,
+    AIS_SCHEMA,
+    ais_header_record,
+    lambda evaluator, points: ais_point_records(points),
+    ais_summary_record,
+    ais_evaluation_from_records,
+    AISSettings,
+    numbers=("ais", "elbo", "iwae"),
+    maybe_numbers=("ais_stderr", "acceptance", "ess", "step_size"),
+)
+FORMATS = {results.schema: results for results in (ELBO_RESULTS, AIS_RESULTS)}
+_SCHEMA_NAMES = list(FORMATS)  # a list: a header's "schema" may be any JSON value, hashable or not
+
+
+def results_format(header: dict[str, Any]) -> ResultsFormat:
+    """The format of the results file this header opens."""
+    return FORMATS[header["schema"]]
+
+
+def identity(header: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for two files to hold points of the same run (all but the shard)."""
+    return {
+        "kind": header["schema"],
+        "model": (header["model"].get("digest"), header["model"].get("arch"), json.dumps(header["model"]["likelihood"], sort_keys=True)),
+        "data": (header["data"].get("digest"), header["data"]["n"]),
+        "settings": tuple(value for key, value in header["settings"].items() if key not in _HOW_NOT_WHAT),
+        "scoring": (header["scoring"]["measure"], header["scoring"]["levels"]),
+    }
+
+
+def describe_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """In words, how two headers' identities differ; None when they agree."""
+    first, second = identity(a), identity(b)
+    settings = "the samples or seed" if a["schema"] == STREAM_SCHEMA else "the settings"
+    words = {"kind": "the kinds of run", "model": "the model", "data": "the data", "settings": settings, "scoring": "the scoring"}
+    for key, word in words.items():
+        if first[key] != second[key]:
+            return f"{word} differ ({first[key]} vs {second[key]})" if key != "model" else f"{word} differs"
+    return None
+
+
+class ResultsWriter:
+    """Appends JSON lines to a results file, flushing after every batch."""
+
+    def __init__(self, handle: TextIO, path: Path) -> None:
+        self.handle, self.path = handle, path
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        """The lines, written and flushed.
+
+        Raises:
+            VaeevalError: the file cannot take them (a full disk); what was written before stays valid.
+        """
+        try:
+            for record in records:
+                self.handle.write(json.dumps(record, allow_nan=False) + "\n")
+            self.handle.flush()
+        except OSError as error:
+            raise VaeevalError(
+                f"{self.path}: cannot write the results file ({error.strerror or error}); the points written so far stay, "
+                f"and {option('resume')} continues from them"
+            ) from None
+
+
+def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
+    """Read a results file, every line checked; with ``repair``, cut off a last line a crash left half written.
+
+    A finished file's summary records the count and digest of its point lines: a file edited
+    after it was finished is refused, never read short.
+
+    Raises:
+        DataError: missing, not a regular file, not a results file, or a line that breaks its schema.
+    """
+    path = Path(path)
+    regular_file(path, DataError, "results file")
+    with reading(path, DataError, "results file"):
+        raw = path.read_bytes()
+    complete, _, tail = raw.rpartition(b"\n")
+    lines = (complete + b"\n").decode("utf-8", errors="replace").splitlines() if complete else []
+    if not repair and tail:
+        lines.append(tail.decode("utf-8", errors="replace"))
+    if not lines:
+        raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
+    header = _line(path, 1, lines[0])
+    if not isinstance(header, dict) or header.get("kind") != "header" or header.get("schema") not in _SCHEMA_NAMES:
+        raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
+    results = check_header(path, header)
+    if tail and repair:  # only a results file is ever cut, and only its half-written last line
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete) + 1)
+    records = [header, *(_line(path, number, line) for number, line in enumerate(lines[1:], 2))]
+    points, summary, seen = [], None, set()
+    for number, record in enumerate(records[1:], 2):
+        if isinstance(record, dict) and record.get("kind") == "summary":
+            summary = record
+        else:
+            points.append(check_point(path, f"line {number}", record, results, header["data"]["n"], seen))
+    if summary is not None:
+        summary = _checked_summary(path, summary, points)
+    return StoredRun(path, header, points, summary)
+
+
+def _line(path: Path, number: int, line: str) -> Any:
+    try:
+        return load_json(line, f"line {number}")
+    except json.JSONDecodeError:
+        raise DataError(path, f"line {number} is not JSON; not a vaeeval results file") from None
+    except ValueError as error:
+        raise DataError(path, str(error)) from None
+
+
+def check_header(path: Path, header: Any) -> ResultsFormat:
+    """The format of a results file whose first line is ``header``, checked: keys, types, and its digest.
+
+    Raises:
+        DataError: naming what is wrong with line 1.
+    """
+    results = FORMATS[header["schema"]]
+    try:
+        results.settings(**header["settings"])
+        Scoring(**header["scoring"])
+        domain_from_spec(header["domain"])
+        model, data, shard = header["model"], header["data"], header["shard"]
+        dims, n = model["dims"], data["n"]
+        json.dumps(model["likelihood"], sort_keys=True)
+        if not (isinstance(dims, int) and dims >= 1 and isinstance(n, int) and n >= 0 and isinstance(data.get("digest"), str | None)):
+            raise ValueError("model.dims or data.n is not a count")
+        if shard is not None and not all(isinstance(shard[k], int) for k in ("index", "count", "start", "stop")):
+            raise ValueError("shard is not four integers")
+        if results is AIS_RESULTS:
+            AISCost(header["cost"]["pilot_gradients"], header["cost"]["gradients"])
+        elif header["kl_kind"] not in KL_KINDS:
+            raise ValueError(f"kl_kind {header['kl_kind']!r}")
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as error:
+        raise DataError(path, f"line 1: not a complete {results.schema} header ({type(error).__name__}: {error})") from None
+    if "digest" in header and seal(header)["digest"] != header["digest"]:
+        raise DataError(path, "line 1: the header was edited after it was written (its digest does not match)")
+    return results
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: int, seen: set[int]) -> dict[str, Any]:
+    """A point line (or entry), checked: an object, an index within the data not seen before, finite numbers.
+
+    Raises:
+        DataError: naming ``where`` (``line 7``, ``points[5]``) and what is wrong.
+    """
+    if not isinstance(record, dict):
+        raise DataError(path, f"{where} is {type(record).__name__}, not a point object")
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+        raise DataError(path, f"{where}: point index {index!r} is not one of the data's {n} points")
+    if index in seen:
+        raise DataError(path, f"{where}: point {index} is in the file twice")
+    seen.add(index)
+    for key in results.numbers:
+        if not _finite_number(record.get(key)):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not a finite number")
+    for key in results.maybe_numbers:
+        if record.get(key) is not None and not _finite_number(record[key]):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record[key]!r}, not a finite number or null")
+    for key in results.flags:
+        if not isinstance(record.get(key), bool):
+            raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not true or false")
+    return record
+
+
+def _checked_summary(path: Path, summary: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary line, if the point lines are still those it was written after."""
+    if "count" not in summary:  # written before summaries were sealed: the count of points is all there is
+        return summary
+    if summary["count"] != len(points) or summary.get("digest") != points_digest(points):
+        raise DataError(
+            path,
+            f"was edited after the run finished: its summary counts {summary['count']} point lines and a digest that the "
+            f"{len(points)} lines now in it do not match; restore it, or run again without {option('resume')}",
+        )
+    return summary
+
+
+def read_results(path: str | Path) -> StoredRun:
+    """A results file, or an ``elbo --json`` or ``ais --json`` document read as one.
+
+    Raises:
+        DataError: neither, or a document without its summary or points.
+    """
+    path = Path(path)
+    regular_file(path, DataError, "results file")
+    try:
+        with reading(path, DataError, "results file"):
+            text = path.read_text()
+    except UnicodeDecodeError:
+        return read_stream(path)
+    if _opens_a_results_file(text):
+        return read_stream(path)
+    try:
+        document = load_json(text, "the document")
+    except json.JSONDecodeError:
+        return read_stream(path)
+    except ValueError as error:
+        raise DataError(path, str(error)) from None
+    documents = {results.document: results for results in FORMATS.values()}
+    schema = document.get("schema") if isinstance(document, dict) else None
+    if not isinstance(schema, str) or schema not in documents:
+        if schema in _SCHEMA_NAMES:
+            return read_stream(path)  # a results file holding only its header
+        raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
+    results = documents[document["schema"]]
+    try:
+        summary = document["summary"]
+        header = {
+            "kind": "header",
+            "schema": results.schema,
+            "model": document["model"],
+            "data": document["data"],
+            "settings": document["settings"],
+            "scoring": summary["scoring"],
+            **({"cost": summary["cost"]} if results is AIS_RESULTS else {"kl_kind": summary["kl_kind"]}),
+            "domain": document["data"]["domain"],
+            "shard": None,
+        }
+        raw_points = document["points"]
+        if not isinstance(raw_points, list):
+            raise TypeError("points is not a list")
+    except (KeyError, TypeError) as error:
+        raise DataError(path, f"not a complete {document['schema']} document (no {error})") from None
+    header = seal(header)
+    check_header(path, header)
+    seen: set[int] = set()
+    points = [check_point(path, f"points[{number}]", record, results, header["data"]["n"], seen)
+              for number, record in enumerate(raw_points)]
+    return StoredRun(path, header, points, {"kind": "summary", "summary": summary, "count": len(points),
+                                            "digest": points_digest(points)})
+
+
+def _opens_a_results_file(text: str) -> bool:
+    """The first line is a results file's header (a ``--json`` document, indented, opens with ``{`` alone)."""
+    line = text.split("\n", 1)[0]
+    if json_depth(line) > MAX_JSON_DEPTH:
+        return False
+    try:
+        first = json.loads(line, parse_constant=lambda constant: None)
+    except ValueError:
+        return False
+    return isinstance(first, dict) and first.get("kind") == "header"
+
+
+def check_complete(runs: Sequence[StoredRun]) -> list[dict[str, Any]]:
+    """Every point of the data exactly once across ``runs`` (all of one run); the point records, by index.
+
+    Raises:
+        VaeevalError: files of different runs, a point twice, or points missing.
+    """
+    first = runs[0]
+    for run in runs[1:]:
+        difference = describe_difference(first.header, run.header)
+        if difference:
+            raise VaeevalError(f"{run.path} is not part of the run of {first.path}: {difference}")
+    records: dict[int, dict[str, Any]] = {}
+    for run in runs:
+        for record in run.points:
+            if record["index"] in records:
+                raise VaeevalError(f"{run.path}: point {record['index']} is in more than one file")
+            records[record["index"]] = record
+    n = first.header["data"]["n"]
+    if len(records) < n:
+        missing = _first_missing(sorted(records), n)
+        raise VaeevalError(
+            f"the files hold {len(records)} of {n} points; missing {listing(missing)} (a shard not finished or not given)"
+        )
+    return [records[index] for index in range(n)]
+
+
+def _first_missing(present: list[int], n: int, most: int = 6) -> list[int]:
+    """The first few of 0..n-1 not in ``present`` (sorted), without listing all n."""
+    missing, expected = [], 0
+    for index in [*present, n]:
+        while expected < index and len(missing) < most:
+            missing.append(expected)
+            expected += 1
+        expected = index + 1
+        if len(missing) >= most:
+            break
+    return missing
+
+
+@dataclass(frozen=True)
+class MergedRun:
+    """The run the files of its shards add up to."""
+
+    header: dict[str, Any]  # the header of one unsharded run
+    records: list[dict[str, Any]]  # every point once, by index
+    evaluation: Any  # results.Evaluation or results.AISEvaluation
+
+
+def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
+    """One run from the files of its shards.
+
+    Raises:
+        VaeevalError: as ``check_complete``.
+    """
+    records = check_complete(runs)
+    header = seal({**runs[0].header, "shard": None})
+    return MergedRun(header, records, results_format(header).evaluation(header, records))
+
+
+def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Any) -> None:
+    """Write a finished results file in one go: the header, every point, the summary."""
+    with writing(Path(path), "results file"), atomic_write(path) as handle:
+        ResultsWriter(handle, Path(path)).write([header, *records, results_format(header).summary_line(evaluation, records)])

@@ -1,0 +1,264 @@
+"""Any torch.distributions object as a posterior, a prior or p(x|z): keyed draws, the KL, the measure.
+
+The ``--arch`` protocol lets a model return distributions. vaeeval then needs, from any of
+them: draws keyed by (seed, point, sample) so that numbers never depend on the batch
+(``keyed_sample``, for the families it can write as a transform of standard noise:
+Normal, Independent, MultivariateNormal, LowRankMultivariateNormal, TransformedDistribution
+(normalizing flows), MixtureSameFamily; anything else is drawn by its own ``sample``
+under a generator seeded per batch), the KL when torch registers it in closed form
+(``analytic_kl``), whether its numbers are densities or probabilities (its support),
+and log p(x|z) summed over a data point, on the data's bins where asked (``log_prob_of``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+    TransformedDistribution,
+    kl_divergence,
+)
+
+from vaeeval.core import rng
+from vaeeval.format.terms import DENSITY, PROBABILITY
+
+_MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
+
+
+def keyed(distribution: Distribution) -> bool:
+    """vaeeval can draw from it as a transform of keyed noise (see ``keyed_sample``)."""
+    if isinstance(distribution, Independent):
+        return keyed(distribution.base_dist)
+    if isinstance(distribution, TransformedDistribution):
+        return keyed(distribution.base_dist)
+    if isinstance(distribution, MixtureSameFamily):
+        return keyed(distribution.component_distribution)
+    return isinstance(distribution, Normal | MultivariateNormal | LowRankMultivariateNormal)
+
+
+def flows(distribution: Distribution) -> bool:
+    """A normalizing flow (a ``TransformedDistribution``, possibly inside others): its ``log_prob`` may need its own draws."""
+    if isinstance(distribution, Independent):
+        return flows(distribution.base_dist)
+    if isinstance(distribution, MixtureSameFamily):
+        return flows(distribution.component_distribution)
+    return isinstance(distribution, TransformedDistribution)
+
+
+def noise_width(distribution: Distribution) -> int:
+    """Standard normal numbers per draw."""
+    if isinstance(distribution, TransformedDistribution):
+        return noise_width(distribution.base_dist)
+    if isinstance(distribution, MixtureSameFamily):
+        return noise_width(distribution.component_distribution)
+    if isinstance(distribution, LowRankMultivariateNormal):
+        return distribution.cov_factor.shape[-1] + distribution.event_shape[0]
+    return max(1, math.prod(distribution.event_shape))
+
+
+def transform(distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, *, inside: bool = False) -> torch.Tensor:
+    """A draw as a deterministic function of standard normal noise ``normal [*prefix, W]`` and uniforms ``[*prefix]``.
+
+    ``prefix`` (the sample axes, then axes broadcasting against the batch shape) is
+    kept: the result is ``[*prefix, *event_shape]``. ``inside``: within an
+    ``Independent``, whose event axis the noise's last axis is.
+    """
+    if isinstance(distribution, Independent):
+        return transform(distribution.base_dist, normal, uniform, inside=True)
+    if isinstance(distribution, TransformedDistribution):
+        value = transform(distribution.base_dist, normal, uniform, inside=inside)
+        for step in distribution.transforms:
+            value = step(value)
+        return value
+    if isinstance(distribution, MixtureSameFamily):
+        weights = distribution.mixture_distribution.probs  # [*batch, C]
+        cumulative = weights.cumsum(-1).expand(*uniform.shape, -1).contiguous()
+        component = torch.searchsorted(cumulative, uniform[..., None].contiguous()).clamp(max=weights.shape[-1] - 1)
+        every = transform(distribution.component_distribution, normal[..., None, :], uniform[..., None], inside=inside)
+        axis = uniform.dim()  # every is [*prefix, C, *event]
+        index = component.reshape(*component.shape, *([1] * len(distribution.event_shape)))
+        return every.gather(axis, index.expand(*every.shape[:axis], 1, *every.shape[axis + 1 :])).squeeze(axis)
+    if isinstance(distribution, Normal):
+        return distribution.loc + distribution.scale * (normal if inside else normal[..., 0])
+    if isinstance(distribution, MultivariateNormal):
+        return distribution.loc + (distribution.scale_tril @ normal[..., None]).squeeze(-1)
+    if isinstance(distribution, LowRankMultivariateNormal):
+        rank = distribution.cov_factor.shape[-1]
+        low, diagonal = normal[..., :rank], normal[..., rank:]
+        return distribution.loc + (distribution.cov_factor @ low[..., None]).squeeze(-1) + distribution.cov_diag.sqrt() * diagonal
+    raise TypeError(f"cannot draw keyed samples from {type(distribution).__name__}")
+
+
+def keyed_sample(distribution: Distribution, seed: int, indices: np.ndarray, first: int, last: int) -> torch.Tensor:
+    """Draws ``first .. last-1`` of each point (batch axis 0 of ``distribution``), ``[S, B, *event_shape]``.
+
+    Draw k of point i depends only on (seed, i, k). For a diagonal Normal these are
+    exactly ``evaluate``'s draws (stream 0).
+    """
+    width = noise_width(distribution)
+    counters = np.arange(first * width, last * width, dtype=np.uint64)
+    normal = rng.normal(seed, indices, counters).reshape(len(indices), last - first, width).transpose(0, 1)
+    uniform = torch.from_numpy(rng.uniform(seed, indices, np.arange(first, last, dtype=np.uint64), _MIXTURE_STREAM))
+    return draw(distribution, normal, uniform.transpose(0, 1), fallback=(seed, int(indices[0]), first))
+
+
+def draw(distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, fallback: tuple[int, ...]) -> torch.Tensor:
+    """``[S, B, *event]`` draws from noise ``normal [S, B, W]`` and ``uniform [S, B]`` (see ``transform``).
+
+    A distribution vaeeval cannot write as a transform of noise is drawn by its own
+    ``sample`` under a generator seeded by ``fallback``: reproducible for the same
+    batches, not batch-independent.
+    """
+    like = _parameter(distribution)
+    if keyed(distribution):
+        return transform(distribution, normal.to(like), uniform.to(like))
+    key = int(rng.point_keys(fallback[0], np.asarray(fallback[1:], dtype=np.uint64))[-1]) & (2**63 - 1)
+    batch = tuple(normal.shape[1:-1])
+    if tuple(distribution.batch_shape) != batch:
+        distribution = distribution.expand(torch.Size(batch))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        return distribution.sample((normal.shape[0],))
+
+
+def _parameter(distribution: Distribution) -> torch.Tensor:
+    """A tensor of the distribution's dtype and device."""
+    for value in vars(distribution).values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+        if isinstance(value, Distribution):
+            return _parameter(value)
+    return torch.zeros(())
+
+
+def in_float64(distribution: Distribution) -> Distribution:
+    """The same distribution computing in float64, for the families vaeeval knows; others as they are."""
+    if isinstance(distribution, Independent):
+        base = in_float64(distribution.base_dist)
+        return distribution if base is distribution.base_dist else Independent(base, distribution.reinterpreted_batch_ndims)
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc.double(), distribution.scale.double(), validate_args=False)
+    if isinstance(distribution, MultivariateNormal):
+        return MultivariateNormal(distribution.loc.double(), scale_tril=distribution.scale_tril.double(), validate_args=False)
+    if isinstance(distribution, LowRankMultivariateNormal):
+        return LowRankMultivariateNormal(
+            distribution.loc.double(), distribution.cov_factor.double(), distribution.cov_diag.double(), validate_args=False
+        )
+    if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
+        components = in_float64(distribution.component_distribution)
+        if components is distribution.component_distribution:
+            return distribution
+        mixing = Categorical(logits=distribution.mixture_distribution.logits.double(), validate_args=False)
+        return MixtureSameFamily(mixing, components, validate_args=False)
+    return distribution
+
+
+def first_rows(distribution: Distribution, rows: int) -> Distribution | None:
+    """The distribution of the first ``rows`` points (batch axis 0), for the families vaeeval knows; else None."""
+    if isinstance(distribution, Independent):
+        base = first_rows(distribution.base_dist, rows)
+        return None if base is None else Independent(base, distribution.reinterpreted_batch_ndims)
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc[:rows], distribution.scale[:rows], validate_args=False)
+    if isinstance(distribution, MultivariateNormal):
+        return MultivariateNormal(distribution.loc[:rows], scale_tril=distribution.scale_tril[:rows], validate_args=False)
+    if isinstance(distribution, LowRankMultivariateNormal):
+        return LowRankMultivariateNormal(
+            distribution.loc[:rows], distribution.cov_factor[:rows], distribution.cov_diag[:rows], validate_args=False
+        )
+    if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
+        components = first_rows(distribution.component_distribution, rows)
+        if components is None:
+            return None
+        mixing = Categorical(logits=distribution.mixture_distribution.logits[:rows], validate_args=False)
+        return MixtureSameFamily(mixing, components, validate_args=False)
+    return None
+
+
+def log_prob64(distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """``distribution.log_prob(z)`` in float64, ``z`` given in the distribution's own dtype (differentiable)."""
+    dtype = _parameter(distribution).dtype
+    return distribution.log_prob(z if z.dtype == dtype else z.to(dtype)).double()
+
+
+def analytic_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | None:
+    """KL(posterior || prior) per point when torch registers the pair in closed form, else None."""
+    try:
+        return kl_divergence(posterior, prior)
+    except NotImplementedError:
+        return None
+
+
+def describe(distribution: Distribution) -> str:
+    """Its class, with what it wraps: ``Independent(Normal)``, ``MixtureSameFamily(Independent(Normal))``."""
+    name = type(distribution).__name__
+    if isinstance(distribution, Independent | TransformedDistribution):
+        return f"{name}({describe(distribution.base_dist)})"
+    if isinstance(distribution, MixtureSameFamily):
+        return f"{name}({describe(distribution.component_distribution)})"
+    return name
+
+
+def measure_of(distribution: Distribution) -> str:
+    """``probability`` for a discrete support (Bernoulli, Poisson, ...), else ``density``."""
+    return PROBABILITY if distribution.support.is_discrete else DENSITY
+
+
+def moments(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The posterior's mean and per-dimension variance ``[B, L]``, where torch defines them."""
+    try:
+        return posterior.mean, posterior.variance
+    except NotImplementedError:
+        return None
+
+
+def log_prob_of(distribution: Distribution, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """log p(x|z) of each row, summed over a data point in float64, ``[N]``.
+
+    Args:
+        distribution: p(x|z) for N draws: batch and event shape ``[N, ...]`` holding one
+            data point per row (any arrangement of its D values).
+        x: ``[N, *input_shape]`` the data of each row.
+        levels: score a continuous distribution as the probability of each value's bin on
+            this many levels, through its ``cdf`` (the outermost bins open).
+
+    Raises:
+        ValueError: a distribution that does not hold one data point per row.
+        NotImplementedError: binned scoring of a distribution without a ``cdf``.
+    """
+    shape = (*distribution.batch_shape, *distribution.event_shape)
+    rows = x.shape[0]
+    if tuple(x.shape) != shape:
+        if not shape or shape[0] != rows or math.prod(shape[1:]) != math.prod(x.shape[1:]):
+            raise ValueError(
+                f"is a distribution of shape {list(shape)} for {rows} latent vectors of data points of shape "
+                f"{list(x.shape[1:])}; it needs one data point per latent vector"
+            )
+        x = x.reshape(shape)
+    if levels is None or distribution.support.is_discrete:
+        terms = distribution.log_prob(x)
+    else:
+        terms = _log_bin(distribution, x, levels)
+    return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
+
+
+def _log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """log(F(upper) - F(lower)) per dimension; the outermost bins reach the ends of the support."""
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    step = 0.5 / (levels - 1)
+    k = torch.round(x * (levels - 1))
+    low = distribution.cdf(x - step)
+    high = distribution.cdf(x + step)
+    low = torch.where(k <= 0, torch.zeros_like(low), low)
+    high = torch.where(k >= levels - 1, torch.ones_like(high), high)
+    return torch.log((high - low).clamp(min=torch.finfo(high.dtype).tiny))

@@ -1,0 +1,58 @@
+"""Where a model and its data come from: a format-1 file, or a state dict read through the user's class.
+
+The one entry point the command line uses to turn MODEL and DATA arguments
+into a loaded model and data checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from vaeeval.format.data import Dataset, covariate_headers, load_data, point_shape
+from vaeeval.format.model import Model, load_model
+from vaeeval.user.arch import ArchOptions, arch_model
+
+
+def model_for(
+    path: str | Path, data: str | Path, arch: ArchOptions | None, *, key: str | None = None, layer: str | None = None
+) -> Model:
+    """The model at ``path``: a format-1 file, or with ``arch`` a state dict read through the user's class.
+
+    An ``--arch`` model takes points shaped as in ``data``; ``arch.encode_shape`` reshapes them for ``encode``.
+    """
+    if arch is None:
+        return load_model(path)
+    shape = point_shape(data, key=key, layer=layer)
+    encode_shape = arch.encode_shape if arch.encode_shape != shape else None
+    covariates = covariate_headers(data, arch.covariates, key=key)
+    return arch_model(path, replace(arch, encode_shape=encode_shape), shape, covariates)
+
+
+def load(
+    model: str | Path,
+    data: str | Path,
+    *,
+    arch: ArchOptions | None = None,
+    key: str | None = None,
+    layer: str | None = None,
+    limit: int | None = None,
+    max_data_size: int | None = None,
+) -> tuple[Model, Dataset]:
+    """The model (a format-1 file, or ``arch``) and its data, checked against it.
+
+    Args:
+        model: the model file (with ``arch``: the safetensors state dict).
+        data: the ``.npy``, ``.npz`` or ``.h5ad`` data file.
+        arch: how to read the state dict through the user's class (runs the user's code).
+        key: the array to use from an ``.npz`` that holds several.
+        layer: the AnnData layer of an ``.h5ad`` (default: the one the model records, else X).
+        limit: use only the first ``limit`` points.
+        max_data_size: refuse an ``.npz`` array that would inflate to more bytes (``load_data``).
+
+    Raises:
+        VaeevalError: a model or data file that cannot be read or does not fit.
+    """
+    loaded = model_for(model, data, arch, key=key, layer=layer)
+    found = load_data(data, loaded, key=key, layer=layer, limit=limit, max_data_size=max_data_size, covariates=loaded.covariates)
+    return loaded, found
