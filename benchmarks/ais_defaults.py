@@ -42,7 +42,8 @@ def _stat(values) -> dict:
 
 def main() -> None:
     from vaeeval import load_data, load_model, tuning
-    from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais, run_bdmc
+    from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais
+    from vaeeval.estimators.annealing.bdmc import run_bdmc
     from vaeeval.estimators.importance.evaluate import EvaluationOptions
 
     tuning.keep_freed_memory()

@@ -17,7 +17,8 @@ from conftest import FAMILIES, PPCA, cli, family_data, make_ppca, one_dimensiona
 from conftest import linear as conftest_linear
 
 from vaeeval import evaluate
-from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais, run_bdmc, simulate
+from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais
+from vaeeval.estimators.annealing.bdmc import run_bdmc, simulate
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.results.schemas import schema
 

@@ -52,3 +52,9 @@ def test_plain_number_modules_load_without_torch(module):
     """What reads files and holds results is NumPy only: `vaeeval merge` and `check` never need torch's kernels."""
     assert "torch" not in _runtime_imports(PACKAGE / module)
 
+
+
+def test_no_module_is_over_500_lines():
+    """A module that grows past this holds more than one idea: split it along the layer's lines."""
+    long = {str(path.relative_to(ROOT)): n for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, long

@@ -752,7 +752,7 @@ def _modules_the_cli_imports() -> set[Path]:
         return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
     found: set[Path] = set()
-    pending = ["vaeeval.cli"]
+    pending = [f"vaeeval.cli.{path.stem}" for path in (ROOT / "vaeeval" / "cli").glob("*.py")]  # commands load lazily
     while pending:
         dotted = pending.pop()
         path = source(dotted)
@@ -776,6 +776,6 @@ def test_every_parameter_a_message_of_the_cli_names_is_one_of_its_flags():
     for value in ({"sigma": 1.0}, {"log_sigma_tensor": "t"}, {"levels": 3}):  # likelihood_spec names them through a variable
         names.update(_marked_names(_library_error(lambda value=value: likelihood_spec("bernoulli", **value))))
     assert {"samples", "device", "sigma", "log_sigma_tensor", "levels", "arch", "shard", "plot", "tolerance"} <= names
-    flags = {opt for command in main.commands.values() for param in command.params for opt in param.opts}
+    flags = {opt for command in main.all_commands().values() for param in command.params for opt in param.opts}
     assert {name for name in names - LIBRARY_ONLY if main.flag(name) not in flags} == set()
     assert {main.flag(name) for name in LIBRARY_ONLY} & flags == set()

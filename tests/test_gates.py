@@ -13,7 +13,7 @@ from conftest import cli
 from vaeeval import VaeevalError
 from vaeeval.analysis.gates import Threshold, check_baseline
 from vaeeval.results.numbers import mean_and_stderr
-from vaeeval.runs.stream import StoredRun
+from vaeeval.runs.formats import StoredRun
 
 # ---------------------------------------------------------------- thresholds
 

@@ -373,7 +373,7 @@ def test_obs_covariates_reach_an_arch_model_as_npz_arrays_do(files, conditional)
 
 def test_every_command_has_help_and_the_data_commands_take_layer():
     assert cli("--help").exit_code == 0
-    for name, command in main.commands.items():
+    for name, command in main.all_commands().items():
         result = cli(name, "--help")
         assert result.exit_code == 0, (name, result.stderr)
         takes_data = any(param.name == "key" for param in command.params)

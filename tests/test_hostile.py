@@ -46,7 +46,8 @@ from torch import nn
 from vaeeval import DataError, ModelFileError, VaeevalError, load_data, load_model, save_model
 from vaeeval.cli import main
 from vaeeval.io.files import locked
-from vaeeval.runs.stream import read_stream, seal
+from vaeeval.results.formats import seal
+from vaeeval.runs.stream import read_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR = "vaeeval: error: "

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vaeeval.format.layers as layers
+import vaeeval.format.layers.linear as linear_layers
 from vaeeval import VaeevalError, load_model, save_model
 from vaeeval.format.layers import (
     LAYER_TYPES,
@@ -227,23 +227,23 @@ def test_linear_falls_back_to_f_linear_for_good_when_the_private_operator_fails(
         calls.append(args)
         raise error("a torch whose mkldnn._linear_pointwise changed")
 
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", changed_operator)  # restored after the test
+    monkeypatch.setattr(linear_layers, "_ONEDNN_LINEAR", changed_operator)  # restored after the test
     torch.manual_seed(1)
     layer = Linear(30, 20).requires_grad_(False)
     x = torch.randn(100, 30)
     with torch.inference_mode():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert len(calls) == 1 and layers._ONEDNN_LINEAR is None
+        assert len(calls) == 1 and linear_layers._ONEDNN_LINEAR is None
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert len(calls) == 1  # not tried again
 
 
 def test_linear_runs_the_private_operator_on_float32_cpu_inference(monkeypatch):
-    if layers._ONEDNN_LINEAR is None:
+    if linear_layers._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear operator")
     calls = []
-    operator = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *args: calls.append(args) or operator(*args))
+    operator = linear_layers._ONEDNN_LINEAR
+    monkeypatch.setattr(linear_layers, "_ONEDNN_LINEAR", lambda *args: calls.append(args) or operator(*args))
     layer = Linear(30, 20)
     x = torch.randn(100, 30)
     with torch.inference_mode():
@@ -259,14 +259,14 @@ def test_linear_runs_the_private_operator_on_float32_cpu_inference(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_private_onednn_operator_exists_and_computes_f_linear(bias):
     """Pinned to torch.ops.mkldnn._linear_pointwise: a torch upgrade that drops or changes it fails here."""
-    assert layers._onednn_linear() is not None and layers._ONEDNN_LINEAR is not None, (
+    assert linear_layers._onednn_linear() is not None and linear_layers._ONEDNN_LINEAR is not None, (
         "torch.ops.mkldnn._linear_pointwise is gone: vaeeval.format.layers.Linear falls back to nn.Linear (slower)"
     )
     torch.manual_seed(2)
     x, weight = torch.randn(257, 400), torch.randn(784, 400) / 20
     b = torch.randn(784) if bias else None
     with torch.inference_mode():
-        found = layers._ONEDNN_LINEAR(x, weight, b, "none", [], "")
+        found = linear_layers._ONEDNN_LINEAR(x, weight, b, "none", [], "")
     expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
     assert found.dtype == torch.float32 and found.shape == expected.shape
     torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-4)

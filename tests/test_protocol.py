@@ -17,7 +17,8 @@ from scipy import special, stats
 
 from vaeeval import evaluate
 from vaeeval.cli import main
-from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais, run_bdmc
+from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais
+from vaeeval.estimators.annealing.bdmc import run_bdmc
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.data import covariate_headers, load_data, point_shape
 from vaeeval.format.terms import DENSITY, MONTE_CARLO, PROBABILITY

@@ -94,7 +94,7 @@ def click_default(command: click.Command, param: click.Option) -> Any:
 def row_problems(row: Row) -> list[str]:
     """What is wrong with ``row`` by click's definition of its command; empty when it is right."""
     where = f"README.md line {row.line}, vaeeval {row.command}"
-    command = main.commands.get(row.command)
+    command = main.all_commands().get(row.command)
     if command is None:
         return [f"{where}: there is no command {row.command!r}"]
     options = {flag: param for param in command.params if isinstance(param, click.Option) for flag in param.opts}
@@ -150,7 +150,7 @@ def test_readme_option_row_matches_click(row):
 
 
 def _option(command: str, flag: str) -> click.Option:
-    return next(param for param in main.commands[command].params if flag in param.opts)
+    return next(param for param in main.all_commands()[command].params if flag in param.opts)
 
 
 def _rows_of(command: str, flag: str, text: str | None = None) -> list[Row]:

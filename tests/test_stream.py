@@ -10,7 +10,8 @@ from conftest import cli, jsonl
 
 from vaeeval import DataError, VaeevalError
 from vaeeval.results.schemas import STREAM_SCHEMA
-from vaeeval.runs.stream import Shard, StoredRun, check_complete, read_results, read_stream
+from vaeeval.runs.formats import Shard, StoredRun
+from vaeeval.runs.stream import check_complete, read_results, read_stream
 
 
 def _header(n: int, seed: int = 0) -> dict:

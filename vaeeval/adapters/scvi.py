@@ -417,7 +417,8 @@ def convert_scvi(folder: str | Path, out: str | Path, *, seed: int = 0) -> ScviC
     """
     from safetensors.torch import save_file
 
-    from vaeeval.format.model import METADATA_KEY, load_model
+    from vaeeval.format.model import METADATA_KEY
+    from vaeeval.format.reading import load_model
     from vaeeval.io.files import staged, writing
 
     out = Path(out)

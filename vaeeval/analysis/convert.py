@@ -27,11 +27,12 @@ from vaeeval.errors import VaeevalError, listing, option
 from vaeeval.estimators.importance.evaluate import evaluate
 from vaeeval.format.layers import Reshape, function_layer, is_layer_module, method_layer
 from vaeeval.format.likelihoods import BINARY
-from vaeeval.format.model import Model, save_model
+from vaeeval.format.model import Model
+from vaeeval.format.saving import save_model
 from vaeeval.io.files import staged, writing
 from vaeeval.results.numbers import METRICS
-from vaeeval.user.arch import DecoderAdapter, EncoderAdapter, skip_final_squash, trace
 from vaeeval.user.distributions import describe
+from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, skip_final_squash, trace
 from vaeeval.user.protocol import ASSUMED, ArchModel, DistributionLikelihood, DistributionPrior, diagonal
 
 _RESHAPES = {"view", "reshape"}

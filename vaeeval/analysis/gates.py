@@ -17,7 +17,7 @@ import numpy as np
 from vaeeval.core.numerics import ndtri
 from vaeeval.errors import VaeevalError, option
 from vaeeval.results.numbers import AISSummary, Stat, Summary, exact_mean, mean_and_stderr
-from vaeeval.runs.stream import StoredRun
+from vaeeval.runs.formats import StoredRun
 
 GATED = ("elbo", "recon", "iwae")  # higher is better
 AIS_GATED = ("ais", "elbo", "iwae")  # the means an AIS run reports, higher is better

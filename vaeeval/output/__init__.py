@@ -1,7 +1,8 @@
-"""Results -> what people and programs read: records (JSON-ready dicts), documents, tables, schemas, plots.
+"""Results -> what people and programs read: ``--json`` documents, rich tables, plots.
 
-Nothing here computes an estimate. ``records`` lays out each result as one
-dict shape (and reads it back), ``documents`` assembles the ``--json`` outputs
-from records, ``schemas`` states their contract, ``tables`` renders them with
-rich, and ``plot`` draws them.
+Nothing here computes an estimate. ``documents`` assembles the ``--json`` outputs from
+the records of ``results.records`` (their contract: ``results.schemas``), ``tables``
+and ``annealing_tables`` render them with rich, and ``plot`` draws them. A registered
+estimator without a document or table of its own gets both from its declared columns
+(``documents.run_document``, ``tables.render_run``).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import AISEvaluation, BDMCEvaluation, Evaluation
 from vaeeval.results.records import (
     ais_point_records,
@@ -20,20 +21,12 @@ from vaeeval.results.records import (
     stat_record,
     summary_record,
 )
-from vaeeval.results.schemas import (
-    AIS_SCHEMA,
-    BDMC_SCHEMA,
-    CHECK_SCHEMA,
-    COMPARE_SCHEMA,
-    ELBO_SCHEMA,
-    INSPECT_SCHEMA,
-    LATENTS_SCHEMA,
-)
+from vaeeval.results.schemas import AIS_SCHEMA, BDMC_SCHEMA, CHECK_SCHEMA, COMPARE_SCHEMA, ELBO_SCHEMA, INSPECT_SCHEMA, LATENTS_SCHEMA
 
 if TYPE_CHECKING:
     from vaeeval.analysis.compare import Comparison
     from vaeeval.analysis.gates import BaselineCheck
-    from vaeeval.estimators.annealing.ais import Simulated
+    from vaeeval.estimators.annealing.bdmc import Simulated
     from vaeeval.format.data import Dataset
     from vaeeval.format.model import Model
     from vaeeval.results.latents import LatentHealth
@@ -210,4 +203,18 @@ def bdmc_document(evaluation: BDMCEvaluation, model: Model, simulated: Simulated
         "settings": ais_settings_record(evaluation.settings),
         "summary": bdmc_summary_record(evaluation),
         "points": bdmc_point_records(evaluation.points),
+    }
+
+
+def run_document(results: ResultsFormat, evaluation: Any, header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``--json`` document of a run of any registered estimator, made from its results format alone
+    (``vaeeval merge`` of an estimator without a document of its own); its schema is ``results.document``."""
+    return {
+        "schema": results.document,
+        "units": UNITS,
+        "model": header["model"],
+        "data": header["data"],
+        "settings": header["settings"],
+        "summary": results.summary(evaluation),
+        "points": sorted(records, key=lambda record: record["index"]),
     }

@@ -17,7 +17,8 @@ from rich.text import Text
 from vaeeval.errors import listing
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
-from vaeeval.results.numbers import GAP_LIMIT, METRICS, AISCost, AISEvaluation, AISSettings, BDMCEvaluation, Evaluation
+from vaeeval.results.formats import ResultsFormat
+from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
 from vaeeval.results.records import DEQUANTIZATION
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ _MEANINGS = {
 }
 
 
-def _num(value: float | None, digits: int = 4) -> str:
+def num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -83,18 +84,18 @@ def _summary_table(evaluation: Evaluation, dims: int) -> Table:
     summary = evaluation.summary
     for name in METRICS:
         stat = getattr(summary, name)
-        table.add_row(name, _num(stat.mean), _num(stat.stderr), escape(_MEANINGS[name]))
+        table.add_row(name, num(stat.mean), num(stat.stderr), escape(_MEANINGS[name]))
     table.add_row(
         "bits/dim",
-        _num(summary.bits_per_dim.mean),
-        _num(summary.bits_per_dim.stderr),
+        num(summary.bits_per_dim.mean),
+        num(summary.bits_per_dim.stderr),
         f"-iwae / (D ln 2), D = {dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
     )
     if summary.dequantized_bits_per_dim is not None:
         table.add_row(
             "dequant. bits/dim",
-            _num(summary.dequantized_bits_per_dim.mean),
-            _num(summary.dequantized_bits_per_dim.stderr),
+            num(summary.dequantized_bits_per_dim.mean),
+            num(summary.dequantized_bits_per_dim.stderr),
             escape(f"-(iwae + D log Δ) / (D ln 2), Δ = 1/{evaluation.scoring.data_levels - 1}: {DEQUANTIZATION}"),
         )
     return table
@@ -110,7 +111,7 @@ def _point_rows(evaluation: Evaluation, show_all: bool, rows: int) -> tuple[str,
     return f"First {rows} and worst {rows} points by iwae (--all for every point)", [("first", np.arange(rows)), ("worst", worst)]
 
 
-def _points_table(
+def points_table(
     title: str, index: np.ndarray, sections: list[tuple[str, np.ndarray]], columns: dict[str, Any]
 ) -> Table:
     """One row per shown point; ``columns`` maps a header to a function of the row number."""
@@ -128,16 +129,16 @@ def _points_table(
 
 def _estimate_columns(evaluation: Evaluation) -> dict[str, Any]:
     points = evaluation.points
-    return {name: (lambda row, name=name: _num(float(getattr(points, name)[row]))) for name in METRICS}
+    return {name: (lambda row, name=name: num(float(getattr(points, name)[row]))) for name in METRICS}
 
 
 def _trust_columns(evaluation: Evaluation) -> dict[str, Any]:
     points, samples = evaluation.points, evaluation.settings.samples
     return {
-        "± elbo": lambda row: _num(float(points.elbo_stderr[row]), 3),
-        "± iwae": lambda row: _num(float(points.iwae_stderr[row]), 3),
-        "ESS/K": lambda row: _num(float(points.ess[row] / samples), 3),
-        "k-hat": lambda row: _num(float(points.khat[row]), 2) if np.isfinite(points.khat[row]) else str(points.khat[row]),
+        "± elbo": lambda row: num(float(points.elbo_stderr[row]), 3),
+        "± iwae": lambda row: num(float(points.iwae_stderr[row]), 3),
+        "ESS/K": lambda row: num(float(points.ess[row] / samples), 3),
+        "k-hat": lambda row: num(float(points.khat[row]), 2) if np.isfinite(points.khat[row]) else str(points.khat[row]),
         "": lambda row: "[red]unreliable[/]" if points.unreliable[row] else "",
     }
 
@@ -146,10 +147,10 @@ def _trust_lines(evaluation: Evaluation) -> list[str]:
     diagnostics = evaluation.summary.diagnostics
     flagged = diagnostics.unreliable
     lines = [
-        f"IWAE − ELBO: {_num(diagnostics.gap.mean, 3)} ± {_num(diagnostics.gap.stderr, 3)} nats "
+        f"IWAE − ELBO: {num(diagnostics.gap.mean, 3)} ± {num(diagnostics.gap.stderr, 3)} nats "
         "(a lower bound on the inference gap); mean ESS/K "
-        f"{_num(diagnostics.ess_fraction.mean, 3)}; mean per-point stderr: elbo "
-        f"{_num(diagnostics.elbo_stderr.mean, 3)}, iwae {_num(diagnostics.iwae_stderr.mean, 3)}."
+        f"{num(diagnostics.ess_fraction.mean, 3)}; mean per-point stderr: elbo "
+        f"{num(diagnostics.elbo_stderr.mean, 3)}, iwae {num(diagnostics.iwae_stderr.mean, 3)}."
     ]
     if flagged:
         shown = listing(flagged, 10)
@@ -159,7 +160,7 @@ def _trust_lines(evaluation: Evaluation) -> list[str]:
             f"(worst first: {shown})."
         )
     else:
-        lines.append(f"No point is unreliable (every k-hat ≤ {_num(diagnostics.threshold, 2)}).")
+        lines.append(f"No point is unreliable (every k-hat ≤ {num(diagnostics.threshold, 2)}).")
     return lines
 
 
@@ -169,8 +170,8 @@ def _convergence_table(evaluation: Evaluation) -> Table:
         table.add_column(column, justify="right")
     previous = None
     for k, stat in evaluation.convergence.summary():
-        change = "" if previous is None else _num(stat.mean - previous, 4)
-        table.add_row(str(k), _num(stat.mean), _num(stat.stderr), change)
+        change = "" if previous is None else num(stat.mean - previous, 4)
+        table.add_row(str(k), num(stat.mean), num(stat.stderr), change)
         previous = stat.mean
     return table
 
@@ -180,8 +181,8 @@ def _latents_table(health: LatentHealth) -> Table:
     for column in ("unit", "KL (mean)", "Var_x E_q[z]", "active"):
         table.add_column(escape(column), justify="right")
     for unit, activity in enumerate(health.activity):
-        kl = "—" if health.kl_per_dim is None else _num(float(health.kl_per_dim[unit]), 4)
-        table.add_row(str(unit), kl, _num(float(activity), 4), "yes" if health.active[unit] else "[red]no[/]")
+        kl = "—" if health.kl_per_dim is None else num(float(health.kl_per_dim[unit]), 4)
+        table.add_row(str(unit), kl, num(float(activity), 4), "yes" if health.active[unit] else "[red]no[/]")
     table.caption = escape(
         f"active units {int(health.active.sum())} of {health.active.size}; I(x; z) under q "
         f"{health.mutual_information:.3f} nats (at most log N = {health.max_information:.2f}); "
@@ -221,9 +222,9 @@ def render_elbo(
     console.print()
     title, sections = _point_rows(evaluation, show_all, rows)
     index = evaluation.points.index
-    console.print(_points_table(title, index, sections, _estimate_columns(evaluation)))
+    console.print(points_table(title, index, sections, _estimate_columns(evaluation)))
     if show_all or diagnostics:
-        console.print(_points_table("Trust per point (Monte Carlo standard errors, effective sample size, PSIS k-hat)",
+        console.print(points_table("Trust per point (Monte Carlo standard errors, effective sample size, PSIS k-hat)",
                                     index, sections, _trust_columns(evaluation)))
     if convergence:
         console.print()
@@ -314,6 +315,16 @@ def _label(model: Model) -> str:
     return model.path.stem if model.path else "model"
 
 
+def ais_settings_line(settings: AISSettings, cost: AISCost) -> str:
+    step = f"ε {settings.step_size:g}" if settings.step_size is not None else (
+        f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains"
+    )
+    return (
+        f"T = {settings.steps} steps ({settings.schedule}), {settings.leapfrog} leapfrog steps, "
+        f"C = {settings.chains} chains from the {settings.init}; {step}; seed {settings.seed}, on {settings.device}"
+    )
+
+
 def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -> None:
     """Print the ``vaeeval compare`` table: a row per model, ranks, paired differences, notes."""
     first = comparison.evaluations[0]
@@ -325,7 +336,7 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
     grid.add_row("samples", f"K = {first.settings.samples}, seed {first.settings.seed}, the same for every model")
     metric = comparison.metric
     if metric == "ais":
-        grid.add_row("annealing", _ais_settings_line(first.settings, first.cost))
+        grid.add_row("annealing", ais_settings_line(first.settings, first.cost))
     console.print(grid)
     console.print()
 
@@ -348,18 +359,18 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
                 escape(_label(model)),
                 model.likelihood.family,
                 evaluation.scoring.label,
-                _num(summary.bits_per_dim.mean, 4),
-                _num(summary.acceptance.mean, 2) if metric == "ais" else f"{100 * summary.diagnostics.share:.0f}%",
+                num(summary.bits_per_dim.mean, 4),
+                num(summary.acceptance.mean, 2) if metric == "ais" else f"{100 * summary.diagnostics.share:.0f}%",
             )
             difference = by_model.get(index)
             if difference is None:
                 delta = ("best", "") if group.ranked else ("not ranked", "")
             else:
-                delta = (_num(-difference.paired.mean, 2), _num(difference.paired.stderr, 2))
+                delta = (num(-difference.paired.mean, 2), num(difference.paired.stderr, 2))
             estimates.add_row(
                 str(rank or "—"),
-                *(_num(getattr(summary, name).mean, 2) for name in shown),
-                _num(getattr(summary, metric).stderr, 2),
+                *(num(getattr(summary, name).mean, 2) for name in shown),
+                num(getattr(summary, metric).stderr, 2),
                 *delta,
             )
         models.add_section()
@@ -368,7 +379,7 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
     console.print(estimates)
     if comparison.differences:
         unpaired = ", ".join(
-            f"{_label(comparison.models[d.model])} {_num(d.unpaired_stderr, 2)}" for d in comparison.differences
+            f"{_label(comparison.models[d.model])} {num(d.unpaired_stderr, 2)}" for d in comparison.differences
         )
         console.print(
             f"[dim]Δ {metric}: the model minus the best of its measure, point by point over the same points; "
@@ -386,137 +397,34 @@ def render_compare(console: Console, comparison: Comparison, dataset: Dataset) -
         )
 
 
-# ---------------------------------------------------------------- AIS and BDMC
-
-
-def _ais_settings_line(settings: AISSettings, cost: AISCost) -> str:
-    step = f"ε {settings.step_size:g}" if settings.step_size is not None else (
-        f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains"
-    )
-    return (
-        f"T = {settings.steps} steps ({settings.schedule}), {settings.leapfrog} leapfrog steps, "
-        f"C = {settings.chains} chains from the {settings.init}; {step}; seed {settings.seed}, on {settings.device}"
-    )
-
-
-def _cost_line(cost: AISCost, seconds: float | None, n: int) -> str:
-    timing = "" if seconds is None else f" in {seconds:.1f} s ({seconds / max(n, 1):.3f} s per point)"
-    pilot = f", of which the pilot {100 * cost.pilot_share:.0f}%" if cost.pilot else ""
-    return f"Cost: {cost.pilot + cost.run:,} decoder gradient evaluations per point{pilot}{timing}."
-
-
-def render_ais(
-    console: Console,
-    evaluation: AISEvaluation,
-    model: dict[str, Any],
-    data: dict[str, Any],
-    *,
-    show_all: bool = False,
-    seconds: float | None = None,
-    rows: int = 5,
-) -> None:
-    """Print the ``vaeeval ais`` report: header, ELBO ≤ IWAE ≤ AIS side by side, cost, per-point table."""
-    settings, summary = evaluation.settings, evaluation.summary
+def render_run(console: Console, results: ResultsFormat, evaluation: Any, header: dict[str, Any],
+               records: list[dict[str, Any]], *, show_all: bool = False, rows: int = 10) -> None:
+    """A run of any registered estimator, from its results format alone: what it evaluated, the summary's
+    means with their standard errors, and its points (the first ``rows``, or all) in its declared columns."""
+    model, data = header["model"], header["data"]
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("model", escape(f"{model['path']}"))
-    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
-    grid.add_row("prior", model["prior"]["family"])
-    n, total = data["n"], data["total"]
-    shown = f"{n} of {total}" if n != total else str(n)
-    grid.add_row("data", escape(f"{data['path']}: N = {shown} points, D = {model['dims']} dims"))
-    grid.add_row("annealing", _ais_settings_line(settings, evaluation.cost))
-    grid.add_row("beside", f"ELBO and IWAE from K = {settings.samples} importance samples of q(z|x)")
+    grid.add_row("model", escape(str(model.get("path"))))
+    grid.add_row("data", escape(f"{data.get('path')}: N = {len(records)} points"))
+    grid.add_row("results", escape(results.schema))
     console.print(grid)
     console.print()
-    table = Table(title="Summary over points (nats per point)", title_justify="left",
-                  caption=escape(f"every number is a log-{'density' if evaluation.measure == DENSITY else 'probability'}; "
-                                 "E[elbo] ≤ E[iwae] ≤ E[ais] ≤ log p(x)"))
-    for column in ("metric", "mean", "stderr", "meaning"):
-        table.add_column(column, justify="left" if column in ("metric", "meaning") else "right")
-    meanings = {
-        "elbo": "evidence lower bound",
-        "iwae": f"importance-weighted bound, K = {settings.samples}",
-        "ais": f"annealed importance sampling, C = {settings.chains} chains",
-    }
-    for name, meaning in meanings.items():
-        stat = getattr(summary, name)
-        table.add_row(name, _num(stat.mean), _num(stat.stderr), meaning)
-    table.add_row("ais − iwae", _num(summary.gap.mean), _num(summary.gap.stderr), "how far the IWAE estimate fell short")
-    table.add_row("± ais", _num(summary.ais_stderr.mean), "", "mean per-point standard error of ais (over chains)")
-    table.add_row("acceptance", _num(summary.acceptance.mean, 3), _num(summary.acceptance.stderr, 3), "HMC acceptance rate")
-    table.add_row("bits/dim", _num(summary.bits_per_dim.mean), _num(summary.bits_per_dim.stderr),
-                  f"-ais / (D ln 2), D = {model['dims']}")
-    console.print(table)
-    console.print(_cost_line(evaluation.cost, seconds, summary.n))
-    console.print()
-    points = evaluation.points
-    count = points.index.size
-    if show_all or count <= 2 * rows:
-        title, sections = "Every point", [("", np.arange(count))]
-    else:
-        largest = np.argsort(-(points.ais - points.iwae), kind="stable")[:rows]
-        title = f"First {rows} points and the {rows} with the largest ais − iwae (--all for every point)"
-        sections = [("first", np.arange(rows)), ("largest", largest)]
-    columns = {
-        "elbo": lambda row: _num(float(points.elbo[row])),
-        "iwae": lambda row: _num(float(points.iwae[row])),
-        "ais": lambda row: _num(float(points.ais[row])),
-        "± ais": lambda row: _num(float(points.ais_stderr[row]), 3),
-        "ais − iwae": lambda row: _num(float(points.ais[row] - points.iwae[row]), 3),
-        "acceptance": lambda row: _num(float(points.acceptance[row]), 2),
-        "mean ε": lambda row: _num(float(points.step_size[row]), 4),
-    }
-    console.print(_points_table(title, points.index, sections, columns))
+    summary = Table(title="summary (nats per point)", title_justify="left")
+    for column in ("", "mean", "± s.e."):
+        summary.add_column(column, justify="right" if column else "left")
+    for key, value in results.summary(evaluation).items():
+        if isinstance(value, dict) and set(value) >= {"mean", "stderr"}:
+            summary.add_row(key, num(value["mean"]), num(value["stderr"]))
+    console.print(summary)
+    shown = sorted(records, key=lambda record: record["index"])
+    shown = shown if show_all else shown[:rows]
+    points = Table(title=f"points ({len(shown)} of {len(records)})", title_justify="left")
+    names = [name for name in results.columns.names() if any(name in record for record in shown)]
+    for name in ("index", *names):
+        points.add_column(name, justify="right")
+    for record in shown:
+        points.add_row(str(record["index"]), *(_cell(record.get(name)) for name in names))
+    console.print(points)
 
 
-def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, Any], simulated: dict[str, Any],
-                *, show_all: bool = False, seconds: float | None = None, rows: int = 5) -> None:
-    """Print the ``vaeeval bdmc`` report: the sandwich lower ≤ log p(x) ≤ upper and its gap."""
-    settings, summary = evaluation.settings, evaluation.summary
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("model", escape(f"{model['path']}"))
-    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
-    where = f"; saved to {simulated['saved']}" if simulated.get("saved") else ""
-    grid.add_row("data", escape(f"{simulated['n']} points simulated from the model (z ~ p(z), x ~ p(x|z), seed "
-                                f"{simulated['seed']}), {evaluation.domain.describe()}{where}"))
-    grid.add_row("annealing", _ais_settings_line(settings, evaluation.cost))
-    console.print(grid)
-    console.print()
-    table = Table(title="Bidirectional Monte Carlo (nats per point)", title_justify="left",
-                  caption=escape("E[lower] ≤ log p(x) ≤ E[upper]: forward AIS from q0, reverse AIS from the true z"))
-    for column in ("metric", "mean", "stderr", "meaning"):
-        table.add_column(column, justify="left" if column in ("metric", "meaning") else "right")
-    table.add_row("lower", _num(summary.lower.mean), _num(summary.lower.stderr), "forward AIS: a stochastic lower bound")
-    table.add_row("upper", _num(summary.upper.mean), _num(summary.upper.stderr),
-                  "reverse AIS from the simulated z: a stochastic upper bound")
-    table.add_row("gap", _num(summary.gap.mean), _num(summary.gap.stderr), "upper − lower: how far AIS can be from log p(x)")
-    table.add_row("iwae", _num(summary.iwae.mean), _num(summary.iwae.stderr), f"K = {settings.samples}, for comparison")
-    table.add_row("acceptance", _num(summary.acceptance.mean, 3), _num(summary.acceptance.stderr, 3), "HMC acceptance rate")
-    console.print(table)
-    console.print(_cost_line(evaluation.cost, seconds, summary.n))
-    if evaluation.weak:
-        console.print(
-            f"[red]The gap is {summary.gap.mean:.2f} nats per point, above {GAP_LIMIT:g}[/]: these AIS settings are too "
-            f"weak for this model; AIS estimates at them can be that far below log p(x). Try more steps "
-            f"(--steps {4 * settings.steps}) or more leapfrog steps."
-        )
-    else:
-        console.print(
-            f"The gap is {summary.gap.mean:.3f} nats per point: at these settings AIS is within about that of log p(x) "
-            "on data like the model's own."
-        )
-    points = evaluation.points
-    count = points.index.size
-    if show_all or count <= 2 * rows:
-        title, sections = "Every point", [("", np.arange(count))]
-    else:
-        widest = np.argsort(-points.gap, kind="stable")[:rows]
-        title = f"First {rows} points and the {rows} widest gaps (--all for every point)"
-        sections = [("first", np.arange(rows)), ("widest", widest)]
-    columns = {name: (lambda row, name=name: _num(float(getattr(points, name)[row]))) for name in ("lower", "upper", "gap", "iwae")}
-    console.print()
-    console.print(_points_table(title, points.index, sections, columns))
+def _cell(value: Any) -> str:
+    return ("yes" if value else "no") if isinstance(value, bool) else num(value)

@@ -9,7 +9,6 @@ the key lists here, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vaeeval.format.domains import domain_from_spec
+from vaeeval.results.columns import FLAG, MAYBE_NUMBER, NUMBER, Column, PointColumns, finite
 from vaeeval.results.numbers import (
     GAP_LIMIT,
     METRICS,
@@ -48,18 +48,26 @@ DEQUANTIZATION = (
 )
 SETTINGS_KEYS = tuple(f.name for f in fields(Settings))
 SCORING_KEYS = tuple(f.name for f in fields(Scoring))
-POINT_NUMBERS = (*METRICS, "elbo_stderr", "iwae_stderr", "ess", "khat")  # then ess_fraction, unreliable
-POINT_MONTE_CARLO = ("kl_stderr",)  # only when the KL was estimated from the samples
+# The importance sampler's point columns (``elbo``): the keys of a point object, in this order.
+POINT_COLUMNS = PointColumns((
+    Column("elbo", NUMBER, "the evidence lower bound, recon - kl"),
+    Column("recon", NUMBER, "E_q[log p(x|z)], the reconstruction term"),
+    Column("kl", NUMBER, "KL(q(z|x) || p(z))"),
+    Column("iwae", NUMBER, "the importance-weighted estimate of log p(x) from K samples"),
+    Column("elbo_stderr", MAYBE_NUMBER, "the Monte Carlo standard error of elbo"),
+    Column("iwae_stderr", NUMBER, "the delta-method standard error of iwae"),
+    Column("ess", NUMBER, "the effective sample size of the K importance weights"),
+    Column("khat", MAYBE_NUMBER, "the PSIS Pareto k-hat of the weights (null when too few samples)"),
+    Column("kl_stderr", MAYBE_NUMBER, "the standard error of a Monte Carlo KL", optional=True),
+    Column("ess_fraction", NUMBER, "ess / K"),
+    Column("unreliable", FLAG, "k-hat above the threshold: iwae may be far from log p(x)"),
+))
+POINT_NUMBERS = tuple(name for name in POINT_COLUMNS.names() if name not in ("kl_stderr", "ess_fraction", "unreliable"))
 
 
 def to_json(document: dict[str, Any]) -> str:
     """Serialize a document; NaN and infinity are refused, never written."""
     return json.dumps(document, indent=2, allow_nan=False)
-
-
-def finite(value: float | None) -> float | None:
-    """JSON has no NaN or infinity: an undefined number (a standard error from one sample) is null."""
-    return value if value is not None and math.isfinite(value) else None
 
 
 def stat_record(stat: Stat) -> dict[str, float | None]:
@@ -187,37 +195,19 @@ def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> l
         samples: K, for the ESS fraction.
         monte_carlo_kl: the KL was estimated from the samples: add its standard error.
     """
-    names = POINT_NUMBERS + (POINT_MONTE_CARLO if monte_carlo_kl else ())
-    columns = {name: getattr(points, name).tolist() for name in names}
-    fraction = (points.ess / samples).tolist()
-    unreliable = points.unreliable.tolist()
-    return [
-        {
-            "index": int(index),
-            **{name: finite(columns[name][row]) for name in names},
-            "ess_fraction": fraction[row],
-            "unreliable": unreliable[row],
-        }
-        for row, index in enumerate(points.index.tolist())
-    ]
+    values = {name: getattr(points, name) for name in POINT_NUMBERS}
+    if monte_carlo_kl:
+        values["kl_stderr"] = points.kl_stderr
+    return POINT_COLUMNS.records(points.index, {**values, "ess_fraction": points.ess / samples, "unreliable": points.unreliable})
 
 
 # ---------------------------------------------------------------- records -> results
 
 
-def _column(records: Sequence[dict[str, Any]], name: str, default: float = math.nan) -> np.ndarray:
-    return np.array([default if r.get(name) is None else r[name] for r in records], dtype=np.float64)
-
-
 def points_from_records(records: Sequence[dict[str, Any]]) -> PointResults:
     """Per-point results from point records (``null`` numbers become NaN), sorted by index."""
-    records = sorted(records, key=lambda r: r["index"])
-    return PointResults(
-        index=np.array([r["index"] for r in records], dtype=np.int64),
-        **{name: _column(records, name) for name in POINT_NUMBERS},
-        kl_stderr=_column(records, "kl_stderr", 0.0),
-        unreliable=np.array([bool(r["unreliable"]) for r in records]),
-    )
+    arrays = POINT_COLUMNS.arrays(records, defaults={"kl_stderr": 0.0})
+    return PointResults(**{name: arrays[name] for name in ("index", *POINT_NUMBERS, "kl_stderr", "unreliable")})
 
 
 def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> Evaluation:
@@ -240,8 +230,26 @@ def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, 
 
 # ---------------------------------------------------------------- AIS and BDMC
 
-AIS_POINT_NUMBERS = ("ais", "ais_stderr", "acceptance", "elbo", "iwae", "ess", "step_size")
-BDMC_POINT_NUMBERS = ("lower", "upper", "gap", "iwae", "acceptance")
+# AIS's point columns (``ais``).
+AIS_COLUMNS = PointColumns((
+    Column("ais", NUMBER, "the AIS estimate of log p(x): the log of the mean of the chains' weights"),
+    Column("ais_stderr", MAYBE_NUMBER, "its delta-method standard error over the chains"),
+    Column("acceptance", MAYBE_NUMBER, "the HMC acceptance rate over steps and chains"),
+    Column("elbo", NUMBER, "the ELBO of the same point, beside it"),
+    Column("iwae", NUMBER, "the IWAE of the same point, beside it"),
+    Column("ess", MAYBE_NUMBER, "the effective sample size of the chains' weights"),
+    Column("step_size", MAYBE_NUMBER, "the mean HMC step size used"),
+))
+# BDMC's point columns (``bdmc``): a simulated point's sandwich.
+BDMC_COLUMNS = PointColumns((
+    Column("lower", MAYBE_NUMBER, "forward AIS: a stochastic lower bound on log p(x)"),
+    Column("upper", MAYBE_NUMBER, "reverse AIS from the z that made the point: a stochastic upper bound"),
+    Column("gap", MAYBE_NUMBER, "upper - lower"),
+    Column("iwae", MAYBE_NUMBER, "the IWAE of the same point"),
+    Column("acceptance", MAYBE_NUMBER, "the HMC acceptance rate"),
+))
+AIS_POINT_NUMBERS = AIS_COLUMNS.names()
+BDMC_POINT_NUMBERS = BDMC_COLUMNS.names()
 
 
 def ais_settings_record(settings: AISSettings) -> dict[str, Any]:
@@ -254,17 +262,14 @@ def cost_record(cost: AISCost) -> dict[str, Any]:
     return {"pilot_gradients": cost.pilot, "gradients": cost.run, "pilot_share": cost.pilot_share}
 
 
-def _columns(points: Columns, names: Sequence[str]) -> list[dict[str, Any]]:
-    columns = {name: getattr(points, name).tolist() for name in names}
-    return [
-        {"index": int(index), **{name: finite(columns[name][row]) for name in names}}
-        for row, index in enumerate(points.index.tolist())
-    ]
+def column_records(columns: PointColumns, points: Columns) -> list[dict[str, Any]]:
+    """The point objects of per-point results whose attributes are the columns'."""
+    return columns.records(points.index, {name: getattr(points, name) for name in columns.names()})
 
 
 def ais_point_records(points: AISPointResults) -> list[dict[str, Any]]:
     """One JSON object per point of an AIS run (the ``points`` list, and a results file's point lines)."""
-    return _columns(points, AIS_POINT_NUMBERS)
+    return column_records(AIS_COLUMNS, points)
 
 
 def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
@@ -285,7 +290,7 @@ def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
 
 def bdmc_point_records(points: BDMCPointResults) -> list[dict[str, Any]]:
     """One JSON object per simulated point of a BDMC run."""
-    return _columns(points, BDMC_POINT_NUMBERS)
+    return column_records(BDMC_COLUMNS, points)
 
 
 def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
@@ -304,11 +309,7 @@ def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
 
 def ais_points_from_records(records: Sequence[dict[str, Any]]) -> AISPointResults:
     """Per-point AIS results from point records (``null`` numbers become NaN), sorted by index."""
-    records = sorted(records, key=lambda r: r["index"])
-    return AISPointResults(
-        index=np.array([r["index"] for r in records], dtype=np.int64),
-        **{name: _column(records, name) for name in AIS_POINT_NUMBERS},
-    )
+    return AISPointResults(**AIS_COLUMNS.arrays(records))
 
 
 def ais_evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> AISEvaluation:

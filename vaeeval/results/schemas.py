@@ -13,8 +13,9 @@ from typing import Any
 from vaeeval.errors import VaeevalError
 from vaeeval.format.domains import DOMAINS
 from vaeeval.format.terms import KL_KINDS, MEASURES
+from vaeeval.results.formats import FORMATS, ResultsFormat
 from vaeeval.results.numbers import METRICS
-from vaeeval.results.records import AIS_POINT_NUMBERS, BDMC_POINT_NUMBERS, POINT_MONTE_CARLO
+from vaeeval.results.records import AIS_COLUMNS, BDMC_COLUMNS, BDMC_POINT_NUMBERS, POINT_COLUMNS
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
 COMPARE_SCHEMA = "vaeeval.compare/1"
@@ -122,19 +123,7 @@ SUMMARY = _object(
     },
     {"dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}}},
 )
-POINT = _object(  # the keys of output.records.point_records (a test holds them equal)
-    {
-        "index": INTEGER,
-        **dict.fromkeys(METRICS, NUMBER),
-        "elbo_stderr": MAYBE_NUMBER,
-        "iwae_stderr": NUMBER,
-        "ess": NUMBER,
-        "ess_fraction": NUMBER,
-        "khat": MAYBE_NUMBER,
-        "unreliable": {"type": "boolean"},
-    },
-    dict.fromkeys(POINT_MONTE_CARLO, MAYBE_NUMBER),
-)
+POINT = POINT_COLUMNS.schema()
 LATENTS = _object(
     {
         "kl_per_dim": {"type": ["array", "null"], "items": NUMBER},
@@ -175,7 +164,7 @@ AIS_SETTINGS = _object(
     }
 )
 COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
-AIS_POINT = _object({"index": INTEGER, **dict.fromkeys(AIS_POINT_NUMBERS, MAYBE_NUMBER)})
+AIS_POINT = AIS_COLUMNS.schema()
 AIS_SUMMARY = _object(
     {
         "n": INTEGER,
@@ -191,7 +180,7 @@ AIS_SUMMARY = _object(
         "cost": COST,
     }
 )
-BDMC_POINT = _object({"index": INTEGER, **dict.fromkeys(BDMC_POINT_NUMBERS, MAYBE_NUMBER)})
+BDMC_POINT = BDMC_COLUMNS.schema()
 BDMC_SUMMARY = _object(
     {
         "n": INTEGER,
@@ -317,9 +306,44 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
 )}
 
 
+def _run_schemas(results: ResultsFormat) -> dict[str, dict[str, Any]]:
+    """The schemas of a registered estimator with none written here: its ``--json`` document and its
+    results file's lines, from its point columns (settings and summary are its own objects)."""
+    point = results.columns.schema()
+    return {
+        results.document: _document(
+            results.document,
+            f"a run of the estimator whose results files are {results.schema} (vaeeval merge --json)",
+            {"model": MODEL, "data": DATA, "settings": {"type": "object"}, "summary": {"type": "object"},
+             "points": {"type": "array", "items": point}},
+            {"units": STRING},
+        ),
+        results.schema: {
+            "$schema": _DRAFT,
+            "$id": results.schema,
+            "title": f"one line of a {results.schema} results file: the header, a point, or the final summary",
+            "oneOf": [
+                _object({"kind": {"const": "header"}, "schema": {"const": results.schema}, "model": MODEL, "data": DATA,
+                         "settings": {"type": "object"}, "shard": SHARD}),
+                _object({"kind": {"const": "summary"}, "summary": {"type": ["object", "null"]}}),
+                {**point, "not": {"required": ["kind"]}},
+            ],
+        },
+    }
+
+
+def _every_schema() -> dict[str, dict[str, Any]]:
+    """The schemas written here, then those of every other registered estimator."""
+    found = dict(_SCHEMAS)
+    for results in FORMATS.values():
+        if results.document not in found:
+            found.update(_run_schemas(results))
+    return found
+
+
 def schema_names() -> tuple[str, ...]:
     """Every schema's name, e.g. ``vaeeval.elbo/1``."""
-    return tuple(_SCHEMAS)
+    return tuple(_every_schema())
 
 
 def schema(name: str) -> dict[str, Any]:
@@ -328,10 +352,11 @@ def schema(name: str) -> dict[str, Any]:
     Raises:
         VaeevalError: no such schema.
     """
-    full = name if name in _SCHEMAS else f"vaeeval.{name}/1"
-    if full not in _SCHEMAS:
-        raise VaeevalError(f"no schema {name!r}; vaeeval has {', '.join(_SCHEMAS)}")
-    return _SCHEMAS[full]
+    schemas = _every_schema()
+    full = name if name in schemas else f"vaeeval.{name}/1"
+    if full not in schemas:
+        raise VaeevalError(f"no schema {name!r}; vaeeval has {', '.join(schemas)}")
+    return schemas[full]
 
 
 def schema_text(name: str) -> str:

@@ -23,21 +23,12 @@ from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.ais import AISEvaluator, AISPart
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.io.files import locked, writing
+from vaeeval.results.formats import ResultsFormat, format_of
 from vaeeval.results.numbers import AISPointResults, Part, PointResults
-from vaeeval.runs.stream import (
-    AIS_RESULTS,
-    ELBO_RESULTS,
-    ResultsFormat,
-    ResultsWriter,
-    Shard,
-    StoredRun,
-    describe_difference,
-    read_stream,
-    write_results,
-)
+from vaeeval.runs.formats import Shard, StoredRun, describe_difference
+from vaeeval.runs.stream import ResultsWriter, read_stream, write_results
 
 Estimator = Evaluator | AISEvaluator  # has n, parts(indices, progress), finish(parts)
-_FORMATS: dict[type, ResultsFormat] = {Evaluator: ELBO_RESULTS, AISEvaluator: AIS_RESULTS}
 
 
 @dataclass(frozen=True)
@@ -52,7 +43,7 @@ class Outcome:
 
 def results_format(estimator: Estimator) -> ResultsFormat:
     """How the runs of this estimator are written to and read from results files."""
-    return _FORMATS[type(estimator)]
+    return format_of(estimator)
 
 
 def run_header(estimator: Estimator, shard: Shard | None = None) -> dict[str, Any]:

@@ -12,243 +12,19 @@ its lines are made and read back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from vaeeval.errors import DataError, SpecError, VaeevalError, listing, option
-from vaeeval.format.domains import domain_from_spec
-from vaeeval.format.terms import KL_KINDS
+from vaeeval.estimators.annealing.results_file import AIS_RESULTS
 from vaeeval.io.files import MAX_JSON_DEPTH, atomic_write, json_depth, load_json, reading, regular_file, writing
-from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Scoring, Settings
-from vaeeval.results.records import (
-    ais_evaluation_from_records,
-    ais_point_records,
-    ais_settings_record,
-    ais_summary_record,
-    cost_record,
-    data_record,
-    evaluation_from_records,
-    model_record,
-    point_records,
-    scoring_record,
-    settings_record,
-    summary_record,
-)
-from vaeeval.results.schemas import AIS_SCHEMA, AIS_STREAM_SCHEMA, ELBO_SCHEMA, STREAM_SCHEMA
-
-_HOW_NOT_WHAT = ("batch_size", "chunk_size", "device")  # settings that never change a number
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Points ``start .. stop-1``: shard ``index`` of ``count`` equal contiguous slices."""
-
-    index: int
-    count: int
-    start: int
-    stop: int
-
-    @classmethod
-    def of(cls, index: int, count: int, n: int) -> Shard:
-        if count < 1:
-            raise VaeevalError(f"{option('shard')} {index}/{count}: the number of shards must be at least 1")
-        if not 0 <= index < count:
-            raise VaeevalError(f"{option('shard')} {index}/{count}: the index must be between 0 and {count - 1}")
-        return cls(index, count, index * n // count, (index + 1) * n // count)
-
-    @classmethod
-    def parse(cls, text: str, n: int) -> Shard:
-        """``i/n`` -> the shard."""
-        try:
-            index, count = (int(part) for part in text.split("/"))
-        except ValueError:
-            raise VaeevalError(f"{option('shard')} {text!r}: write it as i/n, e.g. 0/4") from None
-        return cls.of(index, count, n)
-
-    def to_record(self) -> dict[str, int]:
-        return {"index": self.index, "count": self.count, "start": self.start, "stop": self.stop}
-
-
-@dataclass(frozen=True)
-class StoredRun:
-    """What a results file (or an ``elbo --json`` document) holds."""
-
-    path: Path
-    header: dict[str, Any]
-    points: list[dict[str, Any]]
-    summary: dict[str, Any] | None  # None until the run finished
-
-    @property
-    def shard(self) -> dict[str, int] | None:
-        return self.header.get("shard")
-
-
-def header_record(
-    settings: Settings,
-    scoring: Scoring,
-    kl_kind: str,
-    domain: dict[str, Any],
-    model: dict[str, Any],
-    data: dict[str, Any],
-    shard: Shard | None = None,
-) -> dict[str, Any]:
-    """The first line of a results file.
-
-    Args:
-        settings, scoring, kl_kind: the evaluation's.
-        domain: the data's detected domain, as its spec.
-        model, data: ``model_record`` and ``data_record`` of what is evaluated.
-        shard: the slice of the points this file holds, if any.
-    """
-    return {
-        "kind": "header",
-        "schema": STREAM_SCHEMA,
-        "model": model,
-        "data": data,
-        "settings": settings_record(settings),
-        "scoring": scoring_record(scoring),
-        "kl_kind": kl_kind,
-        "domain": domain,
-        "shard": None if shard is None else shard.to_record(),
-    }
-
-
-def ais_header_record(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
-    """The first line of an AIS results file, for an ``ais.AISEvaluator``."""
-    return {
-        "kind": "header",
-        "schema": AIS_STREAM_SCHEMA,
-        "model": model_record(evaluator.model),
-        "data": data_record(evaluator.dataset),
-        "settings": ais_settings_record(evaluator.settings),
-        "scoring": scoring_record(evaluator.scoring),
-        "domain": evaluator.importance.domain.to_spec(),
-        "cost": cost_record(evaluator.cost),
-        "shard": None if shard is None else shard.to_record(),
-    }
-
-
-def _elbo_header(evaluator: Any, shard: Shard | None = None) -> dict[str, Any]:
-    return header_record(
-        evaluator.settings,
-        evaluator.scoring,
-        evaluator.model.prior.kl_kind,
-        evaluator.domain.to_spec(),
-        model_record(evaluator.model),
-        data_record(evaluator.dataset),
-        shard,
-    )
-
-
-@dataclass(frozen=True)
-class ResultsFormat:
-    """One kind of results file: how its lines are made from a run's results, and read back.
-
-    Attributes:
-        schema: the header's schema (``vaeeval.elbo-stream/1``).
-        document: the ``--json`` document the file stands for (``vaeeval.elbo/1``).
-        header: (evaluator, shard) -> the header line.
-        points: (evaluator, per-point results) -> their point lines.
-        summary: evaluation -> the summary record.
-        evaluation: (header, point lines) -> the evaluation they add up to.
-    """
-
-    schema: str
-    document: str
-    make_header: Callable[[Any, Shard | None], dict[str, Any]]
-    points: Callable[[Any, Any], list[dict[str, Any]]]
-    summary: Callable[[Any], dict[str, Any]]
-    evaluation: Callable[[dict[str, Any], Sequence[dict[str, Any]]], Any]
-    settings: type  # the settings dataclass a header's settings must build
-    numbers: tuple[str, ...]  # point keys that must hold finite numbers
-    maybe_numbers: tuple[str, ...]  # point keys that hold finite numbers or null
-    flags: tuple[str, ...] = ()  # point keys that hold booleans
-
-    def header(self, evaluator: Any, shard: Shard | None) -> dict[str, Any]:
-        """The first line of a results file, sealed with the digest of its content."""
-        return seal(self.make_header(evaluator, shard))
-
-    def summary_line(self, evaluation: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The last line of a finished results file: the summary, and the count and digest of the point lines."""
-        return {"kind": "summary", "summary": self.summary(evaluation), "count": len(records), "digest": points_digest(records)}
-
-    def empty_summary_line(self) -> dict[str, Any]:
-        """The last line of a part with no points (a shard beyond the last point)."""
-        return {"kind": "summary", "summary": None, "count": 0, "digest": points_digest([])}
-
-
-def _digest(value: Any) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=False).encode()).hexdigest()
-
-
-def seal(header: dict[str, Any]) -> dict[str, Any]:
-    """``header`` with ``digest``: of everything else in it, so an edit is seen when it is read back."""
-    content = {key: value for key, value in header.items() if key != "digest"}
-    return {**content, "digest": _digest(content)}
-
-
-def points_digest(records: Sequence[dict[str, Any]]) -> str:
-    """The digest of a run's point lines, whatever their order in the file."""
-    return _digest(sorted(records, key=lambda record: record["index"]))
-
-
-ELBO_RESULTS = ResultsFormat(
-    STREAM_SCHEMA,
-    ELBO_SCHEMA,
-    _elbo_header,
-    lambda evaluator, points: point_records(points, evaluator.settings.samples, evaluator.model.prior.monte_carlo_kl),
-    summary_record,
-    evaluation_from_records,
-    Settings,
-    numbers=(*METRICS, "iwae_stderr", "ess", "ess_fraction"),
-    maybe_numbers=("elbo_stderr", "khat", "kl_stderr"),
-    flags=("unreliable",),
-)
-AIS_RESULTS = ResultsFormat(
-    AIS_STREAM_SCHEMA,
-    AIS_SCHEMA,
-    ais_header_record,
-    lambda evaluator, points: ais_point_records(points),
-    ais_summary_record,
-    ais_evaluation_from_records,
-    AISSettings,
-    numbers=("ais", "elbo", "iwae"),
-    maybe_numbers=("ais_stderr", "acceptance", "ess", "step_size"),
-)
-FORMATS = {results.schema: results for results in (ELBO_RESULTS, AIS_RESULTS)}
-_SCHEMA_NAMES = list(FORMATS)  # a list: a header's "schema" may be any JSON value, hashable or not
-
-
-def results_format(header: dict[str, Any]) -> ResultsFormat:
-    """The format of the results file this header opens."""
-    return FORMATS[header["schema"]]
-
-
-def identity(header: dict[str, Any]) -> dict[str, Any]:
-    """What must agree for two files to hold points of the same run (all but the shard)."""
-    return {
-        "kind": header["schema"],
-        "model": (header["model"].get("digest"), header["model"].get("arch"), json.dumps(header["model"]["likelihood"], sort_keys=True)),
-        "data": (header["data"].get("digest"), header["data"]["n"]),
-        "settings": tuple(value for key, value in header["settings"].items() if key not in _HOW_NOT_WHAT),
-        "scoring": (header["scoring"]["measure"], header["scoring"]["levels"]),
-    }
-
-
-def describe_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """In words, how two headers' identities differ; None when they agree."""
-    first, second = identity(a), identity(b)
-    settings = "the samples or seed" if a["schema"] == STREAM_SCHEMA else "the settings"
-    words = {"kind": "the kinds of run", "model": "the model", "data": "the data", "settings": settings, "scoring": "the scoring"}
-    for key, word in words.items():
-        if first[key] != second[key]:
-            return f"{word} differ ({first[key]} vs {second[key]})" if key != "model" else f"{word} differs"
-    return None
+from vaeeval.results.formats import FORMATS, ResultsFormat, points_digest, results_format, schema_names, seal
+from vaeeval.results.schemas import ELBO_SCHEMA, STREAM_SCHEMA
+from vaeeval.runs.formats import StoredRun, describe_difference
 
 
 class ResultsWriter:
@@ -294,7 +70,7 @@ def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
     if not lines:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
     header = _line(path, 1, lines[0])
-    if not isinstance(header, dict) or header.get("kind") != "header" or header.get("schema") not in _SCHEMA_NAMES:
+    if not isinstance(header, dict) or header.get("kind") != "header" or header.get("schema") not in schema_names():
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
     results = check_header(path, header)
     if tail and repair:  # only a results file is ever cut, and only its half-written last line
@@ -330,8 +106,7 @@ def check_header(path: Path, header: Any) -> ResultsFormat:
     results = FORMATS[header["schema"]]
     try:
         results.settings(**header["settings"])
-        Scoring(**header["scoring"])
-        domain_from_spec(header["domain"])
+        results.check_header(header)
         model, data, shard = header["model"], header["data"], header["shard"]
         dims, n = model["dims"], data["n"]
         json.dumps(model["likelihood"], sort_keys=True)
@@ -339,10 +114,6 @@ def check_header(path: Path, header: Any) -> ResultsFormat:
             raise ValueError("model.dims or data.n is not a count")
         if shard is not None and not all(isinstance(shard[k], int) for k in ("index", "count", "start", "stop")):
             raise ValueError("shard is not four integers")
-        if results is AIS_RESULTS:
-            AISCost(header["cost"]["pilot_gradients"], header["cost"]["gradients"])
-        elif header["kl_kind"] not in KL_KINDS:
-            raise ValueError(f"kl_kind {header['kl_kind']!r}")
     except (KeyError, TypeError, ValueError, AttributeError, SpecError) as error:
         raise DataError(path, f"line 1: not a complete {results.schema} header ({type(error).__name__}: {error})") from None
     if "digest" in header and seal(header)["digest"] != header["digest"]:
@@ -368,13 +139,13 @@ def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: 
     if index in seen:
         raise DataError(path, f"{where}: point {index} is in the file twice")
     seen.add(index)
-    for key in results.numbers:
+    for key in results.columns.numbers:
         if not _finite_number(record.get(key)):
             raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not a finite number")
-    for key in results.maybe_numbers:
+    for key in results.columns.maybe_numbers:
         if record.get(key) is not None and not _finite_number(record[key]):
             raise DataError(path, f"{where}: point {index}'s {key} is {record[key]!r}, not a finite number or null")
-    for key in results.flags:
+    for key in results.columns.flags:
         if not isinstance(record.get(key), bool):
             raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not true or false")
     return record
@@ -417,7 +188,7 @@ def read_results(path: str | Path) -> StoredRun:
     documents = {results.document: results for results in FORMATS.values()}
     schema = document.get("schema") if isinstance(document, dict) else None
     if not isinstance(schema, str) or schema not in documents:
-        if schema in _SCHEMA_NAMES:
+        if schema in schema_names():
             return read_stream(path)  # a results file holding only its header
         raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
     results = documents[document["schema"]]

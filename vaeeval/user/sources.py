@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from vaeeval.format.data import Dataset, covariate_headers, load_data, point_shape
-from vaeeval.format.model import Model, load_model
+from vaeeval.format.model import Model
+from vaeeval.format.reading import load_model
 from vaeeval.user.arch import ArchOptions, arch_model
 
 

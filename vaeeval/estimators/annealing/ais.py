@@ -1,11 +1,8 @@
-"""Tight, certified log-likelihoods: annealed importance sampling (AIS) and BDMC sandwich bounds.
+"""Tight log-likelihoods: annealed importance sampling (AIS; Neal 2001) of every point's posterior.
 
-``AISEvaluator`` estimates log p(x) per point by AIS with HMC transitions (``annealing``),
-with the ordinary ELBO and IWAE of the same point beside it. ``simulate`` draws points from
-the model itself and ``BDMCEvaluator`` brackets their log p(x) between forward AIS (a
-stochastic lower bound) and reverse AIS started from the z that generated each point (a
-stochastic upper bound; Grosse, Ghahramani & Adams 2015; Wu, Burda, Salakhutdinov &
-Grosse 2017). The gap certifies how far AIS at these settings can be from the truth.
+``AISEvaluator`` estimates log p(x) per point by AIS with HMC transitions (``kernel``),
+with the ordinary ELBO and IWAE of the same point beside it; ``bdmc`` certifies it
+(Wu, Burda, Salakhutdinov & Grosse 2017).
 
 Step sizes: ``step_size`` fixes ε; otherwise a pilot run of ``pilot_chains`` chains per point
 adapts ε toward an acceptance rate of 0.65 as it anneals (ε × 1.02 above, × 0.98 below,
@@ -20,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,10 +28,7 @@ from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.kernel import (
     FORWARD,
     PILOT,
-    REVERSE,
     SCHEDULES,
-    SIMULATE,
-    SIMULATE_X,
     STEP_SIZE_RANGE,
     Chains,
     PointsFirst,
@@ -52,20 +45,8 @@ from vaeeval.estimators.annealing.kernel import (
 from vaeeval.estimators.importance.evaluate import MAX_BATCH_SIZE, EvaluationOptions, Evaluator, batch_within
 from vaeeval.estimators.weights import effective_sample_size, iwae_stderr
 from vaeeval.format.data import Dataset
-from vaeeval.format.domains import detect_domain
 from vaeeval.format.model import Model
-from vaeeval.io.files import atomic_write, writing
-from vaeeval.results.numbers import (
-    AISCost,
-    AISEvaluation,
-    AISPointResults,
-    AISSettings,
-    BDMCEvaluation,
-    BDMCPointResults,
-    PointResults,
-    summarize_ais,
-    summarize_bdmc,
-)
+from vaeeval.results.numbers import AISCost, AISEvaluation, AISPointResults, AISSettings, PointResults, summarize_ais
 from vaeeval.user.distributions import draw, in_float64, moments, noise_width
 
 INITS = ("encoder", "prior")
@@ -375,137 +356,6 @@ class AISEvaluator(_Annealer):
         return self.finish(list(self.parts(progress=progress)))
 
 
-# ---------------------------------------------------------------- BDMC
-
-
-@dataclass(frozen=True)
-class Simulated:
-    """Points drawn from the model: ``z ~ p(z)`` ``[n, L]`` and ``x ~ p(x|z)`` ``[n, *input_shape]``."""
-
-    x: np.ndarray
-    z: np.ndarray
-    levels: int | None  # the grid the values were binned to, if any
-
-
-def simulation_levels(model: Model, discretize: int | None, density: bool) -> int | None:
-    """The grid simulated points lie on: ``discretize``, the model's declared grid, or the family's own levels."""
-    if model.likelihood.levels is not None:
-        return model.likelihood.levels
-    if density:
-        return None
-    if discretize is not None:
-        return discretize
-    return model.domain.grid_levels if model.domain is not None else None
-
-
-def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) -> Simulated:
-    """Draw ``n`` points from the model: z ~ p(z), then x ~ p(x|z), keyed by (seed, point index).
-
-    Args:
-        model: the model.
-        n: how many points.
-        seed: the noise seed.
-        levels: bin a continuous family's draws to the grid k/(L-1) (the model's data
-            domain): a binned draw is exactly a draw of the bin-probability model.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
-        raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
-    if model.covariates:
-        raise VaeevalError(
-            f"bdmc simulates points from p(z) p(x|z), and this model is conditioned on {', '.join(model.covariates)}, "
-            "which it cannot simulate; run vaeeval ais on data instead"
-        )
-    indices = np.arange(n)
-    dims = model.data_dims
-    xs, zs = [], []
-    with torch.no_grad():
-        for start in range(0, n, 256):
-            rows = indices[start : start + 256]
-            z = prior_draws(model.prior, seed, rows, 1, SIMULATE, torch.device("cpu"))[:, 0]
-            decoded = model.decode_any(z.float()) if model.general else model.decode(z.float())
-            if isinstance(decoded, Distribution):  # the model's own sampler, seeded by the batch's first point
-                x = _sampled(decoded, seed, int(rows[0])).reshape(rows.size, *model.input_shape)
-            else:
-                uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
-                x = model.likelihood.sample(decoded.double(), uniform.reshape(rows.size, *model.input_shape))
-            if levels is not None and model.likelihood.levels is None:
-                x = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
-            xs.append(x.to(torch.float32).numpy())
-            zs.append(z.numpy())
-    return Simulated(np.concatenate(xs), np.concatenate(zs), levels)
-
-
-def _sampled(distribution: Distribution, seed: int, first: int) -> torch.Tensor:
-    """One draw of ``distribution`` by its own ``sample``, under a generator keyed by (seed, first point)."""
-    key = int(rng.point_keys(seed, np.asarray([first]), SIMULATE_X)[0]) & (2**63 - 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key)
-        return distribution.sample()
-
-
-@dataclass(frozen=True)
-class BDMCPart:
-    """The BDMC results for some of the simulated points."""
-
-    points: BDMCPointResults
-
-
-class BDMCEvaluator(_Annealer):
-    """BDMC on simulated points: forward AIS from q0, reverse AIS from the true z, IWAE beside.
-
-    Args:
-        model: a loaded model.
-        simulated: points drawn from the model (``simulate``).
-        ais, options: as for ``AISEvaluator``.
-    """
-
-    _runs_per_point = 2
-
-    def __init__(self, model: Model, simulated: Simulated, ais: AISOptions, options: EvaluationOptions) -> None:
-        dataset = Dataset(simulated.x, total=len(simulated.x), domain=detect_domain(simulated.x))
-        super().__init__(model, dataset, ais, options)
-        self.simulated = simulated
-
-    def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[BDMCPart]:
-        for rows, x, target, step_sizes, forward, tick in self._annealed(indices, progress):
-            with torch.no_grad():
-                truth = torch.from_numpy(self.simulated.z[rows]).to(x.device).double()
-                start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
-                reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
-                                 streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True, tick=tick)
-            lower = log_mean_exp(forward.log_weight).cpu().numpy()
-            upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
-            beside = self._beside(rows)
-            yield BDMCPart(BDMCPointResults(
-                index=rows.copy(),
-                lower=lower,
-                upper=upper,
-                gap=upper - lower,
-                iwae=beside.iwae,
-                acceptance=self._acceptance(forward, reverse),
-            ))
-
-    def finish(self, parts: Sequence[BDMCPart]) -> BDMCEvaluation:
-        points = BDMCPointResults.concatenate([p.points for p in parts]).in_index_order()
-        return BDMCEvaluation(
-            points=points,
-            summary=summarize_bdmc(points),
-            settings=self.settings,
-            scoring=self.scoring,
-            domain=self.importance.domain,
-            cost=self.cost,
-        )
-
-    def evaluate(self, progress: Callable[[int], None] | None = None) -> BDMCEvaluation:
-        return self.finish(list(self.parts(progress=progress)))
-
-
-def save_simulated(path: str | Path, simulated: Simulated) -> None:
-    """Write simulated points as an ``.npz`` holding ``x`` ``[n, *input_shape]`` and ``z`` ``[n, L]``."""
-    with writing(Path(path), "simulated data"), atomic_write(path, "wb") as handle:
-        np.savez(handle, x=simulated.x, z=simulated.z)
-
-
 def evaluate_ais(
     model: Model,
     data: Dataset | np.ndarray,
@@ -537,29 +387,3 @@ def evaluate_ais(
     options = EvaluationOptions(samples=samples, seed=seed, max_memory=max_memory, device=device,
                                 discretize=discretize, density=density)
     return AISEvaluator(model, data, annealing, options).evaluate(progress)
-
-
-def run_bdmc(
-    model: Model,
-    n: int,
-    annealing: AISOptions | None = None,
-    options: EvaluationOptions | None = None,
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[BDMCEvaluation, Simulated]:
-    """Simulate ``n`` points from the model and bracket their log p(x) by forward and reverse AIS.
-
-    Args:
-        model: the model.
-        n: points to simulate.
-        annealing: how to anneal (default ``AISOptions()``).
-        options: the seed (of the simulation too), the IWAE beside it, the device and the
-            scoring; ``discretize`` or the model's declared grid bins the simulated values.
-
-    Returns:
-        The evaluation and the simulated points.
-    """
-    options = options or EvaluationOptions()
-    simulated = simulate(model, n, seed=options.seed, levels=simulation_levels(model, options.discretize, options.density))
-    evaluator = BDMCEvaluator(model, simulated, annealing or AISOptions(), options)
-    return evaluator.evaluate(progress), simulated

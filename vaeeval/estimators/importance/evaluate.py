@@ -20,27 +20,11 @@ from torch.distributions import Independent, Normal
 from vaeeval.core.rng import standard_normal
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.importance.scoring import choose_scoring
-from vaeeval.estimators.weights import (
-    BLOCK,
-    LogSumExp,
-    Moments,
-    iwae_bound,
-    iwae_stderr,
-    log_weights,
-)
+from vaeeval.estimators.weights import BLOCK, LogSumExp, Moments, iwae_bound, iwae_stderr, log_weights
 from vaeeval.format.data import Dataset
 from vaeeval.format.domains import detect_domain
 from vaeeval.format.model import Model, rows_independently
-from vaeeval.results.numbers import (
-    METRICS,
-    Convergence,
-    Evaluation,
-    Part,
-    PointResults,
-    Settings,
-    convergence_checkpoints,
-    evaluation_of,
-)
+from vaeeval.results.numbers import METRICS, Convergence, Evaluation, Part, PointResults, Settings, convergence_checkpoints, evaluation_of
 from vaeeval.results.psis import pareto_khat, reliability_threshold, top_size
 from vaeeval.user.distributions import flows, in_float64, keyed_sample, moments
 from vaeeval.user.protocol import ArchModel

@@ -8,12 +8,7 @@ from torch.distributions import Bernoulli, Distribution
 
 from vaeeval.core import numerics
 from vaeeval.core.numerics import fold_, row_sums
-from vaeeval.format.likelihoods.base import (
-    BINARY,
-    NORMAL_EXPONENT,
-    Likelihood,
-    register,
-)
+from vaeeval.format.likelihoods.base import BINARY, NORMAL_EXPONENT, Likelihood, register
 from vaeeval.format.terms import PROBABILITY
 
 

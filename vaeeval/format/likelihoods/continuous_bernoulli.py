@@ -10,13 +10,7 @@ from torch.distributions import ContinuousBernoulli, Distribution
 from torch.distributions.utils import broadcast_all
 
 from vaeeval.core import numerics
-from vaeeval.format.likelihoods.base import (
-    BINARY,
-    Likelihood,
-    bin_edges,
-    log1mexp,
-    register,
-)
+from vaeeval.format.likelihoods.base import BINARY, Likelihood, bin_edges, log1mexp, register
 from vaeeval.format.terms import DENSITY
 
 

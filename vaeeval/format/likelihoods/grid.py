@@ -12,15 +12,7 @@ from torch.distributions import Categorical, Distribution
 
 from vaeeval.core import numerics
 from vaeeval.format.domains import Domain
-from vaeeval.format.likelihoods.base import (
-    CATEGORICAL,
-    Likelihood,
-    bin_edges,
-    finite_edges,
-    log1mexp,
-    register,
-    spec_levels,
-)
+from vaeeval.format.likelihoods.base import CATEGORICAL, Likelihood, bin_edges, finite_edges, log1mexp, register, spec_levels
 from vaeeval.format.terms import PROBABILITY
 
 

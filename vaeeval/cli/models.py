@@ -1,0 +1,189 @@
+"""``vaeeval inspect``, ``compare`` and ``convert``: what a model is, which is better, format 1 from user code."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from vaeeval.analysis.compare import compare as compare_models
+from vaeeval.analysis.convert import convert as convert_model
+from vaeeval.cli.options import (
+    ANNEALING,
+    PATH,
+    annealing_settings,
+    arch_options,
+    arch_settings,
+    evaluation_options,
+    evaluation_settings,
+    option_group,
+    per_model_arch,
+    per_model_arch_options,
+    progress_bar,
+    stdout,
+    warn,
+)
+from vaeeval.errors import listing
+from vaeeval.format.data import load_data, point_shape
+from vaeeval.format.reading import load_model
+from vaeeval.io.files import check_output
+from vaeeval.output.documents import compare_document, inspect_document
+from vaeeval.output.tables import render_compare, render_inspect
+from vaeeval.results.records import to_json
+from vaeeval.user.arch import arch_model
+from vaeeval.user.sources import load
+
+
+@click.command()
+@click.argument("model", type=PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.inspect/1) to stdout.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show a model file: layers with shapes, parameters, likelihood, prior and data domain.
+
+    \b
+    Example:
+      vaeeval inspect sample_models/digits_gaussian.safetensors
+    """
+    loaded = load_model(model)
+    if as_json:
+        click.echo(to_json(inspect_document(loaded)))
+    else:
+        render_inspect(stdout(), loaded)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=PATH, metavar="MODEL... DATA")
+@evaluation_options
+@click.option("--estimator", type=click.Choice(("iwae", "ais")), default="iwae", show_default=True,
+              help="Rank by the importance-weighted estimate, or by annealed importance sampling (the options below).")
+@option_group(*ANNEALING)
+@per_model_arch_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
+def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: Any) -> None:
+    """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
+
+    Log-probabilities rank with log-probabilities; a log-density is never ranked
+    against a probability. On discrete data continuous models are scored as the
+    probability of each value's bin, so all of them can be ranked. Each model's
+    difference to the best is paired over the same points, with its standard error.
+    With --estimator ais the models are ranked by AIS (see vaeeval ais) instead of IWAE.
+
+    \b
+    Example:
+      vaeeval compare sample_models/digits_gaussian.safetensors \\
+        sample_models/digits_categorical.safetensors sample_models/digits_grey_test.npy
+      vaeeval compare A.safetensors B.safetensors data.npy --estimator ais --steps 1000
+      vaeeval compare vae.safetensors iwae.safetensors data.npy --arch load.py:load   # both through --arch
+      vaeeval compare mine.safetensors format1.safetensors data.npy --arch vae.py:VAE --arch -
+    """
+    if len(paths) < 3:
+        raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
+    *model_paths, data = paths
+    annealing = annealing_settings(options)
+    if click.get_current_context().get_parameter_source("batch_size") is ParameterSource.DEFAULT:
+        annealing = replace(annealing, batch_size=None)  # the batch for the importance samples; AIS plans its own
+    settings = evaluation_settings(options)
+    archs = per_model_arch(options, len(model_paths))
+    loaded = [load(path, data, arch=arch, **options) for path, arch in zip(model_paths, archs, strict=True)]
+    for model, _ in loaded:
+        warn(model)
+    models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
+    with progress_bar(datasets[0].n * len(models), "evaluating models") as progress:
+        result = compare_models(models, datasets, settings, annealing=annealing if estimator == "ais" else None,
+                                progress=progress)
+    if as_json:
+        click.echo(to_json(compare_document(result, datasets[0])))
+    else:
+        render_compare(stdout(), result, datasets[0])
+
+
+def _convert_scvi(folder: Path, output: Path, options: dict[str, Any], *, data: Path | None, seed: int) -> None:
+    """``convert --from scvi``: the SCVI folder through scvi-tools' loader, checked against scVI's own modules."""
+    from vaeeval.adapters.scvi import check_folder, convert_scvi
+
+    if options.get("arch") or data is not None:
+        extra = "--arch" if options.get("arch") else "--data"
+        raise click.UsageError(f"convert --from scvi reads everything from the folder; drop {extra}")
+    check_output(output, [folder])
+    check_folder(folder)
+    click.echo(f"vaeeval: reading {folder} with scvi-tools' own loader (model.pt is a torch checkpoint: loading it runs "
+               "pickled code; convert only folders you trust)", err=True)
+    result = convert_scvi(folder, output, seed=seed)
+    covariates = f", covariates {', '.join(result.covariates)}" if result.covariates else ""
+    click.echo(
+        f"wrote {result.path}: format 1, {result.family} likelihood, library size {result.library}{covariates}; "
+        f"equal to scVI's q(z|x) and log p(x | z, library) on random counts to {result.largest_difference:.2g} (relative)"
+    )
+
+
+@click.command()
+@click.argument("weights", type=PATH)
+@arch_options
+@click.option("-o", "--output", type=PATH, required=True, help="The format-1 file to write.")
+@click.option("--data", type=PATH, default=None,
+              help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
+@click.option("--key", default=None, help="The array to use from an .npz --data file.")
+@click.option("--layer", default=None, metavar="NAME", help="The AnnData layer holding the points in an .h5ad --data file (default X).")
+@click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Samples per point for the verification.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Noise seed for the verification.")
+@click.option("--allow-unused", is_flag=True, help="Write the file even when state-dict tensors would be left out of it.")
+@click.option("--from", "source", type=click.Choice(["scvi"]), default=None,
+              help="WEIGHTS is the folder SCVI.save wrote (RUNS scvi-tools' LOADER, which unpickles model.pt).")
+def convert(
+    weights: Path,
+    output: Path,
+    data: Path | None,
+    key: str | None,
+    layer: str | None,
+    samples: int,
+    seed: int,
+    allow_unused: bool,
+    source: str | None,
+    **options: Any,
+) -> None:
+    """Write a user's model (--arch, RUNS USER CODE) as a self-contained format-1 file.
+
+    encode and decode are traced (torch.fx) into format-1 layers; two linear heads
+    on one input become one layer, and the final sigmoid of a decoder giving
+    probabilities is dropped (format 1 takes logits). The file is kept only if it
+    gives the original's numbers on the same data and seed; otherwise the message
+    names the operation format 1 cannot express, or the difference.
+
+    With --from scvi, WEIGHTS is the folder scvi-tools' SCVI.save wrote: its own
+    loader reads it (a torch checkpoint, so only convert folders you trust), and the
+    file, which records the counts layer and the covariates, is kept only if it gives
+    scVI's own q(z|x) and log p(x | z, library) on random counts.
+
+    \b
+    Example:
+      vaeeval convert weights.safetensors --arch vae.py:VAE --likelihood bernoulli \\
+        --decoder-output probs --input-shape 784 -o model.safetensors
+      vaeeval convert --from scvi my_scvi_model/ -o scvi.safetensors
+    """
+    if source == "scvi":
+        _convert_scvi(weights, output, options, data=data, seed=seed)
+        return
+    arch = arch_settings(options)
+    if arch is None:
+        raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
+    if arch.covariates:
+        raise click.UsageError("convert: format 1 holds no covariates; evaluate a conditional model with --arch")
+    if arch.encode_shape is None and data is None:
+        raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
+    check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
+    shape = arch.encode_shape or point_shape(data, key=key, layer=layer)
+    source = arch_model(weights, replace(arch, encode_shape=None), shape)
+    points = None if data is None else load_data(data, source, key=key, layer=layer, limit=64).array
+    result = convert_model(source, output, data=points, samples=samples, seed=seed, allow_unused=allow_unused)
+    layers = result.model.layers
+    encoder_layers = sum(layer.part == "encoder" for layer in layers)
+    left_out = f"; left out (--allow-unused): {listing(result.unused, 6, counted=True)}" if result.unused else ""
+    click.echo(
+        f"wrote {result.path}: format 1, {encoder_layers} encoder and {len(layers) - encoder_layers} decoder layers, "
+        f"{result.model.likelihood.family} likelihood, {result.model.prior.family} prior; verified on {result.points} "
+        f"points, K = {result.samples}, seed {result.seed}: largest difference {result.largest_difference:.2g} nats{left_out}"
+    )
