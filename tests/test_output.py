@@ -18,7 +18,7 @@ from torch import nn
 import vaeeval.output.plot
 from vaeeval import evaluate, load_data, save_model
 from vaeeval.format.domains import DOMAINS
-from vaeeval.output.tables import ProgressBar
+from vaeeval.output.progress import ProgressBar
 from vaeeval.results import schemas
 from vaeeval.results.latents import latent_health
 from vaeeval.results.numbers import PointResults
@@ -58,17 +58,29 @@ def _console() -> tuple[Console, io.StringIO]:
 
 def test_progress_bar_appears_after_its_delay():
     console, buffer = _console()
-    with ProgressBar(10, "evaluating points", console, delay=0.0) as progress:
+    with ProgressBar(10, "evaluating points", lambda: console, delay=0.0) as progress:
         progress(5)
         progress(10)
     assert "evaluating points" in buffer.getvalue()
 
 
-def test_short_runs_show_no_progress_bar():
+def test_short_runs_show_no_progress_bar_and_never_load_rich():
     console, buffer = _console()
-    with ProgressBar(10, "evaluating points", console, delay=3600.0) as progress:
+    asked = []
+    with ProgressBar(10, "evaluating points", lambda: asked.append(1) or console, delay=3600.0) as progress:
         progress(10)
-    assert buffer.getvalue() == ""
+    assert buffer.getvalue() == "" and not asked
+
+
+def test_a_json_run_imports_no_rich():
+    """--json output needs no table: the command's start-up leaves rich unloaded (about 20 ms)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vaeeval.cli import main; main.get_command(None, 'elbo'); "
+            "print(sorted(m for m in sys.modules if m.startswith('rich.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 # ---------------------------------------------------------------- records

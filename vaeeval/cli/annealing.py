@@ -24,13 +24,13 @@ from vaeeval.cli.options import (
     run_with_progress,
     stdout,
     streaming_settings,
+    table,
     warn,
 )
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISEvaluator
 from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_levels
 from vaeeval.format.reading import load_model
 from vaeeval.io.files import check_output
-from vaeeval.output.annealing_tables import render_ais, render_bdmc
 from vaeeval.output.documents import ais_document, bdmc_document
 from vaeeval.results.records import to_json
 from vaeeval.user.arch import arch_model
@@ -76,14 +76,15 @@ def ais(
     loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     warn(loaded)
     started = time.monotonic()
-    outcome = run_with_progress(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", render_ais)
+    outcome = run_with_progress(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", "annealing_tables.render_ais")
     if outcome is None:
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
     if as_json:
         click.echo(to_json(ais_document(result, about_model, about_data)))
     else:
-        render_ais(stdout(), result, about_model, about_data, show_all=show_all, seconds=time.monotonic() - started)
+        seconds = time.monotonic() - started
+        table("annealing_tables.render_ais")(stdout(), result, about_model, about_data, show_all=show_all, seconds=seconds)
     check_thresholds(result.summary, thresholds)
 
 
@@ -130,5 +131,5 @@ def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: b
     if as_json:
         click.echo(to_json(document))
     else:
-        render_bdmc(stdout(), result, document["model"], document["data"], show_all=show_all,
+        table("annealing_tables.render_bdmc")(stdout(), result, document["model"], document["data"], show_all=show_all,
                     seconds=time.monotonic() - started)

@@ -20,13 +20,13 @@ from vaeeval.cli.options import (
     run_with_progress,
     stdout,
     streaming_settings,
+    table,
     warn,
 )
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.format.model import Model
 from vaeeval.output.documents import elbo_document, latents_document
 from vaeeval.output.plot import check_plot, plot_diagnostics
-from vaeeval.output.tables import render_elbo, render_latents
 from vaeeval.results.latents import LatentHealth, latent_health
 from vaeeval.results.numbers import Evaluation
 from vaeeval.results.records import to_json
@@ -87,7 +87,7 @@ def elbo(
     warn(loaded)
     if plot is not None:
         check_plot(plot, [model, data])
-    outcome = run_with_progress(Evaluator(loaded, dataset, settings), streaming, "evaluating points", render_elbo)
+    outcome = run_with_progress(Evaluator(loaded, dataset, settings), streaming, "evaluating points", "tables.render_elbo")
     if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone (or an empty shard)
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
@@ -97,7 +97,7 @@ def elbo(
     if as_json:
         click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health)))
     else:
-        render_elbo(stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
+        table("tables.render_elbo")(stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
                     convergence=convergence, latents=health)
     check_thresholds(result.summary, thresholds)
 
@@ -132,4 +132,4 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(to_json(latents_document(health, loaded, dataset, result)))
     else:
-        render_latents(stdout(), health)
+        table("tables.render_latents")(stdout(), health)

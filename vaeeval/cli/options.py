@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from vaeeval.cli.group import EXIT_INTERRUPTED
 from vaeeval.estimators.annealing.ais import (
@@ -40,11 +40,14 @@ from vaeeval.format.likelihoods import families, likelihood_spec
 from vaeeval.format.model import Model
 from vaeeval.format.specs import MAX_LEVELS
 from vaeeval.io.files import check_output, load_json
-from vaeeval.output.tables import ProgressBar
+from vaeeval.output.progress import ProgressBar
 from vaeeval.runs.formats import Shard
 from vaeeval.runs.run import Outcome, distributed_world, run
 from vaeeval.user.arch import ArchOptions
 from vaeeval.user.methods import DECODER_OUTPUTS
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -93,8 +96,17 @@ PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
 
 def stdout() -> Console:
     """Where tables go: the terminal's width, or 120 columns into a file or pipe (not rich's 80)."""
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=120)
+
+
+def table(name: str) -> Callable[..., None]:
+    """The renderer ``module.function`` of ``vaeeval.output``, imported when a table is drawn: rich
+    loads only then, so a ``--json`` run starts without it."""
+    module, _, function = name.rpartition(".")
+    return getattr(importlib.import_module(f"vaeeval.output.{module}"), function)
 
 
 def warn(model: Model) -> None:
@@ -105,7 +117,12 @@ def warn(model: Model) -> None:
 
 
 def progress_bar(total: int, label: str) -> ProgressBar:
-    return ProgressBar(total, label, Console(stderr=True))
+    def console() -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True)
+
+    return ProgressBar(total, label, console)
 
 
 def option_group(*decorators: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -338,9 +355,10 @@ def run_with_progress(
     estimator: Evaluator | AISEvaluator,
     streaming: dict[str, Any],
     label: str,
-    render: Callable[..., None],
+    render: str,
 ) -> Outcome | None:
-    """Run with a progress bar; when Ctrl-C stops it, ``render`` the points done and exit 130.
+    """Run with a progress bar; when Ctrl-C stops it, draw the points done with the table ``render``
+    (``tables.render_elbo``: see ``table``) and exit 130.
 
     ``streaming`` holds the --output, --resume, --shard and --wait options. None: nothing
     to report here (another torchrun rank reports, or the shard holds no point).
@@ -358,7 +376,7 @@ def run_with_progress(
         if result is None:
             click.echo("vaeeval: interrupted before any point was done", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        render(stdout(), result, outcome.header["model"], outcome.header["data"])
+        table(render)(stdout(), result, outcome.header["model"], outcome.header["data"])
         click.echo(
             f"vaeeval: interrupted after {result.summary.n} of {outcome.asked} points; the summary above is of those"
             + (f"; --resume continues {output}" if output else ""),
