@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from scipy import special, stats
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from vaeeval import evaluate
 from vaeeval.cli import main
@@ -119,6 +120,23 @@ class AffineFlow(nn.Module):
         mean, std = self.base(x)
         flow = AffineTransform(self.shift, self.log_scale.exp(), event_dim=1)
         return TransformedDistribution(Independent(Normal(mean, std), 1), [flow])
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class NormalDecode(AffineFlow):
+    """decode returns Normal(mean, 2**-7) itself (a scale float32 holds exactly): its bins go through the distribution."""
+
+    def encode(self, x):
+        return Independent(Normal(*self.base(x)), 1)
+
+    def decode(self, z):
+        return Independent(Normal(self.decoder(z), 2**-7), 1)
+
+
+class MeanDecode(NormalDecode):
+    """The same model, decode returning the mean: scored with --likelihood gaussian --sigma 2**-7."""
 
     def decode(self, z):
         return self.decoder(z)
@@ -608,3 +626,69 @@ def test_protocol_mistakes_are_one_line_exit_2(models, name, extra, phrase):
     result = CliRunner().invoke(main, ["elbo", str(weights), str(folder / "counts.npy"), "--arch", arch, *extra])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, (result.stderr, result.exception)
     assert phrase in result.stderr, result.stderr
+
+
+def test_a_normal_from_decode_is_binned_exactly_in_both_tails_like_format_1(models):
+    """Bins 10 to 60 sigma from the decoder's mean: the distribution's bins equal format 1's Gaussian,
+    point by point, on the same draws (the old float32 cdf difference floored every such bin at -87.3)."""
+    folder, module = models
+    rng = np.random.default_rng(4)
+    x = rng.choice([0.0, 1.0, 40 / 255, 200 / 255], size=(12, 6)).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    weights = _save(module.NormalDecode(), folder, "normal")
+    own, data = _load(folder, weights, folder / "x.npy", "NormalDecode")
+    gaussian, _ = _load(folder, weights, folder / "x.npy", "MeanDecode", likelihood={"family": "gaussian", "sigma": 2**-7})
+    a = evaluate(own, data, samples=16, seed=3)
+    b = evaluate(gaussian, data, samples=16, seed=3)
+    assert a.measure == b.measure == PROBABILITY
+    # the two paths run the decoder on different batches, so its float32 means may differ in the last bit:
+    # 60 scales out that moves a bin's log-probability by about 1e-8 of itself
+    for name in ("elbo", "recon", "iwae"):
+        np.testing.assert_allclose(getattr(a.points, name), getattr(b.points, name), rtol=1e-7, err_msg=name)
+    assert a.points.recon.min() < -87.4 * 6  # far below what the float32 floor allowed
+
+    from vaeeval.user.distributions import log_prob_of  # on the same means: the same bins to float64 rounding
+
+    means = torch.as_tensor(rng.random((5, 6)), dtype=torch.float32)
+    values = torch.as_tensor(rng.choice([0.0, 1.0, 40 / 255, 200 / 255], size=(5, 6)), dtype=torch.float32)
+    own_bins = log_prob_of(Independent(Normal(means, 2**-7), 1), values, 256)
+    format_bins = gaussian.likelihood.log_prob(means[:, None], values, 256)
+    np.testing.assert_allclose(own_bins.numpy(), format_bins.numpy(), rtol=1e-12)
+
+
+def _mixture_bin_reference(x, weights, means, scales, levels):
+    """log P(bin of x) of a mixture of Normals, by mpmath at 50 digits."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    k = round(x * (levels - 1))
+    lo = -mpmath.inf if k <= 0 else mpmath.mpf(x) - mpmath.mpf(0.5) / (levels - 1)
+    hi = mpmath.inf if k >= levels - 1 else mpmath.mpf(x) + mpmath.mpf(0.5) / (levels - 1)
+    total = mpmath.mpf(0)
+    root2 = mpmath.sqrt(2)
+    for w, m, s in zip(weights, means, scales, strict=True):
+        a, b = (lo - m) / s, (hi - m) / s
+        if a + b > 0:  # upper tail: P = (erfc(a/√2) - erfc(b/√2)) / 2, no 1 - tiny
+            mass = (mpmath.erfc(a / root2) - mpmath.erfc(b / root2)) / 2
+        else:
+            mass = (mpmath.erfc(-b / root2) - mpmath.erfc(-a / root2)) / 2
+        total += mpmath.mpf(w) * mass
+    return float(mpmath.log(total))
+
+
+def test_a_per_value_mixture_of_normals_is_binned_exactly_in_both_tails():
+    from vaeeval.user.distributions import log_prob_of
+
+    levels = 256
+    logits = torch.tensor([[[0.3, -1.0, 0.2], [2.0, 0.0, -3.0], [0.0, 0.0, 0.0], [1.0, 1.0, -1.0]]], dtype=torch.float64)
+    means = torch.tensor([[[0.1, 0.5, 0.9], [0.5, 0.52, 0.48], [0.0, 0.2, 0.4], [0.95, 0.97, 0.99]]], dtype=torch.float64)
+    scales = torch.tensor([[[0.01, 0.02, 0.005], [0.003, 0.004, 0.01], [0.02, 0.02, 0.02], [0.001, 0.002, 0.003]]], dtype=torch.float64)
+    x = torch.tensor([[200 / 255, 1.0, 0.0, 3 / 255]], dtype=torch.float64)  # tens to hundreds of scales from every mean
+    mixture = Independent(MixtureSameFamily(Categorical(logits=logits), Normal(means, scales)), 1)
+    found = log_prob_of(mixture, x, levels).item()
+    weights = torch.softmax(logits, -1)[0]
+    expected = sum(_mixture_bin_reference(x[0, d].item(), weights[d].tolist(), means[0, d].tolist(), scales[0, d].tolist(), levels)
+                   for d in range(4))
+    assert found == pytest.approx(expected, rel=1e-6)
+    assert expected < -1000  # deep in the tails, where a float32 cdf difference is 0
+

@@ -20,6 +20,7 @@ from torch.distributions import (
     Categorical,
     Distribution,
     Independent,
+    Laplace,
     LowRankMultivariateNormal,
     MixtureSameFamily,
     MultivariateNormal,
@@ -28,7 +29,9 @@ from torch.distributions import (
     kl_divergence,
 )
 
-from vaeeval.core import rng
+from vaeeval.core import numerics, rng
+from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood
+from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetric_bin
 from vaeeval.format.terms import DENSITY, PROBABILITY
 
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
@@ -252,13 +255,44 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, levels: int | None 
 
 
 def _log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.Tensor:
-    """log(F(upper) - F(lower)) per dimension; the outermost bins reach the ends of the support."""
+    """log P(bin of x) per dimension in float64; the outermost bins reach the ends of the support.
+
+    Normal and Laplace (also inside ``Independent``, and as the components of a
+    ``MixtureSameFamily``, whose bin is the log-sum-exp over components of log weight plus
+    log P(bin)) go through format 1's formula: standardized float64 edges, the bin mirrored
+    into the lower tail, log-CDFs, so a value far in either tail gets its true probability.
+    Any other distribution's ``cdf`` is evaluated at float64 edges (torch promotes its
+    arithmetic to float64) and floored at float64's smallest normal number.
+    """
     while isinstance(distribution, Independent):
         distribution = distribution.base_dist
-    step = 0.5 / (levels - 1)
-    k = torch.round(x * (levels - 1))
-    low = distribution.cdf(x - step)
-    high = distribution.cdf(x + step)
-    low = torch.where(k <= 0, torch.zeros_like(low), low)
-    high = torch.where(k >= levels - 1, torch.ones_like(high), high)
-    return torch.log((high - low).clamp(min=torch.finfo(high.dtype).tiny))
+    exact = _exact_log_bin(distribution, x.double(), levels)
+    if exact is not None:
+        return exact
+    lower, upper = bin_edges(x.double(), levels, -math.inf, math.inf)
+    low = torch.where(torch.isinf(lower), 0.0, distribution.cdf(torch.where(torch.isinf(lower), x.double(), lower)))
+    high = torch.where(torch.isinf(upper), 1.0, distribution.cdf(torch.where(torch.isinf(upper), x.double(), upper)))
+    return torch.log((high.double() - low.double()).clamp(min=torch.finfo(torch.float64).tiny))
+
+
+_STANDARD_LOG_CDF = {Normal: GaussianLikelihood.standard_log_cdf, Laplace: LaplaceLikelihood.standard_log_cdf}
+
+
+def _exact_log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.Tensor | None:
+    """log P(bin) by the tail-mirrored formula, for the families it covers (their exact classes: a subclass
+    may define its own ``cdf``); None for any other distribution."""
+    if type(distribution) is MixtureSameFamily:
+        components = distribution.component_distribution
+        if isinstance(components, Independent):
+            return None  # components over whole vectors: their bins are not per value
+        bins = _exact_log_bin(components, x.unsqueeze(-1), levels)
+        if bins is None:
+            return None
+        weights = numerics.log_softmax(distribution.mixture_distribution.logits.double())
+        return numerics.logsumexp(weights + bins, dim=-1)
+    log_cdf = _STANDARD_LOG_CDF.get(type(distribution))
+    if log_cdf is None:
+        return None
+    location, scale = distribution.loc.double(), distribution.scale.double()
+    lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
+    return log_symmetric_bin(log_cdf, (lower - location) / scale, (upper - location) / scale, open_low, open_high)
