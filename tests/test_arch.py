@@ -273,6 +273,8 @@ def test_conv_vae_via_arch_and_converted(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(12, 1, 8, 8)).astype(np.float32))
     arch = ["--arch", f"{tmp_path / 'conv.py'}:ConvVAE", "--likelihood", "gaussian", "--sigma", "0.5"]
     via_arch = json.loads(run("elbo", tmp_path / "w.safetensors", tmp_path / "x.npy", "-k", "64", "--json", *arch).stdout)
+    assert "outputs read as means" in via_arch["model"]["description"]  # a Gaussian's means are not "logits"
+    assert "logits" not in via_arch["model"]["description"]
     run("convert", tmp_path / "w.safetensors", *arch, "--data", tmp_path / "x.npy", "-o", tmp_path / "c.safetensors")
     converted = load_model(tmp_path / "c.safetensors")
     assert [layer.type for layer in converted.layers] == [

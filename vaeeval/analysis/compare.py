@@ -119,6 +119,12 @@ def rank(
             paired = mean_and_stderr(getattr(evaluations[best].points, metric) - getattr(evaluations[other].points, metric))
             unpaired = _unpaired(getattr(evaluations[best].summary, metric), getattr(evaluations[other].summary, metric))
             differences.append(Difference(other, best, paired, unpaired))
+    fitted_here = [index for index, model in enumerate(models) if any(note.startswith("optimistic") for note in model.notes)]
+    if fitted_here:
+        notes.append(
+            f"Optimistic: {_names(models, fitted_here)} had their likelihood's scale fitted on this very data "
+            "(vaeeval calibrate); compare them on other held-out data."
+        )
     return Comparison(tuple(models), tuple(evaluations), tuple(groups), tuple(differences), tuple(notes), metric)
 
 

@@ -18,6 +18,7 @@ from vaeeval.runs.run import distributed_world, local_processes
 COMMANDS = {
     "ais": "annealing",
     "bdmc": "annealing",
+    "calibrate": "models",
     "check": "results",
     "compare": "models",
     "convert": "models",

@@ -71,6 +71,7 @@ class Model:
     covariate_sizes: Mapping[str, int] = field(default_factory=dict)  # a continuous covariate's values per point, by name
     library: Library | None = None  # a count model's library size (FORMAT.md, "Library size")
     variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
+    calibration: Mapping[str, Any] | None = None  # how its likelihood's scale was fitted (vaeeval calibrate), if it was
 
     @property
     def latent_library(self) -> bool:

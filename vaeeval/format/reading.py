@@ -254,6 +254,7 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         shown = listing([repr(name) for name in unused])
         raise SpecError(f"{len(unused)} tensor(s) not used by any layer, likelihood or prior: {shown}")
     description = document.get("description", "")
+    calibration = _calibration(document.get("calibration"))
     infos = encoder_infos + decoder_infos + library_infos
     return Model(
         encoder=encoder,
@@ -274,8 +275,28 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         covariate_sizes={c.name: c.width for c in covariates if c.categories is None},
         library=library,
         variance_floor=floor,
-        notes=() if library is None else (f"library size {library.describe()}",),
+        notes=(*(() if library is None else (f"library size {library.describe()}",)), *_calibration_notes(calibration)),
+        calibration=calibration,
     )
+
+
+def _calibration(spec: Any) -> dict[str, Any] | None:
+    """The optional ``calibration`` record (docs/FORMAT.md): how ``vaeeval calibrate`` fitted the scale."""
+    if spec is None:
+        return None
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("digest"), str) or not isinstance(data.get("n"), int):
+        raise SpecError("calibration: not a record of the data a scale was fitted on (data.digest, data.n)")
+    return dict(spec)
+
+
+def _calibration_notes(calibration: Mapping[str, Any] | None) -> tuple[str, ...]:
+    if calibration is None:
+        return ()
+    data = calibration["data"]
+    what = "per-dimension scales" if calibration.get("per_dimension") else "scale"
+    return (f"likelihood {what} fitted by vaeeval calibrate on {data.get('path') or 'data'} "
+            f"({data['n']} points, {data['digest'][:19]}) by the {calibration.get('criterion', 'elbo')}",)
 
 
 def _covariates(spec: Any) -> list[Covariate]:

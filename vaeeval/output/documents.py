@@ -15,15 +15,26 @@ from vaeeval.results.records import (
     convergence_records,
     data_record,
     evaluation_points,
+    finite,
     latents_record,
     model_record,
     settings_record,
     stat_record,
     summary_record,
 )
-from vaeeval.results.schemas import AIS_SCHEMA, BDMC_SCHEMA, CHECK_SCHEMA, COMPARE_SCHEMA, ELBO_SCHEMA, INSPECT_SCHEMA, LATENTS_SCHEMA
+from vaeeval.results.schemas import (
+    AIS_SCHEMA,
+    BDMC_SCHEMA,
+    CALIBRATE_SCHEMA,
+    CHECK_SCHEMA,
+    COMPARE_SCHEMA,
+    ELBO_SCHEMA,
+    INSPECT_SCHEMA,
+    LATENTS_SCHEMA,
+)
 
 if TYPE_CHECKING:
+    from vaeeval.analysis.calibrate import Calibration
     from vaeeval.analysis.compare import Comparison
     from vaeeval.analysis.gates import BaselineCheck
     from vaeeval.estimators.annealing.bdmc import Simulated
@@ -217,4 +228,29 @@ def run_document(results: ResultsFormat, evaluation: Any, header: dict[str, Any]
         "settings": header["settings"],
         "summary": results.summary(evaluation),
         "points": sorted(records, key=lambda record: record["index"]),
+    }
+
+
+CALIBRATION_NOTE = ("before and after are on the data the scale was fitted on, so 'after' is optimistic: "
+                    "report log-likelihoods of the new model on other held-out data")
+
+
+def calibrate_document(calibration: Calibration, model: Model, data: Dataset, output: str) -> dict[str, Any]:
+    """The ``vaeeval calibrate --json`` document (schema ``vaeeval.calibrate/1``)."""
+    fitted = calibration.scale.tolist() if calibration.per_dimension else calibration.scale
+    return {
+        "schema": CALIBRATE_SCHEMA,
+        "units": UNITS,
+        "model": model_record(model),
+        "data": data_record(data),
+        "family": calibration.family,
+        "parameter": "sigma" if calibration.family == "gaussian" else "scale",
+        "per_dimension": calibration.per_dimension,
+        "fitted": fitted,
+        "output": output,
+        "samples": calibration.record["samples"],
+        "seed": calibration.record["seed"],
+        "before": {name: finite(value) for name, value in calibration.before.items()},
+        "after": {name: finite(value) for name, value in calibration.after.items()},
+        "note": CALIBRATION_NOTE,
     }

@@ -1,22 +1,21 @@
-"""Results -> rich tables for people (stdout), and a progress bar (stderr)."""
+"""Results -> rich tables for people (stdout)."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console, Group
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from vaeeval.errors import listing
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
+from vaeeval.output.documents import CALIBRATION_NOTE
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
 from vaeeval.results.records import DEQUANTIZATION
@@ -270,45 +269,16 @@ def render_inspect(console: Console, model: Model) -> None:
         facts.add_row("library size", model.library.describe())
     if model.variance_floor:
         facts.add_row("q(z|x)", f"variance exp(log-variance) + {model.variance_floor:g}")
+    if model.calibration is not None:
+        record = model.calibration
+        fitted = record.get("fitted")
+        what = f"tensor {fitted}" if isinstance(fitted, str) else f"{fitted:.6g}"
+        facts.add_row("calibration", escape(
+            f"scale {what} fitted by vaeeval calibrate on {record['data'].get('path') or 'data'} ({record['data']['n']} points, "
+            f"{record['data']['digest'][:19]}; K = {record.get('samples')}, seed {record.get('seed')}, by the "
+            f"{record.get('criterion', 'elbo')}); there before: ELBO {num(record.get('before', {}).get('elbo'))}"))
     facts.add_row("parameters", f"{model.parameter_count:,}")
     console.print(Group(table, Text(), facts))
-
-
-class ProgressBar:
-    """A rich progress bar on stderr that appears only once a run has taken a second, and only on a terminal.
-
-    Call it with the amount of work done so far; use it as a context manager. Into a
-    file or a pipe it writes nothing (rich would leave a blank line behind).
-    """
-
-    def __init__(self, total: int, label: str, console: Console, delay: float = 1.0) -> None:
-        self.total, self.label, self.console, self.delay = total, label, console, delay
-        self.started = time.monotonic()
-        self.progress: Progress | None = None
-        self.task = None
-
-    def __call__(self, done: int) -> None:
-        if self.progress is None and self.console.is_terminal and time.monotonic() - self.started >= self.delay:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=self.total)
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done)
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def _label(model: Model) -> str:
@@ -428,3 +398,29 @@ def render_run(console: Console, results: ResultsFormat, evaluation: Any, header
 
 def _cell(value: Any) -> str:
     return ("yes" if value else "no") if isinstance(value, bool) else num(value)
+
+
+def render_calibration(console: Console, calibration: Any, model: Model, data: Dataset, output: str) -> None:
+    """Print what ``vaeeval calibrate`` fitted and what it changed on the calibration data."""
+    symbol = "σ" if calibration.family == "gaussian" else "b"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row("model", escape(f"{model.path}: {calibration.family} likelihood"))
+    grid.add_row("data", escape(f"{data.path}: N = {data.n} points, D = {model.data_dims} dims, "
+                                f"K = {calibration.record['samples']} draws per point, seed {calibration.record['seed']}"))
+    if calibration.per_dimension:
+        scale = np.asarray(calibration.scale)
+        fitted = (f"{symbol}_d per dimension: min {scale.min():.4g}, median {float(np.median(scale)):.4g}, "
+                  f"max {scale.max():.4g} (log_{'sigma' if symbol == 'σ' else 'scale'} tensor)")
+    else:
+        fitted = f"{symbol} = {calibration.scale:.6g} (pass --sigma {calibration.scale:.6g} to an --arch model)"
+    grid.add_row("fitted", escape(fitted))
+    grid.add_row("written", escape(output))
+    console.print(grid)
+    console.print()
+    numbers = Table(title="on the calibration data (nats per point)", title_justify="left")
+    for column in ("", "before", "after"):
+        numbers.add_column(column, justify="right" if column else "left")
+    for name in ("elbo", "iwae"):
+        numbers.add_row(name, num(calibration.before[name]), num(calibration.after[name]))
+    console.print(numbers)
+    console.print(escape(f"note: {CALIBRATION_NOTE}"))

@@ -26,6 +26,7 @@ STREAM_SCHEMA = "vaeeval.elbo-stream/1"
 AIS_SCHEMA = "vaeeval.ais/1"
 AIS_STREAM_SCHEMA = "vaeeval.ais-stream/1"
 BDMC_SCHEMA = "vaeeval.bdmc/1"
+CALIBRATE_SCHEMA = "vaeeval.calibrate/1"
 
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 NUMBER = {"type": "number"}
@@ -233,6 +234,19 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             "notes": {"type": "array", "items": STRING},
         },
         {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}},
+    ),
+    _document(
+        CALIBRATE_SCHEMA,
+        "vaeeval calibrate --json: the likelihood's scale fitted on held-out data by the ELBO, and what it changed",
+        {
+            "model": MODEL, "data": DATA, "family": {"enum": ["gaussian", "laplace"]}, "parameter": {"enum": ["sigma", "scale"]},
+            "per_dimension": {"type": "boolean"},
+            "fitted": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "array", "items": NUMBER}]},
+            "output": STRING, "samples": {"type": "integer", "minimum": 1}, "seed": INTEGER,
+            "before": _object({"elbo": MAYBE_NUMBER, "iwae": MAYBE_NUMBER}),
+            "after": _object({"elbo": MAYBE_NUMBER, "iwae": MAYBE_NUMBER}),
+        },
+        {"units": STRING, "note": STRING},
     ),
     _document(
         INSPECT_SCHEMA,

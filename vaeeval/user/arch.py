@@ -307,7 +307,7 @@ def arch_model(
             warning = _logits_warning(decoder, latent_dim, probe, likelihood.family)
             if warning:
                 notes.append(warning)
-        how = _decoder_how(kind, traced, untraced, options.decoder_output)
+        how = _decoder_how(kind, traced, untraced, options.decoder_output, likelihood)
 
     general = not diagonal(posterior) or prior is not None or isinstance(raw, Distribution) or bool(covariates)
     if prior is None:
@@ -358,8 +358,13 @@ def _check_parameters(decoded: torch.Tensor, likelihood: Likelihood, method: str
     raise VaeevalError(message)
 
 
-def _decoder_how(kind: str | None, traced: nn.Module | None, untraced: str | None, decoder_output: str) -> str:
+def _decoder_how(kind: str | None, traced: nn.Module | None, untraced: str | None, decoder_output: str,
+                 likelihood: Likelihood) -> str:
     """How the decoder's output was read, as the model's description says it."""
+    if kind is None and decoder_output == "logits":  # the family's own format-1 parameters, named as they are
+        if likelihood.family in ("gaussian", "laplace"):
+            return "outputs read as means" + (", then log-scales" if likelihood.params_per_dim == 2 else "")
+        return f"outputs read as the {likelihood.family} likelihood's parameters (logits)"
     if kind is None:
         return f"{decoder_output} outputs"
     squash = "sigmoid" if kind == BINARY else "softmax"

@@ -56,4 +56,12 @@ def load(
     """
     loaded = model_for(model, data, arch, key=key, layer=layer)
     found = load_data(data, loaded, key=key, layer=layer, limit=limit, max_data_size=max_data_size, covariates=loaded.covariates)
-    return loaded, found
+    return with_calibration_note(loaded, found), found
+
+
+def with_calibration_note(model: Model, data: Dataset) -> Model:
+    """``model``, noting when ``data`` is the very data its scale was fitted on: its numbers there are optimistic."""
+    if model.calibration is None or model.calibration["data"]["digest"] != data.digest:
+        return model
+    note = "optimistic: this data is the data the likelihood's scale was fitted on; report numbers on other held-out data"
+    return replace(model, notes=(*model.notes, note))
