@@ -167,3 +167,52 @@ def test_on_bins_and_for_the_iwae_the_search_finds_the_maximum(written_wrong, tm
         closed_form = calibrate(model, data, tmp_path / "d.safetensors", samples=SAMPLES, seed=SEED, density=True).scale
         assert abs(fitted.scale / closed_form - 1) > 1e-3
 
+
+ARCH = """
+import torch
+from torch import nn
+
+
+class MSEVAE(nn.Module):
+    \"\"\"A linear VAE trained with a squared error: decode returns the mean, there is no sigma.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(6, 4)
+        self.decoder = nn.Linear(2, 6)
+
+    def encode(self, x):
+        mean, log_var = self.encoder(x).chunk(2, dim=-1)
+        return mean, log_var
+
+    def decode(self, z):
+        return self.decoder(z)
+"""
+
+
+def test_an_arch_model_gets_its_weights_with_the_fitted_log_scale_and_the_sigma_to_pass(written_wrong, tmp_path):
+    """--arch: the same fit as the format-1 file of the same network; the weights written again with the
+    log-scale as one more tensor, and the printed --sigma, both give the calibrated ELBO."""
+    from safetensors.torch import load_file, save_file
+
+    truth, model, data = written_wrong
+    (tmp_path / "mse.py").write_text(ARCH)
+    weights = load_file(str(model.path))
+    save_file({"encoder.weight": weights["encoder.0.weight"], "encoder.bias": weights["encoder.0.bias"],
+               "decoder.weight": weights["decoder.0.weight"], "decoder.bias": weights["decoder.0.bias"]},
+              str(tmp_path / "w.safetensors"))
+    heldout = tmp_path / "heldout.npy"
+    arch = ["--arch", f"{tmp_path / 'mse.py'}:MSEVAE", "--likelihood", "gaussian"]
+    done = json.loads(cli("calibrate", tmp_path / "w.safetensors", heldout, "-o", tmp_path / "w2.safetensors", "-k", "32",
+                          "--json", *arch, "--sigma", "1").stdout)
+    as_file = calibrate(model, data, tmp_path / "f.safetensors", samples=32, seed=0)
+    assert done["fitted"] == pytest.approx(as_file.scale, rel=1e-6)
+    assert done["arch_options"] == ["--log-sigma-tensor", "calibrated_log_scale"]
+    with_tensor = json.loads(cli("elbo", tmp_path / "w2.safetensors", heldout, "-k", "32", "--json", *arch,
+                                 "--log-sigma-tensor", "calibrated_log_scale").stdout)
+    with_sigma = json.loads(cli("elbo", tmp_path / "w.safetensors", heldout, "-k", "32", "--json", *arch,
+                                "--sigma", repr(done["fitted"])).stdout)
+    assert with_tensor["summary"]["elbo"]["mean"] == pytest.approx(done["after"]["elbo"], rel=1e-9)
+    assert with_sigma["summary"]["elbo"]["mean"] == pytest.approx(done["after"]["elbo"], rel=1e-6)
+    assert set(load_file(str(tmp_path / "w2.safetensors"))) == {*load_file(str(tmp_path / "w.safetensors")), "calibrated_log_scale"}
+

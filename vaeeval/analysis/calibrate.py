@@ -140,14 +140,20 @@ def calibrate(
         criterion: ``elbo`` (the default; a closed form on densities) or ``iwae``.
         progress: called with the number of points fitted.
 
+    An ``--arch`` model (read with ``--likelihood gaussian`` or ``laplace``) gets its weights file
+    written again with the fitted log-scale as one more tensor (``write_weights``), not a format-1 file.
+
     Raises:
-        VaeevalError: a model that is not a format-1 file, a family without a free scale, a
+        VaeevalError: a model evaluated through its own distributions, a family without a free scale, a
             decoder that outputs its own scale, or one scale per dimension asked where only a 1-D
             search can find it (bins, or the IWAE).
     """
     family = model.likelihood.family
-    if model.path is None or model.arch:
-        raise VaeevalError("calibrate writes a format-1 file: convert an --arch model first (vaeeval convert)")
+    if model.path is None or model.general:
+        raise VaeevalError(
+            "this model is evaluated through the distributions its own code returns (from decode or prior, or with "
+            f"covariates): calibrate fits the scale of a decoder read with {option('likelihood')} gaussian or laplace"
+        )
     if family not in FAMILIES:
         raise VaeevalError(
             f"the {family} likelihood has no free scale to fit (calibrate fits a Gaussian's sigma or a Laplace's scale)"
@@ -192,7 +198,10 @@ def calibrate(
         "per_dimension": per_dimension,
         "before": {"elbo": before.summary.elbo.mean, "iwae": before.summary.iwae.mean},
     }
-    fitted = write_scale(model.path, Path(output), family, scale, record)
+    if model.arch:
+        fitted = write_weights(model, Path(output), scale)
+    else:
+        fitted = write_scale(model.path, Path(output), family, scale, record)
     after = evaluate(fitted, data, samples=samples, seed=seed, batch_size=batch_size, density=density)
     return Calibration(
         family, scale, record["before"], {"elbo": after.summary.elbo.mean, "iwae": after.summary.iwae.mean}, record
@@ -249,3 +258,24 @@ def maximize(objective: Callable[[float], float], center: float, *, tolerance: f
             b = low + GOLDEN * (high - low)
             fb = objective(b)
     return (low + high) / 2
+
+
+ARCH_TENSOR = "calibrated_log_scale"  # the tensor an --arch model's calibrated weights file adds
+
+
+def write_weights(model: Model, output: Path, scale: float | np.ndarray) -> Model:
+    """For an ``--arch`` model: its weights file again with the fitted log-scale as one more tensor
+    (``ARCH_TENSOR``, shape ``[]`` or the input shape: ``--log-sigma-tensor calibrated_log_scale``), and
+    the model with that scale. A shared scale can as well be passed as ``--sigma`` with the original weights."""
+    header, tensors = read_safetensors(model.path)
+    if ARCH_TENSOR in tensors:
+        raise VaeevalError(f"{model.path} already holds a tensor {ARCH_TENSOR!r}: calibrate the original weights")
+    shape = model.input_shape if isinstance(scale, np.ndarray) else ()
+    tensors[ARCH_TENSOR] = torch.as_tensor(np.log(scale), dtype=torch.float32).reshape(shape)
+    metadata = header.get("__metadata__") or None
+    with writing(output, "weights"), staged(output) as temporary:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(temporary), metadata=metadata)
+    _, log_key, _ = FAMILIES[model.likelihood.family]
+    spec = {k: v for k, v in model.likelihood.spec.items() if k not in FAMILIES[model.likelihood.family][:2]}
+    likelihood = likelihood_from_spec({**spec, log_key: ARCH_TENSOR}, {ARCH_TENSOR: tensors[ARCH_TENSOR]}, model.input_shape)
+    return replace(model, likelihood=likelihood)

@@ -207,6 +207,7 @@ def convert(
 @click.option("--criterion", type=click.Choice(["elbo", "iwae"]), default="elbo", show_default=True,
               help="What the scale maximizes on DATA (the ELBO has a closed form on densities; else a 1-D search).")
 @option_group(*DATA)
+@arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.calibrate/1) to stdout.")
 def calibrate(model: Path, data: Path, output: Path, per_dimension: bool, samples: int, seed: int, batch_size: int,
               density: bool, criterion: str, as_json: bool, **options: Any) -> None:
@@ -218,7 +219,9 @@ def calibrate(model: Path, data: Path, output: Path, per_dimension: bool, sample
     --per-dimension); on discrete data (scored by its bins) and for --criterion iwae a
     1-D search finds it on the same draws. The new file differs only in that scale and
     a record of the fit; every output on it says so, and warns when it is evaluated on
-    the same data.
+    the same data. With --arch, OUTPUT is the weights file again with the fitted
+    log-scale as one more tensor: pass --log-sigma-tensor calibrated_log_scale (or the
+    printed --sigma with the original weights).
 
     \b
     Example:
@@ -226,7 +229,7 @@ def calibrate(model: Path, data: Path, output: Path, per_dimension: bool, sample
       vaeeval elbo calibrated.safetensors test.npy
     """
     check_output(output, [model, data])
-    loaded, dataset = load(model, data, **options)
+    loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     fitted = fit_calibration(loaded, dataset, output, per_dimension=per_dimension, samples=samples, seed=seed,
                              batch_size=batch_size, density=density, criterion=criterion)
     if as_json:

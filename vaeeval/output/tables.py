@@ -412,9 +412,11 @@ def render_calibration(console: Console, calibration: Any, model: Model, data: D
         fitted = (f"{symbol}_d per dimension: min {scale.min():.4g}, median {float(np.median(scale)):.4g}, "
                   f"max {scale.max():.4g} (log_{'sigma' if symbol == 'σ' else 'scale'} tensor)")
     else:
-        fitted = f"{symbol} = {calibration.scale:.6g} (pass --sigma {calibration.scale:.6g} to an --arch model)"
+        fitted = f"{symbol} = {calibration.scale:.6g} (pass --sigma {calibration.scale!r} to an --arch model)"
     grid.add_row("fitted", escape(fitted))
     grid.add_row("written", escape(output))
+    if model.arch:
+        grid.add_row("use", escape(f"--arch {model.arch} ... with the weights {output} and --log-sigma-tensor calibrated_log_scale"))
     console.print(grid)
     console.print()
     numbers = Table(title="on the calibration data (nats per point)", title_justify="left")

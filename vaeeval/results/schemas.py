@@ -246,7 +246,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             "before": _object({"elbo": MAYBE_NUMBER, "iwae": MAYBE_NUMBER}),
             "after": _object({"elbo": MAYBE_NUMBER, "iwae": MAYBE_NUMBER}),
         },
-        {"units": STRING, "note": STRING},
+        {"units": STRING, "note": STRING, "arch_options": {"type": ["array", "null"], "items": STRING}},
     ),
     _document(
         INSPECT_SCHEMA,
