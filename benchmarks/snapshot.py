@@ -48,6 +48,10 @@ COMMANDS = {
     "latents_json": f"latents {BERNOULLI} {BINARY} -k 20 --json",
     "inspect": f"inspect {GAUSSIAN}",
     "inspect_json": f"inspect {CATEGORICAL} --json",
+    "calibrate": f"calibrate {GAUSSIAN} {GREY} --density -k 20 --limit 100 -o {{tmp}}/calibrated.safetensors",
+    "calibrate_json": f"calibrate {GAUSSIAN} {GREY} --density --per-dimension -k 8 --limit 40 --json -o {{tmp}}/per_dim.safetensors",
+    "inspect_calibrated": "inspect {tmp}/calibrated.safetensors",
+    "elbo_calibrated": f"elbo {{tmp}}/calibrated.safetensors {GREY} --density -k 50 --limit 100",
     "schema_list": "schema",
     "error_model": f"elbo {BINARY} {BINARY}",
     "error_data": f"elbo {BERNOULLI} {GREY}",
@@ -65,8 +69,11 @@ def main(out: Path) -> None:
             argv = shlex.split(command.replace("{tmp}", tmp))
             done = subprocess.run([*vaeeval, *argv], capture_output=True, text=True)
             text = f"$ vaeeval {command}\nexit {done.returncode}\n--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
-            (out / f"{name}.txt").write_text(text)
+            (out / f"{name}.txt").write_text(text.replace(tmp, "{tmp}"))  # paths the output names (calibrate's --output)
         for written in Path(tmp).iterdir():
+            if written.suffix == ".safetensors":  # a model file: compared byte for byte
+                shutil.copyfile(written, out / written.name)
+                continue
             text = written.read_text().replace(tmp, "{tmp}")
             (out / written.name).write_text(text)
     shutil.rmtree(out / "__pycache__", ignore_errors=True)
