@@ -216,3 +216,53 @@ def test_an_arch_model_gets_its_weights_with_the_fitted_log_scale_and_the_sigma_
     assert with_sigma["summary"]["elbo"]["mean"] == pytest.approx(done["after"]["elbo"], rel=1e-6)
     assert set(load_file(str(tmp_path / "w2.safetensors"))) == {*load_file(str(tmp_path / "w.safetensors")), "calibrated_log_scale"}
 
+
+
+# ---------------------------------------------------------------- the reconstruction term written out (--explain)
+
+
+def test_recon_terms_of_a_fixed_sigma_gaussian_add_up_and_its_sse_is_the_closed_form(written_wrong, tmp_path):
+    truth, model, data = written_wrong
+    document = json.loads(cli("elbo", model.path, tmp_path / "heldout.npy", "-k", "256", "--json").stdout)
+    terms = document["summary"]["recon_terms"]
+    assert sum(term["mean"] for term in terms["terms"]) == pytest.approx(document["summary"]["recon"]["mean"], rel=1e-12)
+    x = np.asarray(data.array, dtype=np.float64)
+    expected, variance = _expected_squares(truth, x)
+    # the file's sigma is 1: the SSE is E_q ||x - W z - b||^2 under the encoder, per point, averaged
+    stderr = math.sqrt(variance.sum() / 256) / len(x)
+    assert terms["loss"]["name"] == "SSE"
+    assert terms["loss"]["mean"] == pytest.approx(expected.sum(axis=1).mean(), abs=4 * stderr + 1e-5)
+    assert terms["mse_per_dim"]["mean"] == pytest.approx(terms["loss"]["mean"] / 6, rel=1e-12)
+    implied = terms["implied_sigma"]
+    assert implied["in_file"] == 1.0 and implied["mean_reduced_mse"] == pytest.approx(math.sqrt(3))
+    assert implied["fitted_by_calibrate"] == pytest.approx(math.sqrt(expected.mean()), rel=0.02)
+    table = cli("elbo", model.path, tmp_path / "heldout.npy", "-k", "16", "--explain").stdout
+    assert "-E[SSE]/(2 sigma^2)" in table and "sum-reduced MSE" in table
+
+
+def test_recon_terms_of_a_bernoulli_are_its_bce_on_the_same_draws(bernoulli_model, binary_data):
+    from vaeeval.core.rng import standard_normal
+
+    document = json.loads(cli("elbo", bernoulli_model.path, binary_data, "-k", "32", "--seed", "4", "--json").stdout)
+    terms = document["summary"]["recon_terms"]
+    data = load_data(binary_data, bernoulli_model)
+    x = torch.as_tensor(np.array(data.array), dtype=torch.float32)
+    with torch.inference_mode():
+        mean, log_var = bernoulli_model.encode(x)
+        eps = standard_normal(4, np.arange(data.n), 0, 32, bernoulli_model.latent_dim)
+        z = (mean.double()[:, None] + (0.5 * log_var.double()).exp()[:, None] * eps).float()
+        logits = bernoulli_model.decode(z.reshape(-1, z.shape[-1]))[:, 0].double().reshape(data.n, 32, -1)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, x.double()[:, None].expand_as(logits), reduction="none").sum(-1).mean(-1)
+    assert terms["loss"]["name"] == "BCE"
+    assert terms["loss"]["mean"] == pytest.approx(bce.mean().item(), rel=1e-6)
+
+
+def test_recon_terms_are_not_split_where_no_loss_plus_constants_exists(tmp_path):
+    samples = "sample_models"
+    binned = json.loads(cli("elbo", f"{samples}/digits_gaussian.safetensors", f"{samples}/digits_grey_test.npy", "-k", "4",
+                            "--limit", "5", "--json").stdout)["summary"]["recon_terms"]
+    assert binned["terms"] is None and "bin" in binned["why"]
+    cb = json.loads(cli("elbo", f"{samples}/digits_continuous_bernoulli.safetensors", f"{samples}/digits_grey_test.npy",
+                        "-k", "4", "--limit", "5", "--density", "--json").stdout)["summary"]["recon_terms"]
+    assert cb["terms"] is None and "log C" in cb["why"]

@@ -158,7 +158,7 @@ def test_the_settings_scoring_and_domain_schemas_have_the_record_keys():
 
 
 def test_the_summary_data_and_latents_schemas_have_the_record_keys(evaluation, bernoulli_model, binary_data):
-    dequantized = {"dequantized_bits_per_dim"}  # only for a density on discrete data
+    dequantized = {"dequantized_bits_per_dim", "recon_terms"}  # a density on discrete data; documents (not file lines)
     assert _keys(schemas.SUMMARY) == (set(summary_record(evaluation)) | dequantized, set(summary_record(evaluation)))
     assert set(schemas.DIAGNOSTICS["properties"]) == set(diagnostics_record(evaluation))
     assert set(schemas.DATA["properties"]) == set(data_record(load_data(binary_data, bernoulli_model)))

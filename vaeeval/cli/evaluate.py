@@ -43,6 +43,8 @@ from vaeeval.user.sources import load
 @click.option("--diagnostics", is_flag=True,
               help="Per-point standard errors, ESS and k-hat in the table, and the latent-health section.")
 @click.option("--convergence", is_flag=True, help="IWAE at K = 1, 10, 100, ... from nested subsets of the samples.")
+@click.option("--explain", is_flag=True,
+              help="Write recon out as the loss it was trained with (SSE, BCE, ...) plus the terms that make it a log-likelihood.")
 @click.option("--plot", type=PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
 @option_group(*STREAMING)
@@ -55,6 +57,7 @@ def elbo(
     show_all: bool,
     diagnostics: bool,
     convergence: bool,
+    explain: bool,
     plot: Path | None,
     fail_under: tuple[str, ...],
     **options: Any,
@@ -98,7 +101,7 @@ def elbo(
         click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health)))
     else:
         table("tables.render_elbo")(stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
-                    convergence=convergence, latents=health)
+                    convergence=convergence, latents=health, explain=explain)
     check_thresholds(result.summary, thresholds)
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import AISEvaluation, BDMCEvaluation, Evaluation
+from vaeeval.results.recon_terms import recon_terms
 from vaeeval.results.records import (
     ais_point_records,
     ais_settings_record,
@@ -67,7 +68,7 @@ def elbo_document(
         "model": model,
         "data": data,
         "settings": settings_record(evaluation.settings),
-        "summary": summary_record(evaluation),
+        "summary": {**summary_record(evaluation), "recon_terms": recon_terms(evaluation.points.recon, model, evaluation.measure)},
         "points": evaluation_points(evaluation),
     }
     if convergence:

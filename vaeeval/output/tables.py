@@ -18,6 +18,7 @@ from vaeeval.format.terms import DENSITY
 from vaeeval.output.documents import CALIBRATION_NOTE
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
+from vaeeval.results.recon_terms import recon_terms
 from vaeeval.results.records import DEQUANTIZATION
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ def render_elbo(
     diagnostics: bool = False,
     convergence: bool = False,
     latents: LatentHealth | None = None,
+    explain: bool = False,
     rows: int = 5,
 ) -> None:
     """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections.
@@ -231,6 +233,38 @@ def render_elbo(
     if latents is not None:
         console.print()
         render_latents(console, latents)
+    if explain:
+        console.print()
+        render_recon_terms(console, recon_terms(evaluation.points.recon, model, evaluation.measure))
+
+
+def render_recon_terms(console: Console, terms: dict[str, Any]) -> None:
+    """The reconstruction term as the loss it was trained with plus what makes it a log-likelihood (``--explain``)."""
+    if terms.get("terms") is None:
+        console.print(escape(f"recon ({terms['family']}): not split: {terms['why']}"))
+        return
+    table = Table(title=escape(f"recon, written out: {terms['form']}"), title_justify="left")
+    for column in ("term", "mean", "± s.e."):
+        table.add_column(column, justify="left" if column == "term" else "right")
+    for term in terms["terms"]:
+        table.add_row(escape(term["name"]), num(term["mean"]), num(term["stderr"]))
+    for key in ("loss", "weighted_loss"):
+        if terms.get(key):
+            table.add_row(escape(f"{terms[key]['name']} (the loss)"), num(terms[key]["mean"]), num(terms[key]["stderr"]))
+    for key, name in (("mse_per_dim", "MSE per dimension"), ("mae_per_dim", "mean |x - mu| per dimension")):
+        if terms.get(key):
+            table.add_row(name, num(terms[key]["mean"]), num(terms[key]["stderr"]))
+    console.print(table)
+    implied = terms.get("implied_sigma")
+    if implied:
+        fitted = implied["fitted_by_calibrate"]
+        console.print(escape(
+            f"sigma: in the file {num(implied['in_file'])}; the ELBO's best on this data {num(fitted)} (vaeeval calibrate); "
+            f"implied by training with w*SSE + KL, sigma^2 = 1/(2w): sum-reduced MSE (w = 1) {implied['sum_reduced_mse']:.4f}, "
+            f"mean-reduced MSE (w = 1/D) {implied['mean_reduced_mse']:.4f}"
+        ))
+    if terms.get("note"):
+        console.print(escape(f"note: {terms['note']}"))
 
 
 def render_inspect(console: Console, model: Model) -> None:

@@ -9,6 +9,7 @@ the key lists here, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -146,7 +147,21 @@ def model_record(model: Model) -> dict[str, Any]:
         "covariates": list(model.covariates),  # the data's arrays the model is conditioned on
         "library": None if model.library is None else model.library.kind,  # a count model's library size: observed or latent
         "data_layer": model.data_layer,  # the AnnData layer holding its counts, as the file records it
+        "scale": scale_record(model),  # a Gaussian's or Laplace's fixed scale, for recon_terms
     }
+
+
+def scale_record(model: Model) -> dict[str, Any] | None:
+    """A fixed Gaussian sigma or Laplace scale as the evaluation uses it (float32): ``shared`` (one value, or
+    null per dimension) and ``log_sum``, sum_d log scale_d over the D dimensions; null for any other likelihood."""
+    scale = getattr(model.likelihood, "scale", None)
+    if model.likelihood.family not in ("gaussian", "laplace") or scale is None:
+        return None
+    found = scale.detach().cpu().numpy() if hasattr(scale, "detach") else np.float32(scale)  # float32, as evaluated
+    values = np.asarray(found, dtype=np.float32).astype(np.float64)
+    values = np.broadcast_to(values, model.likelihood.input_shape)
+    shared = float(values.flat[0]) if values.ndim == 0 or np.all(values == values.flat[0]) else None
+    return {"shared": shared, "log_sum": math.fsum(np.log(values).ravel().tolist())}
 
 
 def data_record(dataset: Dataset) -> dict[str, Any]:

@@ -68,6 +68,7 @@ MODEL = _object(
         "covariates": {"type": "array", "items": STRING},
         "library": {"enum": ["observed", "latent", None]},
         "data_layer": MAYBE_STRING,
+        "scale": {"anyOf": [_object({"shared": MAYBE_NUMBER, "log_sum": NUMBER}), {"type": "null"}]},
     },
 )
 DATA = _object(
@@ -112,6 +113,17 @@ DIAGNOSTICS = _object(
         "iwae_stderr": STAT,
     }
 )
+NAMED_STAT = _object({"name": STRING, "mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
+RECON_TERMS = _object(
+    {"family": STRING, "terms": {"anyOf": [{"type": "array", "items": NAMED_STAT}, {"type": "null"}]}},
+    {
+        "form": STRING, "why": STRING, "note": STRING,
+        "loss": {"anyOf": [NAMED_STAT, {"type": "null"}]}, "weighted_loss": NAMED_STAT,
+        "mse_per_dim": {"anyOf": [STAT, {"type": "null"}]}, "mae_per_dim": {"anyOf": [STAT, {"type": "null"}]},
+        "implied_sigma": _object({"in_file": MAYBE_NUMBER, "fitted_by_calibrate": MAYBE_NUMBER,
+                                  "sum_reduced_mse": NUMBER, "mean_reduced_mse": NUMBER}),
+    },
+)
 SUMMARY = _object(
     {
         "n": INTEGER,
@@ -122,7 +134,10 @@ SUMMARY = _object(
         "bits_per_dim": STAT,
         "diagnostics": DIAGNOSTICS,
     },
-    {"dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}}},
+    {
+        "dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}},
+        "recon_terms": RECON_TERMS,  # in --json documents, not in a results file's summary line
+    },
 )
 POINT = POINT_COLUMNS.schema()
 LATENTS = _object(

@@ -26,6 +26,8 @@ from vaeeval.results.formats import FORMATS, ResultsFormat, points_digest, resul
 from vaeeval.results.schemas import ELBO_SCHEMA, STREAM_SCHEMA
 from vaeeval.runs.formats import StoredRun, describe_difference
 
+DOCUMENT_ONLY = ("recon_terms",)  # summary keys of a --json document that a results file's summary line does not hold
+
 
 class ResultsWriter:
     """Appends JSON lines to a results file, flushing after every batch."""
@@ -193,7 +195,7 @@ def read_results(path: str | Path) -> StoredRun:
         raise DataError(path, f"neither a {ELBO_SCHEMA} document nor a vaeeval results file")
     results = documents[document["schema"]]
     try:
-        summary = document["summary"]
+        summary = {key: value for key, value in document["summary"].items() if key not in DOCUMENT_ONLY}
         header = {
             "kind": "header",
             "schema": results.schema,
