@@ -38,9 +38,8 @@ import torch
 from safetensors.torch import save_file
 
 from vaeeval.core.numerics import tree_sum
-from vaeeval.core.rng import standard_normal
 from vaeeval.errors import VaeevalError, option
-from vaeeval.estimators.importance.evaluate import evaluate
+from vaeeval.estimators.importance.evaluate import decode_samples, evaluate, keyed_draws, posterior_moments
 from vaeeval.format.data import Dataset
 from vaeeval.format.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.format.model import METADATA_KEY, Model
@@ -63,6 +62,7 @@ class Calibration:
         scale: the fitted σ (or b), one number, or ``[*input_shape]`` per dimension.
         before, after: the calibration data's mean ELBO and IWAE (nats per point) with the file's scale and the fitted one.
         record: the ``calibration`` record the fitted file holds.
+        arch_options: for an ``--arch`` model, what to pass with the written weights to use the fitted scale.
     """
 
     family: str
@@ -70,6 +70,7 @@ class Calibration:
     before: dict[str, float]
     after: dict[str, float]
     record: dict[str, Any]
+    arch_options: tuple[str, ...] | None = None
 
     @property
     def per_dimension(self) -> bool:
@@ -80,24 +81,17 @@ def expected_residuals(model: Model, data: Dataset, *, samples: int, seed: int, 
                        power: int = 2) -> np.ndarray:
     """E_q |x_d − μ_d(z)|^power per point and dimension, ``[N, D]`` float64, from K keyed draws per point."""
     rows: list[np.ndarray] = []
-    latent = model.latent_dim
     with torch.inference_mode():
         for start in range(0, data.n, batch_size):
             indices = np.arange(start, min(data.n, start + batch_size))
             x = torch.as_tensor(np.asarray(data.array[indices]), dtype=torch.float32)
             covariates = {name: torch.as_tensor(np.asarray(values[indices])) for name, values in data.covariates.items()}
-            mean, log_var = model.encode(x, covariates)
-            mean, std = mean.double(), (0.5 * log_var.double()).exp()
+            mean, std = posterior_moments(model, x, covariates)
             flat = x.reshape(len(indices), 1, -1).double()
             total = torch.zeros(len(indices), flat.shape[-1], dtype=torch.float64)
             for first in range(0, samples, BLOCK):
-                last = min(samples, first + BLOCK)
-                eps = standard_normal(seed, indices, first, last, latent)
-                z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # as evaluate decodes them
-                count = last - first
-                repeated = {name: value.repeat_interleave(count, dim=0) for name, value in covariates.items()}
-                params = model.decode(z.reshape(-1, latent), repeated).reshape(len(indices), count, *model.decode_shape)
-                means = params[:, :, 0].reshape(len(indices), count, -1).double()
+                z = keyed_draws(mean, std, seed, indices, first, min(samples, first + BLOCK))  # as evaluate draws them
+                means = decode_samples(model, z, covariates)[:, :, 0].reshape(len(indices), z.shape[1], -1).double()
                 residual = (flat - means).abs()
                 total += tree_sum((residual * residual if power == 2 else residual).movedim(1, -1))
             rows.append((total / samples).numpy())
@@ -204,7 +198,8 @@ def calibrate(
         fitted = write_scale(model.path, Path(output), family, scale, record)
     after = evaluate(fitted, data, samples=samples, seed=seed, batch_size=batch_size, density=density)
     return Calibration(
-        family, scale, record["before"], {"elbo": after.summary.elbo.mean, "iwae": after.summary.iwae.mean}, record
+        family, scale, record["before"], {"elbo": after.summary.elbo.mean, "iwae": after.summary.iwae.mean}, record,
+        ("--log-sigma-tensor", ARCH_TENSOR) if model.arch else None,
     )
 
 
@@ -213,7 +208,7 @@ def write_scale(source: Path, output: Path, family: str, scale: float | np.ndarr
     header, tensors = read_safetensors(source)
     document = json.loads(header["__metadata__"][METADATA_KEY])
     key, log_key, _ = FAMILIES[family]
-    likelihood = {name: value for name, value in document["likelihood"].items() if name not in (key, log_key)}
+    likelihood = without_scale(document["likelihood"])
     old_tensor = document["likelihood"].get(log_key)
     if isinstance(old_tensor, str):
         tensors.pop(old_tensor, None)  # the scale it held is replaced
@@ -235,8 +230,7 @@ def write_scale(source: Path, output: Path, family: str, scale: float | np.ndarr
 
 def with_scale(model: Model, key: str, scale: float) -> Likelihood:
     """The model's likelihood with one shared scale ``scale`` in place of its own."""
-    spec = {name: value for name, value in model.likelihood.spec.items() if name not in FAMILIES[model.likelihood.family][:2]}
-    return likelihood_from_spec({**spec, key: scale}, {}, model.input_shape)
+    return likelihood_from_spec({**without_scale(model.likelihood.spec), key: scale}, {}, model.input_shape)
 
 
 def maximize(objective: Callable[[float], float], center: float, *, tolerance: float = 1e-6) -> float:
@@ -275,7 +269,11 @@ def write_weights(model: Model, output: Path, scale: float | np.ndarray) -> Mode
     metadata = header.get("__metadata__") or None
     with writing(output, "weights"), staged(output) as temporary:
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(temporary), metadata=metadata)
-    _, log_key, _ = FAMILIES[model.likelihood.family]
-    spec = {k: v for k, v in model.likelihood.spec.items() if k not in FAMILIES[model.likelihood.family][:2]}
-    likelihood = likelihood_from_spec({**spec, log_key: ARCH_TENSOR}, {ARCH_TENSOR: tensors[ARCH_TENSOR]}, model.input_shape)
+    spec = {**without_scale(model.likelihood.spec), FAMILIES[model.likelihood.family][1]: ARCH_TENSOR}
+    likelihood = likelihood_from_spec(spec, {ARCH_TENSOR: tensors[ARCH_TENSOR]}, model.input_shape)
     return replace(model, likelihood=likelihood)
+
+
+def without_scale(spec: dict[str, Any]) -> dict[str, Any]:
+    """A Gaussian's or Laplace's ``likelihood`` block without its scale (the number or the log-scale tensor)."""
+    return {name: value for name, value in spec.items() if name not in FAMILIES[spec["family"]][:2]}

@@ -232,7 +232,6 @@ def run_document(results: ResultsFormat, evaluation: Any, header: dict[str, Any]
     }
 
 
-ARCH_TENSOR = "calibrated_log_scale"  # as analysis.calibrate.ARCH_TENSOR names it (output imports no analysis at run time)
 CALIBRATION_NOTE = ("before and after are on the data the scale was fitted on, so 'after' is optimistic: "
                     "report log-likelihoods of the new model on other held-out data")
 
@@ -250,7 +249,7 @@ def calibrate_document(calibration: Calibration, model: Model, data: Dataset, ou
         "per_dimension": calibration.per_dimension,
         "fitted": fitted,
         "output": output,
-        "arch_options": ["--log-sigma-tensor", ARCH_TENSOR] if model.arch else None,
+        "arch_options": None if calibration.arch_options is None else list(calibration.arch_options),
         "samples": calibration.record["samples"],
         "seed": calibration.record["seed"],
         "before": {name: finite(value) for name, value in calibration.before.items()},

@@ -449,8 +449,8 @@ def render_calibration(console: Console, calibration: Any, model: Model, data: D
         fitted = f"{symbol} = {calibration.scale:.6g} (pass --sigma {calibration.scale!r} to an --arch model)"
     grid.add_row("fitted", escape(fitted))
     grid.add_row("written", escape(output))
-    if model.arch:
-        grid.add_row("use", escape(f"--arch {model.arch} ... with the weights {output} and --log-sigma-tensor calibrated_log_scale"))
+    if calibration.arch_options:
+        grid.add_row("use", escape(f"--arch {model.arch} ... with the weights {output} and {' '.join(calibration.arch_options)}"))
     console.print(grid)
     console.print()
     numbers = Table(title="on the calibration data (nats per point)", title_justify="left")

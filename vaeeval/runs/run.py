@@ -23,7 +23,7 @@ from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.ais import AISEvaluator, AISPart
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.io.files import locked, writing
-from vaeeval.results.formats import ResultsFormat, format_of
+from vaeeval.results.formats import format_of
 from vaeeval.results.numbers import AISPointResults, Part, PointResults
 from vaeeval.runs.formats import Shard, StoredRun, describe_difference
 from vaeeval.runs.stream import ResultsWriter, read_stream, write_results
@@ -39,16 +39,6 @@ class Outcome:
     interrupted: bool
     asked: int  # points this run was to cover
     header: dict[str, Any]  # the results file's header: the model, data and settings records
-
-
-def results_format(estimator: Estimator) -> ResultsFormat:
-    """How the runs of this estimator are written to and read from results files."""
-    return format_of(estimator)
-
-
-def run_header(estimator: Estimator, shard: Shard | None = None) -> dict[str, Any]:
-    """The header line of a results file for this run (or one shard of it)."""
-    return results_format(estimator).header(estimator, shard)
 
 
 def _resumed(path: Path, header: dict[str, Any]) -> StoredRun:
@@ -98,7 +88,7 @@ def run(
         if resume or shard is not None:
             raise VaeevalError(f"{option('resume')} and {option('shard')} are for single-process runs, not torchrun")
         return run_distributed(evaluator, output=output, progress=progress)
-    results = results_format(evaluator)
+    results = format_of(evaluator)
     header = results.header(evaluator, shard)
     indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
     with ExitStack() as stack:
@@ -197,7 +187,7 @@ def run_distributed(
     if rank != 0:
         return None
     evaluation = evaluator.finish([decode(part) for payload in gathered for part in json.loads(payload)])
-    results = results_format(evaluator)
+    results = format_of(evaluator)
     header = results.header(evaluator, None)
     if output is not None:
         write_results(output, header, results.points(evaluator, evaluation.points), evaluation)

@@ -339,6 +339,28 @@ class _SampleStatistics:
         )
 
 
+def posterior_moments(
+    model: Model, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(z|x)'s mean and standard deviation ``[B, L]``, float64, for points ``x`` (format 1's path)."""
+    mean, log_var = model.encode(x, covariates)
+    return mean.double(), (0.5 * log_var.double()).exp()
+
+
+def keyed_draws(mean: torch.Tensor, std: torch.Tensor, seed: int, indices: np.ndarray, first: int, last: int) -> torch.Tensor:
+    """Samples ``first .. last - 1`` of each point from N(mean, std²), as the decoder takes them: float32
+    ``[B, last - first, L]``, each keyed by (seed, point index, sample number)."""
+    eps = standard_normal(seed, indices, first, last, mean.shape[-1]).to(mean.device)
+    return (mean[:, None] + std[:, None] * eps).to(torch.float32)
+
+
+def decode_samples(model: Model, z: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The likelihood's parameters ``[B, S, *decode_shape]`` for samples ``z [B, S, L]``, each with its point's covariates."""
+    rows, count, latent = z.shape
+    repeated = {name: value.repeat_interleave(count, dim=0) for name, value in (covariates or {}).items()}
+    return model.decode(z.reshape(-1, latent), repeated).reshape(rows, count, *model.decode_shape)
+
+
 def _evaluate_batch(
     model: Model,
     x: torch.Tensor,
@@ -355,8 +377,7 @@ def _evaluate_batch(
     ``covariates``: the points' own, for a model conditioned on them (each sample decodes with its point's).
     """
     covariates = dict(covariates or {})
-    mean, log_var = model.encode(x, covariates)
-    mean, std = mean.double(), (0.5 * log_var.double()).exp()
+    mean, std = posterior_moments(model, x, covariates)
     analytic_kl = model.prior.kl(Independent(Normal(mean, std, validate_args=False), 1))
     q = Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
     prior = model.prior.distribution(mean)
@@ -370,9 +391,7 @@ def _evaluate_batch(
         """log p(x|z) ``[B, S]`` for the points' samples ``z [B, S, L]`` (float32), one decoder call."""
         count = z.shape[1]
         if shortcut is None:
-            repeated = {name: value.repeat_interleave(count, dim=0) for name, value in covariates.items()}
-            params = model.decode(z.reshape(-1, latent), repeated).reshape(rows, count, *model.decode_shape)
-            return model.likelihood.log_prob(params, x_each, levels)
+            return model.likelihood.log_prob(decode_samples(model, z, covariates), x_each, levels)
         trunk, head, projected, offset = shortcut
         hidden, logits = model.decode_through_head(z.reshape(-1, latent), trunk, head)
         return model.likelihood.log_prob_through_linear(
@@ -383,8 +402,7 @@ def _evaluate_batch(
     stride = chunk_size * max(1, STATISTICS_SAMPLES // chunk_size)
     for first in range(0, samples, stride):
         last = min(samples, first + stride)
-        eps = standard_normal(seed, indices, first, last, latent).to(x.device)
-        z = (mean[:, None] + std[:, None] * eps).to(torch.float32)  # the decoder's input...
+        z = keyed_draws(mean, std, seed, indices, first, last)  # the decoder's input...
         z64 = z.double()  # ...and exactly that point for the densities
         pieces = [log_likelihood(z[:, start : start + chunk_size]) for start in range(0, last - first, chunk_size)]
         log_px_z = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
