@@ -126,9 +126,11 @@ def test_domain_describe():
         (np.array([0, 4, 16]) / 16, Domain("discrete", 5)),  # the smallest grid that holds them
         ((np.arange(256) / 255).astype(np.float32), Domain("discrete", 256)),
         (np.random.default_rng(0).random(500), Domain("unit_interval")),
-        ([-0.5, 0.25], Domain("real")),
-        ([0.0, 2.0], Domain("counts")),  # non-negative integers beyond 1
-        ([0.0, 2.0, 1e6], Domain("counts")),
+        ([-0.5, 0.25], Domain("discrete", 9, -1.0, 1.0)),  # on [-1, 1]'s grid of step 1/4
+        (2 * np.arange(256) / 255 - 1, Domain("discrete", 256, -1.0, 1.0)),  # 8-bit images as diffusers holds them
+        (np.random.default_rng(0).uniform(-1, 1, 500), Domain("real")),
+        ([0.0, 2.0], Domain("counts", high=2.0)),  # non-negative integers beyond 1, the largest kept
+        ([0.0, 2.0, 1e6], Domain("counts", high=1e6)),
         ([0.0, 2.5], Domain("real")),
         ([-1.0, 2.0], Domain("real")),
     ],
@@ -143,7 +145,7 @@ def test_detection_reads_every_block(monkeypatch):
     binary = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert detect_domain(np.array([*binary, 0.5]).reshape(-1, 1)) == Domain("discrete", 3)
     assert detect_domain(np.array([*binary, 2.5]).reshape(-1, 1)) == Domain("real")
-    assert detect_domain(np.array([*binary, 2.0]).reshape(-1, 1)) == Domain("counts")
+    assert detect_domain(np.array([*binary, 2.0]).reshape(-1, 1)) == Domain("counts", high=2.0)
     assert detect_domain(np.array([2.0, 3.0, 4.0, 0.5]).reshape(-1, 1)) == Domain("real")
     assert detect_domain(np.array(binary).reshape(-1, 1)) == Domain("binary")
 

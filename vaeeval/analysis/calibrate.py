@@ -186,7 +186,8 @@ def calibrate(
     record = {
         "criterion": criterion,
         "scored": "bins" if binned else "density",
-        "data": {"path": str(data.path) if data.path else None, "digest": data.digest, "n": data.n},
+        "data": {"path": str(data.path) if data.path else None, "digest": data.digest, "n": data.n,
+                 "domain": data.domain.to_spec()},
         "samples": samples,
         "seed": seed,
         "per_dimension": per_dimension,

@@ -28,7 +28,7 @@ from vaeeval.cli.options import (
     warn,
 )
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISEvaluator
-from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_levels
+from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_grid
 from vaeeval.format.reading import load_model
 from vaeeval.io.files import check_output
 from vaeeval.output.documents import ais_document, bdmc_document
@@ -119,7 +119,8 @@ def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: b
         raise click.UsageError("bdmc --arch needs --input-shape: the shape of one data point")
     else:
         loaded = arch_model(model, replace(arch, encode_shape=None), arch.encode_shape)
-    simulated = simulate(loaded, n, seed=settings.seed, levels=simulation_levels(loaded, settings.discretize, settings.density))
+    bins = simulation_grid(loaded, settings.discretize, settings.density, settings.grid_range)
+    simulated = simulate(loaded, n, seed=settings.seed, bins=bins)
     if save_data is not None:
         check_output(save_data, [model], parameter="save_data")
         save_simulated(save_data, simulated)

@@ -70,6 +70,24 @@ class _ByteSize(click.ParamType):
 _LARGEST_SIZE = 2**50
 
 
+class Span(click.ParamType):
+    """``LO,HI``: two finite numbers with LO < HI."""
+
+    name = "LO,HI"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[float, float]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        try:
+            low, high = (float(part) for part in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not two numbers LO,HI such as 0,255 or -1,1", param, ctx)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            self.fail(f"{value!r} needs two finite numbers with LO < HI", param, ctx)
+        return low, high
+
+
 class Finite(click.ParamType):
     """A finite float: NaN and infinities are refused."""
 
@@ -151,6 +169,9 @@ DATA = (
                  help="The AnnData layer holding the data in an .h5ad DATA file; default: the one the model file records, else X."),
     click.option("--max-data-size", type=_ByteSize(), default=None, show_default="half the memory",
                  help="Refuse an .npz array that would inflate to more than this, e.g. 4G."),
+    click.option("--rescale", type=Span(), default=None, metavar="LO,HI",
+                 help="DATA's values run from LO to HI in its own units (0,255 for 8-bit pixels): map them linearly "
+                      "onto the model's range ([0, 1] unless it declares another) as they are read."),
 )
 
 
@@ -160,6 +181,9 @@ _SCORING = (
                  help="Score continuous likelihoods as the probability of each value's bin on L levels."),
     click.option("--density", is_flag=True,
                  help="Keep continuous likelihoods' densities even when the data is discrete."),
+    click.option("--range", "grid_range", type=Span(), default=None, metavar="LO,HI",
+                 help="The values the --discretize grid spans, LO + k (HI - LO)/(L - 1): -1,1 or 0,255 "
+                      "(default: the data's own grid, else 0,1)."),
 )
 evaluation_options = option_group(_SAMPLES, _SEED, _BATCH_SIZE, _MAX_MEMORY, *DATA, _DEVICE, *_SCORING)
 
@@ -174,6 +198,7 @@ def evaluation_settings(options: dict[str, Any]) -> EvaluationOptions:
         device=options.pop("device"),
         discretize=options.pop("discretize"),
         density=options.pop("density"),
+        grid_range=options.pop("grid_range"),
     )
 
 

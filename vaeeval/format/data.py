@@ -22,7 +22,9 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from vaeeval.errors import DataError, listing, option
+from vaeeval.format import ranges
 from vaeeval.format.domains import Domain, DomainDetector, row_blocks
+from vaeeval.format.ranges import Rescaled
 from vaeeval.io.files import reading, regular_file
 from vaeeval.io.h5ad import Rows, is_hdf5, read_matrix, read_obs
 
@@ -45,7 +47,7 @@ class Dataset:
     discrete (on some k/(L-1) grid), unit_interval and real that holds them all.
     """
 
-    array: np.ndarray | Rows
+    array: np.ndarray | Rows | Rescaled
     path: Path | None = None
     key: str | None = None
     total: int = 0  # points in the file, before a limit
@@ -88,6 +90,7 @@ def load_data(
     limit: int | None = None,
     max_data_size: int | None = None,
     covariates: Sequence[str] = (),
+    rescale: tuple[float, float] | None = None,
 ) -> Dataset:
     """Read a ``.npy`` (memory-mapped), ``.npz`` or AnnData ``.h5ad`` file and check it against ``model``.
 
@@ -107,6 +110,8 @@ def load_data(
             half the machine's memory).
         covariates: names of ``.npz`` arrays holding each point's covariates (``[N, ...]``), or of
             an ``.h5ad``'s ``obs`` columns.
+        rescale: the values [low, high] the data's own units run over, mapped linearly onto the
+            range the model expects (``Model.expected_range``, else [0, 1]) as each batch is read.
 
     Raises:
         DataError: unreadable, not numeric, wrong shape, non-finite values, or values
@@ -121,6 +126,9 @@ def load_data(
     if limit is not None:
         array = array.head(limit) if isinstance(array, Rows) else array[:limit]
     chosen = array.layer if isinstance(array, Rows) else None
+    if rescale is not None:
+        target = model.expected_range
+        array = Rescaled(array, rescale, (0.0, 1.0) if target is None else target[:2])
     domain = check_values(Dataset(array, path, key, raw.rows, layer=chosen), model)
     found = read_covariates(path, covariates, key=key, limit=limit, max_data_size=max_bytes, categories=model.categories)
     check_covariates(path, found, model)
@@ -412,8 +420,9 @@ def check_values(dataset: Dataset, model: Model) -> Domain:
     Raises:
         DataError: naming the first bad point and element, the value, and what was needed.
     """
-    likelihood, domain = model.likelihood, model.domain
+    likelihood, domain, expected = model.likelihood, model.domain, model.expected_range
     detector = DomainDetector()
+    out_of_range = None
     for start, block in row_blocks(dataset.array):
         detector.update(block)
         if block.dtype.kind == "f":
@@ -426,6 +435,10 @@ def check_values(dataset: Dataset, model: Model) -> Domain:
                     raise DataError(
                         dataset.path, f"{_first_bad(start, block, bad)}, beyond the float32 range vaeeval computes in"
                     )
+        bad = None if expected is None else ranges.outside(block, expected[0], expected[1])
+        if bad is not None and bad.any():
+            out_of_range = out_of_range or _first_bad(start, block, bad)  # named after the scan, with the whole data's range
+            continue
         bad = likelihood.outside_support(block)
         if bad.any():
             raise DataError(
@@ -439,4 +452,6 @@ def check_values(dataset: Dataset, model: Model) -> Domain:
                     dataset.path,
                     f"{_first_bad(start, block, bad)}; the model declares {domain.describe()}",
                 )
+    if out_of_range:
+        raise DataError(dataset.path, ranges.range_message(out_of_range, detector, expected, dataset.array))
     return detector.domain()

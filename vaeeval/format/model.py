@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaeeval.errors import VaeevalError
-from vaeeval.format.domains import Domain
+from vaeeval.format.domains import Domain, domain_from_spec
 from vaeeval.format.layers import Shape
 from vaeeval.format.library import Library
 from vaeeval.format.likelihoods import Likelihood
@@ -72,6 +72,19 @@ class Model:
     library: Library | None = None  # a count model's library size (FORMAT.md, "Library size")
     variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
     calibration: Mapping[str, Any] | None = None  # how its likelihood's scale was fitted (vaeeval calibrate), if it was
+
+    @property
+    def expected_range(self) -> tuple[float, float, str] | None:
+        """The [low, high] its data must lie in, and what says so: its likelihood's support, its ``data``
+        block's domain, or the data its scale was calibrated on; None where nothing bounds it."""
+        if self.likelihood.value_range is not None:
+            return (*self.likelihood.value_range, f"the {self.likelihood.family} likelihood scores {self.likelihood.support}")
+        if self.domain is not None and self.domain.bounded is not None:
+            return (*self.domain.bounded, f"the model declares {self.domain.describe()}")
+        calibrated = domain_from_spec(self.calibration["data"].get("domain")) if self.calibration else None
+        if calibrated is not None and calibrated.bounded is not None:
+            return (*calibrated.bounded, f"its scale was calibrated on {calibrated.describe()}")
+        return None
 
     @property
     def latent_library(self) -> bool:

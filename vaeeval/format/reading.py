@@ -287,6 +287,7 @@ def _calibration(spec: Any) -> dict[str, Any] | None:
     data = spec.get("data") if isinstance(spec, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("digest"), str) or not isinstance(data.get("n"), int):
         raise SpecError("calibration: not a record of the data a scale was fitted on (data.digest, data.n)")
+    domain_from_spec(data.get("domain"))  # the calibration data's domain, where recorded: bounds the data to evaluate
     return dict(spec)
 
 

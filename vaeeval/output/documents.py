@@ -199,7 +199,8 @@ def simulated_record(simulated: Simulated, evaluation: BDMCEvaluation, saved: st
     return {
         "n": int(len(simulated.x)),
         "domain": evaluation.domain.to_spec(),
-        "levels": simulated.levels,
+        "levels": None if simulated.bins is None else simulated.bins.levels,
+        "range": None if simulated.bins is None else simulated.bins.range,
         "seed": evaluation.settings.seed,
         "saved": saved,
     }

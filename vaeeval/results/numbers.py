@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from vaeeval.format.domains import Domain
+from vaeeval.format.domains import Domain, Grid, describe_range
 from vaeeval.format.terms import DENSITY, MONTE_CARLO
 from vaeeval.results.psis import reliability_threshold
 
@@ -41,23 +41,41 @@ class Scoring:
             or a discrete family, whose own levels are the event).
         data_levels: the levels of the data's grid, when it is discrete.
         note: one sentence saying what the numbers are, for the output.
+        range: the values [low, high] both grids span ([0, 1] unless the data or the model says another).
     """
 
     measure: str
     levels: int | None
     data_levels: int | None
     note: str
+    range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "range", (float(self.range[0]), float(self.range[1])))  # a JSON list read back
+
+    @property
+    def bins(self) -> Grid | None:
+        """The grid a continuous family is scored on (``None``: a density, or a discrete family's own event)."""
+        return None if self.levels is None else Grid(self.levels, *self.range)
+
+    @property
+    def data_grid(self) -> Grid | None:
+        return None if self.data_levels is None else Grid(self.data_levels, *self.range)
 
     @property
     def label(self) -> str:
-        """``density``, ``probability`` or ``probability (17 bins)``."""
-        return f"{self.measure} ({self.levels} bins)" if self.levels else self.measure
+        """``density``, ``probability``, ``probability (17 bins)`` or ``probability (256 bins on [-1, 1])``."""
+        if not self.levels:
+            return self.measure
+        where = "" if self.range == (0.0, 1.0) else f" on {describe_range(*self.range)}"
+        return f"{self.measure} ({self.levels} bins{where})"
 
     def dequantization_offset(self, dims: int) -> float | None:
         """D log(bin width) for a density on discrete data (the uniform-dequantization correction)."""
-        if self.measure != DENSITY or self.data_levels is None:
+        grid = self.data_grid
+        if self.measure != DENSITY or grid is None:
             return None
-        return dims * math.log(1.0 / (self.data_levels - 1))
+        return dims * math.log(grid.step)
 
 
 class Columns:

@@ -44,7 +44,8 @@ STAT = _object({"mean": MAYBE_NUMBER, "stderr": MAYBE_NUMBER})
 MEASURE = {"enum": list(MEASURES)}
 KL_KIND = {"enum": list(KL_KINDS)}
 
-DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER})
+RANGE = {"type": "array", "items": NUMBER, "minItems": 2, "maxItems": 2}
+DOMAIN = _object({"domain": {"enum": list(DOMAINS)}}, {"levels": INTEGER, "range": RANGE})
 MODEL = _object(
     {
         "path": MAYBE_STRING,
@@ -98,7 +99,8 @@ SCORING = _object(
         "levels": {"type": ["integer", "null"]},
         "data_levels": {"type": ["integer", "null"]},
         "note": STRING,
-    }
+    },
+    {"range": RANGE},
 )
 DIAGNOSTICS = _object(
     {
@@ -210,7 +212,7 @@ BDMC_SUMMARY = _object(
 )
 SIMULATED = _object(
     {"n": POSITIVE, "domain": DOMAIN, "levels": {"type": ["integer", "null"]}, "seed": INTEGER},
-    {"saved": MAYBE_STRING},
+    {"saved": MAYBE_STRING, "range": {"type": ["array", "null"], "items": NUMBER, "minItems": 2, "maxItems": 2}},
 )
 _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
     _document(

@@ -73,7 +73,8 @@ def identity(header: dict[str, Any]) -> dict[str, Any]:
         "model": (header["model"].get("digest"), header["model"].get("arch"), json.dumps(header["model"]["likelihood"], sort_keys=True)),
         "data": (header["data"].get("digest"), header["data"]["n"]),
         "settings": tuple(value for key, value in header["settings"].items() if key not in _HOW_NOT_WHAT),
-        "scoring": (header["scoring"]["measure"], header["scoring"]["levels"]) if "scoring" in header else None,
+        "scoring": (header["scoring"]["measure"], header["scoring"]["levels"], tuple(header["scoring"].get("range", (0, 1))))
+        if "scoring" in header else None,
     }
 
 

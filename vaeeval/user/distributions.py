@@ -30,6 +30,7 @@ from torch.distributions import (
 )
 
 from vaeeval.core import numerics, rng
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood
 from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetric_bin
 from vaeeval.format.terms import DENSITY, PROBABILITY
@@ -224,15 +225,15 @@ def moments(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor] | None
         return None
 
 
-def log_prob_of(distribution: Distribution, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
     """log p(x|z) of each row, summed over a data point in float64, ``[N]``.
 
     Args:
         distribution: p(x|z) for N draws: batch and event shape ``[N, ...]`` holding one
             data point per row (any arrangement of its D values).
         x: ``[N, *input_shape]`` the data of each row.
-        levels: score a continuous distribution as the probability of each value's bin on
-            this many levels, through its ``cdf`` (the outermost bins open).
+        bins: score a continuous distribution as the probability of each value's bin on
+            this grid, through its ``cdf`` (the outermost bins open).
 
     Raises:
         ValueError: a distribution that does not hold one data point per row.
@@ -247,14 +248,14 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, levels: int | None 
                 f"{list(x.shape[1:])}; it needs one data point per latent vector"
             )
         x = x.reshape(shape)
-    if levels is None or distribution.support.is_discrete:
+    if bins is None or distribution.support.is_discrete:
         terms = distribution.log_prob(x)
     else:
-        terms = _log_bin(distribution, x, levels)
+        terms = _log_bin(distribution, x, bins)
     return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
 
 
-def _log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.Tensor:
+def _log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor:
     """log P(bin of x) per dimension in float64; the outermost bins reach the ends of the support.
 
     Normal and Laplace (also inside ``Independent``, and as the components of a
@@ -266,10 +267,10 @@ def _log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.
     """
     while isinstance(distribution, Independent):
         distribution = distribution.base_dist
-    exact = _exact_log_bin(distribution, x.double(), levels)
+    exact = _exact_log_bin(distribution, x.double(), bins)
     if exact is not None:
         return exact
-    lower, upper = bin_edges(x.double(), levels, -math.inf, math.inf)
+    lower, upper = bin_edges(x.double(), bins, -math.inf, math.inf)
     low = torch.where(torch.isinf(lower), 0.0, distribution.cdf(torch.where(torch.isinf(lower), x.double(), lower)))
     high = torch.where(torch.isinf(upper), 1.0, distribution.cdf(torch.where(torch.isinf(upper), x.double(), upper)))
     return torch.log((high.double() - low.double()).clamp(min=torch.finfo(torch.float64).tiny))
@@ -278,21 +279,21 @@ def _log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.
 _STANDARD_LOG_CDF = {Normal: GaussianLikelihood.standard_log_cdf, Laplace: LaplaceLikelihood.standard_log_cdf}
 
 
-def _exact_log_bin(distribution: Distribution, x: torch.Tensor, levels: int) -> torch.Tensor | None:
+def _exact_log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor | None:
     """log P(bin) by the tail-mirrored formula, for the families it covers (their exact classes: a subclass
     may define its own ``cdf``); None for any other distribution."""
     if type(distribution) is MixtureSameFamily:
         components = distribution.component_distribution
         if isinstance(components, Independent):
             return None  # components over whole vectors: their bins are not per value
-        bins = _exact_log_bin(components, x.unsqueeze(-1), levels)
-        if bins is None:
+        each = _exact_log_bin(components, x.unsqueeze(-1), bins)
+        if each is None:
             return None
         weights = numerics.log_softmax(distribution.mixture_distribution.logits.double())
-        return numerics.logsumexp(weights + bins, dim=-1)
+        return numerics.logsumexp(weights + each, dim=-1)
     log_cdf = _STANDARD_LOG_CDF.get(type(distribution))
     if log_cdf is None:
         return None
     location, scale = distribution.loc.double(), distribution.scale.double()
-    lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
+    lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), bins, -math.inf, math.inf))
     return log_symmetric_bin(log_cdf, (lower - location) / scale, (upper - location) / scale, open_low, open_high)

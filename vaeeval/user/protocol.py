@@ -22,6 +22,7 @@ import torch
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from vaeeval.errors import VaeevalError
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods import Likelihood
 from vaeeval.format.model import MIN_ROWS, Model
 from vaeeval.format.priors import Prior
@@ -192,7 +193,7 @@ class ArchModel(Model):
         return output.reshape(z.shape[0], *self.decode_shape)
 
     def log_likelihood(
-        self, z: torch.Tensor, x: torch.Tensor, covariates: Mapping[str, torch.Tensor], levels: int | None
+        self, z: torch.Tensor, x: torch.Tensor, covariates: Mapping[str, torch.Tensor], bins: Grid | None
     ) -> torch.Tensor:
         """log p(x|z) ``[N]`` float64 of rows ``z [N, L]`` float32 with their data ``x [N, *input_shape]``.
 
@@ -206,11 +207,11 @@ class ArchModel(Model):
         if isinstance(output, Distribution):
             method = self.decoder.method
             try:
-                total = call_user(f"{method}(z)'s {type(output).__name__}.log_prob", log_prob_of, output, x, levels)
+                total = call_user(f"{method}(z)'s {type(output).__name__}.log_prob", log_prob_of, output, x, bins)
             except ValueError as error:
                 raise VaeevalError(f"{method}(z) {error}") from None
         else:
-            total = self.likelihood.log_prob(output, x, levels)
+            total = self.likelihood.log_prob(output, x, bins)
         return total[:rows]
 
     def user_log_prob(self, what: str, distribution: Distribution, z: torch.Tensor) -> torch.Tensor:

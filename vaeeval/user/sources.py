@@ -6,11 +6,13 @@ into a loaded model and data checked against it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 from vaeeval.format.data import Dataset, covariate_headers, load_data, point_shape
 from vaeeval.format.model import Model
+from vaeeval.format.ranges import Rescaled
 from vaeeval.format.reading import load_model
 from vaeeval.user.arch import ArchOptions, arch_model
 
@@ -39,6 +41,7 @@ def load(
     layer: str | None = None,
     limit: int | None = None,
     max_data_size: int | None = None,
+    rescale: tuple[float, float] | None = None,
 ) -> tuple[Model, Dataset]:
     """The model (a format-1 file, or ``arch``) and its data, checked against it.
 
@@ -50,13 +53,26 @@ def load(
         layer: the AnnData layer of an ``.h5ad`` (default: the one the model records, else X).
         limit: use only the first ``limit`` points.
         max_data_size: refuse an ``.npz`` array that would inflate to more bytes (``load_data``).
+        rescale: the values [low, high] the data's own units run over, mapped onto the model's range.
 
     Raises:
         VaeevalError: a model or data file that cannot be read or does not fit.
     """
     loaded = model_for(model, data, arch, key=key, layer=layer)
-    found = load_data(data, loaded, key=key, layer=layer, limit=limit, max_data_size=max_data_size, covariates=loaded.covariates)
-    return with_calibration_note(loaded, found), found
+    found = load_data(data, loaded, key=key, layer=layer, limit=limit, max_data_size=max_data_size,
+                      covariates=loaded.covariates, rescale=rescale)
+    return with_rescaling_note(with_calibration_note(loaded, found), found), found
+
+
+def with_rescaling_note(model: Model, data: Dataset) -> Model:
+    """``model``, noting that ``data`` was rescaled on reading, and what that does to a density."""
+    if not isinstance(data.array, Rescaled):
+        return model
+    (low, high), (to_low, to_high) = data.array.source, data.array.target
+    shift = model.data_dims * math.log((high - low) / (to_high - to_low))
+    note = (f"data {data.array.describe()} (--rescale): bin probabilities are the same in either units; a density is the "
+            f"rescaled data's, {shift:.6g} nats per point above the density of the data in its own units")
+    return replace(model, notes=(*model.notes, note))
 
 
 def with_calibration_note(model: Model, data: Dataset) -> Model:

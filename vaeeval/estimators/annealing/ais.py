@@ -194,12 +194,12 @@ class _Annealer:
             prior = model.prior.distribution(x)
             start = Start(self.model, self.ais.init, self.settings.seed, posterior=q, like=x)
             init = None if self.ais.init == "prior" else PointsFirst(q)
-            return Target(model, x, self.scoring.levels, init, prior, covariates), start
+            return Target(model, x, self.scoring.bins, init, prior, covariates), start
         mean, log_var = model.encode(x, covariates)
         mean, std = mean.double(), (0.5 * log_var.double()).exp()
         prior = model.prior.distribution(mean)
         init = None if self.ais.init == "prior" else Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
-        target = Target(model, x, self.scoring.levels, init, prior, covariates)
+        target = Target(model, x, self.scoring.bins, init, prior, covariates)
         return target, Start(model, self.ais.init, self.settings.seed, mean, std, like=x)
 
     def _step_sizes(self, target: Target, start: Start, rows: np.ndarray, tick: Callable[[], None] | None) -> torch.Tensor:
@@ -374,6 +374,7 @@ def evaluate_ais(
     device: str = "cpu",
     discretize: int | None = None,
     density: bool = False,
+    grid_range: tuple[float, float] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> AISEvaluation:
     """Estimate log p(x) of every point by AIS, with the ELBO and IWAE (K = ``samples``) beside it.
@@ -385,5 +386,5 @@ def evaluate_ais(
     """
     annealing = AISOptions(steps, leapfrog, chains, init, schedule, step_size, pilot_chains, batch_size)
     options = EvaluationOptions(samples=samples, seed=seed, max_memory=max_memory, device=device,
-                                discretize=discretize, density=density)
+                                discretize=discretize, density=density, grid_range=grid_range)
     return AISEvaluator(model, data, annealing, options).evaluate(progress)

@@ -22,7 +22,7 @@ from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISOptions, _Anneale
 from vaeeval.estimators.annealing.kernel import REVERSE, SIMULATE, SIMULATE_X, anneal, decodable, log_mean_exp, prior_draws
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.data import Dataset
-from vaeeval.format.domains import detect_domain
+from vaeeval.format.domains import Grid, detect_domain
 from vaeeval.format.model import Model
 from vaeeval.io.files import atomic_write, writing
 from vaeeval.results.numbers import BDMCEvaluation, BDMCPointResults, summarize_bdmc
@@ -34,29 +34,33 @@ class Simulated:
 
     x: np.ndarray
     z: np.ndarray
-    levels: int | None  # the grid the values were binned to, if any
+    bins: Grid | None  # the grid the values were binned to, if any
 
 
-def simulation_levels(model: Model, discretize: int | None, density: bool) -> int | None:
-    """The grid simulated points lie on: ``discretize``, the model's declared grid, or the family's own levels."""
+def simulation_grid(
+    model: Model, discretize: int | None, density: bool, grid_range: tuple[float, float] | None = None
+) -> Grid | None:
+    """The grid simulated points lie on: ``discretize`` (on ``grid_range``, else the model's declared range),
+    the model's declared grid, or the family's own levels."""
     if model.likelihood.levels is not None:
-        return model.likelihood.levels
+        return Grid(model.likelihood.levels)
     if density:
         return None
+    declared = model.domain.grid if model.domain is not None else None
     if discretize is not None:
-        return discretize
-    return model.domain.grid_levels if model.domain is not None else None
+        return Grid(discretize, *(grid_range or ((declared.low, declared.high) if declared else (0.0, 1.0))))
+    return declared
 
 
-def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) -> Simulated:
+def simulate(model: Model, n: int, *, seed: int = 0, bins: Grid | None = None) -> Simulated:
     """Draw ``n`` points from the model: z ~ p(z), then x ~ p(x|z), keyed by (seed, point index).
 
     Args:
         model: the model.
         n: how many points.
         seed: the noise seed.
-        levels: bin a continuous family's draws to the grid k/(L-1) (the model's data
-            domain): a binned draw is exactly a draw of the bin-probability model.
+        bins: bin a continuous family's draws to this grid (the model's data domain): a
+            binned draw is exactly a draw of the bin-probability model.
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
         raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
@@ -78,11 +82,11 @@ def simulate(model: Model, n: int, *, seed: int = 0, levels: int | None = None) 
             else:
                 uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
                 x = model.likelihood.sample(decoded.double(), uniform.reshape(rows.size, *model.input_shape))
-            if levels is not None and model.likelihood.levels is None:
-                x = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
+            if bins is not None and model.likelihood.levels is None:
+                x = bins.values(torch.round((x.clamp(bins.low, bins.high) - bins.low) * ((bins.levels - 1) / bins.span)))
             xs.append(x.to(torch.float32).numpy())
             zs.append(z.numpy())
-    return Simulated(np.concatenate(xs), np.concatenate(zs), levels)
+    return Simulated(np.concatenate(xs), np.concatenate(zs), bins)
 
 
 def _sampled(distribution: Distribution, seed: int, first: int) -> torch.Tensor:
@@ -177,6 +181,6 @@ def run_bdmc(
         The evaluation and the simulated points.
     """
     options = options or EvaluationOptions()
-    simulated = simulate(model, n, seed=options.seed, levels=simulation_levels(model, options.discretize, options.density))
+    simulated = simulate(model, n, seed=options.seed, bins=simulation_grid(model, options.discretize, options.density, options.grid_range))
     evaluator = BDMCEvaluator(model, simulated, annealing or AISOptions(), options)
     return evaluator.evaluate(progress), simulated

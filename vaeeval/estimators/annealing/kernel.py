@@ -36,6 +36,7 @@ from torch.distributions import Distribution, Independent, Normal
 from vaeeval.core import numerics, rng
 from vaeeval.core.numerics import tree_sum
 from vaeeval.errors import VaeevalError
+from vaeeval.format.domains import Grid
 from vaeeval.format.model import Model, rows_independently
 from vaeeval.format.priors import Prior
 from vaeeval.user.calls import first_line, where
@@ -153,7 +154,7 @@ class Target:
     Args:
         model: the model (its decoder computes without weight gradients).
         x: ``[B, *input_shape]`` float32, the points.
-        levels: score a continuous likelihood on this many levels' bins (the gradient
+        bins: score a continuous likelihood on this grid's bins (the gradient
             flows through the bin log-probability), or None.
         init: q0 with batch shape ``[B, 1]`` and event shape ``[L]``, or None for the prior.
         prior: p(z), event shape ``[L]``.
@@ -163,16 +164,16 @@ class Target:
         self,
         model: Model,
         x: torch.Tensor,
-        levels: int | None,
+        bins: Grid | None,
         init: Distribution | PointsFirst | None,
         prior: Distribution,
         covariates: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        self.model, self.x, self.levels, self.init, self.prior = model, x[:, None], levels, init, prior
+        self.model, self.x, self.bins, self.init, self.prior = model, x[:, None], bins, init, prior
         self.covariates = dict(covariates or {})
         self.shortcut = None
         parts = model.linear_head()
-        if parts is not None and levels is None and model.likelihood.linear_shortcut:
+        if parts is not None and bins is None and model.likelihood.linear_shortcut:
             trunk, head = parts
             flat = x.reshape(x.shape[0], -1)
             projected, offset = rows_independently(lambda rows: model.likelihood.linear_projection(rows, head), flat)
@@ -216,7 +217,7 @@ class Target:
         x = self.x[:, 0].repeat_interleave(chains, dim=0)
         covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
         with torch.enable_grad():
-            log_likelihood = self.model.log_likelihood(decoded, x, covariates, self.levels)
+            log_likelihood = self.model.log_likelihood(decoded, x, covariates, self.bins)
             (grad,) = torch.autograd.grad(log_likelihood.sum(), decoded)
         return log_likelihood.detach().reshape(points, chains), grad
 
@@ -226,7 +227,7 @@ class Target:
         with torch.enable_grad():
             params = self.model.decode(decoded, covariates)
         shaped = params.detach().reshape(points, chains, *self.model.decode_shape)
-        log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.levels)
+        log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.bins)
         (grad,) = torch.autograd.grad(params, decoded, grad_outputs=grad_params.reshape(params.shape))
         return log_likelihood, grad
 

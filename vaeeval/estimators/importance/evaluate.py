@@ -22,7 +22,7 @@ from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.importance.scoring import choose_scoring
 from vaeeval.estimators.weights import BLOCK, LogSumExp, Moments, iwae_bound, iwae_stderr, log_weights
 from vaeeval.format.data import Dataset
-from vaeeval.format.domains import detect_domain
+from vaeeval.format.domains import Grid, detect_domain
 from vaeeval.format.model import Model, rows_independently
 from vaeeval.results.numbers import METRICS, Convergence, Evaluation, Part, PointResults, Settings, convergence_checkpoints, evaluation_of
 from vaeeval.results.psis import pareto_khat, reliability_threshold, top_size
@@ -49,6 +49,7 @@ class EvaluationOptions:
         device: where to compute: ``cpu``, ``cuda`` or ``cuda:N``.
         discretize: score a continuous likelihood as bin probabilities on this many levels.
         density: keep a continuous likelihood's density even when the data is discrete.
+        grid_range: the values [low, high] the ``discretize`` grid spans (default: the data's grid's).
     """
 
     samples: int = DEFAULT_SAMPLES
@@ -59,6 +60,7 @@ class EvaluationOptions:
     device: str = "cpu"
     discretize: int | None = None
     density: bool = False
+    grid_range: tuple[float, float] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,7 +162,8 @@ class Evaluator:
             raise VaeevalError(f"{option('chunk_size')} must be a positive multiple of {BLOCK}, found {chunk_size}")
         self.domain = data.domain
         self.scoring = choose_scoring(
-            model.likelihood, self.domain, model.domain, discretize=options.discretize, density=options.density
+            model.likelihood, self.domain, model.domain, discretize=options.discretize, density=options.density,
+            grid_range=options.grid_range, array=data.array,
         )
         device = resolve_device(str(options.device))
         self.model = model.to(device)
@@ -190,7 +193,7 @@ class Evaluator:
                 estimate = _evaluate_general_batch if self.model.general else _evaluate_batch
                 estimates = estimate(
                     self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
-                    self.scoring.levels, self.checkpoints, covariates,
+                    self.scoring.bins, self.checkpoints, covariates,
                 )
                 part = estimates.part(rows, settings.samples)
                 _check_finite(part.points)
@@ -231,6 +234,7 @@ def evaluate(
     device: str = "cpu",
     discretize: int | None = None,
     density: bool = False,
+    grid_range: tuple[float, float] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Estimate ELBO, reconstruction, KL and IWAE, with their diagnostics, for every point.
@@ -238,7 +242,7 @@ def evaluate(
     Args:
         model: a loaded model.
         data: ``[N, *input_shape]`` points, already checked (``load_data``).
-        samples, seed, batch_size, max_memory, chunk_size, device, discretize, density:
+        samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range:
             see ``EvaluationOptions``.
         progress: called with the number of points finished after each batch.
 
@@ -248,7 +252,7 @@ def evaluate(
     Raises:
         VaeevalError: bad settings, or a point whose estimate is not finite.
     """
-    options = EvaluationOptions(samples, seed, batch_size, max_memory, chunk_size, device, discretize, density)
+    options = EvaluationOptions(samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range)
     return Evaluator(model, data, options).evaluate(progress)
 
 
@@ -368,7 +372,7 @@ def _evaluate_batch(
     samples: int,
     seed: int,
     chunk_size: int,
-    levels: int | None,
+    bins: Grid | None,
     checkpoints: tuple[int, ...],
     covariates: Mapping[str, torch.Tensor] | None = None,
 ) -> BatchEstimates:
@@ -385,13 +389,13 @@ def _evaluate_batch(
     rows, latent = mean.shape
     statistics = _SampleStatistics(rows, samples, checkpoints, mean, monte_carlo_kl=analytic_kl is None)
     x_each = x[:, None]
-    shortcut = _linear_shortcut(model, x, levels)
+    shortcut = _linear_shortcut(model, x, bins)
 
     def log_likelihood(z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) ``[B, S]`` for the points' samples ``z [B, S, L]`` (float32), one decoder call."""
         count = z.shape[1]
         if shortcut is None:
-            return model.likelihood.log_prob(decode_samples(model, z, covariates), x_each, levels)
+            return model.likelihood.log_prob(decode_samples(model, z, covariates), x_each, bins)
         trunk, head, projected, offset = shortcut
         hidden, logits = model.decode_through_head(z.reshape(-1, latent), trunk, head)
         return model.likelihood.log_prob_through_linear(
@@ -417,7 +421,7 @@ def _evaluate_general_batch(
     samples: int,
     seed: int,
     chunk_size: int,
-    levels: int | None,
+    bins: Grid | None,
     checkpoints: tuple[int, ...],
     covariates: Mapping[str, torch.Tensor] | None = None,
 ) -> BatchEstimates:
@@ -448,7 +452,7 @@ def _evaluate_general_batch(
         log_pz = model.user_log_prob("prior()", prior, z)
         points_first = z.transpose(0, 1).reshape(rows * count, latent)
         repeated = {name: value.repeat_interleave(count, dim=0) for name, value in covariates.items()}
-        log_px_z = model.log_likelihood(points_first.to(torch.float32), x.repeat_interleave(count, dim=0), repeated, levels)
+        log_px_z = model.log_likelihood(points_first.to(torch.float32), x.repeat_interleave(count, dim=0), repeated, bins)
         statistics.update(first, log_px_z.reshape(rows, count), log_pz.T.contiguous(), log_qz.T.contiguous())
         if drawn is not None:
             drawn.update(points_first.double().reshape(rows, count, latent).permute(0, 2, 1).reshape(rows * latent, count))
@@ -460,10 +464,10 @@ def _evaluate_general_batch(
     return statistics.finish(analytic_kl, mean, variance)
 
 
-def _linear_shortcut(model: Model, x: torch.Tensor, levels: int | None):
+def _linear_shortcut(model: Model, x: torch.Tensor, bins: Grid | None):
     """When the decoder ends in a linear layer and the family allows it, (trunk, head, x W, x . b)."""
     parts = model.linear_head()
-    if parts is None or levels is not None or not model.likelihood.linear_shortcut:
+    if parts is None or bins is not None or not model.likelihood.linear_shortcut:
         return None
     trunk, head = parts
     flat = x.reshape(x.shape[0], -1)

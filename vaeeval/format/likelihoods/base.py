@@ -14,6 +14,7 @@ from torch.distributions import Distribution
 from vaeeval.core import numerics
 from vaeeval.core.numerics import row_sums
 from vaeeval.errors import SpecError, VaeevalError, option
+from vaeeval.format.domains import Grid
 from vaeeval.format.specs import levels as levels_value
 from vaeeval.format.specs import named_tensor
 from vaeeval.format.terms import DENSITY
@@ -36,6 +37,7 @@ class Likelihood(ABC):
         tensor_keys: spec keys whose value names a tensor of the file.
         params_per_dim: P, the decoder outputs per data dimension.
         levels: for a discrete family, the number of values one dimension takes.
+        value_range: the [low, high] every value the family scores lies in, where it has one.
         decoder_outputs: what a user's decoder may return for this family, and how
             it becomes format-1 parameters: ``None`` as it is, ``"binary"`` probabilities
             through a sigmoid's inverse, ``"categorical"`` through a softmax's.
@@ -50,6 +52,7 @@ class Likelihood(ABC):
     keys: ClassVar[frozenset[str]] = frozenset()
     tensor_keys: ClassVar[tuple[str, ...]] = ()
     levels: int | None = None
+    value_range: ClassVar[tuple[float, float] | None] = None
     linear_shortcut: ClassVar[bool] = False  # log_prob_through_linear is implemented
     decoder_outputs: ClassVar[Mapping[str, str | None]] = {"logits": None}
     scale_keys: ClassVar[tuple[str, str] | None] = None
@@ -94,60 +97,60 @@ class Likelihood(ABC):
         """log p(x_d|z) per data dimension: ``params [..., P, *input_shape]``, ``x [..., *input_shape]``."""
         return self.distribution(params).log_prob(x)
 
-    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
-        """log P(bin of x_d | z) per dimension, for data on ``levels`` levels (continuous families)."""
+    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, bins: Grid) -> torch.Tensor:
+        """log P(bin of x_d | z) per dimension, for data on the grid ``bins`` (continuous families)."""
         raise NotImplementedError(f"{self.family} is already a probability of its {self.levels} levels")
 
     @abstractmethod
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         """Boolean mask of the (finite) values of ``x`` this family gives no mass to."""
 
-    def log_prob(self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
         """log p(x|z) per data point, in nats, summed over data dimensions in float64.
 
         Args:
             params: decoder outputs ``[..., P, *input_shape]``.
             x: data ``[..., *input_shape]``, broadcastable against the batch axes of params.
-            levels: score a continuous family as the probability of the data's bins on this
-                many levels; ``None`` for its density (or a discrete family's probability).
+            bins: score a continuous family as the probability of the data's bins on this
+                grid; ``None`` for its density (or a discrete family's probability).
 
         Returns:
             ``[...]`` float64.
         """
-        total = self._summed(params, x, levels)
+        total = self._summed(params, x, bins)
         overflowed = ~torch.isfinite(total)
         if overflowed.any():
             # Extreme but finite data can overflow float32 (a squared error of 1e40):
             # redo just those rows in float64, so no other row's rounding changes.
             rows = overflowed.nonzero(as_tuple=True)
             x_rows = x.expand(*total.shape, *self.input_shape)[rows]
-            total[rows] = self._summed(params[rows].double(), x_rows.double(), levels)
+            total[rows] = self._summed(params[rows].double(), x_rows.double(), bins)
         return total
 
-    def _summed(self, params: torch.Tensor, x: torch.Tensor, levels: int | None) -> torch.Tensor:
-        return self.sum_terms(self.terms(params, x, levels))
+    def _summed(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None) -> torch.Tensor:
+        return self.sum_terms(self.terms(params, x, bins))
 
-    def terms(self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    def terms(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
         """log p(x_d|z) per data dimension, ``[..., *input_shape]``: what ``log_prob`` sums (differentiable).
 
         A density's terms (or a probability family's) in the parameters' dtype; the bin
-        log-probabilities of a continuous family scored on ``levels`` levels in float64.
+        log-probabilities of a continuous family scored on the grid ``bins`` in float64.
         """
-        if levels is None or not self.continuous:
+        if bins is None or not self.continuous:
             return self.elementwise_log_prob(params, x)
-        return self.log_bin_probability(params.double(), x.double(), levels)
+        return self.log_bin_probability(params.double(), x.double(), bins)
 
     def sum_terms(self, terms: torch.Tensor) -> torch.Tensor:
         """``terms`` ``[..., *input_shape]`` summed over the data dimensions in float64, ``[...]``."""
         return row_sums(terms.flatten(start_dim=terms.dim() - len(self.input_shape)))
 
     def log_prob_and_grad(
-        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z) per point (as ``log_prob``) and its gradient in ``params`` (their dtype and shape)."""
         params = params.detach().requires_grad_(True)
         with torch.enable_grad():
-            terms = self.terms(params, x, levels)
+            terms = self.terms(params, x, bins)
             (grad,) = torch.autograd.grad(terms, params, grad_outputs=torch.ones_like(terms))
         return self.sum_terms(terms.detach()), grad
 
@@ -289,13 +292,16 @@ def finite_edges(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor
     return torch.where(open_low, upper - 1, lower), torch.where(open_high, lower + 1, upper), open_low, open_high
 
 
-def bin_edges(x: torch.Tensor, levels: int, low_end: float, high_end: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bin [lower, upper] of each value of ``x`` on the k/(L-1) grid; outermost bins reach the ends."""
-    step = levels - 1
-    k = torch.round(x * step)
-    half = 0.5 / step
+def bin_edges(x: torch.Tensor, bins: Grid, low_end: float, high_end: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bin [lower, upper] of each value of ``x`` on the grid ``bins``; outermost bins reach the ends.
+
+    On [0, 1] the operations are those of k = round(x (L - 1)), x -/+ 0.5/(L - 1), bit for bit.
+    """
+    count = bins.levels - 1
+    k = torch.round((x - bins.low) * (count / bins.span))
+    half = 0.5 * bins.span / count
     lower = torch.where(k <= 0, torch.full_like(x, low_end), x - half)
-    upper = torch.where(k >= step, torch.full_like(x, high_end), x + half)
+    upper = torch.where(k >= count, torch.full_like(x, high_end), x + half)
     return lower, upper
 
 

@@ -19,6 +19,7 @@ class BernoulliLikelihood(Likelihood):
     family = "bernoulli"
     measure = PROBABILITY
     support = "exactly 0 or 1"
+    value_range = (0.0, 1.0)
     levels = 2
     linear_shortcut = True
     decoder_outputs = {"logits": None, "probs": BINARY, "mean": BINARY}

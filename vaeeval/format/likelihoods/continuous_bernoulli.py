@@ -10,6 +10,7 @@ from torch.distributions import ContinuousBernoulli, Distribution
 from torch.distributions.utils import broadcast_all
 
 from vaeeval.core import numerics
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods.base import BINARY, Likelihood, bin_edges, log1mexp, register
 from vaeeval.format.terms import DENSITY
 
@@ -48,15 +49,16 @@ class ContinuousBernoulliLikelihood(Likelihood):
     family = "continuous_bernoulli"
     measure = DENSITY
     support = "values in [0, 1]"
+    value_range = (0.0, 1.0)
     decoder_outputs = {"logits": None, "probs": BINARY}
 
     def distribution(self, params: torch.Tensor) -> Distribution:
         return StableContinuousBernoulli(logits=self.split(params)[0], validate_args=False)
 
-    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
+    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, bins: Grid) -> torch.Tensor:
         """P([a, b]) = (e^(b eta) - e^(a eta)) / (e^eta - 1), in logs without cancellation."""
         eta = self.split(params)[0]
-        a, b = bin_edges(x.expand_as(eta), levels, 0.0, 1.0)
+        a, b = bin_edges(x.expand_as(eta), bins, 0.0, 1.0)
         size = eta.abs().clamp(min=1e-300)
         exact = torch.where(eta > 0, (b - 1) * eta, a * eta) + log1mexp((b - a) * size) - log1mexp(size)
         near_zero = torch.log(b - a) + (a + b - 1) * eta / 2  # first order in eta, error O(eta^2)

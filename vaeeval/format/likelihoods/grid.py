@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Categorical, Distribution
 
 from vaeeval.core import numerics
-from vaeeval.format.domains import Domain
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods.base import CATEGORICAL, Likelihood, bin_edges, finite_edges, log1mexp, register, spec_levels
 from vaeeval.format.terms import PROBABILITY
 
@@ -21,6 +21,7 @@ class _GridLikelihood(Likelihood):
 
     measure = PROBABILITY
     keys = frozenset({"levels"})
+    value_range = (0.0, 1.0)
 
     def __init__(self, spec: Mapping[str, Any], input_shape: tuple[int, ...], params_per_dim: int) -> None:
         super().__init__(spec, input_shape, params_per_dim)
@@ -31,7 +32,7 @@ class _GridLikelihood(Likelihood):
         return f"values k/{self.levels - 1} for k = 0..{self.levels - 1}"
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
-        return Domain("discrete", self.levels).outside(x)
+        return Grid(self.levels).outside(x)
 
 
 @register
@@ -55,7 +56,7 @@ class CategoricalLikelihood(_GridLikelihood):
         return normalized.gather(-1, level).squeeze(-1)
 
     def log_prob_and_grad(
-        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log softmax(l)_k at each value's level k, and its gradient in closed form: onehot(k) - softmax(l)."""
         axis = self._param_axis(params)
@@ -89,7 +90,7 @@ class DiscretizedLogisticLikelihood(_GridLikelihood):
 
     def elementwise_log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, log_scale = self.split(params)
-        edges = bin_edges(x.to(params.dtype).expand_as(mean), self.levels, -math.inf, math.inf)
+        edges = bin_edges(x.to(params.dtype).expand_as(mean), Grid(self.levels), -math.inf, math.inf)
         lower, upper, open_low, open_high = finite_edges(*edges)
         inv_scale = torch.exp(-log_scale)
         u_a, u_b = (lower - mean) * inv_scale, (upper - mean) * inv_scale

@@ -12,6 +12,7 @@ import torch
 from torch.distributions import Distribution, Laplace, Normal
 
 from vaeeval.errors import SpecError
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods.base import (
     HALF_LOG_2PI,
     LOG_HALF,
@@ -85,25 +86,25 @@ class _LocationScale(Likelihood):
     def standard_log_pdf(t: torch.Tensor) -> torch.Tensor:
         """log f(t) of the standardized family."""
 
-    def _standardized_bins(self, params: torch.Tensor, x: torch.Tensor, levels: int):
+    def _standardized_bins(self, params: torch.Tensor, x: torch.Tensor, bins: Grid):
         location, scale = self.location_scale(params)
-        lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), levels, -math.inf, math.inf))
+        lower, upper, open_low, open_high = finite_edges(*bin_edges(x.expand_as(location), bins, -math.inf, math.inf))
         return (lower - location) / scale, (upper - location) / scale, open_low, open_high, scale
 
-    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
-        a, b, open_low, open_high, _ = self._standardized_bins(params, x, levels)
+    def log_bin_probability(self, params: torch.Tensor, x: torch.Tensor, bins: Grid) -> torch.Tensor:
+        a, b, open_low, open_high, _ = self._standardized_bins(params, x, bins)
         return log_symmetric_bin(self.standard_log_cdf, a, b, open_low, open_high)
 
     def log_prob_and_grad(
-        self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """On bins, the gradient in closed form: with a, b the bin's standardized edges and P its probability,
         d log P / d location = -(f(b) - f(a)) / (scale P) and d log P / d log scale = -(b f(b) - a f(a)) / P
         (an open edge contributes nothing); each ratio f / P is taken as exp(log f - log P)."""
-        if levels is None:
-            return super().log_prob_and_grad(params, x, levels)
+        if bins is None:
+            return super().log_prob_and_grad(params, x, bins)
         wide = params.double()
-        a, b, open_low, open_high, scale = self._standardized_bins(wide, x.double(), levels)
+        a, b, open_low, open_high, scale = self._standardized_bins(wide, x.double(), bins)
         terms = log_symmetric_bin(self.standard_log_cdf, a, b, open_low, open_high)
         at_b = torch.where(open_high, 0.0, torch.exp(self.standard_log_pdf(b) - terms))
         at_a = torch.where(open_low, 0.0, torch.exp(self.standard_log_pdf(a) - terms))
