@@ -11,7 +11,10 @@ Makes, in the output folder (default: this script's folder):
 * ``digits_categorical.safetensors`` -- categorical decoder over the 17 grey
   levels (17 blocks of 64 logits) on the grey digits;
 * ``digits_binary_test.npy`` and ``digits_grey_test.npy`` -- the held-out test
-  points of each version, float32 ``[297, 64]``.
+  points of each version, float32 ``[297, 64]``;
+* ``digits_grey_valid.npy`` -- the 200 grey validation points, float32 ``[200, 64]``:
+  held-out data to fit a decoder's sigma on (``vaeeval calibrate``) before scoring
+  the test points. ``--data-only`` writes the data files alone, without training.
 
 All have latent_dim 8, encoder 64-128-128-16 (8 means, then 8 log-variances)
 and decoder 8-128-128-(P x 64), ReLU in between. The split is fixed:
@@ -58,7 +61,7 @@ try:
 except ImportError:  # run from a source checkout without installing: use the checkout's vaeeval
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from vaeeval import save_model
-from vaeeval.format.likelihoods import continuous_bernoulli_log_norm
+from vaeeval.format.likelihoods.continuous_bernoulli import continuous_bernoulli_log_norm
 
 LATENT_DIM = 8
 HIDDEN = 128
@@ -301,7 +304,7 @@ def make_sample_model(
 ) -> None:
     """Train one model from scratch and write it and its test data to ``out``."""
     x_train, x_valid, x_test = (torch.from_numpy(spec.prepare(images)) for images in splits)
-    np.save(out / spec.test_file, x_test.numpy())
+    write_data(spec, splits, out)
     nll = spec.nll()
     encoder, decoder = make_encoder(), make_decoder(nll.params_per_pixel)
     print(f"{spec.name}: up to {spec.max_epochs} epochs on {len(x_train)} points, weight decay {spec.weight_decay:g}")
@@ -331,12 +334,32 @@ def make_sample_model(
         path.chmod(0o644)
 
 
+def data_files(spec: SampleModel, splits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """The data files a sample model comes with: its test points, and the grey validation points."""
+    _, valid, test = (spec.prepare(images) for images in splits)
+    files = {spec.test_file: test}
+    if spec.test_file == "digits_grey_test.npy":
+        files["digits_grey_valid.npy"] = valid
+    return files
+
+
+def write_data(spec: SampleModel, splits: tuple[np.ndarray, np.ndarray, np.ndarray], out: Path) -> None:
+    for name, array in data_files(spec, splits).items():
+        np.save(out / name, array)
+        (out / name).chmod(0o644)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
+    parser.add_argument("--data-only", action="store_true", help="write the data files only, without training")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     splits = digit_splits()
+    if args.data_only:
+        for spec in SAMPLE_MODELS:
+            write_data(spec, splits, args.out)
+        return
     torch.set_num_threads(1)  # one thread: the same numbers on every run
     for spec in SAMPLE_MODELS:
         torch.manual_seed(0)  # per model, so each can be reproduced on its own

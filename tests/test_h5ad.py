@@ -486,7 +486,9 @@ ERRORS = [
     ("wrong shape", _written(sparse.csr_matrix(binary(N, 0, dims=5))), [], ["data has shape [40, 5]; the model needs [N, 6]"]),
     ("no points", _written(sparse.csr_matrix((0, D), dtype=np.float32)), [], ["holds no data points"]),
     ("not finite", _with_value(np.nan), [], ["point 3, element [2] is nan; data must be finite"]),
-    ("outside the support", _with_value(2.0), [], ["point 3, element [2] is 2; the bernoulli likelihood needs exactly 0 or 1"]),
+    ("outside the support", _with_value(2.0), [], [
+        "point 3, element [2] is 2: the values span [0, 2], outside the model's [0, 1] (the bernoulli likelihood scores exactly 0 or 1)"
+    ]),
     ("a layer it lacks", lambda files, root: files["csr"], ["--layer", "raw"],
      ["has no layer 'raw'; it holds X and the layers counts: choose one with --layer"]),
     ("--key", lambda files, root: files["dense"], ["--key", "x"], ["--key selects an array of an .npz file; an .h5ad holds X and layers"]),

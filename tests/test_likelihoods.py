@@ -12,6 +12,7 @@ from scipy import stats
 from torch.distributions import ContinuousBernoulli
 
 from vaeeval.errors import SpecError
+from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods import StableContinuousBernoulli, likelihood_from_spec
 
 SHAPE = (2, 3, 4)  # an image-like input shape: P splits the axis before it
@@ -258,7 +259,7 @@ def test_gaussian_on_binary_bins_is_log_phi_of_the_split():
     likelihood = likelihood_from_spec({"family": "gaussian", "sigma": sigma}, {}, (4,))
     mean = torch.tensor([[[0.1, 0.9, -3.0, 4.0]]])
     x = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    found = likelihood.log_prob(mean, x, levels=2).item()
+    found = likelihood.log_prob(mean, x, bins=Grid(2)).item()
     t = (0.5 - mean[0, 0].double().numpy()) / sigma
     expected = stats.norm.logcdf(t[0]) + stats.norm.logsf(t[1]) + stats.norm.logsf(t[2]) + stats.norm.logcdf(t[3])
     assert found == pytest.approx(expected, rel=1e-9)
@@ -279,7 +280,7 @@ def test_location_scale_bins_are_cdf_differences_and_sum_to_one(spec, p, referen
     half = 0.5 / (levels - 1)
     for raw in ([0.37, -2.5], [0.0, -4.0], [1.5, -1.0]):
         params = torch.tensor([raw[:p]], dtype=torch.float64)[..., None]
-        logs = torch.stack([likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64), levels=levels) for v in grid])
+        logs = torch.stack([likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64), bins=Grid(levels)) for v in grid])
         assert torch.logsumexp(logs, 0).item() == pytest.approx(0.0, abs=1e-9)
         for k in (0, levels // 2, levels - 1):
             v = float(grid[k])
@@ -295,7 +296,7 @@ def test_gaussian_bins_stay_accurate_far_in_the_tails(mean):
     """50 standard deviations away, where cdf(b) - cdf(a) is 0 in float32 and float64 alike."""
     likelihood = likelihood_from_spec({"family": "gaussian", "sigma": 1.0}, {}, (1,))
     x = torch.tensor([[0.5]])
-    found = likelihood.log_prob(torch.tensor([[[mean]]]), x, levels=3).item()
+    found = likelihood.log_prob(torch.tensor([[[mean]]]), x, bins=Grid(3)).item()
     a, b = (0.25 - mean), (0.75 - mean)
     if a + b > 0:  # mirror into the lower tail, where scipy's logcdf is accurate
         a, b = -b, -a
@@ -311,7 +312,7 @@ def test_continuous_bernoulli_bins_sum_to_one_and_match_quadrature(logit, levels
     likelihood = likelihood_from_spec({"family": "continuous_bernoulli"}, {}, (1,))
     params = torch.full((1, 1, 1), logit, dtype=torch.float64)
     grid = torch.arange(levels, dtype=torch.float64) / (levels - 1)
-    logs = torch.stack([likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64), levels=levels) for v in grid])
+    logs = torch.stack([likelihood.log_prob(params, torch.tensor([[v]], dtype=torch.float64), bins=Grid(levels)) for v in grid])
     assert torch.logsumexp(logs, 0).item() == pytest.approx(0.0, abs=1e-9)
     if abs(logit) <= 20:
         def density(v: float, likelihood=likelihood, params=params) -> float:

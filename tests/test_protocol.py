@@ -22,6 +22,7 @@ from vaeeval.estimators.annealing.ais import AISOptions, evaluate_ais
 from vaeeval.estimators.annealing.bdmc import run_bdmc
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.data import covariate_headers, load_data, point_shape
+from vaeeval.format.domains import Grid
 from vaeeval.format.terms import DENSITY, MONTE_CARLO, PROBABILITY
 from vaeeval.results.schemas import schema
 from vaeeval.user.arch import ArchOptions, arch_model
@@ -140,6 +141,13 @@ class MeanDecode(NormalDecode):
 
     def decode(self, z):
         return self.decoder(z)
+
+
+class GumbelDecode(NormalDecode):
+    """decode returns a Gumbel, whose bins come from its own cdf."""
+
+    def decode(self, z):
+        return Independent(torch.distributions.Gumbel(self.decoder(z), 2**-7), 1)
 
 
 class Absorbed(AffineFlow):
@@ -651,9 +659,20 @@ def test_a_normal_from_decode_is_binned_exactly_in_both_tails_like_format_1(mode
 
     means = torch.as_tensor(rng.random((5, 6)), dtype=torch.float32)
     values = torch.as_tensor(rng.choice([0.0, 1.0, 40 / 255, 200 / 255], size=(5, 6)), dtype=torch.float32)
-    own_bins = log_prob_of(Independent(Normal(means, 2**-7), 1), values, 256)
-    format_bins = gaussian.likelihood.log_prob(means[:, None], values, 256)
+    own_bins = log_prob_of(Independent(Normal(means, 2**-7), 1), values, Grid(256))
+    format_bins = gaussian.likelihood.log_prob(means[:, None], values, Grid(256))
     np.testing.assert_allclose(own_bins.numpy(), format_bins.numpy(), rtol=1e-12)
+
+
+def test_bins_from_a_distributions_own_cdf_carry_a_note_on_their_floor(models):
+    folder, module = models
+    np.save(folder / "x.npy", np.random.default_rng(4).choice([0.0, 1.0, 0.5], size=(4, 6)).astype(np.float32))
+    notes = {}
+    for name in ("GumbelDecode", "NormalDecode"):
+        model, _ = _load(folder, _save(getattr(module, name)(), folder, name), folder / "x.npy", name)
+        notes[name] = [note for note in model.notes if "floored at 1e-308" in note]
+    assert len(notes["GumbelDecode"]) == 1 and "Independent(Gumbel(Uniform))" in notes["GumbelDecode"][0]
+    assert notes["NormalDecode"] == []
 
 
 def _mixture_bin_reference(x, weights, means, scales, levels):
@@ -685,7 +704,7 @@ def test_a_per_value_mixture_of_normals_is_binned_exactly_in_both_tails():
     scales = torch.tensor([[[0.01, 0.02, 0.005], [0.003, 0.004, 0.01], [0.02, 0.02, 0.02], [0.001, 0.002, 0.003]]], dtype=torch.float64)
     x = torch.tensor([[200 / 255, 1.0, 0.0, 3 / 255]], dtype=torch.float64)  # tens to hundreds of scales from every mean
     mixture = Independent(MixtureSameFamily(Categorical(logits=logits), Normal(means, scales)), 1)
-    found = log_prob_of(mixture, x, levels).item()
+    found = log_prob_of(mixture, x, Grid(levels)).item()
     weights = torch.softmax(logits, -1)[0]
     expected = sum(_mixture_bin_reference(x[0, d].item(), weights[d].tolist(), means[0, d].tolist(), scales[0, d].tolist(), levels)
                    for d in range(4))

@@ -45,8 +45,8 @@ def test_scoring_choice(likelihood, detected, declared, options, measure, levels
     ("likelihood", "detected", "options", "phrase"),
     [
         (GAUSSIAN, Domain("discrete", 17), {"discretize": 5, "density": True}, "contradict"),
-        (GAUSSIAN, Domain("unit_interval"), {"discretize": 17}, "not on the grid k/16"),
-        (GAUSSIAN, Domain("discrete", 17), {"discretize": 5}, "not on the grid k/4"),
+        (GAUSSIAN, Domain("unit_interval"), {"discretize": 17}, "not on the grid of 17 levels k/16"),
+        (GAUSSIAN, Domain("discrete", 17), {"discretize": 5}, "not on the grid of 5 levels k/4"),
         (CATEGORICAL, Domain("discrete", 17), {"discretize": 5}, "own event is one of 17 levels"),
     ],
 )
@@ -115,4 +115,4 @@ def test_cli_flags_choose_the_measure(tmp_path):
     coarse = summary("--discretize", "17")
     assert coarse["summary"]["iwae"] == auto["summary"]["iwae"]
     refused = CliRunner().invoke(main, ["elbo", str(model.path), str(path), "-k", "4", "--discretize", "5"])
-    assert refused.exit_code == 2 and "not on the grid k/4" in refused.stderr
+    assert refused.exit_code == 2 and "not on the grid of 5 levels k/4" in refused.stderr

@@ -99,8 +99,8 @@ SCORING = _object(
         "levels": {"type": ["integer", "null"]},
         "data_levels": {"type": ["integer", "null"]},
         "note": STRING,
+        "range": RANGE,
     },
-    {"range": RANGE},
 )
 DIAGNOSTICS = _object(
     {

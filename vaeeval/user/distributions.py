@@ -279,6 +279,25 @@ def _log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.T
 _STANDARD_LOG_CDF = {Normal: GaussianLikelihood.standard_log_cdf, Laplace: LaplaceLikelihood.standard_log_cdf}
 
 
+def exact_bins(distribution: Distribution) -> bool:
+    """Its bins go through the tail-mirrored formula (``_exact_log_bin``), exact in both tails."""
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    if type(distribution) is MixtureSameFamily:
+        components = distribution.component_distribution
+        return not isinstance(components, Independent) and exact_bins(components)
+    return type(distribution) in _STANDARD_LOG_CDF
+
+
+def cdf_floor_note(distribution: Distribution) -> str | None:
+    """What the output must say where a distribution's bins come from its own ``cdf``: they have a floor."""
+    if exact_bins(distribution):
+        return None
+    return (f"on discrete data the bins of {describe(distribution)} are its own cdf(hi) - cdf(lo) in float64, floored at "
+            "1e-308: a bin far in its upper tail (mass below about 1e-16 of the cdf there) reads as that floor, not as "
+            "its true log-probability (Normal, Laplace and per-value mixtures of them are exact in both tails)")
+
+
 def _exact_log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor | None:
     """log P(bin) by the tail-mirrored formula, for the families it covers (their exact classes: a subclass
     may define its own ``cdf``); None for any other distribution."""

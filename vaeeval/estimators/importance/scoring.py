@@ -90,7 +90,7 @@ def choose_scoring(
             return Scoring(DENSITY, None, None, f"log-densities ({family}; the data is continuous)")
         return Scoring(PROBABILITY, found.levels, found.levels, _binned(found, family, "the data is discrete"), span)
     bins = Grid(discretize, *(grid_range or span))
-    if found is not None and (found.low, found.high) == (bins.low, bins.high) and bins.refined_by(found.levels):
+    if found is not None and (found.low, found.high) == (bins.low, bins.high) and found.refined_by(discretize):
         return Scoring(PROBABILITY, discretize, found.levels, _binned(bins, family, "--discretize"), span)
     bad = None if array is None else off_grid(array, bins)
     if array is None or bad is not None:
