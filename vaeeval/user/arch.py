@@ -46,7 +46,16 @@ from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
 from vaeeval.user.distributions import describe
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
-from vaeeval.user.protocol import ASSUMED, ArchModel, DistributionLikelihood, DistributionPrior, as_posterior, diagonal, standard_normal
+from vaeeval.user.protocol import (
+    ASSUMED,
+    ArchModel,
+    DistributionLikelihood,
+    DistributionPrior,
+    as_posterior,
+    diagonal,
+    discreteness,
+    standard_normal,
+)
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
 
@@ -337,6 +346,7 @@ def arch_model(
         posterior_of=lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0]),
         decode_of=decoder.call,
         covariates=tuple(covariates),
+        discrete_latent=discreteness(posterior, prior.distribution(z)),
     )
 
 

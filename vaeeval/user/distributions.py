@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 from torch.distributions import (
+    Bernoulli,
     Categorical,
     Distribution,
     Independent,
@@ -25,6 +26,7 @@ from torch.distributions import (
     MixtureSameFamily,
     MultivariateNormal,
     Normal,
+    OneHotCategorical,
     TransformedDistribution,
     kl_divergence,
 )
@@ -157,6 +159,9 @@ def in_float64(distribution: Distribution) -> Distribution:
         return LowRankMultivariateNormal(
             distribution.loc.double(), distribution.cov_factor.double(), distribution.cov_diag.double(), validate_args=False
         )
+    if type(distribution) in (Bernoulli, Categorical, OneHotCategorical):  # the parameter it was given, as given
+        given = "probs" if distribution._param is vars(distribution).get("probs") else "logits"
+        return type(distribution)(**{given: getattr(distribution, given).double()}, validate_args=False)
     if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
         components = in_float64(distribution.component_distribution)
         if components is distribution.component_distribution:
@@ -195,11 +200,19 @@ def log_prob64(distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
 
 
 def analytic_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | None:
-    """KL(posterior || prior) per point when torch registers the pair in closed form, else None."""
+    """KL(posterior || prior) per point when torch has the pair in closed form, else None (then sampled).
+
+    The prior is broadcast to the posterior's batch first (a ``prior()`` has batch ``[]``,
+    which not every closed form of torch's accepts). A closed form that fails for any
+    reason (unregistered, a shape it mishandles, a value it cannot take) is no closed form.
+    """
     try:
-        return kl_divergence(posterior, prior)
-    except NotImplementedError:
+        if tuple(prior.batch_shape) != tuple(posterior.batch_shape):
+            prior = prior.expand(posterior.batch_shape)
+        found = kl_divergence(posterior, prior)
+    except Exception:  # torch's registered closed forms raise NotImplementedError, IndexError, RuntimeError, ...
         return None
+    return found if tuple(found.shape) == tuple(posterior.batch_shape) else None
 
 
 def describe(distribution: Distribution) -> str:
