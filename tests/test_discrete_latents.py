@@ -11,21 +11,31 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from scipy import special
-from torch.distributions import Normal, kl_divergence, register_kl
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Independent,
+    Normal,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
+    kl_divergence,
+    register_kl,
+)
 
 from vaeeval.cli import main
-from vaeeval.user.distributions import analytic_kl
+from vaeeval.user.distributions import analytic_kl, keyed, keyed_sample
 
 MODELS = '''
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Beta, Independent, OneHotCategorical
 
 
 class CategoricalVAE(nn.Module):
     """One 10-way categorical latent, one-hot, a learned prior; six Bernoulli pixels."""
 
-    def __init__(self, dims=6, classes=10):
+    def __init__(self, dims=16, classes=10):
         super().__init__()
         self.encoder = nn.Linear(dims, classes)
         self.decoder = nn.Linear(classes, dims)
@@ -44,7 +54,7 @@ class CategoricalVAE(nn.Module):
 class BernoulliVAE(nn.Module):
     """Eight Bernoulli latents under a prior without batch dimensions, as users write it."""
 
-    def __init__(self, dims=6, latent=8):
+    def __init__(self, dims=16, latent=8):
         super().__init__()
         self.encoder = nn.Linear(dims, latent)
         self.decoder = nn.Linear(latent, dims)
@@ -57,9 +67,19 @@ class BernoulliVAE(nn.Module):
 
     def prior(self):
         return Independent(Bernoulli(0.5 * torch.ones(8)), 1)
+
+
+class BetaVAE(BernoulliVAE):
+    """A posterior vaeeval cannot draw from keyed: evaluated, with a note."""
+
+    def encode(self, x):
+        return Independent(Beta(self.encoder(x).exp(), 1.0), 1)
+
+    def prior(self):
+        return Independent(Beta(torch.ones(8), torch.ones(8)), 1)
 '''
 
-DIMS, CLASSES, UNITS = 6, 10, 8
+DIMS, CLASSES, UNITS = 16, 10, 8
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +93,7 @@ def folder(tmp_path_factory):
 
         module = importlib.import_module("models")
         torch.manual_seed(0)
-        for name in ("CategoricalVAE", "BernoulliVAE"):
+        for name in ("CategoricalVAE", "BernoulliVAE", "BetaVAE"):
             model = getattr(module, name)()
             with torch.no_grad():
                 for parameter in model.parameters():
@@ -146,3 +166,66 @@ def test_annealing_a_discrete_latent_is_refused_in_one_line(folder, command):
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "the latent is discrete (q(z|x) OneHotCategorical and p(z) OneHotCategorical)" in result.stderr
     assert "HMC, which needs a continuous latent" in result.stderr and "--enumerate" in result.stderr
+
+
+_PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.0, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        Independent(Bernoulli(probs=_PROBS), 1),
+        OneHotCategorical(probs=_PROBS),
+        Categorical(probs=_PROBS),
+        Independent(RelaxedBernoulli(torch.tensor(0.5), probs=_PROBS), 1),
+        RelaxedOneHotCategorical(torch.tensor(0.5), probs=_PROBS),
+    ],
+    ids=["bernoulli", "one_hot", "categorical", "relaxed_bernoulli", "relaxed_one_hot"],
+)
+def test_discrete_families_are_drawn_from_keyed_noise_with_their_own_law(family):
+    assert keyed(family)
+    indices = np.array([4, 9, 11])
+    draws = keyed_sample(family, 3, indices, 0, 4000)  # [S, B, *event]
+    # sample k of point i depends on (seed, i, k) only: the middle point drawn alone, from a later sample on
+    alone = keyed_sample(_row(family, 1), 3, indices[1:2], 1000, 1200)
+    assert torch.equal(alone[:, 0], draws[1000:1200, 1])
+    if isinstance(family, Categorical):
+        frequencies = torch.nn.functional.one_hot(draws, 4).double().mean(0)
+    else:
+        frequencies = draws.double().mean(0)
+    if isinstance(family, Independent) and isinstance(family.base_dist, RelaxedBernoulli):
+        assert ((draws > 0) & (draws < 1)).all()
+        frequencies = (draws > 0.5).double().mean(0)  # logistic noise: P(draw > 1/2) = p, at any temperature
+    if isinstance(family, RelaxedOneHotCategorical):
+        assert torch.allclose(draws.sum(-1), torch.ones(()).double().float(), atol=1e-5)
+        frequencies = torch.nn.functional.one_hot(draws.argmax(-1), 4).double().mean(0)  # Gumbel-max: the argmax is categorical
+    # 4000 draws: a frequency's standard error is at most 0.008
+    np.testing.assert_allclose(frequencies.numpy(), _PROBS.double().numpy(), atol=0.035)
+    assert (frequencies[1, 1] == 0).item()  # a category of probability 0 is never drawn
+
+
+def _row(family, row):
+    """The same distribution for one point (row ``row`` of the batch)."""
+    if isinstance(family, Independent):
+        return Independent(_row(family.base_dist, row), family.reinterpreted_batch_ndims)
+    if isinstance(family, RelaxedBernoulli | RelaxedOneHotCategorical):
+        return type(family)(family.temperature, probs=family.probs[row : row + 1])
+    return type(family)(probs=family.probs[row : row + 1])
+
+
+@pytest.mark.parametrize("name", ["CategoricalVAE", "BernoulliVAE"])
+def test_every_number_is_bit_identical_for_any_batch_size(folder, name):
+    documents = []
+    for batch_size in (1, 7, 100):
+        document = _json(folder, name, "-k", "50", "--batch-size", str(batch_size))
+        assert document["settings"].pop("batch_size") == batch_size
+        documents.append(json.dumps(document))
+    assert documents[0] == documents[1] == documents[2]
+
+
+def test_a_posterior_drawn_by_its_own_sample_is_evaluated_with_a_note(folder):
+    document = _json(folder, "BetaVAE", "-k", "20")
+    note = "q(z|x) is Independent(Beta), drawn by its own sample() under a generator seeded per batch: its numbers depend on --batch-size"
+    assert any(n.startswith(note) for n in document["model"]["notes"])
+    table = _run(folder, "BetaVAE", "elbo", "-k", "20")
+    assert table.exit_code == 0 and "depend on --batch-size" in table.stdout

@@ -44,7 +44,7 @@ from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
-from vaeeval.user.distributions import describe
+from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
 from vaeeval.user.protocol import (
     ASSUMED,
@@ -55,6 +55,7 @@ from vaeeval.user.protocol import (
     diagonal,
     discreteness,
     standard_normal,
+    unkeyed_note,
 )
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
@@ -323,6 +324,8 @@ def arch_model(
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
         prior.spec["source"] = ASSUMED  # in words in the notes, and in JSON here
+    if general and not keyed(posterior):
+        notes.append(unkeyed_note(posterior))
     fields = {
         "encoder": encoder,
         "decoder": decoder,

@@ -258,3 +258,12 @@ def discreteness(posterior: Distribution, prior: Distribution) -> str | None:
     """Which of q(z|x) and p(z) has a discrete support, in words (``q(z|x) OneHotCategorical``); None if neither."""
     found = [f"{name} {describe(d)}" for name, d in (("q(z|x)", posterior), ("p(z)", prior)) if d.support.is_discrete]
     return " and ".join(found) or None
+
+
+def unkeyed_note(posterior: Distribution) -> str:
+    """The note for a q(z|x) that vaeeval can only draw from by its own ``sample``."""
+    return (
+        f"q(z|x) is {describe(posterior)}, drawn by its own sample() under a generator seeded per batch: its numbers "
+        "depend on --batch-size (vaeeval draws Normal, MultivariateNormal, flows, mixtures, Bernoulli, Categorical, "
+        "OneHotCategorical and the relaxed families from keyed noise instead)"
+    )
