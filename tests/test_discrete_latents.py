@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -41,14 +42,14 @@ class CategoricalVAE(nn.Module):
         self.decoder = nn.Linear(classes, dims)
         self.prior_logits = nn.Parameter(torch.zeros(classes))
 
-    def encode(self, x):
-        return OneHotCategorical(logits=self.encoder(x))
+    def encode(self, x):  # float64 logits: torch normalizes a Categorical's logits in their own dtype
+        return OneHotCategorical(logits=self.encoder(x).double())
 
     def decode(self, z):
         return Independent(Bernoulli(logits=self.decoder(z)), 1)
 
     def prior(self):
-        return OneHotCategorical(logits=self.prior_logits)
+        return OneHotCategorical(logits=self.prior_logits.double())
 
 
 class BernoulliVAE(nn.Module):
@@ -96,8 +97,9 @@ def folder(tmp_path_factory):
         for name in ("CategoricalVAE", "BernoulliVAE", "BetaVAE"):
             model = getattr(module, name)()
             with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.copy_(torch.randn_like(parameter) * 1.5)
+                for key, parameter in model.named_parameters():  # multiples of 1/8: every logit exact in float32
+                    spread = 2 if key.startswith("encoder") else 12  # a broad q(z|x), that IWAE converges from
+                    parameter.copy_(torch.round(torch.randn_like(parameter) * spread) / 8)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{name}.safetensors")
     finally:
         sys.path.remove(str(folder))
@@ -213,11 +215,12 @@ def _row(family, row):
     return type(family)(probs=family.probs[row : row + 1])
 
 
+@pytest.mark.parametrize("how", ["--enumerate", "--no-enumerate"])
 @pytest.mark.parametrize("name", ["CategoricalVAE", "BernoulliVAE"])
-def test_every_number_is_bit_identical_for_any_batch_size(folder, name):
+def test_every_number_is_bit_identical_for_any_batch_size(folder, name, how):
     documents = []
     for batch_size in (1, 7, 100):
-        document = _json(folder, name, "-k", "50", "--batch-size", str(batch_size))
+        document = _json(folder, name, "-k", "50", "--batch-size", str(batch_size), how)
         assert document["settings"].pop("batch_size") == batch_size
         documents.append(json.dumps(document))
     assert documents[0] == documents[1] == documents[2]
@@ -229,3 +232,56 @@ def test_a_posterior_drawn_by_its_own_sample_is_evaluated_with_a_note(folder):
     assert any(n.startswith(note) for n in document["model"]["notes"])
     table = _run(folder, "BetaVAE", "elbo", "-k", "20")
     assert table.exit_code == 0 and "depend on --batch-size" in table.stdout
+
+
+def _exact(folder, name):
+    """log p(x), ELBO, recon and KL of every point by summing over z in NumPy float64 (the logits are exact in float32)."""
+    w = _weights(folder, name)
+    x = np.load(folder / "x.npy").astype(np.float64)
+    encoded = x @ w["encoder.weight"].T + w["encoder.bias"]  # [N, units or classes]
+    if name == "CategoricalVAE":
+        z = np.eye(CLASSES)
+        log_q = special.log_softmax(encoded, axis=1)  # [N, M]
+        log_p = special.log_softmax(w["prior_logits"])  # [M]
+    else:
+        z = np.array(list(itertools.product([0.0, 1.0], repeat=UNITS)))
+        log_q = z @ encoded.T - np.logaddexp(0, encoded).sum(1)  # [M, N]
+        log_q, log_p = log_q.T, np.full(len(z), UNITS * np.log(0.5))
+    decoded = z @ w["decoder.weight"].T + w["decoder.bias"]  # [M, D]
+    log_lik = np.stack([_log_bernoulli(point, decoded) for point in x])  # [N, M]
+    q = np.exp(log_q)
+    recon, kl = (q * log_lik).sum(1), (q * (log_q - log_p)).sum(1)
+    return special.logsumexp(log_lik + log_p, axis=1), recon - kl, recon, kl
+
+
+@pytest.mark.parametrize("name", ["CategoricalVAE", "BernoulliVAE"])
+def test_enumeration_gives_the_exact_sums(folder, name):
+    document = _json(folder, name, "--enumerate")
+    log_px, elbo, recon, kl = _exact(folder, name)
+    found = {key: np.array([point[key] for point in document["points"]]) for key in ("iwae", "elbo", "recon", "kl")}
+    for key, exact in (("iwae", log_px), ("elbo", elbo), ("recon", recon), ("kl", kl)):
+        np.testing.assert_allclose(found[key], exact, rtol=1e-9, atol=0, err_msg=key)
+    points = document["points"]
+    assert all(p["khat"] is None and not p["unreliable"] and p["iwae_stderr"] == 0 for p in points)
+    assert any(note.startswith("log p(x) exact: summed over all") for note in document["model"]["notes"])
+    assert document["model"]["kl"] == "analytic"
+    # chosen by itself below --max-support, not above it
+    assert _json(folder, name)["points"] == points
+    assert _json(folder, name, "--max-support", "9", "-k", "20")["points"][0]["iwae_stderr"] > 0
+
+
+@pytest.mark.parametrize("name", ["CategoricalVAE", "BernoulliVAE"])
+def test_iwae_at_large_k_agrees_with_the_enumeration(folder, name):
+    sampled = _json(folder, name, "--no-enumerate", "-k", "4000")["points"]
+    log_px = _exact(folder, name)[0]
+    iwae, stderr = np.array([p["iwae"] for p in sampled]), np.array([p["iwae_stderr"] for p in sampled])
+    assert np.all(np.abs(iwae - log_px) < 3 * stderr + 1e-12), (iwae - log_px) / stderr
+
+
+def test_enumerate_past_the_limit_or_on_a_continuous_latent_is_refused_in_one_line(folder):
+    result = _run(folder, "BernoulliVAE", "elbo", "--enumerate", "--max-support", "100")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--enumerate: z takes 256 values, more than --max-support 100; raise --max-support" in result.stderr
+    result = _run(folder, "BetaVAE", "elbo", "--enumerate")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--enumerate sums over every value of z, which needs q(z|x) and p(z) discrete" in result.stderr

@@ -350,6 +350,7 @@ def arch_model(
         decode_of=decoder.call,
         covariates=tuple(covariates),
         discrete_latent=discreteness(posterior, prior.distribution(z)),
+        discrete_posterior=posterior.support.is_discrete,
     )
 
 

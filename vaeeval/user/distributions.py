@@ -324,10 +324,16 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None =
             )
         x = x.reshape(shape)
     if bins is None or distribution.support.is_discrete:
-        terms = distribution.log_prob(x)
+        terms = _summed(distribution, lambda part: _log_prob_of_part(part, x))
     else:
         terms = _log_bin(distribution, x, bins)
     return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
+
+
+def _log_prob_of_part(distribution: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) per element: in float64 with fixed bits for a Bernoulli or a Categorical, else the distribution's own."""
+    found = discrete.log_prob(distribution, x)
+    return distribution.log_prob(x) if found is None else found
 
 
 def _log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor:
