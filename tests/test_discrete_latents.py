@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +287,35 @@ def test_enumerate_past_the_limit_or_on_a_continuous_latent_is_refused_in_one_li
     result = _run(folder, "BetaVAE", "elbo", "--enumerate")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "--enumerate sums over every value of z, which needs q(z|x) and p(z) discrete" in result.stderr
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- tests/test_discrete_latents.py runs this block and the two commands after it -->"
+
+
+def test_readme_categorical_example_runs(tmp_path):
+    """The README's categorical latent, verbatim: elbo sums over its 10 values, ais refuses it."""
+    after = README.read_text().split(MARKER, 1)[1]
+    match = re.match(r"\n```python\n(.*?)```\s*\n```sh\n(.*?)```", after, re.S)
+    assert match, "the marked example is a ```python block, then a ```sh block"
+    code, commands = match.group(1), [line.split("#", 1)[0].split() for line in match.group(2).splitlines()]
+    glue = [line for line in code.splitlines() if line.strip().startswith("return ")]
+    assert len(glue) <= 5
+    (tmp_path / "categorical.py").write_text(code)
+    namespace: dict = {}
+    exec(compile(code, "README.md (categorical latent)", "exec"), namespace)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        module = namespace["CategoricalVAE"]()
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp_path / "categorical.safetensors")
+    np.save(tmp_path / "mnist_test.npy", (np.random.default_rng(1).random((5, 784)) < 0.3).astype(np.float32))
+    results = []
+    for command in commands:
+        assert command[0] == "vaeeval"
+        args = [str(tmp_path / a) if a.endswith((".npy", ".safetensors")) or ".py:" in a else a for a in command[1:]]
+        results.append(CliRunner().invoke(main, args + (["--json"] if args[0] == "elbo" else [])))
+    elbo, ais = results
+    assert elbo.exit_code == 0, elbo.output
+    document = json.loads(elbo.stdout)
+    assert any(note.startswith("log p(x) exact: summed over all 10 values of z") for note in document["model"]["notes"])
+    assert ais.exit_code == 2 and "needs a continuous latent" in ais.stderr
