@@ -32,7 +32,7 @@ from vaeeval.user.distributions import analytic_kl, keyed, keyed_sample
 MODELS = '''
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Beta, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Beta, Independent, OneHotCategorical, RelaxedOneHotCategorical
 
 
 class CategoricalVAE(nn.Module):
@@ -72,6 +72,16 @@ class BernoulliVAE(nn.Module):
         return Independent(Bernoulli(0.5 * torch.ones(8)), 1)
 
 
+class RelaxedVAE(BernoulliVAE):
+    """A Gumbel-softmax latent over 8 categories at temperature 1/2: drawn keyed, its density vaeeval's own."""
+
+    def encode(self, x):
+        return RelaxedOneHotCategorical(torch.tensor(0.5), logits=self.encoder(x))
+
+    def prior(self):
+        return RelaxedOneHotCategorical(torch.tensor(0.5), logits=torch.zeros(8))
+
+
 class BetaVAE(BernoulliVAE):
     """A posterior vaeeval cannot draw from keyed: evaluated, with a note."""
 
@@ -96,7 +106,7 @@ def folder(tmp_path_factory):
 
         module = importlib.import_module("models")
         torch.manual_seed(0)
-        for name in ("CategoricalVAE", "BernoulliVAE", "BetaVAE"):
+        for name in ("CategoricalVAE", "BernoulliVAE", "RelaxedVAE", "BetaVAE"):
             model = getattr(module, name)()
             with torch.no_grad():
                 for key, parameter in model.named_parameters():  # multiples of 1/8: every logit exact in float32
@@ -217,8 +227,11 @@ def _row(family, row):
     return type(family)(probs=family.probs[row : row + 1])
 
 
-@pytest.mark.parametrize("how", ["--enumerate", "--no-enumerate"])
-@pytest.mark.parametrize("name", ["CategoricalVAE", "BernoulliVAE"])
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [(name, how) for name in ("CategoricalVAE", "BernoulliVAE") for how in ("--enumerate", "--no-enumerate")]
+    + [("RelaxedVAE", "--no-enumerate")],
+)
 def test_every_number_is_bit_identical_for_any_batch_size(folder, name, how):
     documents = []
     for batch_size in (1, 7, 100):
@@ -319,3 +332,13 @@ def test_readme_categorical_example_runs(tmp_path):
     document = json.loads(elbo.stdout)
     assert any(note.startswith("log p(x) exact: summed over all 10 values of z") for note in document["model"]["notes"])
     assert ais.exit_code == 2 and "needs a continuous latent" in ais.stderr
+
+
+@pytest.mark.parametrize("family", [RelaxedBernoulli, RelaxedOneHotCategorical])
+def test_relaxed_densities_equal_torchs(family):
+    from vaeeval.user import discrete
+
+    generator = torch.Generator().manual_seed(0)
+    distribution = family(torch.tensor(0.6, dtype=torch.float64), logits=torch.randn(3, 5, dtype=torch.float64, generator=generator))
+    y = distribution.sample((4,)).clone()  # a fresh tensor: torch inverts it as vaeeval does, without its cache
+    np.testing.assert_allclose(discrete.log_prob(distribution, y).numpy(), distribution.log_prob(y).numpy(), rtol=1e-12)

@@ -16,7 +16,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Distribution,
+    Independent,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
+)
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
@@ -82,7 +90,29 @@ def log_prob(distribution: Distribution, z: torch.Tensor) -> torch.Tensor | None
         index = index[..., None]
         logs = logs.expand(*torch.broadcast_shapes(index.shape[:-1], logs.shape[:-1]), logs.shape[-1])
         return logs.gather(-1, index.expand(*logs.shape[:-1], 1)).squeeze(-1)
+    if type(distribution) in (RelaxedBernoulli, RelaxedOneHotCategorical):
+        return _relaxed_log_prob(distribution, z.double())
     return None
+
+
+def _relaxed_log_prob(distribution: RelaxedBernoulli | RelaxedOneHotCategorical, y: torch.Tensor) -> torch.Tensor:
+    """The density of a relaxed draw ``y`` in float64: its logit (or log) x's density less log |dy/dx|.
+
+    RelaxedBernoulli: x = logit y, log p(x) = log t + d - 2 softplus(d) with d = logits - t x, and
+    log |dy/dx| = -softplus(-x) - softplus(x). RelaxedOneHotCategorical: x = log y, log p(x) =
+    lgamma(K) + (K - 1) log t + sum_k (s_k - logsumexp s) with s = logits - t x (Maddison et al. 2017),
+    and log |dy/dx| = sum_k x_k.
+    """
+    t = distribution.temperature.double()
+    if isinstance(distribution, RelaxedBernoulli):
+        x = numerics.log(y) - numerics.log(1 - y)
+        d = distribution.logits.double() - t * x
+        return numerics.log(t) + d - 2 * numerics.softplus(d) + numerics.softplus(-x) + numerics.softplus(x)
+    x = numerics.log(y)
+    k = y.shape[-1]
+    scores = numerics.log_softmax(distribution.logits.double()) - t * x
+    normalized = numerics.tree_sum(scores - numerics.logsumexp(scores, dim=-1)[..., None])
+    return math.lgamma(k) + (k - 1) * numerics.log(t) + normalized - numerics.tree_sum(x)
 
 
 def kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | None:
