@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from vaeeval.cli.options import (
     table,
     warn,
 )
+from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.format.model import Model
 from vaeeval.output.documents import elbo_document, latents_document
@@ -47,6 +49,11 @@ from vaeeval.user.sources import load
               help="Write recon out as the loss it was trained with (SSE, BCE, ...) plus the terms that make it a log-likelihood.")
 @click.option("--plot", type=PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
+@click.option("--enumerate/--no-enumerate", "enumerate_latent", default=None,
+              help="A discrete latent (Bernoulli, categorical): log p(x), ELBO and KL exact by summing over every value "
+                   "of z [default: when z takes at most --max-support values].")
+@click.option("--max-support", type=click.IntRange(min=1), default=DEFAULT_MAX_SUPPORT, show_default=True, metavar="N",
+              help="The most values of z summed over (--enumerate).")
 @option_group(*STREAMING)
 @click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
               help="Exit 1 when the mean of elbo, recon or iwae is below VALUE (repeatable).")
@@ -78,6 +85,7 @@ def elbo(
       vaeeval elbo model.safetensors data.npy --output run.jsonl --resume --fail-under iwae=-85
       torchrun --nproc-per-node 2 -m vaeeval elbo model.safetensors data.npy --json
       vaeeval elbo weights.safetensors data.npy --arch vae.py:VAE --likelihood bernoulli --decoder-output probs
+      vaeeval elbo weights.safetensors data.npy --arch vae.py:CategoricalVAE --enumerate
     """
     thresholds = [Threshold.parse(text) for text in fail_under]
     streaming = streaming_settings(options)
@@ -85,7 +93,8 @@ def elbo(
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
-    settings = evaluation_settings(options)
+    exact = {"enumerate_latent": options.pop("enumerate_latent"), "max_support": options.pop("max_support")}
+    settings = replace(evaluation_settings(options), **exact)
     loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     warn(loaded)
     if plot is not None:

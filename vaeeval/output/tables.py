@@ -146,6 +146,11 @@ def _trust_columns(evaluation: Evaluation) -> dict[str, Any]:
 def _trust_lines(evaluation: Evaluation) -> list[str]:
     diagnostics = evaluation.summary.diagnostics
     flagged = diagnostics.unreliable
+    if np.isnan(evaluation.points.khat).all():  # an exact enumeration: no importance weights
+        return [
+            f"log p(x) − ELBO: {num(diagnostics.gap.mean, 3)} ± {num(diagnostics.gap.stderr, 3)} nats (the inference "
+            "gap, exact). k-hat does not apply: log p(x) is a sum over every value of z, with no importance weights."
+        ]
     lines = [
         f"IWAE − ELBO: {num(diagnostics.gap.mean, 3)} ± {num(diagnostics.gap.stderr, 3)} nats "
         "(a lower bound on the inference gap); mean ESS/K "

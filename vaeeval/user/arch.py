@@ -44,9 +44,19 @@ from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
-from vaeeval.user.distributions import cdf_floor_note, describe
+from vaeeval.user.distributions import cdf_floor_note, describe, keyed
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
-from vaeeval.user.protocol import ASSUMED, ArchModel, DistributionLikelihood, DistributionPrior, as_posterior, diagonal, standard_normal
+from vaeeval.user.protocol import (
+    ASSUMED,
+    ArchModel,
+    DistributionLikelihood,
+    DistributionPrior,
+    as_posterior,
+    diagonal,
+    discreteness,
+    standard_normal,
+    unkeyed_note,
+)
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
 
@@ -317,6 +327,8 @@ def arch_model(
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
         prior.spec["source"] = ASSUMED  # in words in the notes, and in JSON here
+    if general and not keyed(posterior):
+        notes.append(unkeyed_note(posterior))
     fields = {
         "encoder": encoder,
         "decoder": decoder,
@@ -340,6 +352,8 @@ def arch_model(
         posterior_of=lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0]),
         decode_of=decoder.call,
         covariates=tuple(covariates),
+        discrete_latent=discreteness(posterior, prior.distribution(z)),
+        discrete_posterior=posterior.support.is_discrete,
     )
 
 

@@ -4,8 +4,10 @@ The ``--arch`` protocol lets a model return distributions. vaeeval then needs, f
 them: draws keyed by (seed, point, sample) so that numbers never depend on the batch
 (``keyed_sample``, for the families it can write as a transform of standard noise:
 Normal, Independent, MultivariateNormal, LowRankMultivariateNormal, TransformedDistribution
-(normalizing flows), MixtureSameFamily; anything else is drawn by its own ``sample``
-under a generator seeded per batch), the KL when torch registers it in closed form
+(normalizing flows), MixtureSameFamily; or of the uniforms that noise is the quantiles of:
+Bernoulli, Categorical, OneHotCategorical, RelaxedBernoulli, RelaxedOneHotCategorical;
+anything else is drawn by its own ``sample`` under a generator seeded per batch, and
+the model's notes say so), the KL when torch registers it in closed form
 (``analytic_kl``), whether its numbers are densities or probabilities (its support),
 and log p(x|z) summed over a data point, on the data's bins where asked (``log_prob_of``).
 """
@@ -13,10 +15,12 @@ and log p(x|z) summed over a data point, on the data's bins where asked (``log_p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.distributions import (
+    Bernoulli,
     Categorical,
     Distribution,
     Independent,
@@ -25,6 +29,9 @@ from torch.distributions import (
     MixtureSameFamily,
     MultivariateNormal,
     Normal,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
     TransformedDistribution,
     kl_divergence,
 )
@@ -34,6 +41,7 @@ from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood
 from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetric_bin
 from vaeeval.format.terms import DENSITY, PROBABILITY
+from vaeeval.user import discrete
 
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
 
@@ -46,7 +54,8 @@ def keyed(distribution: Distribution) -> bool:
         return keyed(distribution.base_dist)
     if isinstance(distribution, MixtureSameFamily):
         return keyed(distribution.component_distribution)
-    return isinstance(distribution, Normal | MultivariateNormal | LowRankMultivariateNormal)
+    return isinstance(distribution, Normal | MultivariateNormal | LowRankMultivariateNormal | OneHotCategorical | discrete.DRAWN)
+
 
 
 def flows(distribution: Distribution) -> bool:
@@ -59,7 +68,7 @@ def flows(distribution: Distribution) -> bool:
 
 
 def noise_width(distribution: Distribution) -> int:
-    """Standard normal numbers per draw."""
+    """Noise numbers per draw: standard normals, or for a discrete family the uniforms they are the quantiles of."""
     if isinstance(distribution, TransformedDistribution):
         return noise_width(distribution.base_dist)
     if isinstance(distribution, MixtureSameFamily):
@@ -69,17 +78,29 @@ def noise_width(distribution: Distribution) -> int:
     return max(1, math.prod(distribution.event_shape))
 
 
-def transform(distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, *, inside: bool = False) -> torch.Tensor:
+def transform(
+    distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, *, inside: bool = False,
+    unit: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A draw as a deterministic function of standard normal noise ``normal [*prefix, W]`` and uniforms ``[*prefix]``.
 
     ``prefix`` (the sample axes, then axes broadcasting against the batch shape) is
     kept: the result is ``[*prefix, *event_shape]``. ``inside``: within an
-    ``Independent``, whose event axis the noise's last axis is.
+    ``Independent``, whose event axis the noise's last axis is. ``unit``: the uniforms
+    whose normal quantiles ``normal`` holds, which the discrete families invert their
+    cdf at (without them, the normals' cdf).
     """
     if isinstance(distribution, Independent):
-        return transform(distribution.base_dist, normal, uniform, inside=True)
+        return transform(distribution.base_dist, normal, uniform, inside=True, unit=unit)
+    if isinstance(distribution, discrete.DRAWN | OneHotCategorical) and unit is None:
+        unit = torch.special.ndtr(normal.double())
+    if isinstance(distribution, discrete.DRAWN):
+        return discrete.draw(distribution, unit if inside else unit[..., 0], unit)
+    if isinstance(distribution, OneHotCategorical):
+        index = discrete.draw(distribution._categorical, unit[..., 0], unit)
+        return torch.nn.functional.one_hot(index, distribution.event_shape[-1]).to(distribution.probs.dtype)
     if isinstance(distribution, TransformedDistribution):
-        value = transform(distribution.base_dist, normal, uniform, inside=inside)
+        value = transform(distribution.base_dist, normal, uniform, inside=inside, unit=unit)
         for step in distribution.transforms:
             value = step(value)
         return value
@@ -87,7 +108,8 @@ def transform(distribution: Distribution, normal: torch.Tensor, uniform: torch.T
         weights = distribution.mixture_distribution.probs  # [*batch, C]
         cumulative = weights.cumsum(-1).expand(*uniform.shape, -1).contiguous()
         component = torch.searchsorted(cumulative, uniform[..., None].contiguous()).clamp(max=weights.shape[-1] - 1)
-        every = transform(distribution.component_distribution, normal[..., None, :], uniform[..., None], inside=inside)
+        every = transform(distribution.component_distribution, normal[..., None, :], uniform[..., None], inside=inside,
+                          unit=None if unit is None else unit[..., None, :])
         axis = uniform.dim()  # every is [*prefix, C, *event]
         index = component.reshape(*component.shape, *([1] * len(distribution.event_shape)))
         return every.gather(axis, index.expand(*every.shape[:axis], 1, *every.shape[axis + 1 :])).squeeze(axis)
@@ -110,13 +132,19 @@ def keyed_sample(distribution: Distribution, seed: int, indices: np.ndarray, fir
     """
     width = noise_width(distribution)
     counters = np.arange(first * width, last * width, dtype=np.uint64)
-    normal = rng.normal(seed, indices, counters).reshape(len(indices), last - first, width).transpose(0, 1)
+    units = rng.uniform(seed, indices, counters)  # rng.normal's uniforms: normal = ndtri(unit), the same bits
+    normal = torch.from_numpy(numerics.ndtri(units)).reshape(len(indices), last - first, width).transpose(0, 1)
+    unit = torch.from_numpy(units).reshape(len(indices), last - first, width).transpose(0, 1)
     uniform = torch.from_numpy(rng.uniform(seed, indices, np.arange(first, last, dtype=np.uint64), _MIXTURE_STREAM))
-    return draw(distribution, normal, uniform.transpose(0, 1), fallback=(seed, int(indices[0]), first))
+    return draw(distribution, normal, uniform.transpose(0, 1), fallback=(seed, int(indices[0]), first), unit=unit)
 
 
-def draw(distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, fallback: tuple[int, ...]) -> torch.Tensor:
-    """``[S, B, *event]`` draws from noise ``normal [S, B, W]`` and ``uniform [S, B]`` (see ``transform``).
+def draw(
+    distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor, fallback: tuple[int, ...],
+    unit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[S, B, *event]`` draws from noise ``normal [S, B, W]``, ``uniform [S, B]`` and ``unit [S, B, W]`` (see
+    ``transform``).
 
     A distribution vaeeval cannot write as a transform of noise is drawn by its own
     ``sample`` under a generator seeded by ``fallback``: reproducible for the same
@@ -124,7 +152,7 @@ def draw(distribution: Distribution, normal: torch.Tensor, uniform: torch.Tensor
     """
     like = _parameter(distribution)
     if keyed(distribution):
-        return transform(distribution, normal.to(like), uniform.to(like))
+        return transform(distribution, normal.to(like), uniform.to(like), unit=None if unit is None else unit.to(like.device))
     key = int(rng.point_keys(fallback[0], np.asarray(fallback[1:], dtype=np.uint64))[-1]) & (2**63 - 1)
     batch = tuple(normal.shape[1:-1])
     if tuple(distribution.batch_shape) != batch:
@@ -157,6 +185,9 @@ def in_float64(distribution: Distribution) -> Distribution:
         return LowRankMultivariateNormal(
             distribution.loc.double(), distribution.cov_factor.double(), distribution.cov_diag.double(), validate_args=False
         )
+    if type(distribution) in (Bernoulli, Categorical, OneHotCategorical):  # the parameter it was given, as given
+        given = discrete.given(distribution)
+        return type(distribution)(**{given: getattr(distribution, given).double()}, validate_args=False)
     if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
         components = in_float64(distribution.component_distribution)
         if components is distribution.component_distribution:
@@ -173,6 +204,11 @@ def first_rows(distribution: Distribution, rows: int) -> Distribution | None:
         return None if base is None else Independent(base, distribution.reinterpreted_batch_ndims)
     if isinstance(distribution, Normal):
         return Normal(distribution.loc[:rows], distribution.scale[:rows], validate_args=False)
+    if type(distribution) in (Bernoulli, Categorical, OneHotCategorical):
+        given = discrete.given(distribution)
+        return type(distribution)(**{given: getattr(distribution, given)[:rows]}, validate_args=False)
+    if type(distribution) in (RelaxedBernoulli, RelaxedOneHotCategorical):
+        return type(distribution)(distribution.temperature, logits=distribution.logits[:rows], validate_args=False)
     if isinstance(distribution, MultivariateNormal):
         return MultivariateNormal(distribution.loc[:rows], scale_tril=distribution.scale_tril[:rows], validate_args=False)
     if isinstance(distribution, LowRankMultivariateNormal):
@@ -191,15 +227,54 @@ def first_rows(distribution: Distribution, rows: int) -> Distribution | None:
 def log_prob64(distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
     """``distribution.log_prob(z)`` in float64, ``z`` given in the distribution's own dtype (differentiable)."""
     dtype = _parameter(distribution).dtype
-    return distribution.log_prob(z if z.dtype == dtype else z.to(dtype)).double()
+    z = z if z.dtype == dtype else z.to(dtype)
+
+    def per_element(part: Distribution) -> torch.Tensor:
+        found = discrete.log_prob(part, z)
+        return part.log_prob(z) if found is None else found
+
+    return _summed(distribution, per_element).double()
+
+
+def _summed(distribution: Distribution, per_element: Callable[[Distribution], torch.Tensor]) -> torch.Tensor:
+    """``per_element`` of an ``Independent``'s base distribution summed over its reinterpreted axes by a fixed tree
+    (torch's own sum there changes its last bits with the batch shape); of any other distribution as it is."""
+    if not isinstance(distribution, Independent):
+        return per_element(distribution)
+    return _tree_sum_last(_summed(distribution.base_dist, per_element), distribution.reinterpreted_batch_ndims)
+
+
+def _tree_sum_last(terms: torch.Tensor, axes: int) -> torch.Tensor:
+    """The sum over the last ``axes`` axes, by a fixed tree."""
+    return numerics.tree_sum(terms.reshape(*terms.shape[: terms.dim() - axes], -1))
 
 
 def analytic_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | None:
-    """KL(posterior || prior) per point when torch registers the pair in closed form, else None."""
+    """KL(posterior || prior) per point when torch has the pair in closed form, else None (then sampled).
+
+    The prior is broadcast to the posterior's batch first (a ``prior()`` has batch ``[]``,
+    which not every closed form of torch's accepts). A closed form that fails for any
+    reason (unregistered, a shape it mishandles, a value it cannot take) is no closed form.
+    """
     try:
-        return kl_divergence(posterior, prior)
-    except NotImplementedError:
+        if tuple(prior.batch_shape) != tuple(posterior.batch_shape):
+            prior = prior.expand(posterior.batch_shape)
+        found = _independent_kl(posterior, prior)
+    except Exception:  # torch's registered closed forms raise NotImplementedError, IndexError, RuntimeError, ...
         return None
+    return found if tuple(found.shape) == tuple(posterior.batch_shape) else None
+
+
+def _independent_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor:
+    """``kl_divergence``, the terms of two ``Independent``s over the same axes summed by a fixed tree (``_summed``)."""
+    if (
+        isinstance(posterior, Independent) and isinstance(prior, Independent)
+        and posterior.reinterpreted_batch_ndims == prior.reinterpreted_batch_ndims
+    ):
+        terms = _independent_kl(posterior.base_dist, prior.base_dist)
+        return _tree_sum_last(terms, posterior.reinterpreted_batch_ndims)
+    found = discrete.kl(posterior, prior)
+    return kl_divergence(posterior, prior) if found is None else found
 
 
 def describe(distribution: Distribution) -> str:
@@ -249,10 +324,16 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None =
             )
         x = x.reshape(shape)
     if bins is None or distribution.support.is_discrete:
-        terms = distribution.log_prob(x)
+        terms = _summed(distribution, lambda part: _log_prob_of_part(part, x))
     else:
         terms = _log_bin(distribution, x, bins)
     return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
+
+
+def _log_prob_of_part(distribution: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) per element: in float64 with fixed bits for a Bernoulli or a Categorical, else the distribution's own."""
+    found = discrete.log_prob(distribution, x)
+    return distribution.log_prob(x) if found is None else found
 
 
 def _log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor:

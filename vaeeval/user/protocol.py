@@ -63,7 +63,7 @@ class DistributionPrior(Prior):
         return base if isinstance(base, Normal) and self.prior.reinterpreted_batch_ndims == 1 else None
 
     def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        return draw(self.prior, normal, uniform, fallback=(int(uniform.flatten()[0].item() * 2**53),))
+        return draw(self.prior, normal, uniform, fallback=(0, int(uniform.flatten()[0].item() * 2**53)))
 
     def to(self, device: torch.device | str) -> Prior:
         return self
@@ -164,11 +164,14 @@ class ArchModel(Model):
     Attributes:
         posterior_of: ``(x, covariates)`` -> q(z|x), batch ``[B]``, event ``[latent_dim]``.
         decode_of: ``(z, covariates)`` -> a distribution over x, or format-1 parameters ``[N, P*D]``.
+        discrete_latent: ``q(z|x) OneHotCategorical``, say, when z is discrete; None for a continuous z.
         covariates (``Model``'s): the names ``encode`` and ``decode`` take them by.
     """
 
     posterior_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Distribution] | None = None
     decode_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Any] | None = None
+    discrete_latent: str | None = None  # which of q(z|x) and p(z) has a discrete support, in words (see ``discreteness``)
+    discrete_posterior: bool = False  # q(z|x) has a discrete support
 
     def posterior(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Distribution:
         """q(z|x), batch ``[B]`` and event ``[latent_dim]``.
@@ -250,3 +253,18 @@ def as_posterior(output: Any, method: str, rows: int) -> Distribution:
 def diagonal(posterior: Distribution) -> bool:
     """A diagonal Normal: the fast format-1 path evaluates it."""
     return isinstance(posterior, Independent) and isinstance(posterior.base_dist, Normal) and posterior.reinterpreted_batch_ndims == 1
+
+
+def discreteness(posterior: Distribution, prior: Distribution) -> str | None:
+    """Which of q(z|x) and p(z) has a discrete support, in words (``q(z|x) OneHotCategorical``); None if neither."""
+    found = [f"{name} {describe(d)}" for name, d in (("q(z|x)", posterior), ("p(z)", prior)) if d.support.is_discrete]
+    return " and ".join(found) or None
+
+
+def unkeyed_note(posterior: Distribution) -> str:
+    """The note for a q(z|x) that vaeeval can only draw from by its own ``sample``."""
+    return (
+        f"q(z|x) is {describe(posterior)}, drawn by its own sample() under a generator seeded per batch: its numbers "
+        "depend on --batch-size (vaeeval draws Normal, MultivariateNormal, flows, mixtures, Bernoulli, Categorical, "
+        "OneHotCategorical and the relaxed families from keyed noise instead)"
+    )

@@ -107,11 +107,26 @@ class AISOptions:
             raise VaeevalError(f"{option('batch_size')} must be at least 1, found {self.batch_size}")
 
 
+def refuse_discrete(model: Model) -> None:
+    """AIS and BDMC move z by HMC, along gradients of log p(x, z): a discrete latent has none.
+
+    Raises:
+        VaeevalError: the model's q(z|x) or p(z) has a discrete support.
+    """
+    found = getattr(model, "discrete_latent", None)
+    if found:
+        raise VaeevalError(
+            f"the latent is discrete ({found}): AIS and BDMC anneal with HMC, which needs a continuous latent; "
+            "vaeeval elbo --enumerate gives log p(x) exactly by summing over z's values"
+        )
+
+
 class _Annealer:
     """What AIS and BDMC share: options checked, the model on its device, the schedule, batching."""
 
     def __init__(self, model: Model, data: Dataset | np.ndarray, ais: AISOptions, options: EvaluationOptions) -> None:
         ais.check()
+        refuse_discrete(model)
         self.ais = ais
         self.importance = Evaluator(model, data, options)  # the ELBO and IWAE beside, the scoring, the device
         self.model = self.importance.model

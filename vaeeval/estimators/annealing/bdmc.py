@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 
 from vaeeval.core import rng
 from vaeeval.errors import VaeevalError, option
-from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISOptions, _Annealer
+from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISOptions, _Annealer, refuse_discrete
 from vaeeval.estimators.annealing.kernel import REVERSE, SIMULATE, SIMULATE_X, anneal, decodable, log_mean_exp, prior_draws
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.data import Dataset
@@ -64,6 +64,7 @@ def simulate(model: Model, n: int, *, seed: int = 0, bins: Grid | None = None) -
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIMULATED:
         raise VaeevalError(f"{option('n')} must be from 1 to {MAX_SIMULATED:,}, found {n!r}")
+    refuse_discrete(model)
     if model.covariates:
         raise VaeevalError(
             f"bdmc simulates points from p(z) p(x|z), and this model is conditioned on {', '.join(model.covariates)}, "

@@ -19,6 +19,7 @@ from torch.distributions import Independent, Normal
 
 from vaeeval.core.rng import standard_normal
 from vaeeval.errors import VaeevalError, option
+from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT, enumerate_batch, enumerated, plan
 from vaeeval.estimators.importance.scoring import choose_scoring
 from vaeeval.estimators.weights import BLOCK, LogSumExp, Moments, iwae_bound, iwae_stderr, log_weights
 from vaeeval.format.data import Dataset
@@ -50,6 +51,8 @@ class EvaluationOptions:
         discretize: score a continuous likelihood as bin probabilities on this many levels.
         density: keep a continuous likelihood's density even when the data is discrete.
         grid_range: the values [low, high] the ``discretize`` grid spans (default: the data's grid's).
+        enumerate_latent: sum over every value of a finite discrete z (``enumeration``): True, False, or
+            None for whenever it takes at most ``max_support`` values.
     """
 
     samples: int = DEFAULT_SAMPLES
@@ -61,6 +64,8 @@ class EvaluationOptions:
     discretize: int | None = None
     density: bool = False
     grid_range: tuple[float, float] | None = None
+    enumerate_latent: bool | None = None
+    max_support: int = DEFAULT_MAX_SUPPORT
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,6 +172,9 @@ class Evaluator:
         )
         device = resolve_device(str(options.device))
         self.model = model.to(device)
+        self.support = plan(model, options.enumerate_latent, options.max_support)  # values of z to sum over, or None
+        if self.support is not None:
+            self.model = enumerated(self.model, self.support)
         self.settings = Settings(options.samples, options.seed, batch_size, chunk_size, str(device))
         self.checkpoints = convergence_checkpoints(options.samples)
 
@@ -190,12 +198,16 @@ class Evaluator:
                 batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
                 x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
                 covariates = self.dataset.covariates_of(rows, device)
-                estimate = _evaluate_general_batch if self.model.general else _evaluate_batch
-                estimates = estimate(
-                    self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
-                    self.scoring.bins, self.checkpoints, covariates,
-                )
-                part = estimates.part(rows, settings.samples)
+                if self.support is not None:
+                    exact = enumerate_batch(self.model, x, self.support, self.scoring.bins, covariates)
+                    part = exact.part(rows, settings.samples, len(self.checkpoints))
+                else:
+                    estimate = _evaluate_general_batch if self.model.general else _evaluate_batch
+                    estimates = estimate(
+                        self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
+                        self.scoring.bins, self.checkpoints, covariates,
+                    )
+                    part = estimates.part(rows, settings.samples)
                 _check_finite(part.points)
                 yield part
                 if progress is not None:
