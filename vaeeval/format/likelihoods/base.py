@@ -141,6 +141,22 @@ class Likelihood(ABC):
         """``terms`` ``[..., *input_shape]`` summed over the data dimensions in float64, ``[...]``."""
         return row_sums(terms.flatten(start_dim=terms.dim() - len(self.input_shape)))
 
+    def loss_statistics(self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None) -> dict[str, torch.Tensor]:
+        """Per sample, what ``vaeeval elbo --explain`` writes recon out with besides recon itself.
+
+        Each is summed over the data dimensions in float64, ``[...]`` for ``params [..., P, *input_shape]``
+        and ``x`` broadcastable against them. A family gives some of: ``loss`` (the training loss: SSE,
+        L1, BCE), ``weighted_loss`` (sum_d |x_d - mu_d|^p / s_d^p, p = 2 or 1), ``log_scale`` (sum_d log s_d),
+        ``log_normalizer`` (sum_d log C(lambda_d)) and, scored on ``levels`` levels (a discrete family: its
+        own), ``log_density_width`` (sum_d log(p(x_d|z) w), the density times the bin width beside each
+        bin's mass). None here: recon alone writes the family out, or nothing does.
+        """
+        return {}
+
+    def log_density_width(self, log_density: torch.Tensor, levels: int) -> torch.Tensor:
+        """sum_d log(p(x_d|z) w) ``[...]`` from log-densities ``[..., *input_shape]``, w = ``bin_width(levels)``."""
+        return self.sum_terms(log_density) + math.prod(self.input_shape) * math.log(bin_width(levels))
+
     def log_prob_and_grad(
         self, params: torch.Tensor, x: torch.Tensor, levels: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +303,11 @@ def finite_edges(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor
     """
     open_low, open_high = torch.isinf(lower), torch.isinf(upper)
     return torch.where(open_low, upper - 1, lower), torch.where(open_high, lower + 1, upper), open_low, open_high
+
+
+def bin_width(levels: int) -> float:
+    """The width of a bin of the grid k/(L-1) on [0, 1] (the outermost bins reach on to the support's ends)."""
+    return 1.0 / (levels - 1)
 
 
 def bin_edges(x: torch.Tensor, levels: int, low_end: float, high_end: float) -> tuple[torch.Tensor, torch.Tensor]:
