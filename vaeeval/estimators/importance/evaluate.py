@@ -179,14 +179,11 @@ class Evaluator:
             progress: called after each batch with the number of points done so far.
         """
         indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
-        settings, device = self.settings, self.settings.device
+        settings = self.settings
         with torch.inference_mode():
             for start in range(0, indices.size, settings.batch_size):
                 rows = indices[start : start + settings.batch_size]
-                contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
-                batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
-                x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
-                covariates = self.dataset.covariates_of(rows, device)
+                x, covariates = self.batch(rows)
                 estimate = _evaluate_general_batch if self.model.general else _evaluate_batch
                 estimates = estimate(
                     self.model, x, rows, settings.samples, settings.seed, settings.chunk_size,
@@ -197,6 +194,13 @@ class Evaluator:
                 yield part
                 if progress is not None:
                     progress(start + rows.size)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The points ``rows`` as the encoder takes them (float32, on the device), and their covariates."""
+        contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
+        batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
+        device = self.settings.device
+        return torch.from_numpy(np.array(batch, dtype=np.float32)).to(device), self.dataset.covariates_of(rows, device)
 
     def evaluate(self, progress: Callable[[int], None] | None = None) -> Evaluation:
         """Every point, in one go."""
