@@ -47,7 +47,7 @@ def _runtime_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["errors.py", "io/files.py", "format/specs.py", "format/domains.py", "format/terms.py",
-                                    "results/numbers.py", "results/psis.py"])
+                                    "results/numbers.py", "results/psis.py", "results/recon_terms.py"])
 def test_plain_number_modules_load_without_torch(module):
     """What reads files and holds results is NumPy only: `vaeeval merge` and `check` never need torch's kernels."""
     assert "torch" not in _runtime_imports(PACKAGE / module)

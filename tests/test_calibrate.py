@@ -258,11 +258,12 @@ def test_recon_terms_of_a_bernoulli_are_its_bce_on_the_same_draws(bernoulli_mode
     assert terms["loss"]["mean"] == pytest.approx(bce.mean().item(), rel=1e-6)
 
 
-def test_recon_terms_are_not_split_where_no_loss_plus_constants_exists(tmp_path):
+def test_recon_terms_that_need_the_second_pass_say_so_without_explain(tmp_path):
     samples = "sample_models"
     binned = json.loads(cli("elbo", f"{samples}/digits_gaussian.safetensors", f"{samples}/digits_grey_test.npy", "-k", "4",
                             "--limit", "5", "--json").stdout)["summary"]["recon_terms"]
-    assert binned["terms"] is None and "bin" in binned["why"]
+    assert binned["terms"] is None and "bin" in binned["why"] and "--explain computes it" in binned["why"]
     cb = json.loads(cli("elbo", f"{samples}/digits_continuous_bernoulli.safetensors", f"{samples}/digits_grey_test.npy",
                         "-k", "4", "--limit", "5", "--density", "--json").stdout)["summary"]["recon_terms"]
-    assert cb["terms"] is None and "log C" in cb["why"]
+    assert cb["terms"] is None and "log C" in cb["why"] and "--explain computes it" in cb["why"]
+    # (tests/test_recon_terms.py: with --explain, every family's split)

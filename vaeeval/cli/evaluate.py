@@ -26,11 +26,13 @@ from vaeeval.cli.options import (
 )
 from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import Evaluator
+from vaeeval.estimators.importance.explain import explain as explain_recon
 from vaeeval.format.model import Model
 from vaeeval.output.documents import elbo_document, latents_document
 from vaeeval.output.plot import check_plot, plot_diagnostics
 from vaeeval.results.latents import LatentHealth, latent_health
 from vaeeval.results.numbers import Evaluation
+from vaeeval.results.recon_terms import LossStatistics, needs_statistics
 from vaeeval.results.records import to_json
 from vaeeval.user.sources import load
 
@@ -46,7 +48,8 @@ from vaeeval.user.sources import load
               help="Per-point standard errors, ESS and k-hat in the table, and the latent-health section.")
 @click.option("--convergence", is_flag=True, help="IWAE at K = 1, 10, 100, ... from nested subsets of the samples.")
 @click.option("--explain", is_flag=True,
-              help="Write recon out as the loss it was trained with (SSE, BCE, ...) plus the terms that make it a log-likelihood.")
+              help="Write recon out as the loss it was trained with (SSE, BCE, ...) plus the terms that make it a log-likelihood "
+                   "(a second pass over the same draws where the split needs one).")
 @click.option("--plot", type=PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
 @click.option("--enumerate/--no-enumerate", "enumerate_latent", default=None,
@@ -99,19 +102,30 @@ def elbo(
     warn(loaded)
     if plot is not None:
         check_plot(plot, [model, data])
-    outcome = run_with_progress(Evaluator(loaded, dataset, settings), streaming, "evaluating points", "tables.render_elbo")
+    evaluator = Evaluator(loaded, dataset, settings)
+    outcome = run_with_progress(evaluator, streaming, "evaluating points", "tables.render_elbo")
     if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone (or an empty shard)
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
     health = _latent_health(result, loaded) if diagnostics else None
+    statistics = _explained(evaluator, result, about_model) if explain else None
     if plot is not None:
         plot_diagnostics(result, plot)
     if as_json:
-        click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health)))
+        click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health,
+                                         statistics=statistics)))
     else:
         table("tables.render_elbo")(stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
-                    convergence=convergence, latents=health, explain=explain)
+                    convergence=convergence, latents=health, explain=explain, statistics=statistics)
     check_thresholds(result.summary, thresholds)
+
+
+def _explained(evaluator: Evaluator, result: Evaluation, model: dict[str, Any]) -> LossStatistics | None:
+    """--explain's second pass over the same draws, where recon_terms needs it (under torchrun: rank 0, every point)."""
+    if not needs_statistics(model, result.scoring):
+        return None
+    with progress_bar(result.summary.n, "explaining recon (a second pass over the same draws)") as progress:
+        return explain_recon(evaluator, result, model, progress)
 
 
 def _latent_health(result: Evaluation, model: Model) -> LatentHealth:

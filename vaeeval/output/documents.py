@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import AISEvaluation, BDMCEvaluation, Evaluation
-from vaeeval.results.recon_terms import recon_terms
+from vaeeval.results.recon_terms import LossStatistics, recon_terms
 from vaeeval.results.records import (
     ais_point_records,
     ais_settings_record,
@@ -53,6 +53,7 @@ def elbo_document(
     *,
     convergence: bool = False,
     latents: LatentHealth | None = None,
+    statistics: LossStatistics | None = None,
 ) -> dict[str, Any]:
     """The ``vaeeval elbo --json`` document (schema ``vaeeval.elbo/1``).
 
@@ -61,6 +62,7 @@ def elbo_document(
         model, data: ``model_record`` and ``data_record`` of what was evaluated.
         convergence: add the IWAE-versus-K list.
         latents: add the latent-health object.
+        statistics: ``--explain``'s second pass, for ``summary.recon_terms``.
     """
     document = {
         "schema": ELBO_SCHEMA,
@@ -68,7 +70,10 @@ def elbo_document(
         "model": model,
         "data": data,
         "settings": settings_record(evaluation.settings),
-        "summary": {**summary_record(evaluation), "recon_terms": recon_terms(evaluation.points.recon, model, evaluation.measure)},
+        "summary": {
+            **summary_record(evaluation),
+            "recon_terms": recon_terms(evaluation.points.recon, model, evaluation.scoring, statistics),
+        },
         "points": evaluation_points(evaluation),
     }
     if convergence:

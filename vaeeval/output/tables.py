@@ -18,7 +18,7 @@ from vaeeval.format.terms import DENSITY
 from vaeeval.output.documents import CALIBRATION_NOTE
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
-from vaeeval.results.recon_terms import recon_terms
+from vaeeval.results.recon_terms import LossStatistics, recon_terms
 from vaeeval.results.records import DEQUANTIZATION
 
 if TYPE_CHECKING:
@@ -214,11 +214,13 @@ def render_elbo(
     convergence: bool = False,
     latents: LatentHealth | None = None,
     explain: bool = False,
+    statistics: LossStatistics | None = None,
     rows: int = 5,
 ) -> None:
     """Print the ``vaeeval elbo`` report: header, summary, trust, per-point table, optional sections.
 
-    ``model`` and ``data`` are ``model_record`` and ``data_record`` of what was evaluated.
+    ``model`` and ``data`` are ``model_record`` and ``data_record`` of what was evaluated; ``statistics``
+    ``--explain``'s second pass, where the reconstruction term's split needs it.
     """
     console.print(_header(evaluation, model, data))
     console.print()
@@ -240,7 +242,7 @@ def render_elbo(
         render_latents(console, latents)
     if explain:
         console.print()
-        render_recon_terms(console, recon_terms(evaluation.points.recon, model, evaluation.measure))
+        render_recon_terms(console, recon_terms(evaluation.points.recon, model, evaluation.scoring, statistics))
 
 
 def render_recon_terms(console: Console, terms: dict[str, Any]) -> None:
@@ -253,13 +255,15 @@ def render_recon_terms(console: Console, terms: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "term" else "right")
     for term in terms["terms"]:
         table.add_row(escape(term["name"]), num(term["mean"]), num(term["stderr"]))
-    for key in ("loss", "weighted_loss"):
+    for key, what in (("loss", "the loss"), ("weighted_loss", "the loss over the scale")):
         if terms.get(key):
-            table.add_row(escape(f"{terms[key]['name']} (the loss)"), num(terms[key]["mean"]), num(terms[key]["stderr"]))
+            table.add_row(escape(f"{terms[key]['name']} ({what})"), num(terms[key]["mean"]), num(terms[key]["stderr"]))
     for key, name in (("mse_per_dim", "MSE per dimension"), ("mae_per_dim", "mean |x - mu| per dimension")):
         if terms.get(key):
             table.add_row(name, num(terms[key]["mean"]), num(terms[key]["stderr"]))
     console.print(table)
+    if terms.get("bin_width") is not None:
+        console.print(escape(f"bins: {terms['levels']} levels, width w = {num(terms['bin_width'])}"))
     implied = terms.get("implied_sigma")
     if implied:
         fitted = implied["fitted_by_calibrate"]

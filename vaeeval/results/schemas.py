@@ -124,6 +124,9 @@ RECON_TERMS = _object(
         "mse_per_dim": {"anyOf": [STAT, {"type": "null"}]}, "mae_per_dim": {"anyOf": [STAT, {"type": "null"}]},
         "implied_sigma": _object({"in_file": MAYBE_NUMBER, "fitted_by_calibrate": MAYBE_NUMBER,
                                   "sum_reduced_mse": NUMBER, "mean_reduced_mse": NUMBER}),
+        "bin_width": MAYBE_NUMBER, "levels": {"type": ["integer", "null"], "minimum": 2},
+        # per point, in the order of the document's points: each term that varies by point, and the losses, by name
+        "points": {"type": "object", "additionalProperties": {"type": "array", "items": MAYBE_NUMBER}},
     },
 )
 SUMMARY = _object(

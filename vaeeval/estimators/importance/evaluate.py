@@ -9,7 +9,6 @@ in fixed blocks, so results do not depend on the batch or chunk size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -19,6 +18,7 @@ from torch.distributions import Independent, Normal
 
 from vaeeval.core.rng import standard_normal
 from vaeeval.errors import VaeevalError, option
+from vaeeval.estimators.importance.budget import batch_within, chunk_size_for
 from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT, enumerate_batch, enumerated, plan
 from vaeeval.estimators.importance.scoring import choose_scoring
 from vaeeval.estimators.weights import BLOCK, LogSumExp, Moments, iwae_bound, iwae_stderr, log_weights
@@ -81,49 +81,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def row_bytes(model: Model) -> int:
-    """Rough working memory of one (point, sample) row through the decoder and likelihood."""
-    widest = max(model.decoder_width, model.likelihood.params_per_dim * model.data_dims)
-    dims = model.data_dims
-    return 4 * (2 * widest + (model.likelihood.params_per_dim + 4) * dims) + 8 * (2 * dims + 8 * model.latent_dim)
-
-
-# Rows (points x samples) per decoder call: large enough for efficient matrix products,
-# small enough that the elementwise passes after them run from cache (measured on the
-# MNIST-size benchmark: 2-3k rows are fastest, 13k rows 25% slower).
-TARGET_ROWS = 3072
 STATISTICS_SAMPLES = 256  # samples per point drawn and folded into the statistics at a time (whole chunks)
-
-
-def batch_within(model: Model, batch_size: int, rows_per_point: int, max_memory: int) -> int:
-    """The batch size, made smaller where ``rows_per_point`` rows of each point would not fit in ``max_memory``.
-
-    Raises:
-        VaeevalError: not even one point's rows fit; the message says how much they need.
-    """
-    needed = rows_per_point * row_bytes(model)
-    if max_memory < needed:
-        raise VaeevalError(
-            f"{option('max_memory')} {max_memory:,} bytes is less than one chunk of {rows_per_point} sample(s) of one "
-            f"point needs ({needed:,} bytes through this decoder); give at least {_size(needed)}"
-        )
-    return min(batch_size, max_memory // needed)
-
-
-def _size(count: int) -> str:
-    """``count`` bytes rounded up to a size the command line reads (``3M``)."""
-    for suffix, factor in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if count >= factor:
-            return f"{math.ceil(count / factor)}{suffix}"
-    return str(count)
-
-
-def chunk_size_for(model: Model, batch_size: int, samples: int, max_memory: int) -> int:
-    """Samples per chunk: whole blocks, about ``TARGET_ROWS`` rows, within ``max_memory``; at least one block."""
-    fitting = max_memory // (row_bytes(model) * batch_size)
-    wanted = max(TARGET_ROWS // batch_size, 1)
-    blocks = max(1, min(fitting // BLOCK, wanted // BLOCK, math.ceil(samples / BLOCK)))
-    return blocks * BLOCK
 
 
 class Evaluator:
@@ -190,14 +148,11 @@ class Evaluator:
             progress: called after each batch with the number of points done so far.
         """
         indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
-        settings, device = self.settings, self.settings.device
+        settings = self.settings
         with torch.inference_mode():
             for start in range(0, indices.size, settings.batch_size):
                 rows = indices[start : start + settings.batch_size]
-                contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
-                batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
-                x = torch.from_numpy(np.array(batch, dtype=np.float32)).to(device)
-                covariates = self.dataset.covariates_of(rows, device)
+                x, covariates = self.batch(rows)
                 if self.support is not None:
                     exact = enumerate_batch(self.model, x, self.support, self.scoring.bins, covariates)
                     part = exact.part(rows, settings.samples, len(self.checkpoints))
@@ -212,6 +167,13 @@ class Evaluator:
                 yield part
                 if progress is not None:
                     progress(start + rows.size)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The points ``rows`` as the encoder takes them (float32, on the device), and their covariates."""
+        contiguous = bool(np.all(np.diff(rows) == 1))  # a slice reads a memory map without a copy
+        batch = self.array[rows[0] : rows[-1] + 1] if contiguous else self.array[rows]
+        device = self.settings.device
+        return torch.from_numpy(np.array(batch, dtype=np.float32)).to(device), self.dataset.covariates_of(rows, device)
 
     def evaluate(self, progress: Callable[[int], None] | None = None) -> Evaluation:
         """Every point, in one go."""

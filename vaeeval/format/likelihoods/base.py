@@ -144,6 +144,22 @@ class Likelihood(ABC):
         """``terms`` ``[..., *input_shape]`` summed over the data dimensions in float64, ``[...]``."""
         return row_sums(terms.flatten(start_dim=terms.dim() - len(self.input_shape)))
 
+    def loss_statistics(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> dict[str, torch.Tensor]:
+        """Per sample, what ``vaeeval elbo --explain`` writes recon out with besides recon itself.
+
+        Each is summed over the data dimensions in float64, ``[...]`` for ``params [..., P, *input_shape]``
+        and ``x`` broadcastable against them. A family gives some of: ``loss`` (the training loss: SSE,
+        L1, BCE), ``weighted_loss`` (sum_d |x_d - mu_d|^p / s_d^p, p = 2 or 1), ``log_scale`` (sum_d log s_d),
+        ``log_normalizer`` (sum_d log C(lambda_d)) and, scored on the grid ``bins`` (a discrete family: its
+        own), ``log_density_width`` (sum_d log(p(x_d|z) w), the density times the bin width beside each
+        bin's mass). None here: recon alone writes the family out, or nothing does.
+        """
+        return {}
+
+    def log_density_width(self, log_density: torch.Tensor, bins: Grid) -> torch.Tensor:
+        """sum_d log(p(x_d|z) w) ``[...]`` from log-densities ``[..., *input_shape]``, w = the grid's step."""
+        return self.sum_terms(log_density) + math.prod(self.input_shape) * math.log(bins.step)
+
     def log_prob_and_grad(
         self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

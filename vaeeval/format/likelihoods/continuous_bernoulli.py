@@ -64,6 +64,19 @@ class ContinuousBernoulliLikelihood(Likelihood):
         near_zero = torch.log(b - a) + (a + b - 1) * eta / 2  # first order in eta, error O(eta^2)
         return torch.where(eta.abs() < 1e-6, near_zero, exact)
 
+    def loss_statistics(
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` the binary cross-entropy sum_d softplus(eta_d) - x_d eta_d and ``log_normalizer`` sum_d log C(eta_d),
+        in float64 (log p(x_d|z) is their difference); on bins also ``log_density_width``."""
+        eta = self.split(params)[0].double()
+        cross_entropy = numerics.softplus(eta) - x.double() * eta
+        log_normalizer = continuous_bernoulli_log_norm(eta)
+        statistics = {"loss": self.sum_terms(cross_entropy), "log_normalizer": self.sum_terms(log_normalizer)}
+        if bins is not None:
+            statistics["log_density_width"] = self.log_density_width(log_normalizer - cross_entropy, bins)
+        return statistics
+
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return (x < 0) | (x > 1)
 

@@ -98,6 +98,15 @@ class DiscretizedLogisticLikelihood(_GridLikelihood):
         below, above = -numerics.softplus(-u_b), -numerics.softplus(u_a)  # log P(X <= b), log P(X >= a)
         return torch.where(open_low, below, torch.where(open_high, above, below + above + log1mexp(width)))
 
+    def loss_statistics(
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``log_density_width``: the logistic density at the data times the bin width, beside the bins' masses
+        (log f = -|u| - 2 softplus(-|u|) - log s, u = (x - mean) / s), in float64."""
+        mean, log_scale = (block.double() for block in self.split(params))
+        u = ((x.double() - mean) * torch.exp(-log_scale)).abs()
+        return {"log_density_width": self.log_density_width(-u - 2 * numerics.softplus(-u) - log_scale, Grid(self.levels))}
+
     def sample(self, params: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """A logistic draw, binned: the edge bins are open, so values beyond [0, 1] fall into them."""
         mean, log_scale = self.split(params)

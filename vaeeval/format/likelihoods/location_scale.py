@@ -33,6 +33,7 @@ class _LocationScale(Likelihood):
     measure = DENSITY
     support = "finite real numbers"
     base: ClassVar[type[Distribution]]
+    power: ClassVar[int]  # the loss is sum_d |x_d - mu_d|^power: the squared error (Gaussian) or the absolute one (Laplace)
     scale_key: ClassVar[str]
     log_scale_key: ClassVar[str]
 
@@ -114,6 +115,27 @@ class _LocationScale(Likelihood):
         grad = torch.stack(grads, dim=self._param_axis(params)).to(params.dtype)
         return self.sum_terms(terms), grad
 
+    def loss_statistics(
+        self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` sum_d |x_d - mu_d|^p, ``weighted_loss`` sum_d |x_d - mu_d|^p / s_d^p, ``log_scale`` sum_d log s_d
+        (the decoder's own log s_d(z), or the fixed scale as evaluated), in float64; on bins also ``log_density_width``."""
+        location, scale = self.location_scale(params if bins is None else params.double())  # a fixed scale as evaluated
+        if self.scale is None:
+            log_scale = self.split(params)[1].double()
+        else:
+            log_scale = torch.log(scale.double()).expand_as(location)
+        residual = x.double() - location.double()
+        standardized = residual / scale.double()
+        statistics = {
+            "loss": self.sum_terms(residual.abs() ** self.power),
+            "weighted_loss": self.sum_terms(standardized.abs() ** self.power),
+            "log_scale": self.sum_terms(log_scale),
+        }
+        if bins is not None:
+            statistics["log_density_width"] = self.log_density_width(self.standard_log_pdf(standardized) - log_scale, bins)
+        return statistics
+
     def outside_support(self, x: np.ndarray) -> np.ndarray:
         return np.zeros(x.shape, dtype=bool)
 
@@ -135,6 +157,7 @@ class GaussianLikelihood(_LocationScale):
 
     family = "gaussian"
     base = Normal
+    power = 2
     scale_key, log_scale_key = "sigma", "log_sigma"
 
     @staticmethod
@@ -152,6 +175,7 @@ class LaplaceLikelihood(_LocationScale):
 
     family = "laplace"
     base = Laplace
+    power = 1
     scale_key, log_scale_key = "scale", "log_scale"
 
     @staticmethod
