@@ -177,3 +177,14 @@ def test_simulated_points_lie_on_the_declared_grid(tmp_path):
     simulated = simulate(model, 50, seed=3, bins=model.domain.grid)
     assert not model.domain.outside(simulated.x).any()
     assert simulated.x.min() >= -1 and simulated.x.max() <= 1
+
+
+def test_a_density_on_a_signed_grid_is_dequantized_with_its_own_step(tmp_path):
+    model = _save(tmp_path / "signed.safetensors", -1.0, 1.0)
+    np.save(tmp_path / "signed.npy", (2 * _levels().astype(np.float64) / 255 - 1).astype(np.float32))
+    table = cli("elbo", model.path, tmp_path / "signed.npy", "-k", "8", "--density").stdout
+    assert "Δ = 0.00784314" in table
+    document = _elbo(model.path, tmp_path / "signed.npy", "--density")
+    bits = document["summary"]["bits_per_dim"]["mean"]
+    dequantized = document["summary"]["dequantized_bits_per_dim"]["mean"]
+    assert dequantized == pytest.approx(bits - np.log(2 / 255) / np.log(2), rel=1e-12)

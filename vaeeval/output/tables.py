@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vaeeval.errors import listing
+from vaeeval.format.domains import Grid
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
 from vaeeval.output.documents import CALIBRATION_NOTE
@@ -96,7 +97,7 @@ def _summary_table(evaluation: Evaluation, dims: int) -> Table:
             "dequant. bits/dim",
             num(summary.dequantized_bits_per_dim.mean),
             num(summary.dequantized_bits_per_dim.stderr),
-            escape(f"-(iwae + D log Δ) / (D ln 2), Δ = 1/{evaluation.scoring.data_levels - 1}: {DEQUANTIZATION}"),
+            escape(f"-(iwae + D log Δ) / (D ln 2), Δ = {_step(evaluation.scoring.data_grid)}: {DEQUANTIZATION}"),
         )
     return table
 
@@ -469,3 +470,8 @@ def render_calibration(console: Console, calibration: Any, model: Model, data: D
         numbers.add_row(name, num(calibration.before[name]), num(calibration.after[name]))
     console.print(numbers)
     console.print(escape(f"note: {CALIBRATION_NOTE}"))
+
+
+def _step(grid: Grid) -> str:
+    """The bin width: ``1/16`` on [0, 1], the number itself on another range."""
+    return f"1/{grid.levels - 1}" if grid.unit else f"{grid.step:.6g}"
