@@ -70,6 +70,10 @@ class Grid:
         """Each value's position on the grid in steps (an integer k for a value on it)."""
         return (np.asarray(x, dtype=np.float64) - self.low) * ((self.levels - 1) / self.span)
 
+    def nearest(self, x: Any) -> Any:
+        """The level k nearest each value of ``x`` (numpy or torch), as a float: round(x (L-1)) on [0, 1]."""
+        return ((x - self.low) * ((self.levels - 1) / self.span)).round()
+
     def values(self, k: Any) -> Any:
         """The values of levels ``k`` (numpy or torch), k/(L-1) on [0, 1]."""
         return k / (self.levels - 1) * self.span + self.low

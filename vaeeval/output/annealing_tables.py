@@ -32,11 +32,7 @@ def render_ais(
 ) -> None:
     """Print the ``vaeeval ais`` report: header, ELBO ≤ IWAE ≤ AIS side by side, cost, per-point table."""
     settings, summary = evaluation.settings, evaluation.summary
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("model", escape(f"{model['path']}"))
-    grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
+    grid = _header(model, evaluation)
     grid.add_row("prior", model["prior"]["family"])
     n, total = data["n"], data["total"]
     shown = f"{n} of {total}" if n != total else str(n)
@@ -86,15 +82,21 @@ def render_ais(
     console.print(points_table(title, points.index, sections, columns))
 
 
-def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, Any], simulated: dict[str, Any],
-                *, show_all: bool = False, seconds: float | None = None, rows: int = 5) -> None:
-    """Print the ``vaeeval bdmc`` report: the sandwich lower ≤ log p(x) ≤ upper and its gap."""
-    settings, summary = evaluation.settings, evaluation.summary
+def _header(model: dict[str, Any], evaluation: AISEvaluation | BDMCEvaluation) -> Table:
+    """The first rows of an ais or bdmc report: the model, and what its numbers are."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("model", escape(f"{model['path']}"))
     grid.add_row("likelihood", f"{model['family']}, reported as {evaluation.scoring.label}")
+    return grid
+
+
+def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, Any], simulated: dict[str, Any],
+                *, show_all: bool = False, seconds: float | None = None, rows: int = 5) -> None:
+    """Print the ``vaeeval bdmc`` report: the sandwich lower ≤ log p(x) ≤ upper and its gap."""
+    settings, summary = evaluation.settings, evaluation.summary
+    grid = _header(model, evaluation)
     where = f"; saved to {simulated['saved']}" if simulated.get("saved") else ""
     grid.add_row("data", escape(f"{simulated['n']} points simulated from the model (z ~ p(z), x ~ p(x|z), seed "
                                 f"{simulated['seed']}), {evaluation.domain.describe()}{where}"))

@@ -84,7 +84,7 @@ def simulate(model: Model, n: int, *, seed: int = 0, bins: Grid | None = None) -
                 uniform = torch.from_numpy(rng.uniform(seed, rows, np.arange(dims, dtype=np.uint64), SIMULATE_X))
                 x = model.likelihood.sample(decoded.double(), uniform.reshape(rows.size, *model.input_shape))
             if bins is not None and model.likelihood.levels is None:
-                x = bins.values(torch.round((x.clamp(bins.low, bins.high) - bins.low) * ((bins.levels - 1) / bins.span)))
+                x = bins.values(bins.nearest(x.clamp(bins.low, bins.high)))
             xs.append(x.to(torch.float32).numpy())
             zs.append(z.numpy())
     return Simulated(np.concatenate(xs), np.concatenate(zs), bins)

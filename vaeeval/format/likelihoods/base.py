@@ -314,7 +314,7 @@ def bin_edges(x: torch.Tensor, bins: Grid, low_end: float, high_end: float) -> t
     On [0, 1] the operations are those of k = round(x (L - 1)), x -/+ 0.5/(L - 1), bit for bit.
     """
     count = bins.levels - 1
-    k = torch.round((x - bins.low) * (count / bins.span))
+    k = bins.nearest(x)
     half = 0.5 * bins.span / count
     lower = torch.where(k <= 0, torch.full_like(x, low_end), x - half)
     upper = torch.where(k >= count, torch.full_like(x, high_end), x + half)
