@@ -44,7 +44,7 @@ from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
-from vaeeval.user.distributions import cdf_floor_note, describe, keyed
+from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
 from vaeeval.user.protocol import (
     ASSUMED,
@@ -297,9 +297,6 @@ def arch_model(
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)
         decoder = DecoderAdapter(module, options.decode_method, None, None)
         how = f"{options.decode_method}(z) returns {likelihood.spec['distribution']}, whose log_prob is log p(x|z)"
-        floor = cdf_floor_note(raw) if likelihood.binnable else None
-        if floor:
-            notes.append(floor)
     else:
         if not options.likelihood:
             raise VaeevalError(

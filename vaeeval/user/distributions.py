@@ -42,6 +42,7 @@ from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood
 from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetric_bin
 from vaeeval.format.terms import DENSITY, PROBABILITY
 from vaeeval.user import discrete
+from vaeeval.user.quadrature import log_bin_from_cdf
 
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
 
@@ -343,40 +344,21 @@ def _log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.T
     ``MixtureSameFamily``, whose bin is the log-sum-exp over components of log weight plus
     log P(bin)) go through format 1's formula: standardized float64 edges, the bin mirrored
     into the lower tail, log-CDFs, so a value far in either tail gets its true probability.
-    Any other distribution's ``cdf`` is evaluated at float64 edges (torch promotes its
-    arithmetic to float64) and floored at float64's smallest normal number.
+    Any other distribution's bins come from its own ``cdf`` at float64 edges where that
+    resolves them, else from its density integrated over the bin (``quadrature``), so
+    they too are right in both tails, whatever the cdf's dtype.
     """
     while isinstance(distribution, Independent):
         distribution = distribution.base_dist
-    exact = _exact_log_bin(distribution, x.double(), bins)
+    x = x.double()
+    exact = _exact_log_bin(distribution, x, bins)
     if exact is not None:
         return exact
-    lower, upper = bin_edges(x.double(), bins, -math.inf, math.inf)
-    low = torch.where(torch.isinf(lower), 0.0, distribution.cdf(torch.where(torch.isinf(lower), x.double(), lower)))
-    high = torch.where(torch.isinf(upper), 1.0, distribution.cdf(torch.where(torch.isinf(upper), x.double(), upper)))
-    return torch.log((high.double() - low.double()).clamp(min=torch.finfo(torch.float64).tiny))
+    lower, upper = bin_edges(x, bins, -math.inf, math.inf)
+    return log_bin_from_cdf(distribution, x, lower, upper, bins.step)
 
 
 _STANDARD_LOG_CDF = {Normal: GaussianLikelihood.standard_log_cdf, Laplace: LaplaceLikelihood.standard_log_cdf}
-
-
-def exact_bins(distribution: Distribution) -> bool:
-    """Its bins go through the tail-mirrored formula (``_exact_log_bin``), exact in both tails."""
-    while isinstance(distribution, Independent):
-        distribution = distribution.base_dist
-    if type(distribution) is MixtureSameFamily:
-        components = distribution.component_distribution
-        return not isinstance(components, Independent) and exact_bins(components)
-    return type(distribution) in _STANDARD_LOG_CDF
-
-
-def cdf_floor_note(distribution: Distribution) -> str | None:
-    """What the output must say where a distribution's bins come from its own ``cdf``: they have a floor."""
-    if exact_bins(distribution):
-        return None
-    return (f"on discrete data the bins of {describe(distribution)} are its own cdf(hi) - cdf(lo) in float64, floored at "
-            "1e-308: a bin far in its upper tail (mass below about 1e-16 of the cdf there) reads as that floor, not as "
-            "its true log-probability (Normal, Laplace and per-value mixtures of them are exact in both tails)")
 
 
 def _exact_log_bin(distribution: Distribution, x: torch.Tensor, bins: Grid) -> torch.Tensor | None:
