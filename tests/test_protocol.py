@@ -683,6 +683,44 @@ def test_any_decode_distribution_with_a_cdf_is_binned_exactly_in_both_tails(mode
         np.testing.assert_allclose(getattr(a.points, name), getattr(b.points, name), rtol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("grid", [True, False])
+def test_explain_writes_a_decode_normal_out_as_the_gaussian_with_the_decoders_own_sigma(models, grid):
+    """--explain on the general path: decode() returning Normal(mean, 2**-7) is split as a Gaussian with sigma_d(z);
+    its statistics, redrawn through keyed_sample, equal format 1's Gaussian of the same means (--likelihood gaussian
+    --sigma 2**-7, format 1's draws), and its terms add up to recon."""
+    from vaeeval.estimators.importance.evaluate import Evaluator
+    from vaeeval.estimators.importance.explain import explain
+    from vaeeval.results.recon_terms import recon_terms
+    from vaeeval.results.records import model_record
+
+    folder, module = models
+    rng = np.random.default_rng(5)
+    x = (rng.integers(0, 256, size=(9, 6)) / 255 if grid else rng.normal(0.5, 0.01, size=(9, 6))).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    weights = _save(module.NormalDecode(), folder, "normal")
+    found = {}
+    for name, options in (("NormalDecode", {}), ("MeanDecode", {"likelihood": {"family": "gaussian", "sigma": 2**-7}})):
+        model, data = _load(folder, weights, folder / "x.npy", name, **options)
+        evaluator = Evaluator(model, data, EvaluationOptions(samples=16, seed=3, batch_size=4))
+        evaluation = evaluator.evaluate()
+        record = model_record(model)
+        statistics = explain(evaluator, evaluation, record)
+        found[name] = (model.general, evaluation, statistics, recon_terms(evaluation.points.recon, record, evaluation.scoring, statistics))
+    general, evaluation, statistics, terms = found["NormalDecode"]
+    assert general and not found["MeanDecode"][0]
+    assert terms["family"] == "gaussian" and terms["terms"] is not None
+    total = sum(np.array(terms["points"].get(t["name"], t["mean"])) for t in terms["terms"])
+    np.testing.assert_allclose(total, evaluation.points.recon, rtol=1e-12)
+    reference = found["MeanDecode"][2]
+    if grid:  # the format-1 path needs the pass on bins too: the same statistics from its own draws
+        for key in ("loss", "log_density_width"):
+            np.testing.assert_allclose(statistics.values[key], reference.values[key], rtol=1e-6, err_msg=key)
+    else:  # a fixed sigma is split without the pass: its SSE is recon minus the constants
+        np.testing.assert_allclose(terms["points"]["-E[sum_d (x_d - mu_d)^2 / (2 sigma_d^2)]"],
+                                   np.array(found["MeanDecode"][3]["points"]["-E[SSE]/(2 sigma^2)"]), rtol=1e-5)
+        np.testing.assert_allclose(statistics.values["log_scale"], 6 * math.log(2**-7), rtol=1e-12)
+
+
 def _mixture_bin_reference(x, weights, means, scales, levels):
     """log P(bin of x) of a mixture of Normals, by mpmath at 50 digits."""
     import mpmath

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import jsonschema
 import numpy as np
@@ -26,7 +25,7 @@ from torch import nn
 
 from vaeeval import EvaluationOptions, Evaluator, save_model
 from vaeeval.core.rng import standard_normal
-from vaeeval.estimators.importance.explain import GENERAL, explain, loss_statistics
+from vaeeval.estimators.importance.explain import explain, loss_statistics
 from vaeeval.results.numbers import Evaluation
 from vaeeval.results.recon_terms import LossStatistics, recon_terms
 from vaeeval.results.records import model_record
@@ -215,19 +214,6 @@ def test_the_statistics_do_not_depend_on_the_batch_or_chunk_size(explained):
     assert set(again.values) == set(explained.statistics.values)
     for name, values in again.values.items():
         np.testing.assert_array_equal(values, explained.statistics.values[name])
-
-
-def test_a_model_of_the_general_path_is_not_redrawn(explained):
-    general = SimpleNamespace(model=SimpleNamespace(general=True))
-    statistics = explain(general, explained.evaluation, explained.record)
-    if statistics is None:  # recon alone writes it out
-        return
-    assert statistics.unavailable == GENERAL
-    terms = recon_terms(explained.evaluation.points.recon, explained.record, explained.evaluation.scoring, statistics)
-    if explained.name == "gaussian, sigma per dimension":  # split by its constants, but the SSE in data units is the pass's
-        assert terms["terms"] is not None and terms["loss"] is None and terms["note"].endswith(GENERAL)
-    else:
-        assert terms["terms"] is None and terms["why"] == GENERAL
 
 
 # ---------------------------------------------------------------- the command line

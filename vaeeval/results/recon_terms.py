@@ -72,9 +72,15 @@ def binned(family: str, scoring: Scoring) -> bool:
     return family == "discretized_logistic" or (family in CONTINUOUS and scoring.measure != DENSITY)
 
 
+def _family(model: Mapping[str, Any]) -> str:
+    """The model's likelihood family; a ``decode()`` Normal or Laplace counts as the Gaussian or Laplace family
+    with the decoder's own scale (``decode_family`` in its likelihood record, as ``--arch`` writes it)."""
+    return model["likelihood"].get("decode_family") or model["family"] if model["family"] == "decode()" else model["family"]
+
+
 def needs_statistics(model: Mapping[str, Any], scoring: Scoring) -> bool:
     """Whether ``recon_terms`` needs the second pass to write this model's recon out in full."""
-    family, scale = model["family"], model.get("scale")
+    family, scale = _family(model), model.get("scale")
     if binned(family, scoring) or family == "continuous_bernoulli":
         return True
     return family in LOCATION_SCALE and (scale is None or scale["shared"] is None)
@@ -122,7 +128,7 @@ def recon_terms(
         statistics: the second pass's (``--explain``), per point in the order of ``recon``; without
             them a split that needs them is ``terms: null`` with ``why`` saying so.
     """
-    family, dims, scale = model["family"], model["dims"], model.get("scale")
+    family, dims, scale = _family(model), model["dims"], model.get("scale")
     recon = np.asarray(recon, dtype=np.float64)
     if family == "bernoulli":
         return _discrete(recon, family, "BCE", "the binary cross-entropy with the logits")

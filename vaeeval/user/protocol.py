@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal, constraints
+from torch.distributions import Distribution, Independent, Laplace, Normal, constraints
 
 from vaeeval.errors import VaeevalError
 from vaeeval.format.domains import Grid
-from vaeeval.format.likelihoods import Likelihood
+from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood, Likelihood
 from vaeeval.format.model import MIN_ROWS, Model
 from vaeeval.format.priors import Prior
 from vaeeval.format.terms import ANALYTIC, MONTE_CARLO
@@ -117,7 +117,10 @@ class DistributionLikelihood(Likelihood):
 
     def __init__(self, probe: Distribution, input_shape: tuple[int, ...], method: str) -> None:
         name = describe(probe)
-        super().__init__({"family": self.family, "distribution": name}, input_shape, 1)
+        spec = {"family": self.family, "distribution": name}
+        if location_scale_family(name):  # --explain writes its recon out as that family's, with the decoder's own scale
+            spec["decode_family"] = location_scale_family(name)
+        super().__init__(spec, input_shape, 1)
         shape = (*probe.batch_shape, *probe.event_shape)
         if not shape or shape[0] != 2 or math.prod(shape[1:]) != math.prod(input_shape):
             raise VaeevalError(
@@ -203,10 +206,7 @@ class ArchModel(Model):
         Fewer than ``MIN_ROWS`` rows are padded (with copies of the first), so a row's
         number does not depend on how many came with it.
         """
-        rows = z.shape[0]
-        if rows < MIN_ROWS:
-            z, x, covariates = _padded(z), _padded(x), {k: _padded(v) for k, v in covariates.items()}
-        output = self.decode_any(z, covariates)
+        output, x, rows = self.decode_rows(z, x, covariates)
         if isinstance(output, Distribution):
             method = self.decoder.method
             try:
@@ -216,6 +216,16 @@ class ArchModel(Model):
         else:
             total = self.likelihood.log_prob(output, x, bins)
         return total[:rows]
+
+    def decode_rows(
+        self, z: torch.Tensor, x: torch.Tensor, covariates: Mapping[str, torch.Tensor]
+    ) -> tuple[Distribution | torch.Tensor, torch.Tensor, int]:
+        """What ``decode`` gives for rows ``z [N, L]`` float32 as ``log_likelihood`` calls it (padded to ``MIN_ROWS``
+        with copies of the first row), the data of each of those rows, and N: the first N rows are z's."""
+        rows = z.shape[0]
+        if rows < MIN_ROWS:
+            z, x, covariates = _padded(z), _padded(x), {k: _padded(v) for k, v in covariates.items()}
+        return self.decode_any(z, covariates), x, rows
 
     def user_log_prob(self, what: str, distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
         """``distribution.log_prob(z)`` in float64; a failure of the user's distribution is one error naming it."""
@@ -268,3 +278,24 @@ def unkeyed_note(posterior: Distribution) -> str:
         "depend on --batch-size (vaeeval draws Normal, MultivariateNormal, flows, mixtures, Bernoulli, Categorical, "
         "OneHotCategorical and the relaxed families from keyed noise instead)"
     )
+
+
+_LOCATION_SCALE = {Normal: GaussianLikelihood, Laplace: LaplaceLikelihood}
+
+
+def location_scale_family(name: str) -> str | None:
+    """The format-1 family of a ``decode()`` distribution as ``describe`` names it (``Independent(Normal)``), or None."""
+    while name.startswith("Independent(") and name.endswith(")"):
+        name = name[len("Independent(") : -1]
+    return {"Normal": GaussianLikelihood.family, "Laplace": LaplaceLikelihood.family}.get(name)
+
+
+def location_scale_likelihood(distribution: Distribution, input_shape: tuple[int, ...]) -> tuple[Likelihood, torch.Tensor]:
+    """A ``decode()`` Normal or Laplace over N rows as format 1's family with the decoder's own scale, and its parameters
+    ``[N, 2, *input_shape]`` (location, log-scale), for ``--explain``'s statistics."""
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    family = _LOCATION_SCALE[type(distribution)]
+    rows = distribution.batch_shape[0]
+    location, scale = (t.expand(distribution.batch_shape).reshape(rows, *input_shape) for t in (distribution.loc, distribution.scale))
+    return family({"family": family.family}, input_shape, 2, None), torch.stack([location.double(), torch.log(scale.double())], dim=1)
