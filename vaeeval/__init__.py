@@ -41,7 +41,7 @@ _WHERE = {
     "LatentHealth": "results.latents",
     "latent_health": "results.latents",
     "Model": "format.model",
-    "load_model": "format.reading",
+    "load_model": "user.sources",
     "save_model": "format.saving",
     "Evaluation": "results.numbers",
     "PointResults": "results.numbers",

@@ -143,6 +143,11 @@ def calibrate(
             search can find it (bins, or the IWAE).
     """
     family = model.likelihood.family
+    if model.posterior_family != "gaussian":
+        raise VaeevalError(
+            f"calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is {model.posterior_family} "
+            "(format 1's discrete latent)"
+        )
     if model.path is None or model.general:
         raise VaeevalError(
             "this model is evaluated through the distributions its own code returns (from decode or prior, or with "

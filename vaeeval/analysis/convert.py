@@ -14,6 +14,7 @@ number agrees to float32 rounding (``AGREEMENT``).
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, MixtureSameFamily, Normal, OneHotCategorical
 
 from vaeeval.errors import VaeevalError, listing, option
 from vaeeval.estimators.importance.evaluate import evaluate
@@ -32,7 +33,8 @@ from vaeeval.format.saving import save_model
 from vaeeval.io.files import staged, writing
 from vaeeval.results.numbers import METRICS
 from vaeeval.user.distributions import describe
-from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, skip_final_squash, trace
+from vaeeval.user.format_latents import with_discrete_latent
+from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, discrete_latent_as_logits, skip_final_squash, trace
 from vaeeval.user.protocol import ASSUMED, ArchModel, DistributionLikelihood, DistributionPrior, diagonal
 
 _RESHAPES = {"view", "reshape"}
@@ -220,9 +222,11 @@ def convert(
         raise VaeevalError(
             f"{decoder.method}: gives probabilities, which format 1 reads only from a final {squash} it can drop: {decoder.untraced}"
         )
-    encoder_graph = trace(encoder.module, encoder.method)
+    discrete = discrete_family(source.posterior(torch.zeros(2, *source.input_shape))) if isinstance(source, ArchModel) else None
+    with discrete_latent_as_logits(encoder.module) if discrete else nullcontext():
+        encoder_graph = trace(encoder.module, encoder.method)
+        encoder_layers = to_sequential(encoder.module, encoder.method)
     decoder_graph = trace(decoder.module, decoder.method)
-    encoder_layers = to_sequential(encoder.module, encoder.method)
     decoder_layers = to_sequential(decoder.module, decoder.method, drop_final=decoder.probabilities)
     unused = unused_tensors(source, (encoder_graph, decoder_graph))
     if unused and not allow_unused:
@@ -241,8 +245,10 @@ def convert(
             input_shape=list(source.input_shape),
             latent_dim=source.latent_dim,
             prior=prior,
+            posterior=None if discrete is None else {"family": discrete},
             description=f"converted from {source.path.name} with {source.description}",
         )
+        saved = with_discrete_latent(saved)
         largest = _largest_difference(source, saved, points, samples, seed, out)
     return Conversion(out, replace(saved, path=out), len(points), samples, seed, largest, tuple(unused))
 
@@ -260,11 +266,19 @@ def _expressible(source: Model) -> None:
         )
     if isinstance(source, ArchModel):
         probe = source.posterior(torch.zeros(2, *source.input_shape))
-        if not diagonal(probe):
+        if not diagonal(probe) and discrete_family(probe) is None:
             raise VaeevalError(
                 f"convert: {source.encoder.method}(x) returns {describe(probe)}; format 1's q(z|x) is a diagonal "
-                f"Normal; {instead}"
+                f"Normal, a OneHotCategorical or an Independent(Bernoulli) from logits; {instead}"
             )
+
+
+def discrete_family(posterior: Any) -> str | None:
+    """Format 1's family of a discrete q(z|x) (``OneHotCategorical``, ``Independent(Bernoulli, 1)``), else None."""
+    if isinstance(posterior, Independent) and posterior.reinterpreted_batch_ndims == 1:
+        posterior = posterior.base_dist
+        return "bernoulli" if type(posterior) is Bernoulli else None
+    return "categorical" if type(posterior) is OneHotCategorical else None
 
 
 def prior_spec(source: Model) -> dict[str, Any] | None:
@@ -280,6 +294,10 @@ def prior_spec(source: Model) -> dict[str, Any] | None:
     if isinstance(found, Independent) and isinstance(found.base_dist, Normal) and found.reinterpreted_batch_ndims == 1:
         base = found.base_dist
         return {"family": "gaussian", "mean": base.loc.float(), "log_var": 2 * base.scale.float().log()}
+    family = discrete_family(found)
+    if family is not None:  # a discrete latent's prior, from its logits
+        base = found.base_dist if isinstance(found, Independent) else found
+        return {"family": family, "logits": base.logits.float()}
     if isinstance(found, MixtureSameFamily) and isinstance(found.mixture_distribution, Categorical):
         components = found.component_distribution
         if isinstance(components, Independent) and isinstance(components.base_dist, Normal):

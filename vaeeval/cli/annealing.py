@@ -29,12 +29,11 @@ from vaeeval.cli.options import (
 )
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISEvaluator
 from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_grid
-from vaeeval.format.reading import load_model
 from vaeeval.io.files import check_output
 from vaeeval.output.documents import ais_document, bdmc_document
 from vaeeval.results.records import to_json
 from vaeeval.user.arch import arch_model
-from vaeeval.user.sources import load
+from vaeeval.user.sources import load, load_model
 
 
 @click.command()

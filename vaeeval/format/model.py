@@ -71,6 +71,7 @@ class Model:
     covariate_sizes: Mapping[str, int] = field(default_factory=dict)  # a continuous covariate's values per point, by name
     library: Library | None = None  # a count model's library size (FORMAT.md, "Library size")
     variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
+    posterior_family: str = "gaussian"  # q(z|x): a diagonal Gaussian, or a discrete latent (categorical, bernoulli)
     calibration: Mapping[str, Any] | None = None  # how its likelihood's scale was fitted (vaeeval calibrate), if it was
 
     @property
@@ -152,6 +153,10 @@ class Model:
             mean = torch.cat([mean, (own[:, :1] - prior_mean) * torch.exp(-0.5 * prior_log_var)], dim=1)
             log_var = torch.cat([log_var, self._floored(own[:, 1:]) - prior_log_var], dim=1)
         return mean, log_var
+
+    def encode_logits(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """A discrete latent's q(z|x) logits ``[B, latent_dim]`` (``posterior_family`` categorical or bernoulli)."""
+        return _run(self.encoder, x, self.encoded_covariates(covariates)).reshape(x.shape[0], self.latent_dim)
 
     def _floored(self, log_var: torch.Tensor) -> torch.Tensor:
         return log_var if not self.variance_floor else torch.logaddexp(log_var, torch.tensor(math.log(self.variance_floor)))

@@ -12,7 +12,16 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal, kl_divergence
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    OneHotCategorical,
+    kl_divergence,
+)
 
 from vaeeval.errors import SpecError
 from vaeeval.format.specs import named_tensor
@@ -25,6 +34,8 @@ class Prior(ABC):
     family: ClassVar[str]
     kl_kind: ClassVar[str] = ANALYTIC
     keys: ClassVar[frozenset[str]] = frozenset()
+    optional: ClassVar[frozenset[str]] = frozenset()  # tensor keys it may leave out
+    discrete: ClassVar[bool] = False  # over a discrete latent (``DISCRETE_LATENTS``): the prior of that posterior family
 
     def __init__(self, spec: Mapping[str, Any], latent_dim: int) -> None:
         self.spec = dict(spec)
@@ -34,14 +45,14 @@ class Prior(ABC):
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], latent_dim: int) -> Prior:
         """Check the spec's keys and tensors and build the bound prior."""
-        unknown = sorted(set(spec) - cls.keys - {"family"})
+        unknown = sorted(set(spec) - cls.keys - cls.optional - {"family"})
         missing = sorted(cls.keys - set(spec))
         if unknown:
             raise SpecError(f"prior: unknown key(s) {', '.join(unknown)} for family {cls.family!r}")
         if missing:
             raise SpecError(f"prior: family {cls.family!r} needs {', '.join(missing)}")
         prior = cls(spec, latent_dim)
-        prior.bind({key: _tensor(spec, key, tensors) for key in sorted(cls.keys)})
+        prior.bind({key: _tensor(spec, key, tensors) for key in sorted((cls.keys | cls.optional) & set(spec))})
         return prior
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -51,7 +62,7 @@ class Prior(ABC):
     @property
     def tensors(self) -> tuple[str, ...]:
         """Names of the file tensors this prior reads."""
-        return tuple(self.spec[key] for key in sorted(self.keys))
+        return tuple(self.spec[key] for key in sorted((self.keys | self.optional) & set(self.spec)))
 
     @abstractmethod
     def distribution(self, like: torch.Tensor) -> Distribution:
@@ -212,3 +223,54 @@ class MixturePrior(Prior):
         component = torch.searchsorted(cumulative, uniform.contiguous()).clamp(max=weights.numel() - 1)
         means, log_vars = self._value("means", normal), self._value("log_vars", normal)
         return means[component] + (0.5 * log_vars[component]).exp() * normal
+
+
+class _DiscretePrior(Prior):
+    """p(z) of a discrete latent (FORMAT.md, "A discrete latent"): uniform, or learned ``logits`` [latent_dim].
+
+    vaeeval evaluates such a model through torch distributions (``user/``): these give p(z)
+    there; the KL, keyed draws and exact sums over z are the general path's.
+    """
+
+    optional = frozenset({"logits"})
+    discrete = True
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().bind(tensors)
+        if "logits" in self.values:
+            self._check_shape("logits", (self.latent_dim,))
+
+    def logits(self, like: torch.Tensor) -> torch.Tensor:
+        """Its logits ``[latent_dim]`` (zeros for the uniform prior), in ``like``'s dtype."""
+        if "logits" in self.values:
+            return self._value("logits", like)
+        return torch.zeros(self.latent_dim, dtype=like.dtype, device=like.device)
+
+    def kl(self, q: Distribution) -> torch.Tensor | None:
+        return None  # the general path's analytic KL (``user.distributions.analytic_kl``) takes over
+
+    def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a discrete latent's prior is drawn by the general path (user/discrete.py)")
+
+
+@register
+class CategoricalPrior(_DiscretePrior):
+    """One of latent_dim categories, z its one-hot vector: ``OneHotCategorical(logits)``."""
+
+    family = "categorical"
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        return OneHotCategorical(logits=self.logits(like), validate_args=False)
+
+
+@register
+class BernoulliPrior(_DiscretePrior):
+    """latent_dim independent binary units: ``Independent(Bernoulli(logits), 1)`` (uniform: every logit 0)."""
+
+    family = "bernoulli"
+
+    def distribution(self, like: torch.Tensor) -> Distribution:
+        return Independent(Bernoulli(logits=self.logits(like), validate_args=False), 1)
+
+
+DISCRETE_LATENTS = (CategoricalPrior.family, BernoulliPrior.family)  # format 1's posterior families besides gaussian

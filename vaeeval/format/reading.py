@@ -25,7 +25,7 @@ from vaeeval.format.library import LATENT, OBSERVED, Library
 from vaeeval.format.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.format.likelihoods.counts import COUNT_FAMILIES
 from vaeeval.format.model import FORMAT_VERSION, METADATA_KEY, Covariate, LayerInfo, Model
-from vaeeval.format.priors import StandardNormalPrior, prior_from_spec
+from vaeeval.format.priors import DISCRETE_LATENTS, Prior, StandardNormalPrior, prior_from_spec
 from vaeeval.format.specs import is_integer, named_tensor
 from vaeeval.io.files import file_digest, load_json, reading, regular_file
 
@@ -216,18 +216,23 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     input_shape = _input_shape(document)
     latent_dim = _positive_int(document, "latent_dim")
     likelihood = likelihood_from_spec(document.get("likelihood"), tensors, input_shape)
-    prior = prior_from_spec(document.get("prior"), tensors, latent_dim)
+    posterior, floor = _posterior(document.get("posterior"))
+    prior = _prior(document.get("prior"), posterior, tensors, latent_dim)
     domain = domain_from_spec(document.get("data"))
     covariates = _covariates(document.get("covariates"))
     widths = {c.name: c.width for c in covariates}
-    floor = _variance_floor(document.get("posterior"))
 
     encoder, encoder_infos, encoder_used = _build_chain("encoder", document.get("encoder"), tensors, input_shape, widths)
     encoder_out = encoder_infos[-1].out_shape
-    if encoder_out != (2 * latent_dim,):
+    if posterior == GAUSSIAN_POSTERIOR and encoder_out != (2 * latent_dim,):
         raise SpecError(
             f"the encoder gives {format_shape(encoder_out)} per point; with latent_dim {latent_dim} "
             f"it must give [{2 * latent_dim}] (mean, then log-variance)"
+        )
+    if posterior != GAUSSIAN_POSTERIOR and encoder_out != (latent_dim,):
+        raise SpecError(
+            f"the encoder gives {format_shape(encoder_out)} per point; a {posterior} posterior with latent_dim {latent_dim} "
+            f"needs [{latent_dim}] logits"
         )
     decoder, decoder_infos, decoder_used = _build_chain("decoder", document.get("decoder"), tensors, (latent_dim,), widths)
     decoder_out = decoder_infos[-1].out_shape
@@ -275,6 +280,7 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         covariate_sizes={c.name: c.width for c in covariates if c.categories is None},
         library=library,
         variance_floor=floor,
+        posterior_family=posterior,
         notes=(*(() if library is None else (f"library size {library.describe()}",)), *_calibration_notes(calibration)),
         calibration=calibration,
     )
@@ -332,11 +338,35 @@ def _covariates(spec: Any) -> list[Covariate]:
     return found
 
 
-def _variance_floor(spec: Any) -> float:
+GAUSSIAN_POSTERIOR = "gaussian"
+
+
+def _posterior(spec: Any) -> tuple[str, float]:
+    """The ``posterior`` block: q(z|x)'s family (a diagonal Gaussian, or a discrete latent) and its variance floor."""
     if spec is None:
-        return 0.0
-    if not isinstance(spec, Mapping) or set(spec) - {"variance_floor"}:
-        raise SpecError(f"\"posterior\" takes one key, variance_floor, found {spec!r}")
+        return GAUSSIAN_POSTERIOR, 0.0
+    families = (GAUSSIAN_POSTERIOR, *DISCRETE_LATENTS)
+    family = spec.get("family", GAUSSIAN_POSTERIOR) if isinstance(spec, Mapping) else None
+    if family not in families:
+        raise SpecError(f"posterior: family must be one of {', '.join(families)}, found {spec!r}")
+    keys = {"family", "variance_floor"} if family == GAUSSIAN_POSTERIOR else {"family"}
+    if set(spec) - keys:
+        raise SpecError(f"\"posterior\" of family {family} takes {', '.join(sorted(keys))}, found {spec!r}")
+    return family, _variance_floor(spec)
+
+
+def _prior(spec: Any, posterior: str, tensors: Mapping[str, torch.Tensor], latent_dim: int) -> Prior:
+    """p(z): a discrete latent's prior is of its posterior's family (uniform when the file gives none)."""
+    if spec is None and posterior != GAUSSIAN_POSTERIOR:
+        spec = {"family": posterior}
+    prior = prior_from_spec(spec, tensors, latent_dim)
+    if prior.discrete != (posterior != GAUSSIAN_POSTERIOR) or (prior.discrete and prior.family != posterior):
+        raise SpecError(f"prior: a {prior.family} prior cannot go with a {posterior} posterior; a discrete latent's prior "
+                        "is of its posterior's family, a Gaussian posterior's a continuous one")
+    return prior
+
+
+def _variance_floor(spec: Mapping[str, Any]) -> float:
     floor = spec.get("variance_floor", 0.0)
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
         raise SpecError(f"posterior: variance_floor must be a non-negative number, found {floor!r}")

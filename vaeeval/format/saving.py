@@ -28,6 +28,7 @@ def save_model(
     input_shape: Sequence[int],
     latent_dim: int,
     prior: Mapping[str, Any] | None = None,
+    posterior: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
     description: str | None = None,
 ) -> Model:
@@ -36,7 +37,9 @@ def save_model(
     Tensors are named as ``state_dict()`` names them under the prefixes
     ``encoder.`` and ``decoder.``. A tensor given as a value in ``likelihood`` or
     ``prior`` (e.g. ``{"family": "gaussian", "log_sigma": tensor}``) is stored as
-    ``likelihood.<key>`` / ``prior.<key>``. Dropout and Identity are left out
+    ``likelihood.<key>`` / ``prior.<key>``. ``posterior`` is the optional block (``{"family":
+    "categorical"}`` for a discrete latent: the encoder then gives its logits, and the prior
+    defaults to the uniform one of that family). Dropout and Identity are left out
     (they are identities at evaluation time).
 
     The file is read back with ``load_model`` and both networks are checked to
@@ -57,8 +60,11 @@ def save_model(
         "encoder": _sequential_specs(encoder, "encoder", tensors),
         "decoder": _sequential_specs(decoder, "decoder", tensors),
         "likelihood": _store_tensor_values(likelihood, "likelihood", tensors),
-        "prior": _store_tensor_values(prior or {"family": "standard_normal"}, "prior", tensors),
     }
+    if posterior is not None:
+        document["posterior"] = dict(posterior)
+    if prior is not None or posterior is None or posterior.get("family", "gaussian") == "gaussian":
+        document["prior"] = _store_tensor_values(prior or {"family": "standard_normal"}, "prior", tensors)
     if data is not None:
         document["data"] = dict(data)
     if description:

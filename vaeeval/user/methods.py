@@ -3,14 +3,16 @@ where format 1 needs their layers, and the final sigmoid or softmax of a decoder
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
+from types import FunctionType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Bernoulli, Distribution, Independent, Normal, OneHotCategorical
 from torch.distributions.utils import probs_to_logits
 
 from vaeeval.core import rng
@@ -155,6 +157,45 @@ class _Tracer(fx.Tracer):
         if isinstance(a, np.generic):
             return a.item()
         return super().create_arg(a)
+
+
+DISCRETE_HEADS = {OneHotCategorical: "categorical", Bernoulli: "bernoulli"}  # format 1's discrete latents, by torch class
+
+
+@contextmanager
+def discrete_latent_as_logits(module: nn.Module) -> Iterator[list[str]]:
+    """While ``encode`` is traced: ``OneHotCategorical(logits=...)``, ``Bernoulli(logits=...)`` and ``Independent``,
+    as the user's module and ``torch.distributions`` name them, stand for the logits they are built from, so the
+    traced graph ends in the logits format 1's encoder gives. The list receives the family each one built."""
+    built: list[str] = []
+
+    def head(cls: type, family: str) -> Any:
+        def stand_in(*args: Any, logits: Any = None, **kwargs: Any) -> Any:
+            if logits is None:
+                raise TypeError(f"{cls.__name__}(...) without logits=: format 1 builds a discrete latent from its logits")
+            built.append(family)
+            return logits
+
+        return stand_in
+
+    stand_ins: dict[type, Any] = {cls: head(cls, family) for cls, family in DISCRETE_HEADS.items()}
+    stand_ins[Independent] = lambda base, *args, **kwargs: base
+    namespaces = {id(vars(torch.distributions)): vars(torch.distributions)}
+    for cls in type(module).__mro__:  # the globals of the user's code (its file is not in sys.modules)
+        for function in vars(cls).values():
+            if isinstance(function, FunctionType) and not function.__module__.startswith("torch."):
+                namespaces[id(function.__globals__)] = function.__globals__
+    replaced = []
+    for namespace in namespaces.values():
+        for name, value in list(namespace.items()):
+            if isinstance(value, type) and value in stand_ins:
+                replaced.append((namespace, name, value))
+                namespace[name] = stand_ins[value]
+    try:
+        yield built
+    finally:
+        for namespace, name, value in replaced:
+            namespace[name] = value
 
 
 def trace(module: nn.Module, method: str) -> fx.GraphModule:

@@ -10,11 +10,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from vaeeval.format import reading
 from vaeeval.format.data import Dataset, covariate_headers, load_data, point_shape
 from vaeeval.format.model import Model
 from vaeeval.format.ranges import Rescaled
-from vaeeval.format.reading import load_model
 from vaeeval.user.arch import ArchOptions, arch_model
+from vaeeval.user.format_latents import with_discrete_latent
 
 
 def model_for(
@@ -30,6 +31,11 @@ def model_for(
     encode_shape = arch.encode_shape if arch.encode_shape != shape else None
     covariates = covariate_headers(data, arch.covariates, key=key)
     return arch_model(path, replace(arch, encode_shape=encode_shape), shape, covariates)
+
+
+def load_model(path: str | Path) -> Model:
+    """The format-1 model at ``path``, ready to evaluate (a discrete latent as the general path's distributions)."""
+    return with_discrete_latent(reading.load_model(path))
 
 
 def load(

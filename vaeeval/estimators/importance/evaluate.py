@@ -103,6 +103,11 @@ class Evaluator:
 
     def __init__(self, model: Model, data: Dataset | np.ndarray, options: EvaluationOptions | None = None) -> None:
         options = options or EvaluationOptions()
+        if model.posterior_family != "gaussian" and not model.general:
+            raise VaeevalError(
+                f"the model's latent is {model.posterior_family} (format 1's discrete latent): read it with "
+                "vaeeval.load_model, which evaluates it through its distributions"
+            )
         if not isinstance(data, Dataset):
             array = np.asarray(data)
             data = Dataset(array, total=int(array.shape[0]), domain=detect_domain(array))
@@ -209,6 +214,8 @@ def evaluate(
     discretize: int | None = None,
     density: bool = False,
     grid_range: tuple[float, float] | None = None,
+    enumerate_latent: bool | None = None,
+    max_support: int = DEFAULT_MAX_SUPPORT,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Estimate ELBO, reconstruction, KL and IWAE, with their diagnostics, for every point.
@@ -216,8 +223,9 @@ def evaluate(
     Args:
         model: a loaded model.
         data: ``[N, *input_shape]`` points, already checked (``load_data``).
-        samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range:
-            see ``EvaluationOptions``.
+        samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range,
+            enumerate_latent, max_support: see ``EvaluationOptions`` (a discrete latent of at most
+            ``max_support`` values is summed over exactly unless ``enumerate_latent`` is False).
         progress: called with the number of points finished after each batch.
 
     Returns:
@@ -226,7 +234,9 @@ def evaluate(
     Raises:
         VaeevalError: bad settings, or a point whose estimate is not finite.
     """
-    options = EvaluationOptions(samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range)
+    options = EvaluationOptions(
+        samples, seed, batch_size, max_memory, chunk_size, device, discretize, density, grid_range, enumerate_latent, max_support
+    )
     return Evaluator(model, data, options).evaluate(progress)
 
 
