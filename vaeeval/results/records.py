@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vaeeval.format.domains import domain_from_spec
-from vaeeval.results.columns import FLAG, MAYBE_NUMBER, NUMBER, Column, PointColumns, finite
+from vaeeval.results.columns import COUNT, FLAG, MAYBE_NUMBER, NUMBER, Column, PointColumns, finite
 from vaeeval.results.numbers import (
     GAP_LIMIT,
     METRICS,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vaeeval.format.data import Dataset
     from vaeeval.format.model import Model
     from vaeeval.results.latents import LatentHealth
+    from vaeeval.results.sequences import SequenceSummary
 
 DEQUANTIZATION = (
     "the uniform-dequantization figure for a density on discrete data, not a probability "
@@ -62,8 +63,11 @@ POINT_COLUMNS = PointColumns((
     Column("kl_stderr", MAYBE_NUMBER, "the standard error of a Monte Carlo KL", optional=True),
     Column("ess_fraction", NUMBER, "ess / K"),
     Column("unreliable", FLAG, "k-hat above the threshold: iwae may be far from log p(x)"),
+    Column("tokens", COUNT, "the positions of a padded sequence that count (--lengths)", optional=True),
 ))
-POINT_NUMBERS = tuple(name for name in POINT_COLUMNS.names() if name not in ("kl_stderr", "ess_fraction", "unreliable"))
+POINT_NUMBERS = tuple(
+    name for name in POINT_COLUMNS.names() if name not in ("kl_stderr", "ess_fraction", "unreliable", "tokens")
+)
 
 
 def to_json(document: dict[str, Any]) -> str:
@@ -198,8 +202,21 @@ def summary_record(evaluation: Evaluation) -> dict[str, Any]:
     }
     if summary.dequantized_bits_per_dim is not None:
         record["dequantized_bits_per_dim"] = {**stat_record(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
+    if summary.sequences is not None:
+        record["sequences"] = sequences_record(summary.sequences)
     record["diagnostics"] = diagnostics_record(evaluation)
     return record
+
+
+def sequences_record(sequences: SequenceSummary) -> dict[str, Any]:
+    """The ``summary.sequences`` object: the data set per token, where the points are padded sequences."""
+    return {"tokens": sequences.tokens, **{key: stat_record(getattr(sequences, key)) for key in SEQUENCE_KEYS},
+            "note": SEQUENCE_NOTE}
+
+
+SEQUENCE_KEYS = ("nll_per_token", "perplexity", "bits_per_token", "elbo_nll_per_token", "elbo_perplexity")
+SEQUENCE_NOTE = ("per token over the data set: -sum(iwae) / sum(tokens) nats (elbo_: of -sum(elbo)), perplexity its exp, "
+                 "bits its / ln 2; the positions past each --lengths are not tokens")
 
 
 def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
@@ -213,6 +230,8 @@ def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> l
     values = {name: getattr(points, name) for name in POINT_NUMBERS}
     if monte_carlo_kl:
         values["kl_stderr"] = points.kl_stderr
+    if points.tokens is not None:
+        values["tokens"] = points.tokens
     return POINT_COLUMNS.records(points.index, {**values, "ess_fraction": points.ess / samples, "unreliable": points.unreliable})
 
 
@@ -222,7 +241,8 @@ def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> l
 def points_from_records(records: Sequence[dict[str, Any]]) -> PointResults:
     """Per-point results from point records (``null`` numbers become NaN), sorted by index."""
     arrays = POINT_COLUMNS.arrays(records, defaults={"kl_stderr": 0.0})
-    return PointResults(**{name: arrays[name] for name in ("index", *POINT_NUMBERS, "kl_stderr", "unreliable")})
+    tokens = None if any(record.get("tokens") is None for record in records) else arrays["tokens"].astype(np.int64)
+    return PointResults(**{name: arrays[name] for name in ("index", *POINT_NUMBERS, "kl_stderr", "unreliable")}, tokens=tokens)
 
 
 def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> Evaluation:
