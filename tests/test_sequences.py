@@ -307,3 +307,26 @@ def test_a_decode_named_x_is_not_teacher_forced():
 
     assert not _teacher_forced(Named().decode)
     assert _teacher_forced(Named().forced)
+
+
+def test_bdmc_refuses_a_teacher_forced_decoder(trained, tmp_path):
+    """bdmc would have to draw x from p(x|z) one position at a time; it says so instead of failing in decode."""
+    directory = trained[0]
+    (tmp_path / "unpadded.py").write_text(
+        f"import sys; sys.path.insert(0, {str(directory)!r})\n"
+        "import torch\n"
+        "from sentence import SentenceVAE\n\n"
+        "class Unpadded(SentenceVAE):  # every sentence full length\n"
+        "    def encode(self, x):\n"
+        "        return super().encode(x, torch.full((len(x),), x.shape[1]))\n"
+    )
+    result = cli("bdmc", directory / "sentence.safetensors", "--arch", f"{tmp_path / 'unpadded.py'}:Unpadded",
+                 "--input-shape", T, "--n", 2, "--steps", 2, code=2)
+    assert result.stderr.strip() == (
+        "vaeeval: error: bdmc simulates points from p(z) p(x|z), and decode(z, x) is teacher-forced: a draw of x from it "
+        "is ancestral, one position at a time, which vaeeval does not do; run vaeeval ais on data instead"
+    )
+    result = cli("bdmc", directory / "sentence.safetensors", "--arch", f"{directory / 'sentence.py'}:SentenceVAE",
+                 "--input-shape", T, "--lengths", "lengths", code=2)
+    assert "bdmc simulates its points, and has no data to read --lengths from" in result.stderr
+    sys.modules.pop("sentence", None)
