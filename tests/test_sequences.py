@@ -330,3 +330,62 @@ def test_bdmc_refuses_a_teacher_forced_decoder(trained, tmp_path):
                  "--input-shape", T, "--lengths", "lengths", code=2)
     assert "bdmc simulates its points, and has no data to read --lengths from" in result.stderr
     sys.modules.pop("sentence", None)
+
+
+def test_a_decoder_that_masks_itself_gets_the_mask(trained, tmp_path):
+    """A distribution whose log_prob is one number per sentence is used as it is when decode takes ``mask``
+    (``[rows, T]`` bool, true before each length): the same log p(x) as vaeeval's own masking."""
+    directory = trained[0]
+    (tmp_path / "own.py").write_text(
+        f"import sys; sys.path.insert(0, {str(directory)!r})\n"
+        "from sentence import SentenceVAE\n"
+        "from torch.distributions import Distribution\n\n"
+        "class Masked(Distribution):\n"
+        "    arg_constraints = {}\n"
+        "    def __init__(self, inner, mask):\n"
+        "        self.inner, self.mask = inner, mask\n"
+        "        super().__init__(inner.batch_shape, inner.event_shape, validate_args=False)\n"
+        "    @property\n"
+        "    def support(self):\n"
+        "        return self.inner.support\n"
+        "    def log_prob(self, x):\n"
+        "        return (self.inner.base_dist.log_prob(x).double() * self.mask).sum(-1)\n\n"
+        "class OwnMask(SentenceVAE):\n"
+        "    def decode(self, z, x, mask):\n"
+        "        assert mask.dtype.is_floating_point is False and mask.shape == x.shape\n"
+        "        return Masked(super().decode(z, x), mask)\n"
+    )
+    own = json.loads(cli("elbo", directory / "sentence.safetensors", directory / "sentences.npz", "--key", "x", "--arch",
+                         f"{tmp_path / 'own.py'}:OwnMask", "--lengths", "lengths", "-k", 50, "--json").stdout)
+    base = _document(directory, "--lengths", "lengths", samples=50)
+    assert "decode takes the lengths and its log_prob is taken as masked" in own["model"]["description"]
+    np.testing.assert_allclose([p["iwae"] for p in own["points"]], [p["iwae"] for p in base["points"]], rtol=1e-5)
+    assert own["summary"]["sequences"]["tokens"] == base["summary"]["sequences"]["tokens"]
+    sys.modules.pop("sentence", None)
+
+
+def test_masked_log_prob_of_features_per_position():
+    """Positions with several features (Independent(Normal [N, T, F], 2)): each position's features summed,
+    then the positions before each length; on bins too. Against torch's own numbers."""
+    from torch.distributions import Independent, Normal
+
+    from vaeeval.format.domains import Grid
+    from vaeeval.user.sequences import masked_log_prob
+
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.rand(3, 5, 2, generator=generator, dtype=torch.float64)
+    distribution = Independent(Normal(loc, 0.3), 2)
+    x = torch.rand(3, 5, 2, generator=generator, dtype=torch.float64)
+    lengths = torch.tensor([5, 1, 3])
+    inside = (torch.arange(5) < lengths[:, None])[..., None]
+    expected = (Normal(loc, 0.3).log_prob(x) * inside).sum((1, 2))
+    torch.testing.assert_close(masked_log_prob(distribution, x, lengths, None), expected, rtol=1e-12, atol=0)
+    grid = Grid(11, 0.0, 1.0)
+    values = torch.round(x * 10) / 10
+    normal = Normal(loc, 0.3)
+    low = torch.where(values <= 0, -math.inf, values - 0.05)  # the outermost bins open, as vaeeval scores them
+    high = torch.where(values >= 1, math.inf, values + 0.05)
+    binned = torch.log(normal.cdf(high) - normal.cdf(low))
+    torch.testing.assert_close(masked_log_prob(distribution, values, lengths, grid), (binned * inside).sum((1, 2)),
+                               rtol=1e-9, atol=0)
+    assert masked_log_prob(Normal(loc.sum((1, 2)), 1.0), x, lengths, None) is None  # one number per row: cannot split
