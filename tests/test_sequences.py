@@ -262,6 +262,9 @@ def test_lengths_need_arch_and_a_maskable_decoder(trained, tmp_path):
     result = cli("elbo", directory / "sentence.safetensors", directory / "sentences.npz", "--key", "x",
                  "--lengths", "lengths", code=2)
     assert "--lengths goes with --arch" in result.stderr
+    result = _elbo(directory, code=2)
+    assert result.stderr.strip() == ("vaeeval: error: encode takes lengths: the data are padded sequences, so give their "
+                                     "lengths with --lengths")
     (tmp_path / "whole.py").write_text(
         "import torch\n"
         f"sys_path = {str(directory)!r}\n"

@@ -58,7 +58,7 @@ from vaeeval.user.protocol import (
     standard_normal,
     unkeyed_note,
 )
-from vaeeval.user.sequences import DATA, LENGTHS, MASK, arguments, check_maskable, per_position, takes
+from vaeeval.user.sequences import DATA, LENGTHS, MASK, arguments, check_maskable, needs_lengths, per_position, takes
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
 
@@ -289,6 +289,11 @@ def arch_model(
     if positions is not None:
         probe[LENGTHS] = torch.full((2,), positions, dtype=torch.int64)
     teacher_forced = _teacher_forced(decode)
+    for name, method in ((options.encode_method, encode), (options.decode_method, decode)):
+        needed = needs_lengths(method) if positions is None and LENGTHS not in covariates else None
+        if needed:
+            raise VaeevalError(f"{name} takes {needed}: the data are padded sequences, so give their lengths with "
+                               f"{option('lengths')}")
     encoder = EncoderAdapter(module, options.encode_method, options.encode_shape)
     x = torch.zeros(2, *input_shape)
     posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(

@@ -40,6 +40,19 @@ def takes(method: Callable[..., Any], name: str) -> bool:
     return found is not None and found.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
+def needs_lengths(method: Callable[..., Any]) -> str | None:
+    """``lengths`` or ``mask`` when ``method`` requires one (no default), which only ``--lengths`` gives; else None."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in (LENGTHS, MASK):
+        found = parameters.get(name)
+        if found is not None and found.default is inspect.Parameter.empty and found.kind != inspect.Parameter.VAR_KEYWORD:
+            return name
+    return None
+
+
 def arguments(method: Callable[..., Any], covariates: Mapping[str, torch.Tensor], positions: int | None) -> dict[str, torch.Tensor]:
     """The keyword arguments ``method`` gets: the covariates, with the lengths (``positions`` given: from
     ``--lengths``) as ``lengths`` and ``mask`` only where ``method`` takes them, and ``x`` only where it takes it."""
