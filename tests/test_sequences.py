@@ -392,3 +392,21 @@ def test_masked_log_prob_of_features_per_position():
     torch.testing.assert_close(masked_log_prob(distribution, values, lengths, grid), (binned * inside).sum((1, 2)),
                                rtol=1e-9, atol=0)
     assert masked_log_prob(Normal(loc.sum((1, 2)), 1.0), x, lengths, None) is None  # one number per row: cannot split
+
+
+def test_ais_reports_per_token_from_ais(trained, tmp_path):
+    """vaeeval ais on padded sentences: the per-token numbers come from ais, and survive its results file."""
+    directory, _, _, lengths = trained
+    args = ["ais", directory / "sentence.safetensors", directory / "sentences.npz", "--key", "x", "--arch",
+            f"{directory / 'sentence.py'}:SentenceVAE", "--lengths", "lengths", "--limit", 6, "--steps", 10, "--chains", 2,
+            "--pilot-chains", 2, "-k", 20]
+    document = json.loads(cli(*args, "--json").stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.ais/1")).validate(document)
+    ais = np.array([p["ais"] for p in document["points"]])
+    assert [p["tokens"] for p in document["points"]] == lengths[:6].tolist()
+    sequences = document["summary"]["sequences"]
+    assert sequences["nll_per_token"]["mean"] == pytest.approx(-math.fsum(ais) / lengths[:6].sum(), rel=1e-12)
+    assert "-sum(ais)" in sequences["note"]
+    cli(*args, "--output", tmp_path / "ais.jsonl")
+    merged = json.loads(cli("merge", tmp_path / "ais.jsonl", "--json").stdout)
+    assert merged["summary"]["sequences"] == sequences

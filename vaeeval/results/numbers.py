@@ -373,6 +373,7 @@ class AISPointResults(Columns):
     step_size: np.ndarray
     elbo: np.ndarray
     iwae: np.ndarray
+    tokens: np.ndarray | None = None  # padded sequences (--lengths): the positions that count
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,7 @@ class AISSummary:
     ais_stderr: Stat
     acceptance: Stat
     bits_per_dim: Stat
+    sequences: SequenceSummary | None = None  # per token, from ais (--lengths)
 
 
 @dataclass(frozen=True)
@@ -419,7 +421,9 @@ class AISEvaluation:
 
 
 def summarize_ais(points: AISPointResults, dims: int) -> AISSummary:
-    """Means and standard errors over points, and bits per dimension of -ais."""
+    """Means and standard errors over points, and bits per dimension of -ais (per token, with tokens)."""
+    from vaeeval.results.sequences import sequence_summary
+
     return AISSummary(
         n=int(points.index.size),
         ais=mean_and_stderr(points.ais),
@@ -429,6 +433,7 @@ def summarize_ais(points: AISPointResults, dims: int) -> AISSummary:
         ais_stderr=mean_and_stderr(points.ais_stderr),
         acceptance=mean_and_stderr(points.acceptance),
         bits_per_dim=mean_and_stderr(-points.ais / (dims * math.log(2))),
+        sequences=None if points.tokens is None else sequence_summary(points.ais, points.elbo, points.tokens, "ais"),
     )
 
 

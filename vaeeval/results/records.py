@@ -36,6 +36,8 @@ from vaeeval.results.numbers import (
     evaluation_of,
     summarize_ais,
 )
+from vaeeval.results.sequences import SequenceSummary
+from vaeeval.results.sequences import note as sequence_note
 
 if TYPE_CHECKING:
     from vaeeval.format.data import Dataset
@@ -211,12 +213,10 @@ def summary_record(evaluation: Evaluation) -> dict[str, Any]:
 def sequences_record(sequences: SequenceSummary) -> dict[str, Any]:
     """The ``summary.sequences`` object: the data set per token, where the points are padded sequences."""
     return {"tokens": sequences.tokens, **{key: stat_record(getattr(sequences, key)) for key in SEQUENCE_KEYS},
-            "note": SEQUENCE_NOTE}
+            "note": sequence_note(sequences)}
 
 
 SEQUENCE_KEYS = ("nll_per_token", "perplexity", "bits_per_token", "elbo_nll_per_token", "elbo_perplexity")
-SEQUENCE_NOTE = ("per token over the data set: -sum(iwae) / sum(tokens) nats (elbo_: of -sum(elbo)), perplexity its exp, "
-                 "bits its / ln 2; the positions past each --lengths are not tokens")
 
 
 def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
@@ -274,6 +274,7 @@ AIS_COLUMNS = PointColumns((
     Column("iwae", NUMBER, "the IWAE of the same point, beside it"),
     Column("ess", MAYBE_NUMBER, "the effective sample size of the chains' weights"),
     Column("step_size", MAYBE_NUMBER, "the mean HMC step size used"),
+    Column("tokens", COUNT, "the positions of a padded sequence that count (--lengths)", optional=True),
 ))
 # BDMC's point columns (``bdmc``): a simulated point's sandwich.
 BDMC_COLUMNS = PointColumns((
@@ -298,8 +299,10 @@ def cost_record(cost: AISCost) -> dict[str, Any]:
 
 
 def column_records(columns: PointColumns, points: Columns) -> list[dict[str, Any]]:
-    """The point objects of per-point results whose attributes are the columns'."""
-    return columns.records(points.index, {name: getattr(points, name) for name in columns.names()})
+    """The point objects of per-point results whose attributes are the columns' (an optional one the points
+    have not, None, left out)."""
+    values = {name: getattr(points, name) for name in columns.names()}
+    return columns.records(points.index, {name: value for name, value in values.items() if value is not None})
 
 
 def ais_point_records(points: AISPointResults) -> list[dict[str, Any]]:
@@ -319,6 +322,7 @@ def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
         "ais_stderr": stat_record(summary.ais_stderr),
         "acceptance": stat_record(summary.acceptance),
         "bits_per_dim": stat_record(summary.bits_per_dim),
+        **({} if summary.sequences is None else {"sequences": sequences_record(summary.sequences)}),
         "cost": cost_record(evaluation.cost),
     }
 
@@ -344,7 +348,9 @@ def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
 
 def ais_points_from_records(records: Sequence[dict[str, Any]]) -> AISPointResults:
     """Per-point AIS results from point records (``null`` numbers become NaN), sorted by index."""
-    return AISPointResults(**AIS_COLUMNS.arrays(records))
+    arrays = AIS_COLUMNS.arrays(records)
+    tokens = None if any(record.get("tokens") is None for record in records) else arrays["tokens"].astype(np.int64)
+    return AISPointResults(**{**arrays, "tokens": tokens})
 
 
 def ais_evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> AISEvaluation:

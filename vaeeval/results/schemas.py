@@ -200,7 +200,8 @@ AIS_SUMMARY = _object(
         "acceptance": STAT,
         "bits_per_dim": STAT,
         "cost": COST,
-    }
+    },
+    {"sequences": _object({"tokens": INTEGER, **dict.fromkeys(SEQUENCE_KEYS, STAT), "note": STRING})},  # with --lengths
 )
 BDMC_POINT = BDMC_COLUMNS.schema()
 BDMC_SUMMARY = _object(

@@ -23,7 +23,8 @@ from vaeeval.results.numbers import Stat, exact_sum
 @dataclass(frozen=True)
 class SequenceSummary:
     """The data set per token: ``tokens`` in all; NLL per token (nats), perplexity and bits per token,
-    from the IWAE (``nll_per_token``, ...) and from the ELBO (``elbo_nll_per_token``, ``elbo_perplexity``)."""
+    from ``estimate`` (``iwae``, or an AIS run's ``ais``: ``nll_per_token``, ...) and from the ELBO
+    (``elbo_nll_per_token``, ``elbo_perplexity``)."""
 
     tokens: int
     nll_per_token: Stat
@@ -31,6 +32,7 @@ class SequenceSummary:
     bits_per_token: Stat
     elbo_nll_per_token: Stat
     elbo_perplexity: Stat
+    estimate: str = "iwae"
 
 
 def per_token(nll: np.ndarray, tokens: np.ndarray) -> Stat:
@@ -50,19 +52,26 @@ def _exp(stat: Stat) -> Stat:
     return Stat(value, None if stat.stderr is None else value * stat.stderr)
 
 
-def sequence_summary(iwae: np.ndarray, elbo: np.ndarray, tokens: np.ndarray) -> SequenceSummary:
-    """The per-token numbers of points with these estimates of log p(x) and these token counts."""
-    nll, elbo_nll = per_token(-iwae, tokens), per_token(-elbo, tokens)
+def sequence_summary(log_px: np.ndarray, elbo: np.ndarray, tokens: np.ndarray, estimate: str = "iwae") -> SequenceSummary:
+    """The per-token numbers of points with these estimates of log p(x) (``estimate``: ``iwae`` or ``ais``), these
+    ELBOs and these token counts."""
+    nll, elbo_nll = per_token(-log_px, tokens), per_token(-elbo, tokens)
     bits = Stat(nll.mean / math.log(2), None if nll.stderr is None else nll.stderr / math.log(2))
-    return SequenceSummary(int(exact_sum(tokens)), nll, _exp(nll), bits, elbo_nll, _exp(elbo_nll))
+    return SequenceSummary(int(exact_sum(tokens)), nll, _exp(nll), bits, elbo_nll, _exp(elbo_nll), estimate)
+
+
+def note(sequences: SequenceSummary) -> str:
+    """What the per-token numbers are, in a sentence (JSON's ``summary.sequences.note``)."""
+    return (f"per token over the data set: -sum({sequences.estimate}) / sum(tokens) nats (elbo_: of -sum(elbo)), "
+            "perplexity its exp, bits its / ln 2; the positions past each --lengths are not tokens")
 
 
 def sequence_rows(sequences: SequenceSummary) -> list[tuple[str, Stat, str]]:
     """The summary table's rows for padded sequences, in place of bits/dim: (label, stat, meaning)."""
-    tokens = f"{sequences.tokens} tokens"
+    tokens, estimate = f"{sequences.tokens} tokens", sequences.estimate
     return [
-        ("NLL/token", sequences.nll_per_token, f"-Σ iwae / Σ tokens, nats ({tokens}; padding not counted)"),
-        ("perplexity", sequences.perplexity, "exp(NLL/token), from iwae"),
+        ("NLL/token", sequences.nll_per_token, f"-Σ {estimate} / Σ tokens, nats ({tokens}; padding not counted)"),
+        ("perplexity", sequences.perplexity, f"exp(NLL/token), from {estimate}"),
         ("bits/token", sequences.bits_per_token, "NLL/token / ln 2"),
         ("ELBO NLL/token", sequences.elbo_nll_per_token, "-Σ elbo / Σ tokens, an upper bound"),
         ("ELBO perplexity", sequences.elbo_perplexity, "exp(ELBO NLL/token)"),
