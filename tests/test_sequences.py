@@ -361,7 +361,7 @@ def test_a_decoder_that_masks_itself_gets_the_mask(trained, tmp_path):
     own = json.loads(cli("elbo", directory / "sentence.safetensors", directory / "sentences.npz", "--key", "x", "--arch",
                          f"{tmp_path / 'own.py'}:OwnMask", "--lengths", "lengths", "-k", 50, "--json").stdout)
     base = _document(directory, "--lengths", "lengths", samples=50)
-    assert "decode takes the lengths and its log_prob is taken as masked" in own["model"]["description"]
+    assert "decode takes lengths or mask, and its log_prob is taken as already masked" in own["model"]["description"]
     np.testing.assert_allclose([p["iwae"] for p in own["points"]], [p["iwae"] for p in base["points"]], rtol=1e-5)
     assert own["summary"]["sequences"]["tokens"] == base["summary"]["sequences"]["tokens"]
     sys.modules.pop("sentence", None)

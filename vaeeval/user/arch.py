@@ -323,7 +323,7 @@ def arch_model(
         if positions is not None:
             masks_itself = takes(decode, LENGTHS) or takes(decode, MASK)
             check_maskable(raw, 2, positions, options.decode_method, masks_itself)
-            how += (f"; --lengths {options.lengths}: " + ("decode takes the lengths and its log_prob is taken as masked"
+            how += (f"; --lengths {options.lengths}: " + ("decode takes lengths or mask, and its log_prob is taken as already masked"
                     if masks_itself and per_position(raw, 2, positions) is None else "positions past each length left out of log p(x|z)"))
         if teacher_forced:
             how += f"; {options.decode_method}(z, x) is given each draw's data point (teacher forcing)"
