@@ -50,7 +50,7 @@ def _log_q(family: str, logits: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _reference(encoder, decoder, family, prior_logits, x):
     """log p(x) and the ELBO per point by enumeration, float64 networks."""
-    double = lambda net, v: net.double()(torch.as_tensor(v, dtype=torch.float64)).detach().numpy()  # noqa: E731
+    double = lambda net, v: net.double()(torch.as_tensor(v, dtype=torch.float64)).detach().numpy()
     latent = encoder[-1].out_features
     values = _support(family, latent)
     log_q = _log_q(family, double(encoder, x), values)

@@ -116,6 +116,8 @@ def bdmc(model: Path, n: int, save_data: Path | None, as_json: bool, show_all: b
         loaded = load_model(model)
     elif arch.encode_shape is None:
         raise click.UsageError("bdmc --arch needs --input-shape: the shape of one data point")
+    elif arch.lengths is not None:
+        raise click.UsageError("bdmc simulates its points, and has no data to read --lengths from; run vaeeval ais on data")
     else:
         loaded = arch_model(model, replace(arch, encode_shape=None), arch.encode_shape)
     bins = simulation_grid(loaded, settings.discretize, settings.density, settings.grid_range)

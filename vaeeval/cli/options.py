@@ -242,7 +242,7 @@ def annealing_settings(options: dict[str, Any]) -> AISOptions:
     )
 
 
-_ARCH_ONLY = ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape", "covariates")
+_ARCH_ONLY = ("arch_args", "likelihood", "sigma", "log_sigma_tensor", "levels", "input_shape", "covariates", "lengths")
 _LIKELIHOOD_ONLY = ("sigma", "log_sigma_tensor", "levels")
 _ARCH = (
     (("--arch",), {"metavar": "FILE.py:NAME", "default": None,
@@ -270,6 +270,10 @@ _ARCH = (
                          "help": "With --arch: arrays of the .npz DATA (obs columns of an .h5ad) passed to encode and decode "
                                  "per point as keyword arguments (a conditional model, evaluated as log p(x | covariates)). "
                                  "A format-1 model names its own."}),
+    (("--lengths",), {"metavar": "NAME|FILE.npy", "default": None,
+                      "help": "With --arch: the data are padded sequences; an array of the .npz DATA (or a .npy file) of "
+                              "each sequence's length [N], or a 0/1 mask [N, T]: positions past it leave log p(x|z), and the "
+                              "output adds NLL per token, perplexity and bits per token."}),
 )
 arch_options = option_group(*(click.option(*names, **settings) for names, settings in _ARCH))
 # compare: each --arch option once for every model, or once per model in the models' order
@@ -339,7 +343,15 @@ def arch_settings(options: dict[str, Any]) -> ArchOptions | None:
         decode_method=arch["decode_method"],
         encode_shape=_shape(arch["input_shape"]) if arch["input_shape"] else None,
         covariates=_names(arch["covariates"]) if arch["covariates"] else (),
+        lengths=_lengths(arch["lengths"], arch["covariates"]),
     )
+
+
+def _lengths(lengths: str | None, covariates: str | None) -> str | None:
+    """``--lengths``: not also one of the ``--covariates`` (the lengths reach encode and decode by their own names)."""
+    if lengths is not None and covariates and lengths in _names(covariates):
+        raise click.BadParameter(f"{lengths} is also in --covariates; give it once, as --lengths", param_hint="--lengths")
+    return lengths
 
 
 def _names(text: str) -> tuple[str, ...]:

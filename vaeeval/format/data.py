@@ -54,14 +54,16 @@ class Dataset:
     domain: Domain = Domain("real")
     covariates: Mapping[str, np.ndarray] = field(default_factory=dict)  # per point, by name, for a conditional model
     layer: str | None = None  # the AnnData layer the points are from (an .h5ad file); None: X, or not an .h5ad
+    lengths: np.ndarray | None = None  # [N] int64: the positions that count of each padded sequence (``--lengths``)
 
     def covariates_of(self, rows: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """These points' covariates as the model takes them (``covariate_dtype``)."""
+        """These points' covariates as the model takes them (``covariate_dtype``); their ``lengths`` too, if any."""
         import torch
 
+        found = {**self.covariates, **({} if self.lengths is None else {"lengths": self.lengths})}
         return {
             name: torch.from_numpy(np.array(values[rows])).to(device=device, dtype=covariate_dtype(values.dtype))
-            for name, values in self.covariates.items()
+            for name, values in found.items()
         }
 
     @property
@@ -75,9 +77,11 @@ class Dataset:
     @cached_property
     def digest(self) -> str:
         """``sha256:<hex>`` of the points as evaluated (see ``data_digest``) and their covariates, computed once."""
-        if not self.covariates:
+        if not self.covariates and self.lengths is None:
             return data_digest(self.array)
         parts = [data_digest(self.array), *(f"{name}={data_digest(values)}" for name, values in sorted(self.covariates.items()))]
+        if self.lengths is not None:
+            parts.append(f"--lengths={data_digest(self.lengths)}")
         return f"sha256:{hashlib.sha256(' '.join(parts).encode()).hexdigest()}"
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from vaeeval.format.terms import DENSITY
 from vaeeval.output.tables import ais_settings_line, num, points_table
 from vaeeval.results.numbers import GAP_LIMIT, AISCost, AISEvaluation, BDMCEvaluation
+from vaeeval.results.sequences import sequence_rows
 
 
 def _cost_line(cost: AISCost, seconds: float | None, n: int) -> str:
@@ -57,8 +58,12 @@ def render_ais(
     table.add_row("ais − iwae", num(summary.gap.mean), num(summary.gap.stderr), "how far the IWAE estimate fell short")
     table.add_row("± ais", num(summary.ais_stderr.mean), "", "mean per-point standard error of ais (over chains)")
     table.add_row("acceptance", num(summary.acceptance.mean, 3), num(summary.acceptance.stderr, 3), "HMC acceptance rate")
-    table.add_row("bits/dim", num(summary.bits_per_dim.mean), num(summary.bits_per_dim.stderr),
-                  f"-ais / (D ln 2), D = {model['dims']}")
+    if summary.sequences is not None:  # padded sequences: per token, not per padded slot
+        for label, stat, meaning in sequence_rows(summary.sequences):
+            table.add_row(label, num(stat.mean), num(stat.stderr), escape(meaning))
+    else:
+        table.add_row("bits/dim", num(summary.bits_per_dim.mean), num(summary.bits_per_dim.stderr),
+                      f"-ais / (D ln 2), D = {model['dims']}")
     console.print(table)
     console.print(_cost_line(evaluation.cost, seconds, summary.n))
     console.print()

@@ -21,6 +21,7 @@ from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
 from vaeeval.results.recon_terms import LossStatistics, recon_terms
 from vaeeval.results.records import DEQUANTIZATION
+from vaeeval.results.sequences import sequence_rows
 
 if TYPE_CHECKING:
     from vaeeval.analysis.compare import Comparison
@@ -86,12 +87,16 @@ def _summary_table(evaluation: Evaluation, dims: int) -> Table:
     for name in METRICS:
         stat = getattr(summary, name)
         table.add_row(name, num(stat.mean), num(stat.stderr), escape(_MEANINGS[name]))
-    table.add_row(
-        "bits/dim",
-        num(summary.bits_per_dim.mean),
-        num(summary.bits_per_dim.stderr),
-        f"-iwae / (D ln 2), D = {dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
-    )
+    if summary.sequences is not None:  # padded sequences: per token, not per padded slot
+        for label, stat, meaning in sequence_rows(summary.sequences):
+            table.add_row(label, num(stat.mean), num(stat.stderr), escape(meaning))
+    else:
+        table.add_row(
+            "bits/dim",
+            num(summary.bits_per_dim.mean),
+            num(summary.bits_per_dim.stderr),
+            f"-iwae / (D ln 2), D = {dims}" + (" (of a density)" if evaluation.measure == DENSITY else ""),
+        )
     if summary.dequantized_bits_per_dim is not None:
         table.add_row(
             "dequant. bits/dim",

@@ -19,7 +19,9 @@ import numpy as np
 NUMBER = "number"  # always a finite number
 MAYBE_NUMBER = "maybe_number"  # a finite number, or null where it is undefined (a standard error from one sample)
 FLAG = "flag"  # true or false
-_SCHEMAS = {NUMBER: {"type": "number"}, MAYBE_NUMBER: {"type": ["number", "null"]}, FLAG: {"type": "boolean"}}
+COUNT = "count"  # a whole number, at least 0 (a sequence's tokens)
+_SCHEMAS = {NUMBER: {"type": "number"}, MAYBE_NUMBER: {"type": ["number", "null"]}, FLAG: {"type": "boolean"},
+            COUNT: {"type": "integer", "minimum": 0}}
 INDEX_SCHEMA = {"type": "integer", "minimum": 0}
 
 
@@ -34,7 +36,7 @@ class Column:
 
     Attributes:
         name: its key in a point object, and the attribute of the estimator's per-point results.
-        kind: ``NUMBER``, ``MAYBE_NUMBER`` or ``FLAG``.
+        kind: ``NUMBER``, ``MAYBE_NUMBER``, ``FLAG`` or ``COUNT``.
         meaning: what it is, in a phrase (the schema's description).
         optional: reported only by some runs (the KL's standard error, when the KL is a Monte Carlo estimate).
     """
@@ -73,6 +75,10 @@ class PointColumns:
     def flags(self) -> tuple[str, ...]:
         return self._of(FLAG)
 
+    @property
+    def counts(self) -> tuple[str, ...]:
+        return self._of(COUNT)
+
     def records(self, index: Sequence[int], values: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
         """One object per point: ``index``, then every column ``values`` holds, in declared order.
 
@@ -85,7 +91,9 @@ class PointColumns:
             record: dict[str, Any] = {"index": int(point)}
             for column in present:
                 value = lists[column.name][row]
-                record[column.name] = bool(value) if column.kind == FLAG else finite(float(value))
+                record[column.name] = (
+                    bool(value) if column.kind == FLAG else int(value) if column.kind == COUNT else finite(float(value))
+                )
             rows.append(record)
         return rows
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vaeeval.format.domains import Domain, Grid, describe_range
 from vaeeval.format.terms import DENSITY, MONTE_CARLO
 from vaeeval.results.psis import reliability_threshold
+
+if TYPE_CHECKING:
+    from vaeeval.results.sequences import SequenceSummary
 
 METRICS = ("elbo", "recon", "kl", "iwae")
 
@@ -85,12 +89,13 @@ class Columns:
 
     @classmethod
     def concatenate(cls, parts: Sequence[Columns]) -> Columns:
-        """The points of several parts, in the order given."""
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        """The points of several parts, in the order given (a column no part holds, None, stays None)."""
+        found = {f.name: [getattr(p, f.name) for p in parts] for f in fields(cls)}
+        return cls(**{name: None if values[0] is None else np.concatenate(values) for name, values in found.items()})
 
     def take(self, rows: np.ndarray) -> Columns:
         """These rows, in this order."""
-        return type(self)(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
 
     def in_index_order(self) -> Columns:
         """The points sorted by index."""
@@ -105,7 +110,8 @@ class PointResults(Columns):
     errors over the K samples (``kl_stderr`` 0 when the KL is analytic); ``iwae_stderr``
     the delta-method standard error sqrt(1/ESS - 1/K); ``ess`` the effective sample
     size of the importance weights; ``khat`` their Pareto tail shape (``psis``), with
-    ``unreliable`` where it exceeds ``psis.reliability_threshold(K)``.
+    ``unreliable`` where it exceeds ``psis.reliability_threshold(K)``. ``tokens``: the
+    positions that count of each padded sequence (``--lengths``), else None.
     """
 
     index: np.ndarray
@@ -119,6 +125,7 @@ class PointResults(Columns):
     ess: np.ndarray
     khat: np.ndarray
     unreliable: np.ndarray
+    tokens: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ class Summary:
     bits_per_dim: Stat
     diagnostics: Diagnostics
     dequantized_bits_per_dim: Stat | None = None
+    sequences: SequenceSummary | None = None  # per token, where the points are padded sequences (``--lengths``)
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,8 @@ def summarize(
         samples: K, samples per point.
         dequantization_offset: D log(bin width), for a density on discrete data.
     """
+    from vaeeval.results.sequences import sequence_summary  # it builds on this module's means
+
     per_dim = dims * math.log(2)
     return Summary(
         n=int(points.index.size),
@@ -297,6 +307,7 @@ def summarize(
             if dequantization_offset is None
             else mean_and_stderr(-(points.iwae + dequantization_offset) / per_dim)
         ),
+        sequences=None if points.tokens is None else sequence_summary(points.iwae, points.elbo, points.tokens),
     )
 
 
@@ -362,6 +373,7 @@ class AISPointResults(Columns):
     step_size: np.ndarray
     elbo: np.ndarray
     iwae: np.ndarray
+    tokens: np.ndarray | None = None  # padded sequences (--lengths): the positions that count
 
 
 @dataclass(frozen=True)
@@ -389,6 +401,7 @@ class AISSummary:
     ais_stderr: Stat
     acceptance: Stat
     bits_per_dim: Stat
+    sequences: SequenceSummary | None = None  # per token, from ais (--lengths)
 
 
 @dataclass(frozen=True)
@@ -408,7 +421,9 @@ class AISEvaluation:
 
 
 def summarize_ais(points: AISPointResults, dims: int) -> AISSummary:
-    """Means and standard errors over points, and bits per dimension of -ais."""
+    """Means and standard errors over points, and bits per dimension of -ais (per token, with tokens)."""
+    from vaeeval.results.sequences import sequence_summary
+
     return AISSummary(
         n=int(points.index.size),
         ais=mean_and_stderr(points.ais),
@@ -418,6 +433,7 @@ def summarize_ais(points: AISPointResults, dims: int) -> AISSummary:
         ais_stderr=mean_and_stderr(points.ais_stderr),
         acceptance=mean_and_stderr(points.acceptance),
         bits_per_dim=mean_and_stderr(-points.ais / (dims * math.log(2))),
+        sequences=None if points.tokens is None else sequence_summary(points.ais, points.elbo, points.tokens, "ais"),
     )
 
 

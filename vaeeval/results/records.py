@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vaeeval.format.domains import domain_from_spec
-from vaeeval.results.columns import FLAG, MAYBE_NUMBER, NUMBER, Column, PointColumns, finite
+from vaeeval.results.columns import COUNT, FLAG, MAYBE_NUMBER, NUMBER, Column, PointColumns, finite
 from vaeeval.results.numbers import (
     GAP_LIMIT,
     METRICS,
@@ -36,11 +36,14 @@ from vaeeval.results.numbers import (
     evaluation_of,
     summarize_ais,
 )
+from vaeeval.results.sequences import SequenceSummary
+from vaeeval.results.sequences import note as sequence_note
 
 if TYPE_CHECKING:
     from vaeeval.format.data import Dataset
     from vaeeval.format.model import Model
     from vaeeval.results.latents import LatentHealth
+    from vaeeval.results.sequences import SequenceSummary
 
 DEQUANTIZATION = (
     "the uniform-dequantization figure for a density on discrete data, not a probability "
@@ -62,8 +65,11 @@ POINT_COLUMNS = PointColumns((
     Column("kl_stderr", MAYBE_NUMBER, "the standard error of a Monte Carlo KL", optional=True),
     Column("ess_fraction", NUMBER, "ess / K"),
     Column("unreliable", FLAG, "k-hat above the threshold: iwae may be far from log p(x)"),
+    Column("tokens", COUNT, "the positions of a padded sequence that count (--lengths)", optional=True),
 ))
-POINT_NUMBERS = tuple(name for name in POINT_COLUMNS.names() if name not in ("kl_stderr", "ess_fraction", "unreliable"))
+POINT_NUMBERS = tuple(
+    name for name in POINT_COLUMNS.names() if name not in ("kl_stderr", "ess_fraction", "unreliable", "tokens")
+)
 
 
 def to_json(document: dict[str, Any]) -> str:
@@ -198,8 +204,19 @@ def summary_record(evaluation: Evaluation) -> dict[str, Any]:
     }
     if summary.dequantized_bits_per_dim is not None:
         record["dequantized_bits_per_dim"] = {**stat_record(summary.dequantized_bits_per_dim), "note": DEQUANTIZATION}
+    if summary.sequences is not None:
+        record["sequences"] = sequences_record(summary.sequences)
     record["diagnostics"] = diagnostics_record(evaluation)
     return record
+
+
+def sequences_record(sequences: SequenceSummary) -> dict[str, Any]:
+    """The ``summary.sequences`` object: the data set per token, where the points are padded sequences."""
+    return {"tokens": sequences.tokens, **{key: stat_record(getattr(sequences, key)) for key in SEQUENCE_KEYS},
+            "note": sequence_note(sequences)}
+
+
+SEQUENCE_KEYS = ("nll_per_token", "perplexity", "bits_per_token", "elbo_nll_per_token", "elbo_perplexity")
 
 
 def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> list[dict[str, Any]]:
@@ -213,6 +230,8 @@ def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> l
     values = {name: getattr(points, name) for name in POINT_NUMBERS}
     if monte_carlo_kl:
         values["kl_stderr"] = points.kl_stderr
+    if points.tokens is not None:
+        values["tokens"] = points.tokens
     return POINT_COLUMNS.records(points.index, {**values, "ess_fraction": points.ess / samples, "unreliable": points.unreliable})
 
 
@@ -222,7 +241,8 @@ def point_records(points: PointResults, samples: int, monte_carlo_kl: bool) -> l
 def points_from_records(records: Sequence[dict[str, Any]]) -> PointResults:
     """Per-point results from point records (``null`` numbers become NaN), sorted by index."""
     arrays = POINT_COLUMNS.arrays(records, defaults={"kl_stderr": 0.0})
-    return PointResults(**{name: arrays[name] for name in ("index", *POINT_NUMBERS, "kl_stderr", "unreliable")})
+    tokens = None if any(record.get("tokens") is None for record in records) else arrays["tokens"].astype(np.int64)
+    return PointResults(**{name: arrays[name] for name in ("index", *POINT_NUMBERS, "kl_stderr", "unreliable")}, tokens=tokens)
 
 
 def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> Evaluation:
@@ -254,6 +274,7 @@ AIS_COLUMNS = PointColumns((
     Column("iwae", NUMBER, "the IWAE of the same point, beside it"),
     Column("ess", MAYBE_NUMBER, "the effective sample size of the chains' weights"),
     Column("step_size", MAYBE_NUMBER, "the mean HMC step size used"),
+    Column("tokens", COUNT, "the positions of a padded sequence that count (--lengths)", optional=True),
 ))
 # BDMC's point columns (``bdmc``): a simulated point's sandwich.
 BDMC_COLUMNS = PointColumns((
@@ -278,8 +299,10 @@ def cost_record(cost: AISCost) -> dict[str, Any]:
 
 
 def column_records(columns: PointColumns, points: Columns) -> list[dict[str, Any]]:
-    """The point objects of per-point results whose attributes are the columns'."""
-    return columns.records(points.index, {name: getattr(points, name) for name in columns.names()})
+    """The point objects of per-point results whose attributes are the columns' (an optional one the points
+    have not, None, left out)."""
+    values = {name: getattr(points, name) for name in columns.names()}
+    return columns.records(points.index, {name: value for name, value in values.items() if value is not None})
 
 
 def ais_point_records(points: AISPointResults) -> list[dict[str, Any]]:
@@ -299,6 +322,7 @@ def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
         "ais_stderr": stat_record(summary.ais_stderr),
         "acceptance": stat_record(summary.acceptance),
         "bits_per_dim": stat_record(summary.bits_per_dim),
+        **({} if summary.sequences is None else {"sequences": sequences_record(summary.sequences)}),
         "cost": cost_record(evaluation.cost),
     }
 
@@ -324,7 +348,9 @@ def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
 
 def ais_points_from_records(records: Sequence[dict[str, Any]]) -> AISPointResults:
     """Per-point AIS results from point records (``null`` numbers become NaN), sorted by index."""
-    return AISPointResults(**AIS_COLUMNS.arrays(records))
+    arrays = AIS_COLUMNS.arrays(records)
+    tokens = None if any(record.get("tokens") is None for record in records) else arrays["tokens"].astype(np.int64)
+    return AISPointResults(**{**arrays, "tokens": tokens})
 
 
 def ais_evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, Any]]) -> AISEvaluation:

@@ -15,7 +15,7 @@ from vaeeval.format.domains import DOMAINS
 from vaeeval.format.terms import KL_KINDS, MEASURES
 from vaeeval.results.formats import FORMATS, ResultsFormat
 from vaeeval.results.numbers import METRICS
-from vaeeval.results.records import AIS_COLUMNS, BDMC_COLUMNS, BDMC_POINT_NUMBERS, POINT_COLUMNS
+from vaeeval.results.records import AIS_COLUMNS, BDMC_COLUMNS, BDMC_POINT_NUMBERS, POINT_COLUMNS, SEQUENCE_KEYS
 
 ELBO_SCHEMA = "vaeeval.elbo/1"
 COMPARE_SCHEMA = "vaeeval.compare/1"
@@ -142,6 +142,7 @@ SUMMARY = _object(
     {
         "dequantized_bits_per_dim": {**STAT, "properties": {**STAT["properties"], "note": STRING}},
         "recon_terms": RECON_TERMS,  # in --json documents, not in a results file's summary line
+        "sequences": _object({"tokens": INTEGER, **dict.fromkeys(SEQUENCE_KEYS, STAT), "note": STRING}),  # with --lengths
     },
 )
 POINT = POINT_COLUMNS.schema()
@@ -199,7 +200,8 @@ AIS_SUMMARY = _object(
         "acceptance": STAT,
         "bits_per_dim": STAT,
         "cost": COST,
-    }
+    },
+    {"sequences": _object({"tokens": INTEGER, **dict.fromkeys(SEQUENCE_KEYS, STAT), "note": STRING})},  # with --lengths
 )
 BDMC_POINT = BDMC_COLUMNS.schema()
 BDMC_SUMMARY = _object(

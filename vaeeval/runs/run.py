@@ -201,6 +201,8 @@ def encode(value: Any) -> Any:
     """A part (dataclasses of NumPy arrays) as plain JSON values: floats keep every bit (``repr``)."""
     if dataclasses.is_dataclass(value):
         return {"class": type(value).__name__, "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if value is None:  # a column the run has not (tokens without --lengths)
+        return None
     array = np.asarray(value)
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.ravel().tolist()}
 
@@ -212,6 +214,8 @@ def decode(value: Any) -> Any:
         VaeevalError: anything else (a peer that is not vaeeval).
     """
     try:
+        if value is None:
+            return None
         if "class" in value:
             cls = _EXCHANGED[value["class"]]
             return cls(**{name: decode(field) for name, field in value["fields"].items()})

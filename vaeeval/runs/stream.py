@@ -150,6 +150,10 @@ def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: 
     for key in results.columns.flags:
         if not isinstance(record.get(key), bool):
             raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not true or false")
+    for key in results.columns.counts:  # optional: only where the run has them (a sequence's tokens)
+        value = record.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise DataError(path, f"{where}: point {index}'s {key} is {value!r}, not a whole number")
     return record
 
 

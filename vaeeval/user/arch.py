@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,7 @@ from vaeeval.user.protocol import (
     standard_normal,
     unkeyed_note,
 )
+from vaeeval.user.sequences import DATA, LENGTHS, MASK, arguments, check_maskable, needs_lengths, per_position, takes
 
 ENTRY_POINT_GROUP = "vaeeval.architectures"
 
@@ -76,6 +78,7 @@ class ArchOptions:
         encode_shape: the shape ``encode`` takes per point, when it differs from the data's.
         covariates: names of the data file's arrays passed to ``encode`` and ``decode`` as
             keyword arguments, per point.
+        lengths: ``--lengths``, where the data are padded sequences (``user.sequences``): which positions count.
     """
 
     spec: str
@@ -86,6 +89,7 @@ class ArchOptions:
     decode_method: str = "decode"
     encode_shape: tuple[int, ...] | None = None
     covariates: tuple[str, ...] = ()
+    lengths: str | None = None
 
 
 def registered_architectures() -> dict[str, importlib.metadata.EntryPoint]:
@@ -280,14 +284,30 @@ def arch_model(
         )
 
     probe = _probe_covariates(covariates)
+    encode, decode = getattr(module, options.encode_method), getattr(module, options.decode_method)
+    positions = input_shape[0] if options.lengths is not None else None  # T: the data are padded sequences
+    if positions is not None:
+        probe[LENGTHS] = torch.full((2,), positions, dtype=torch.int64)
+    teacher_forced = _teacher_forced(decode)
+    for name, method in ((options.encode_method, encode), (options.decode_method, decode)):
+        needed = needs_lengths(method) if positions is None and LENGTHS not in covariates else None
+        if needed:
+            raise VaeevalError(f"{name} takes {needed}: the data are padded sequences, so give their lengths with "
+                               f"{option('lengths')}")
     encoder = EncoderAdapter(module, options.encode_method, options.encode_shape)
     x = torch.zeros(2, *input_shape)
-    posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(encoder.call(x, probe), options.encode_method, 2))
+    posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(
+        encoder.call(x, arguments(encode, probe, positions)), options.encode_method, 2))
     latent_dim = int(posterior.event_shape[0])
     prior = _prior(module, latent_dim, posterior)
     z = torch.zeros(2, latent_dim)
-    raw = _call(f"{options.decode_method}(z)", lambda: partial(getattr(module, options.decode_method), **probe)(z))
+    decoding = arguments(decode, {**probe, **({DATA: x} if teacher_forced else {})}, positions)
+    raw = _call(f"{options.decode_method}(z)", lambda: partial(decode, **decoding)(z))
     notes: list[str] = []
+    if (teacher_forced or positions is not None) and not isinstance(raw, Distribution):
+        needs = f"{options.decode_method}(z, x) (teacher forcing)" if teacher_forced else option("lengths")
+        raise VaeevalError(f"{needs}: {options.decode_method} returns {describe_value(raw)}; vaeeval needs a "
+                           "torch.distributions object over the sequence from it")
     if isinstance(raw, Distribution):
         if options.likelihood:
             raise VaeevalError(
@@ -297,6 +317,13 @@ def arch_model(
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)
         decoder = DecoderAdapter(module, options.decode_method, None, None)
         how = f"{options.decode_method}(z) returns {likelihood.spec['distribution']}, whose log_prob is log p(x|z)"
+        if positions is not None:
+            masks_itself = takes(decode, LENGTHS) or takes(decode, MASK)
+            check_maskable(raw, 2, positions, options.decode_method, masks_itself)
+            how += (f"; --lengths {options.lengths}: " + ("decode takes lengths or mask, and its log_prob is taken as already masked"
+                    if masks_itself and per_position(raw, 2, positions) is None else "positions past each length left out of log p(x|z)"))
+        if teacher_forced:
+            how += f"; {options.decode_method}(z, x) is given each draw's data point (teacher forcing)"
     else:
         if not options.likelihood:
             raise VaeevalError(
@@ -320,6 +347,7 @@ def arch_model(
         how = _decoder_how(kind, traced, untraced, options.decoder_output, likelihood)
 
     general = not diagonal(posterior) or prior is not None or isinstance(raw, Distribution) or bool(covariates)
+    general = general or teacher_forced or positions is not None
     if prior is None:
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
@@ -346,12 +374,23 @@ def arch_model(
     return ArchModel(
         **fields,
         general=True,
-        posterior_of=lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0]),
-        decode_of=decoder.call,
+        posterior_of=lambda x, c: as_posterior(encoder.call(x, arguments(encode, c, positions)), options.encode_method, x.shape[0]),
+        decode_of=lambda z, c: decoder.call(z, arguments(decode, c, positions)),
         covariates=tuple(covariates),
+        positions=positions,
+        teacher_forced=teacher_forced,
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
     )
+
+
+def _teacher_forced(decode: Callable[..., Any]) -> bool:
+    """``decode`` takes the data as ``x`` besides z (``decode(z, x)``): not a ``decode(x)`` whose z is named x."""
+    try:
+        names = list(inspect.signature(decode).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(names) and names[0] != DATA and takes(decode, DATA)
 
 
 def _check_parameters(decoded: torch.Tensor, likelihood: Likelihood, method: str, input_shape: tuple[int, ...]) -> None:

@@ -29,6 +29,7 @@ from vaeeval.format.priors import Prior
 from vaeeval.format.terms import ANALYTIC, MONTE_CARLO
 from vaeeval.user.calls import call_user
 from vaeeval.user.distributions import analytic_kl, describe, draw, first_rows, in_float64, log_prob64, log_prob_of, measure_of, noise_width
+from vaeeval.user.sequences import DATA, LENGTHS, masked_log_prob
 
 
 class DistributionPrior(Prior):
@@ -175,6 +176,8 @@ class ArchModel(Model):
     decode_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Any] | None = None
     discrete_latent: str | None = None  # which of q(z|x) and p(z) has a discrete support, in words (see ``discreteness``)
     discrete_posterior: bool = False  # q(z|x) has a discrete support
+    positions: int | None = None  # T, with --lengths: the data are padded sequences of T positions (``user.sequences``)
+    teacher_forced: bool = False  # decode(z, x) is given each row's data point
 
     def posterior(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Distribution:
         """q(z|x), batch ``[B]`` and event ``[latent_dim]``.
@@ -206,11 +209,11 @@ class ArchModel(Model):
         Fewer than ``MIN_ROWS`` rows are padded (with copies of the first), so a row's
         number does not depend on how many came with it.
         """
-        output, x, rows = self.decode_rows(z, x, covariates)
+        output, x, rows, lengths = self.decode_rows(z, x, covariates)
         if isinstance(output, Distribution):
             method = self.decoder.method
             try:
-                total = call_user(f"{method}(z)'s {type(output).__name__}.log_prob", log_prob_of, output, x, bins)
+                total = call_user(f"{method}(z)'s {type(output).__name__}.log_prob", _log_prob, output, x, lengths, bins)
             except ValueError as error:
                 raise VaeevalError(f"{method}(z) {error}") from None
         else:
@@ -219,17 +222,27 @@ class ArchModel(Model):
 
     def decode_rows(
         self, z: torch.Tensor, x: torch.Tensor, covariates: Mapping[str, torch.Tensor]
-    ) -> tuple[Distribution | torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[Distribution | torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
         """What ``decode`` gives for rows ``z [N, L]`` float32 as ``log_likelihood`` calls it (padded to ``MIN_ROWS``
-        with copies of the first row), the data of each of those rows, and N: the first N rows are z's."""
+        with copies of the first row; a teacher-forced decode given each row's data), the data of each of those rows,
+        N (the first N rows are z's), and each row's sequence length where ``--lengths`` gave them."""
         rows = z.shape[0]
         if rows < MIN_ROWS:
             z, x, covariates = _padded(z), _padded(x), {k: _padded(v) for k, v in covariates.items()}
-        return self.decode_any(z, covariates), x, rows
+        lengths = covariates.get(LENGTHS) if self.positions is not None else None
+        output = self.decode_any(z, {**covariates, DATA: x} if self.teacher_forced else covariates)
+        return output, x, rows, lengths
 
     def user_log_prob(self, what: str, distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
         """``distribution.log_prob(z)`` in float64; a failure of the user's distribution is one error naming it."""
         return call_user(f"{what}'s {type(distribution).__name__}.log_prob", log_prob64, distribution, z)
+
+
+def _log_prob(distribution: Distribution, x: torch.Tensor, lengths: torch.Tensor | None, bins: Grid | None) -> torch.Tensor:
+    """log p(x|z) ``[N]``: over the positions before each length where there are lengths and the terms split by
+    position (``masked_log_prob``), else over the whole point (``log_prob_of``)."""
+    found = None if lengths is None else masked_log_prob(distribution, x, lengths, bins)
+    return log_prob_of(distribution, x, bins) if found is None else found
 
 
 def _padded(rows: torch.Tensor) -> torch.Tensor:

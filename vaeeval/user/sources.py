@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vaeeval.format import reading
 from vaeeval.format.data import Dataset, covariate_headers, load_data, point_shape
+from vaeeval.format.lengths import read_lengths
 from vaeeval.format.model import Model
 from vaeeval.format.ranges import Rescaled
 from vaeeval.user.arch import ArchOptions, arch_model
@@ -67,6 +68,10 @@ def load(
     loaded = model_for(model, data, arch, key=key, layer=layer)
     found = load_data(data, loaded, key=key, layer=layer, limit=limit, max_data_size=max_data_size,
                       covariates=loaded.covariates, rescale=rescale)
+    if arch is not None and arch.lengths is not None:
+        lengths = read_lengths(data, arch.lengths, positions=loaded.input_shape[0], rows=found.total, key=key, limit=limit,
+                               max_data_size=max_data_size)
+        found = replace(found, lengths=lengths)
     return with_rescaling_note(with_calibration_note(loaded, found), found), found
 
 

@@ -352,6 +352,7 @@ class AISEvaluator(_Annealer):
             step_size=self._mean_step_size(step_sizes),
             elbo=beside.elbo,
             iwae=beside.iwae,
+            tokens=None if self.dataset.lengths is None else self.dataset.lengths[rows],
         )
 
     def finish(self, parts: Sequence[AISPart]) -> AISEvaluation:

@@ -70,6 +70,11 @@ def simulate(model: Model, n: int, *, seed: int = 0, bins: Grid | None = None) -
             f"bdmc simulates points from p(z) p(x|z), and this model is conditioned on {', '.join(model.covariates)}, "
             "which it cannot simulate; run vaeeval ais on data instead"
         )
+    if getattr(model, "teacher_forced", False):
+        raise VaeevalError(
+            f"bdmc simulates points from p(z) p(x|z), and {model.decoder.method}(z, x) is teacher-forced: a draw of x "
+            "from it is ancestral, one position at a time, which vaeeval does not do; run vaeeval ais on data instead"
+        )
     indices = np.arange(n)
     dims = model.data_dims
     xs, zs = [], []

@@ -10,7 +10,7 @@ in fixed blocks, so results do not depend on the batch or chunk size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -168,6 +168,8 @@ class Evaluator:
                         self.scoring.bins, self.checkpoints, covariates,
                     )
                     part = estimates.part(rows, settings.samples)
+                if self.dataset.lengths is not None:  # padded sequences: each point's tokens, for the per-token numbers
+                    part = replace(part, points=replace(part.points, tokens=self.dataset.lengths[rows]))
                 _check_finite(part.points)
                 yield part
                 if progress is not None:

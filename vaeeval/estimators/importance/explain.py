@@ -112,7 +112,7 @@ def _general_draws(model: ArchModel, x: torch.Tensor, covariates: Mapping[str, t
         points_first = z.transpose(0, 1).reshape(rows.size * count, model.latent_dim).to(torch.float32)
         repeated = {name: value.repeat_interleave(count, dim=0) for name, value in covariates.items()}
         data = x.repeat_interleave(count, dim=0)
-        output, data, n = model.decode_rows(points_first, data, repeated)
+        output, data, n, _ = model.decode_rows(points_first, data, repeated)
         likelihood, params = model.likelihood, output
         if isinstance(output, Distribution):
             likelihood, params = location_scale_likelihood(output, model.input_shape)
