@@ -248,3 +248,15 @@ def test_a_format_1_discrete_model_read_raw_is_refused_with_the_way_out(written)
     raw = load_raw(path)
     with pytest.raises(VaeevalError, match="read it with vaeeval.load_model"):
         evaluate(raw, np.load(data_path))
+
+
+def test_compare_sums_over_a_discrete_latent_too_and_takes_the_same_switches(written):
+    family, path, data_path, _, (log_px, _) = written
+    runner = CliRunner()
+    exact = json.loads(runner.invoke(main, ["compare", str(path), str(path), str(data_path), "--json"]).stdout)
+    sampled = json.loads(runner.invoke(main, ["compare", str(path), str(path), str(data_path), "--json", "--no-enumerate",
+                                              "-k", "20"]).stdout)
+    assert exact["models"][0]["summary"]["iwae"]["mean"] == pytest.approx(float(np.mean(log_px)), rel=FLOAT32_LOGITS)
+    assert exact["models"][0]["summary"]["iwae"]["mean"] != sampled["models"][0]["summary"]["iwae"]["mean"]
+    refused = runner.invoke(main, ["compare", str(path), str(path), str(data_path), "--enumerate", "--max-support", "2"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "more than --max-support 2" in refused.stderr

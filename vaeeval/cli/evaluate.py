@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import click
 
 from vaeeval.analysis.gates import Threshold, check_thresholds
 from vaeeval.cli.options import (
+    ENUMERATION,
     PATH,
     STREAMING,
     arch_options,
@@ -24,7 +24,6 @@ from vaeeval.cli.options import (
     table,
     warn,
 )
-from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.estimators.importance.explain import explain as explain_recon
 from vaeeval.format.model import Model
@@ -52,11 +51,7 @@ from vaeeval.user.sources import load
                    "(a second pass over the same draws where the split needs one).")
 @click.option("--plot", type=PATH, default=None, metavar="FILE.png",
               help="Draw the K-convergence curve and the per-point histogram (needs matplotlib).")
-@click.option("--enumerate/--no-enumerate", "enumerate_latent", default=None,
-              help="A discrete latent (Bernoulli, categorical): log p(x), ELBO and KL exact by summing over every value "
-                   "of z [default: when z takes at most --max-support values].")
-@click.option("--max-support", type=click.IntRange(min=1), default=DEFAULT_MAX_SUPPORT, show_default=True, metavar="N",
-              help="The most values of z summed over (--enumerate).")
+@option_group(*ENUMERATION)
 @option_group(*STREAMING)
 @click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
               help="Exit 1 when the mean of elbo, recon or iwae is below VALUE (repeatable).")
@@ -96,8 +91,7 @@ def elbo(
         raise click.UsageError(
             "--convergence, --diagnostics and --plot need the run's samples in one process; not with --output or --shard"
         )
-    exact = {"enumerate_latent": options.pop("enumerate_latent"), "max_support": options.pop("max_support")}
-    settings = replace(evaluation_settings(options), **exact)
+    settings = evaluation_settings(options)
     loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     warn(loaded)
     if plot is not None:

@@ -15,6 +15,7 @@ from vaeeval.analysis.convert import convert as convert_model
 from vaeeval.cli.options import (
     ANNEALING,
     DATA,
+    ENUMERATION,
     PATH,
     annealing_settings,
     arch_options,
@@ -63,6 +64,7 @@ def inspect(model: Path, as_json: bool) -> None:
 @evaluation_options
 @click.option("--estimator", type=click.Choice(("iwae", "ais")), default="iwae", show_default=True,
               help="Rank by the importance-weighted estimate, or by annealed importance sampling (the options below).")
+@option_group(*ENUMERATION)
 @option_group(*ANNEALING)
 @per_model_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")

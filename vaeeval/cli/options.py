@@ -27,6 +27,7 @@ from vaeeval.estimators.annealing.ais import (
     AISOptions,
 )
 from vaeeval.estimators.annealing.kernel import SCHEDULES, STEP_SIZE_RANGE
+from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_MEMORY,
@@ -199,7 +200,18 @@ def evaluation_settings(options: dict[str, Any]) -> EvaluationOptions:
         discretize=options.pop("discretize"),
         density=options.pop("density"),
         grid_range=options.pop("grid_range"),
+        enumerate_latent=options.pop("enumerate_latent", None),
+        max_support=options.pop("max_support", DEFAULT_MAX_SUPPORT),
     )
+
+
+ENUMERATION = (
+    click.option("--enumerate/--no-enumerate", "enumerate_latent", default=None,
+                 help="A discrete latent (Bernoulli, categorical): log p(x), ELBO and KL exact by summing over every value "
+                      "of z [default: when z takes at most --max-support values]."),
+    click.option("--max-support", type=click.IntRange(min=1), default=DEFAULT_MAX_SUPPORT, show_default=True, metavar="N",
+                 help="The most values of z summed over (--enumerate)."),
+)
 
 
 ANNEALING = (
