@@ -45,6 +45,7 @@ from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
 from vaeeval.user.distributions import cdf_floor_note, describe, keyed
+from vaeeval.user.hierarchy import GroupsDecoder, Layout, Plan, groups_note, plan_of, posterior_chain, prior_chain
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
 from vaeeval.user.protocol import (
     ASSUMED,
@@ -209,11 +210,18 @@ def _probe_covariates(covariates: Mapping[str, tuple[tuple[int, ...], np.dtype]]
     return {name: torch.zeros((2, *shape), dtype=covariate_dtype(dtype)) for name, (shape, dtype) in covariates.items()}
 
 
-def _prior(module: nn.Module, latent_dim: int, posterior: Distribution) -> DistributionPrior | None:
-    """The model's ``prior()`` as p(z), checked to be a distribution over one latent vector; None without one."""
+def _prior(module: nn.Module, latent_dim: int, posterior: Distribution, layout: Layout | None = None) -> DistributionPrior | None:
+    """The model's ``prior()`` as p(z), checked to be a distribution over one latent vector; None without one.
+
+    ``layout``: a hierarchical q's groups, which a ``prior()`` returning groups must name alike.
+    """
     if not callable(getattr(module, "prior", None)):
         return None
     found = _call("prior()", module.prior)
+    if isinstance(found, Mapping):
+        if layout is None:
+            raise VaeevalError("prior() returned groups (a mapping); encode(x) must then return the same groups")
+        found = _call("prior()", lambda: prior_chain(found, layout))
     if not isinstance(found, Distribution):
         raise VaeevalError(f"prior() returned {describe_value(found)}; vaeeval needs a torch.distributions.Distribution over z")
     if tuple(found.event_shape) != (latent_dim,) or tuple(found.batch_shape) != ():
@@ -282,11 +290,18 @@ def arch_model(
     probe = _probe_covariates(covariates)
     encoder = EncoderAdapter(module, options.encode_method, options.encode_shape)
     x = torch.zeros(2, *input_shape)
-    posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(encoder.call(x, probe), options.encode_method, 2))
+    encoded = _call(f"{options.encode_method}(x)", lambda: encoder.call(x, probe))
+    plan: Plan | None = None
+    if isinstance(encoded, Mapping):  # a hierarchical latent: groups with conditional factors (user/hierarchy.py)
+        plan = _call(f"{options.encode_method}(x)", lambda: plan_of(encoded, f"{options.encode_method}(x)", 2))
+        posterior = posterior_chain(encoded, plan, options.encode_method, 2)
+    else:
+        posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(encoded, options.encode_method, 2))
     latent_dim = int(posterior.event_shape[0])
-    prior = _prior(module, latent_dim, posterior)
+    prior = _prior(module, latent_dim, posterior, None if plan is None else plan.layout)
     z = torch.zeros(2, latent_dim)
-    raw = _call(f"{options.decode_method}(z)", lambda: partial(getattr(module, options.decode_method), **probe)(z))
+    given = z if plan is None else plan.layout.split(z)
+    raw = _call(f"{options.decode_method}(z)", lambda: partial(getattr(module, options.decode_method), **probe)(given))
     notes: list[str] = []
     if isinstance(raw, Distribution):
         if options.likelihood:
@@ -295,7 +310,7 @@ def arch_model(
                 f"likelihood itself; leave {option('likelihood')} out"
             )
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)
-        decoder = DecoderAdapter(module, options.decode_method, None, None)
+        decoder = _grouped(DecoderAdapter(module, options.decode_method, None, None), plan)
         how = f"{options.decode_method}(z) returns {likelihood.spec['distribution']}, whose log_prob is log p(x|z)"
         floor = cdf_floor_note(raw) if likelihood.binnable else None
         if floor:
@@ -312,8 +327,11 @@ def arch_model(
         except ValueError as error:
             raise VaeevalError(f"{option('likelihood')}: {error}") from None
         kind = probabilities_kind(likelihood, options.decoder_output)
-        traced, untraced = logits_graph(module, options.decode_method, kind, likelihood, latent_dim) if kind else (None, None)
-        decoder = DecoderAdapter(module, options.decode_method, kind, traced, untraced, likelihood.params_per_dim)
+        if plan is not None and kind:
+            traced, untraced = None, f"{options.decode_method} takes the latent groups as a mapping, which vaeeval does not trace"
+        else:
+            traced, untraced = logits_graph(module, options.decode_method, kind, likelihood, latent_dim) if kind else (None, None)
+        decoder = _grouped(DecoderAdapter(module, options.decode_method, kind, traced, untraced, likelihood.params_per_dim), plan)
         decoded = _call(f"{options.decode_method}(z)", lambda: decoder.call(z, probe))
         _check_parameters(decoded, likelihood, options.decode_method, input_shape)
         if kind is None and options.decoder_output == "logits" and likelihood.decoder_outputs.get("probs"):
@@ -327,6 +345,8 @@ def arch_model(
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
         prior.spec["source"] = ASSUMED  # in words in the notes, and in JSON here
+    if plan is not None:
+        notes.append(groups_note(plan, prior.distribution(z)))
     if general and not keyed(posterior):
         notes.append(unkeyed_note(posterior))
     fields = {
@@ -349,12 +369,20 @@ def arch_model(
     return ArchModel(
         **fields,
         general=True,
-        posterior_of=lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0]),
+        posterior_of=(
+            (lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0])) if plan is None
+            else (lambda x, c: posterior_chain(encoder.call(x, c), plan, options.encode_method, x.shape[0]))
+        ),
         decode_of=decoder.call,
         covariates=tuple(covariates),
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
     )
+
+
+def _grouped(decoder: DecoderAdapter, plan: Plan | None) -> DecoderAdapter:
+    """``decode`` as vaeeval calls it with a flat z: for a hierarchical latent, given the groups by name."""
+    return decoder if plan is None else GroupsDecoder(decoder, plan.layout)
 
 
 def _check_parameters(decoded: torch.Tensor, likelihood: Likelihood, method: str, input_shape: tuple[int, ...]) -> None:
