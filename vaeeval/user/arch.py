@@ -221,7 +221,8 @@ def _prior(module: nn.Module, latent_dim: int, posterior: Distribution, layout: 
     if isinstance(found, Mapping):
         if layout is None:
             raise VaeevalError("prior() returned groups (a mapping); encode(x) must then return the same groups")
-        found = _call("prior()", lambda: prior_chain(found, layout))
+        with torch.no_grad():  # called again outside inference mode: AIS differentiates through what its factors capture
+            found = prior_chain(call_user("prior()", module.prior), layout)
     if not isinstance(found, Distribution):
         raise VaeevalError(f"prior() returned {describe_value(found)}; vaeeval needs a torch.distributions.Distribution over z")
     if tuple(found.event_shape) != (latent_dim,) or tuple(found.batch_shape) != ():
