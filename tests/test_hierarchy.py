@@ -204,6 +204,35 @@ def test_every_number_is_bit_identical_for_any_batch_size(folder, q):
     assert documents[0] == documents[1] == documents[2]
 
 
+@pytest.mark.parametrize("q", ["top_down", "bottom_up", "loose"])
+def test_latents_splits_the_kl_by_group_and_counts_active_units_per_group(folder, q):
+    """Sampled per group, the KLs add up to the chain's Monte Carlo KL; the exact top-down q(z2|x)'s KL is the
+    closed form KL(N(m2, C2) || N(0, I)) on average; and the numbers are the same bits for any batch size."""
+    sizes = (1, 7, 100) if q == "loose" else (100,)
+    documents = [_json(folder, "latents", "-k", "200", "--batch-size", str(size), "--arch-args", json.dumps({"q": q}))
+                 for size in sizes]
+    for document in documents:  # the settings say how it was batched and chunked; nothing else may differ
+        document["settings"].pop("batch_size"), document["settings"].pop("chunk_size")
+    assert all(json.dumps(document) == json.dumps(documents[0]) for document in documents)
+    latents = documents[0]["latents"]
+    groups = {g["name"]: g for g in latents["groups"]}
+    order = ["z1", "z2"] if q == "bottom_up" else ["z2", "z1"]
+    assert [g["name"] for g in latents["groups"]] == order
+    assert groups[order[0]]["units"] == [0, {"z2": D2, "z1": D1}[order[0]]]
+    assert all(g["kl_kind"] == "monte_carlo" and g["kl_stderr"] > 0 for g in groups.values())
+    assert sum(g["kl"] for g in groups.values()) == pytest.approx(latents["mean_kl"], abs=1e-9)
+    assert sum(g["active_units"] for g in groups.values()) == latents["active_units"]
+    if q == "top_down":  # q(z2|x) is the exact marginal posterior: its KL to N(0, I) in closed form, per point
+        A, a, s1, B, b, sigma = PARAMETERS[folder]
+        M, m = B @ A, B @ a + b
+        inverse = torch.linalg.inv(B @ torch.diag(s1**2) @ B.T + sigma**2 * torch.eye(DX, dtype=torch.float64))
+        cov2 = torch.linalg.inv(torch.eye(D2, dtype=torch.float64) + M.T @ inverse @ M)
+        x = torch.from_numpy(np.load(folder / "x.npy")).double()
+        loc2 = (x - m) @ (cov2 @ M.T @ inverse).T
+        closed = 0.5 * (torch.trace(cov2) + (loc2**2).sum(-1) - D2 - torch.logdet(cov2))
+        assert abs(groups["z2"]["kl"] - float(closed.mean())) < 3 * groups["z2"]["kl_stderr"]
+
+
 def test_ais_anneals_through_the_joint_to_the_closed_form(folder):
     """From the prior chain (drawn keyed, group by group) and from a loose q chain: within 3 standard errors."""
     truth = _truth(folder)[:4]
@@ -298,3 +327,8 @@ def test_readme_ladder_example_runs(tmp_path):
     assert documents["elbo"]["model"]["latent_dim"] == 12 and documents["elbo"]["model"]["kl"] == "monte_carlo"
     assert all(np.isfinite(p["iwae"]) for p in documents["elbo"]["points"])
     assert np.isfinite(documents["ais"]["summary"]["ais"]["mean"])
+    latents = documents["latents"]["latents"]  # z2's factors condition on nothing: its KL in closed form
+    (top, bottom) = latents["groups"]
+    assert (top["name"], top["kl_kind"], top["kl_stderr"], top["units"]) == ("z2", "analytic", 0.0, [0, 4])
+    assert (bottom["name"], bottom["kl_kind"], bottom["units"]) == ("z1", "monte_carlo", [4, 12])
+    assert abs(top["kl"] + bottom["kl"] - latents["mean_kl"]) < 3 * documents["elbo"]["summary"]["kl"]["stderr"] + 1e-9

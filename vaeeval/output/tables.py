@@ -197,9 +197,30 @@ def _latents_table(health: LatentHealth) -> Table:
     return table
 
 
+def _groups_table(health: LatentHealth) -> Table:
+    table = Table(title="Latent groups (a hierarchical latent, in the flat z's order)", title_justify="left")
+    for column in ("group", "units", "KL (mean)", "± (Monte Carlo)", "KL", "active"):
+        table.add_column(escape(column), justify="right")
+    for group in health.groups:
+        start, stop = group.units
+        kl = "—" if group.kl is None else num(group.kl, 4)
+        stderr = "—" if group.kl_stderr is None else num(group.kl_stderr, 4)
+        table.add_row(escape(group.name), f"{start}-{stop - 1}", kl, stderr, escape(group.kl_kind or "—"),
+                      f"{group.active_units} of {stop - start}")
+    table.caption = escape(
+        "a group's KL is E_q[log q_g - log p_g] over the evaluation's draws (analytic where both its factors condition "
+        "on nothing and torch has the pair in closed form); the groups' KLs add up to the mean KL"
+        if health.groups and health.groups[0].kl is not None else
+        "p(z) is one distribution over the flat z: the KL does not split by group"
+    )
+    return table
+
+
 def render_latents(console: Console, health: LatentHealth) -> None:
-    """Print the latent-health table and, when units collapsed, the warning."""
+    """Print the latent-health table (and a hierarchical latent's groups) and, when units collapsed, the warning."""
     console.print(_latents_table(health))
+    if health.groups is not None:
+        console.print(_groups_table(health))
     if health.warning:
         console.print(f"[red]{escape(health.warning)}[/]")
 

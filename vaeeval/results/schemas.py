@@ -157,7 +157,17 @@ LATENTS = _object(
         "mean_kl": NUMBER,
         "aggregate_kl": NUMBER,
         "warning": MAYBE_STRING,
-    }
+    },
+    {
+        "groups": {"type": "array", "items": _object({
+            "name": STRING,
+            "units": {"type": "array", "items": INTEGER, "minItems": 2, "maxItems": 2},
+            "active_units": INTEGER,
+            "kl": MAYBE_NUMBER,
+            "kl_stderr": MAYBE_NUMBER,
+            "kl_kind": {"enum": [*KL_KINDS, None]},
+        })},
+    },
 )
 CONVERGENCE = {"type": "array", "items": _object({"samples": {"type": "integer", "minimum": 1}, "iwae": STAT})}
 

@@ -238,7 +238,8 @@ class LatentChain(SelfKeyed):
     def first_rows(self, rows: int) -> LatentChain:
         return LatentChain(self.factors, self.plan, self.rows, rows)
 
-    def _distribution(self, name: str, earlier: Mapping[str, torch.Tensor]) -> Distribution:
+    def factor_at(self, name: str, earlier: Mapping[str, torch.Tensor]) -> Distribution:
+        """Group ``name``'s factor given the earlier groups ``earlier`` (as the factors take them), checked."""
         size = self.plan.layout.sizes[self.plan.layout.names.index(name)]
         return _resolved(self.plan.what, name, self.factors[name], self.plan.arguments[name], earlier, size)
 
@@ -265,7 +266,7 @@ class LatentChain(SelfKeyed):
         offset = 0
         for name in self.plan.order:
             width = self.plan.widths[name]
-            distribution = self._distribution(name, draws)
+            distribution = self.factor_at(name, draws)
             if unit is None:  # the uniforms are the normals' cdf
                 component, units = torch.special.ndtr(normal[..., offset + width]), None
             else:
@@ -285,7 +286,7 @@ class LatentChain(SelfKeyed):
         groups = self.plan.layout.split(rows)
         found = {}
         for name in self.plan.order:
-            distribution = self._distribution(name, groups)
+            distribution = self.factor_at(name, groups)
             log_p = back(call_user(f"{self.plan.what}'s group {name!r}'s {type(distribution).__name__}.log_prob",
                                    log_prob64, distribution, groups[name]))
             bad = torch.isnan(log_p)
