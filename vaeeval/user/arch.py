@@ -295,7 +295,7 @@ def arch_model(
     plan: Plan | None = None
     if isinstance(encoded, Mapping):  # a hierarchical latent: groups with conditional factors (user/hierarchy.py)
         plan = _call(f"{options.encode_method}(x)", lambda: plan_of(encoded, f"{options.encode_method}(x)", 2))
-        posterior = posterior_chain(encoded, plan, options.encode_method, 2)
+        posterior = posterior_chain(encoded, plan, options.encode_method, x)
     else:
         posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(encoded, options.encode_method, 2))
     latent_dim = int(posterior.event_shape[0])
@@ -372,7 +372,7 @@ def arch_model(
         general=True,
         posterior_of=(
             (lambda x, c: as_posterior(encoder.call(x, c), options.encode_method, x.shape[0])) if plan is None
-            else (lambda x, c: posterior_chain(encoder.call(x, c), plan, options.encode_method, x.shape[0]))
+            else (lambda x, c: posterior_chain(encoder.call(x, c), plan, options.encode_method, x))
         ),
         decode_of=decoder.call,
         covariates=tuple(covariates),

@@ -215,8 +215,9 @@ class LatentChain(SelfKeyed):
     arg_constraints: dict[str, constraints.Constraint] = {}
     has_rsample = False
 
-    def __init__(self, factors: Mapping[str, Factor], plan: Plan, rows: int | None, taken: int | None = None) -> None:
-        self.like = torch.zeros((), dtype=torch.float64)  # the dtype it takes z in (``distributions._parameter``)
+    def __init__(self, factors: Mapping[str, Factor], plan: Plan, rows: int | None, taken: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.like = torch.zeros((), dtype=torch.float64, device=device)  # the dtype and device of z (``_parameter``)
         if tuple(factors) != plan.order:
             raise VaeevalError(
                 f"{plan.what} returned the groups {', '.join(map(str, factors))}; when probed it returned "
@@ -236,7 +237,7 @@ class LatentChain(SelfKeyed):
         return sum(width + 1 for width in self.plan.widths.values())
 
     def first_rows(self, rows: int) -> LatentChain:
-        return LatentChain(self.factors, self.plan, self.rows, rows)
+        return LatentChain(self.factors, self.plan, self.rows, rows, self.like.device)
 
     def factor_at(self, name: str, earlier: Mapping[str, torch.Tensor]) -> Distribution:
         """Group ``name``'s factor given the earlier groups ``earlier`` (as the factors take them), checked."""
@@ -310,11 +311,11 @@ class LatentChain(SelfKeyed):
         return f"LatentChain({self.plan.what}: {', '.join(self.plan.order)})"
 
 
-def posterior_chain(found: Any, plan: Plan, method: str, rows: int) -> LatentChain:
-    """What ``encode`` returned for ``rows`` points, as q(z|x) over the flat z."""
+def posterior_chain(found: Any, plan: Plan, method: str, x: torch.Tensor) -> LatentChain:
+    """What ``encode`` returned for the points ``x``, as q(z|x) over the flat z (on their device)."""
     if not isinstance(found, Mapping):
         raise VaeevalError(f"{method}(x) returned {describe_value(found)}; when probed it returned groups ({', '.join(plan.order)})")
-    return LatentChain(found, plan, rows)
+    return LatentChain(found, plan, x.shape[0], device=x.device)
 
 
 def prior_chain(found: Mapping[str, Any], layout: Layout) -> LatentChain:
