@@ -327,6 +327,12 @@ def test_readme_ladder_example_runs(tmp_path):
     assert documents["elbo"]["model"]["latent_dim"] == 12 and documents["elbo"]["model"]["kl"] == "monte_carlo"
     assert all(np.isfinite(p["iwae"]) for p in documents["elbo"]["points"])
     assert np.isfinite(documents["ais"]["summary"]["ais"]["mean"])
+    elbo = [str(tmp_path / a) if a.endswith((".npy", ".safetensors")) or ".py:" in a else a for a in commands[0][1:]]
+    batched = []  # the nets of q's and p's factors see padded rows: the same bits for any batch size
+    for size in ("1", "3", "100"):
+        result = CliRunner().invoke(main, [*elbo, *SMALL["elbo"], "--json", "--batch-size", size])
+        batched.append(json.loads(result.stdout)["points"])
+    assert batched[0] == batched[1] == batched[2] == documents["elbo"]["points"]
     latents = documents["latents"]["latents"]  # z2's factors condition on nothing: its KL in closed form
     (top, bottom) = latents["groups"]
     assert (top["name"], top["kl_kind"], top["kl_stderr"], top["units"]) == ("z2", "analytic", 0.0, [0, 4])

@@ -147,10 +147,8 @@ def _resolved(what: str, name: str, factor: Factor, arguments: tuple[str, ...], 
             "event [size] (one vector per point)"
         )
     if size is not None and found.event_shape[0] != size:
-        raise VaeevalError(
-            f"{what}'s group {name!r} is {describe(found)} over {found.event_shape[0]} values; encode(x) gives the "
-            f"group {size}"
-        )
+        source = "encode(x) gives the group" if what == "prior()" else "it had, when probed,"
+        raise VaeevalError(f"{what}'s group {name!r} is {describe(found)} over {found.event_shape[0]} values; {source} {size}")
     return in_float64(found)
 
 
