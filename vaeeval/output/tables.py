@@ -209,7 +209,7 @@ def _groups_table(health: LatentHealth) -> Table:
                       f"{group.active_units} of {stop - start}")
     table.caption = escape(
         "a group's KL is E_q[log q_g - log p_g] over the evaluation's draws (analytic where both its factors condition "
-        "on nothing and torch has the pair in closed form); the groups' KLs add up to the mean KL"
+        "on nothing and torch has the pair in closed form); they add up to the mean KL (exactly where all are sampled)"
         if health.groups and health.groups[0].kl is not None else
         "p(z) is one distribution over the flat z: the KL does not split by group"
     )
