@@ -208,8 +208,9 @@ def _groups_table(health: LatentHealth) -> Table:
         table.add_row(escape(group.name), f"{start}-{stop - 1}", kl, stderr, escape(group.kl_kind or "—"),
                       f"{group.active_units} of {stop - start}")
     table.caption = escape(
-        "a group's KL is E_q[log q_g - log p_g] over the evaluation's draws (analytic where both its factors condition "
-        "on nothing and torch has the pair in closed form); they add up to the mean KL (exactly where all are sampled)"
+        "a group's KL is E_q[log q_g - log p_g] over the evaluation's draws: in closed form (analytic) where its factors "
+        "condition on nothing, at each draw of their parents (analytic_given_draws), else sampled (monte_carlo); they "
+        "add up to the mean KL (exactly where all are sampled)"
         if health.groups and health.groups[0].kl is not None else
         "p(z) is one distribution over the flat z: the KL does not split by group"
     )

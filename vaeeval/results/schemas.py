@@ -12,7 +12,7 @@ from typing import Any
 
 from vaeeval.errors import VaeevalError
 from vaeeval.format.domains import DOMAINS
-from vaeeval.format.terms import KL_KINDS, MEASURES
+from vaeeval.format.terms import GIVEN_DRAWS, KL_KINDS, MEASURES
 from vaeeval.results.formats import FORMATS, ResultsFormat
 from vaeeval.results.numbers import METRICS
 from vaeeval.results.records import AIS_COLUMNS, BDMC_COLUMNS, BDMC_POINT_NUMBERS, POINT_COLUMNS
@@ -165,7 +165,7 @@ LATENTS = _object(
             "active_units": INTEGER,
             "kl": MAYBE_NUMBER,
             "kl_stderr": MAYBE_NUMBER,
-            "kl_kind": {"enum": [*KL_KINDS, None]},
+            "kl_kind": {"enum": [*KL_KINDS, GIVEN_DRAWS, None]},
         })},
     },
 )

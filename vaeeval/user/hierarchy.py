@@ -12,7 +12,8 @@ receives the groups as ``{name: [N, d_g]}`` (``GroupsDecoder``).
 Shapes. A posterior's factors have batch ``[B]`` (the points). Its callables receive the
 earlier groups as ``[*sample, B, d]`` (torch's sample-then-batch order), so features of x
 computed in ``encode`` broadcast against them, and return a distribution whose batch
-broadcasts to ``[*sample, B]``. A prior's callables receive rows ``[N, d]``. Groups reach
+broadcasts to ``[*sample, B]``. A prior's callables receive rows ``[N, d]`` (and, for latent
+health's per-group KL, q's draws ``[S, B, d]``: any leading axes). Groups reach
 callables in float32, as the model's nets compute; log-densities are float64 where vaeeval
 knows the family (``in_float64``).
 
@@ -242,7 +243,7 @@ class LatentChain(SelfKeyed):
         size = self.plan.layout.sizes[self.plan.layout.names.index(name)]
         return _resolved(self.plan.what, name, self.factors[name], self.plan.arguments[name], earlier, size)
 
-    def _rows_in(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    def rows_in(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """``tensor [*prefix, W]`` as the factors take it (padded), and the way back for results ``[*padded, ...]``."""
         prefix = tuple(tensor.shape[:-1])
         if self.rows is None:
@@ -259,8 +260,8 @@ class LatentChain(SelfKeyed):
 
     def keyed_transform(self, normal: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
         """Draws ``[*prefix, latent_dim]``, group after group in the mapping's order, each from its own noise."""
-        normal, back = self._rows_in(normal.double())
-        unit = None if unit is None else self._rows_in(unit.double())[0]
+        normal, back = self.rows_in(normal.double())
+        unit = None if unit is None else self.rows_in(unit.double())[0]
         draws: dict[str, torch.Tensor] = {}
         offset = 0
         for name in self.plan.order:
@@ -281,7 +282,7 @@ class LatentChain(SelfKeyed):
         Raises:
             VaeevalError: a factor whose log_prob is NaN, naming it.
         """
-        rows, back = self._rows_in(value.double())
+        rows, back = self.rows_in(value.double())
         groups = self.plan.layout.split(rows)
         found = {}
         for name in self.plan.order:
