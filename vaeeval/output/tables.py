@@ -17,6 +17,7 @@ from vaeeval.format.domains import Grid
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
 from vaeeval.output.documents import CALIBRATION_NOTE
+from vaeeval.output.groups_table import groups_table
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
 from vaeeval.results.recon_terms import LossStatistics, recon_terms
@@ -197,31 +198,11 @@ def _latents_table(health: LatentHealth) -> Table:
     return table
 
 
-def _groups_table(health: LatentHealth) -> Table:
-    table = Table(title="Latent groups (a hierarchical latent, in the flat z's order)", title_justify="left")
-    for column in ("group", "units", "KL (mean)", "± (Monte Carlo)", "KL", "active"):
-        table.add_column(escape(column), justify="right")
-    for group in health.groups:
-        start, stop = group.units
-        kl = "—" if group.kl is None else num(group.kl, 4)
-        stderr = "—" if group.kl_stderr is None else num(group.kl_stderr, 4)
-        table.add_row(escape(group.name), f"{start}-{stop - 1}", kl, stderr, escape(group.kl_kind or "—"),
-                      f"{group.active_units} of {stop - start}")
-    table.caption = escape(
-        "a group's KL is E_q[log q_g - log p_g] over the evaluation's draws: in closed form (analytic) where its factors "
-        "condition on nothing, at each draw of their parents (analytic_given_draws), else sampled (monte_carlo); they "
-        "add up to the mean KL (exactly where all are sampled)"
-        if health.groups and health.groups[0].kl is not None else
-        "p(z) is one distribution over the flat z: the KL does not split by group"
-    )
-    return table
-
-
 def render_latents(console: Console, health: LatentHealth) -> None:
     """Print the latent-health table (and a hierarchical latent's groups) and, when units collapsed, the warning."""
     console.print(_latents_table(health))
     if health.groups is not None:
-        console.print(_groups_table(health))
+        console.print(groups_table(health))
     if health.warning:
         console.print(f"[red]{escape(health.warning)}[/]")
 
