@@ -131,7 +131,7 @@ def _explained(evaluator: Evaluator, result: Evaluation, model: dict[str, Any]) 
 
 def _latent_health(result: Evaluation, model: Model, evaluator: Evaluator) -> LatentHealth:
     health = latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
-    if not model.general:
+    if not getattr(model, "latent_groups", ()):  # only a hierarchical latent has groups
         return health
     with progress_bar(result.summary.n, "KL per latent group (a second pass over the same draws)") as progress:
         groups = group_kl(evaluator, progress)  # None without groups

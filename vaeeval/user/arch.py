@@ -378,6 +378,7 @@ def arch_model(
         covariates=tuple(covariates),
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
+        latent_groups=() if plan is None else plan.layout.names,
     )
 
 

@@ -172,6 +172,7 @@ class ArchModel(Model):
     decode_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Any] | None = None
     discrete_latent: str | None = None  # which of q(z|x) and p(z) has a discrete support, in words (see ``discreteness``)
     discrete_posterior: bool = False  # q(z|x) has a discrete support
+    latent_groups: tuple[str, ...] = ()  # a hierarchical latent's groups in the flat z's order (user/hierarchy.py)
 
     def posterior(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Distribution:
         """q(z|x), batch ``[B]`` and event ``[latent_dim]``.

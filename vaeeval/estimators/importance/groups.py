@@ -57,7 +57,7 @@ class GroupKL:
 def group_kl(evaluator: Evaluator, progress: Callable[[int], None] | None = None) -> GroupKL | None:
     """Each group's KL for every point of ``evaluator``'s data, in index order; None for a latent without groups."""
     model, settings = evaluator.model, evaluator.settings
-    if not model.general:
+    if not getattr(model, "latent_groups", ()):
         return None
     indices = np.arange(evaluator.n)
     found: dict[str, list[np.ndarray]] = {}
