@@ -108,6 +108,8 @@ class Broken(LinearGaussian):
             groups["z1"] = lambda z2: MultivariateNormal(z1(z2).loc * math.nan, scale_tril=z1(z2).scale_tril, validate_args=False)
         if self.fault == "later":
             groups = {"z2": lambda z1: groups["z2"], "z1": groups["z1"]}
+        if self.fault == "flat_q":
+            return Independent(Normal(x.new_zeros(x.shape[0], 5), 1.0), 1)
         return groups
 
     def prior(self):
@@ -116,6 +118,8 @@ class Broken(LinearGaussian):
             groups["z1"] = Independent(Normal(torch.zeros(4), torch.ones(4)), 1)
         if self.fault == "names":
             groups = {"top": groups["z2"], "z1": groups["z1"]}
+        if self.fault == "flat_p":
+            return Independent(Normal(torch.zeros(5), torch.ones(5)), 1)
         return groups
 '''
 
@@ -305,12 +309,21 @@ def test_the_prior_chain_draws_with_its_own_law(folder):
         ("size", "prior()'s group 'z1' is Independent(Normal) over 4 values; encode(x) gives the group 3"),
         ("names", "prior()'s groups (top, z1) are not encode(x)'s (z2, z1); q and p must name the same groups"),
         ("later", "encode(x)'s group 'z2' takes 'z1', which is not a group before it in encode(x)'s mapping"),
+        ("flat_q", "prior() returned groups (a mapping); encode(x) must then return the same groups"),
     ],
 )
 def test_bad_groups_are_one_line_errors(folder, fault, message):
     result = _run(folder, "elbo", "-k", "4", "--arch-args", json.dumps({"fault": fault}), model="Broken")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert message in result.stderr, result.stderr
+
+
+def test_a_flat_prior_under_grouped_posterior_has_no_kl_per_group(folder):
+    """p(z) one distribution over the flat z: evaluated as it is; latents counts active units per group, no KL."""
+    document = _json(folder, "latents", "-k", "20", "--arch-args", '{"fault": "flat_p"}', model="Broken")
+    groups = document["latents"]["groups"]
+    assert [(g["name"], g["kl"], g["kl_stderr"], g["kl_kind"]) for g in groups] == [("z2", None, None, None), ("z1", None, None, None)]
+    assert sum(g["active_units"] for g in groups) == document["latents"]["active_units"]
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
