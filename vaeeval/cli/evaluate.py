@@ -26,10 +26,11 @@ from vaeeval.cli.options import (
 )
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.estimators.importance.explain import explain as explain_recon
+from vaeeval.estimators.importance.groups import group_kl
 from vaeeval.format.model import Model
 from vaeeval.output.documents import elbo_document, latents_document
 from vaeeval.output.plot import check_plot, plot_diagnostics
-from vaeeval.results.latents import LatentHealth, latent_health
+from vaeeval.results.latents import LatentHealth, group_health, latent_health
 from vaeeval.results.numbers import Evaluation
 from vaeeval.results.recon_terms import LossStatistics, needs_statistics
 from vaeeval.results.records import to_json
@@ -101,7 +102,7 @@ def elbo(
     if outcome is None:  # under torchrun, not rank 0: rank 0 reports for everyone (or an empty shard)
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
-    health = _latent_health(result, loaded) if diagnostics else None
+    health = _latent_health(result, loaded, evaluator) if diagnostics else None
     statistics = _explained(evaluator, result, about_model) if explain else None
     if plot is not None:
         plot_diagnostics(result, plot)
@@ -122,8 +123,13 @@ def _explained(evaluator: Evaluator, result: Evaluation, model: dict[str, Any]) 
         return explain_recon(evaluator, result, model, progress)
 
 
-def _latent_health(result: Evaluation, model: Model) -> LatentHealth:
-    return latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
+def _latent_health(result: Evaluation, model: Model, evaluator: Evaluator) -> LatentHealth:
+    health = latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
+    if not getattr(model, "latent_groups", ()):  # only a hierarchical latent has groups
+        return health
+    with progress_bar(result.summary.n, "KL per latent group (a second pass over the same draws)") as progress:
+        groups = group_kl(evaluator, progress)  # None without groups
+    return health if groups is None else group_health(health, groups)
 
 
 @click.command()
@@ -137,7 +143,8 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
 
     A unit is active when Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016). The mutual
     information uses the aggregate posterior over the whole data set; by ELBO
-    surgery, mean KL = I(x; z) + KL(q(z) || p(z)).
+    surgery, mean KL = I(x; z) + KL(q(z) || p(z)). A hierarchical latent's groups
+    get their own KL and active units.
 
     \b
     Example:
@@ -146,9 +153,10 @@ def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:
     settings = evaluation_settings(options)
     loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     warn(loaded)
+    evaluator = Evaluator(loaded, dataset, settings)
     with progress_bar(dataset.n, "evaluating points") as progress:
-        result = Evaluator(loaded, dataset, settings).evaluate(progress)
-    health = _latent_health(result, loaded)
+        result = evaluator.evaluate(progress)
+    health = _latent_health(result, loaded, evaluator)
     if as_json:
         click.echo(to_json(latents_document(health, loaded, dataset, result)))
     else:

@@ -13,3 +13,4 @@ MEASURES = (DENSITY, PROBABILITY)
 ANALYTIC = "analytic"  # KL(q || p) in closed form
 MONTE_CARLO = "monte_carlo"  # KL(q || p) estimated from the samples, with its standard error
 KL_KINDS = (ANALYTIC, MONTE_CARLO)
+GIVEN_DRAWS = "analytic_given_draws"  # a hierarchical latent group's KL: the closed form at q's draws of its parents

@@ -17,6 +17,7 @@ from vaeeval.format.domains import Grid
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
 from vaeeval.output.documents import CALIBRATION_NOTE
+from vaeeval.output.groups_table import groups_table
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import METRICS, AISCost, AISSettings, Evaluation
 from vaeeval.results.recon_terms import LossStatistics, recon_terms
@@ -203,8 +204,10 @@ def _latents_table(health: LatentHealth) -> Table:
 
 
 def render_latents(console: Console, health: LatentHealth) -> None:
-    """Print the latent-health table and, when units collapsed, the warning."""
+    """Print the latent-health table (and a hierarchical latent's groups) and, when units collapsed, the warning."""
     console.print(_latents_table(health))
+    if health.groups is not None:
+        console.print(groups_table(health))
     if health.warning:
         console.print(f"[red]{escape(health.warning)}[/]")
 

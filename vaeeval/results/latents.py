@@ -8,12 +8,15 @@
   q(z) = (1/N) sum_n q(z|x_n) taken over the whole evaluation set, in chunks.
 * ELBO surgery (Hoffman & Johnson 2016): mean KL = I(x; z) + KL(q(z) || p(z)), so the
   aggregate-posterior KL is the mean KL minus the mutual information.
+* For a hierarchical latent, per group: its KL (``estimators/importance/groups.py``) and its
+  active units (``group_health``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +33,23 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
+class GroupHealth:
+    """One group of a hierarchical latent over a data set.
+
+    ``kl`` is the mean over points of the group's KL, ``kl_stderr`` its Monte Carlo standard
+    error (sqrt(Σ_i se_i²) / N: the draws' error, not the spread over points), ``kl_kind``
+    analytic or monte_carlo; all three None where p(z) does not split by group.
+    """
+
+    name: str
+    units: tuple[int, int]  # [start, stop) of the flat z
+    active_units: int
+    kl: float | None
+    kl_stderr: float | None
+    kl_kind: str | None
+
+
+@dataclass(frozen=True)
 class LatentHealth:
     """What the encoder does with its latent units, over a data set."""
 
@@ -41,6 +61,7 @@ class LatentHealth:
     aggregate_kl: float  # KL(q(z) || p(z)) = mean_kl - mutual_information
     max_information: float  # log N: no estimate over N points can exceed it
     threshold: float = ACTIVE_THRESHOLD  # a unit is active when its activity exceeds this
+    groups: tuple[GroupHealth, ...] | None = None  # a hierarchical latent's groups, in the flat z's order
 
     @property
     def warning(self) -> str | None:
@@ -111,3 +132,17 @@ def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prio
         max_information=math.log(mu.shape[0]),
     )
 
+
+
+def group_health(health: LatentHealth, groups: Any) -> LatentHealth:
+    """``health`` with the groups of a hierarchical latent: each one's active units, and its KL over the data
+    set from ``groups`` (an ``estimators.importance.groups.GroupKL``: names, units, per-point KL and errors)."""
+    found = []
+    for name, (start, stop) in zip(groups.names, groups.units, strict=True):
+        kl = stderr = kind = None
+        if groups.kl is not None:
+            kl = exact_mean(groups.kl[name])
+            stderr = math.sqrt(math.fsum(np.square(groups.kl_stderr[name], dtype=np.float64))) / groups.kl[name].size
+            kind = groups.kinds[name]
+        found.append(GroupHealth(name, (start, stop), int(health.active[start:stop].sum()), kl, stderr, kind))
+    return replace(health, groups=tuple(found))

@@ -116,8 +116,8 @@ def convergence_records(evaluation: Evaluation) -> list[dict[str, Any]]:
 
 
 def latents_record(health: LatentHealth) -> dict[str, Any]:
-    """The ``latents`` object: latent health."""
-    return {
+    """The ``latents`` object: latent health (with ``groups`` for a hierarchical latent)."""
+    record = {
         "kl_per_dim": None if health.kl_per_dim is None else health.kl_per_dim.tolist(),
         "activity": health.activity.tolist(),
         "active_threshold": health.threshold,
@@ -129,6 +129,13 @@ def latents_record(health: LatentHealth) -> dict[str, Any]:
         "aggregate_kl": health.aggregate_kl,
         "warning": health.warning,
     }
+    if health.groups is not None:  # a hierarchical latent's
+        record["groups"] = [
+            {"name": g.name, "units": list(g.units), "active_units": g.active_units, "kl": g.kl, "kl_stderr": g.kl_stderr,
+             "kl_kind": g.kl_kind}
+            for g in health.groups
+        ]
+    return record
 
 
 def model_record(model: Model) -> dict[str, Any]:

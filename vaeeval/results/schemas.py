@@ -12,7 +12,7 @@ from typing import Any
 
 from vaeeval.errors import VaeevalError
 from vaeeval.format.domains import DOMAINS
-from vaeeval.format.terms import KL_KINDS, MEASURES
+from vaeeval.format.terms import GIVEN_DRAWS, KL_KINDS, MEASURES
 from vaeeval.results.formats import FORMATS, ResultsFormat
 from vaeeval.results.numbers import METRICS
 from vaeeval.results.records import AIS_COLUMNS, BDMC_COLUMNS, BDMC_POINT_NUMBERS, POINT_COLUMNS, SEQUENCE_KEYS
@@ -158,7 +158,17 @@ LATENTS = _object(
         "mean_kl": NUMBER,
         "aggregate_kl": NUMBER,
         "warning": MAYBE_STRING,
-    }
+    },
+    {
+        "groups": {"type": "array", "items": _object({
+            "name": STRING,
+            "units": {"type": "array", "items": INTEGER, "minItems": 2, "maxItems": 2},
+            "active_units": INTEGER,
+            "kl": MAYBE_NUMBER,
+            "kl_stderr": MAYBE_NUMBER,
+            "kl_kind": {"enum": [*KL_KINDS, GIVEN_DRAWS, None]},
+        })},
+    },
 )
 CONVERGENCE = {"type": "array", "items": _object({"samples": {"type": "integer", "minimum": 1}, "iwae": STAT})}
 

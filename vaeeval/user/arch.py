@@ -46,6 +46,7 @@ from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
 from vaeeval.user.distributions import describe, keyed
+from vaeeval.user.hierarchy import GroupsDecoder, Layout, Plan, groups_note, plan_of, posterior_chain, prior_chain
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
 from vaeeval.user.protocol import (
     ASSUMED,
@@ -213,11 +214,19 @@ def _probe_covariates(covariates: Mapping[str, tuple[tuple[int, ...], np.dtype]]
     return {name: torch.zeros((2, *shape), dtype=covariate_dtype(dtype)) for name, (shape, dtype) in covariates.items()}
 
 
-def _prior(module: nn.Module, latent_dim: int, posterior: Distribution) -> DistributionPrior | None:
-    """The model's ``prior()`` as p(z), checked to be a distribution over one latent vector; None without one."""
+def _prior(module: nn.Module, latent_dim: int, posterior: Distribution, layout: Layout | None = None) -> DistributionPrior | None:
+    """The model's ``prior()`` as p(z), checked to be a distribution over one latent vector; None without one.
+
+    ``layout``: a hierarchical q's groups, which a ``prior()`` returning groups must name alike.
+    """
     if not callable(getattr(module, "prior", None)):
         return None
     found = _call("prior()", module.prior)
+    if isinstance(found, Mapping):
+        if layout is None:
+            raise VaeevalError("prior() returned groups (a mapping); encode(x) must then return the same groups")
+        with torch.no_grad():  # called again outside inference mode: AIS differentiates through what its factors capture
+            found = prior_chain(call_user("prior()", module.prior), layout)
     if not isinstance(found, Distribution):
         raise VaeevalError(f"prior() returned {describe_value(found)}; vaeeval needs a torch.distributions.Distribution over z")
     if tuple(found.event_shape) != (latent_dim,) or tuple(found.batch_shape) != ():
@@ -296,13 +305,19 @@ def arch_model(
                                f"{option('lengths')}")
     encoder = EncoderAdapter(module, options.encode_method, options.encode_shape)
     x = torch.zeros(2, *input_shape)
-    posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(
-        encoder.call(x, arguments(encode, probe, positions)), options.encode_method, 2))
+    encoded = _call(f"{options.encode_method}(x)", lambda: encoder.call(x, arguments(encode, probe, positions)))
+    plan: Plan | None = None
+    if isinstance(encoded, Mapping):  # a hierarchical latent: groups with conditional factors (user/hierarchy.py)
+        plan = _call(f"{options.encode_method}(x)", lambda: plan_of(encoded, f"{options.encode_method}(x)", 2))
+        posterior = posterior_chain(encoded, plan, options.encode_method, x)
+    else:
+        posterior = _call(f"{options.encode_method}(x)", lambda: as_posterior(encoded, options.encode_method, 2))
     latent_dim = int(posterior.event_shape[0])
-    prior = _prior(module, latent_dim, posterior)
+    prior = _prior(module, latent_dim, posterior, None if plan is None else plan.layout)
     z = torch.zeros(2, latent_dim)
+    given = z if plan is None else plan.layout.split(z)
     decoding = arguments(decode, {**probe, **({DATA: x} if teacher_forced else {})}, positions)
-    raw = _call(f"{options.decode_method}(z)", lambda: partial(decode, **decoding)(z))
+    raw = _call(f"{options.decode_method}(z)", lambda: partial(decode, **decoding)(given))
     notes: list[str] = []
     if (teacher_forced or positions is not None) and not isinstance(raw, Distribution):
         needs = f"{options.decode_method}(z, x) (teacher forcing)" if teacher_forced else option("lengths")
@@ -315,7 +330,7 @@ def arch_model(
                 f"likelihood itself; leave {option('likelihood')} out"
             )
         likelihood: Likelihood = DistributionLikelihood(raw, input_shape, options.decode_method)
-        decoder = DecoderAdapter(module, options.decode_method, None, None)
+        decoder = _grouped(DecoderAdapter(module, options.decode_method, None, None), plan)
         how = f"{options.decode_method}(z) returns {likelihood.spec['distribution']}, whose log_prob is log p(x|z)"
         if positions is not None:
             masks_itself = takes(decode, LENGTHS) or takes(decode, MASK)
@@ -336,8 +351,11 @@ def arch_model(
         except ValueError as error:
             raise VaeevalError(f"{option('likelihood')}: {error}") from None
         kind = probabilities_kind(likelihood, options.decoder_output)
-        traced, untraced = logits_graph(module, options.decode_method, kind, likelihood, latent_dim) if kind else (None, None)
-        decoder = DecoderAdapter(module, options.decode_method, kind, traced, untraced, likelihood.params_per_dim)
+        if plan is not None and kind:
+            traced, untraced = None, f"{options.decode_method} takes the latent groups as a mapping, which vaeeval does not trace"
+        else:
+            traced, untraced = logits_graph(module, options.decode_method, kind, likelihood, latent_dim) if kind else (None, None)
+        decoder = _grouped(DecoderAdapter(module, options.decode_method, kind, traced, untraced, likelihood.params_per_dim), plan)
         decoded = _call(f"{options.decode_method}(z)", lambda: decoder.call(z, probe))
         _check_parameters(decoded, likelihood, options.decode_method, input_shape)
         if kind is None and options.decoder_output == "logits" and likelihood.decoder_outputs.get("probs"):
@@ -352,6 +370,8 @@ def arch_model(
         notes.insert(0, ASSUMED)
         prior = standard_normal(latent_dim, posterior) if general else prior_from_spec(None, {}, latent_dim)
         prior.spec["source"] = ASSUMED  # in words in the notes, and in JSON here
+    if plan is not None:
+        notes.append(groups_note(plan, prior.distribution(z)))
     if general and not keyed(posterior):
         notes.append(unkeyed_note(posterior))
     fields = {
@@ -374,13 +394,18 @@ def arch_model(
     return ArchModel(
         **fields,
         general=True,
-        posterior_of=lambda x, c: as_posterior(encoder.call(x, arguments(encode, c, positions)), options.encode_method, x.shape[0]),
+        posterior_of=(
+            (lambda x, c: as_posterior(encoder.call(x, arguments(encode, c, positions)), options.encode_method, x.shape[0]))
+            if plan is None
+            else (lambda x, c: posterior_chain(encoder.call(x, arguments(encode, c, positions)), plan, options.encode_method, x))
+        ),
         decode_of=lambda z, c: decoder.call(z, arguments(decode, c, positions)),
         covariates=tuple(covariates),
         positions=positions,
         teacher_forced=teacher_forced,
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
+        latent_groups=() if plan is None else plan.layout.names,
     )
 
 
@@ -391,6 +416,11 @@ def _teacher_forced(decode: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return bool(names) and names[0] != DATA and takes(decode, DATA)
+
+
+def _grouped(decoder: DecoderAdapter, plan: Plan | None) -> DecoderAdapter:
+    """``decode`` as vaeeval calls it with a flat z: for a hierarchical latent, given the groups by name."""
+    return decoder if plan is None else GroupsDecoder(decoder, plan.layout)
 
 
 def _check_parameters(decoded: torch.Tensor, likelihood: Likelihood, method: str, input_shape: tuple[int, ...]) -> None:

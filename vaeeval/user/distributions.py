@@ -47,8 +47,26 @@ from vaeeval.user.quadrature import log_bin_from_cdf
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
 
 
+class SelfKeyed(Distribution):
+    """A distribution that writes its own draws as a transform of vaeeval's keyed noise (a hierarchical latent's
+    chain of factors, ``user/hierarchy.py``): ``keyed``, ``noise_width``, ``transform`` and ``first_rows`` ask it."""
+
+    @property
+    def noise_width(self) -> int:
+        raise NotImplementedError
+
+    def keyed_transform(self, normal: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
+        """Draws ``[*prefix, *event_shape]`` from normals ``[*prefix, W]`` and, where given, their uniforms."""
+        raise NotImplementedError
+
+    def first_rows(self, rows: int) -> Distribution | None:
+        raise NotImplementedError
+
+
 def keyed(distribution: Distribution) -> bool:
     """vaeeval can draw from it as a transform of keyed noise (see ``keyed_sample``)."""
+    if isinstance(distribution, SelfKeyed):
+        return True
     if isinstance(distribution, Independent):
         return keyed(distribution.base_dist)
     if isinstance(distribution, TransformedDistribution):
@@ -70,6 +88,8 @@ def flows(distribution: Distribution) -> bool:
 
 def noise_width(distribution: Distribution) -> int:
     """Noise numbers per draw: standard normals, or for a discrete family the uniforms they are the quantiles of."""
+    if isinstance(distribution, SelfKeyed):
+        return distribution.noise_width
     if isinstance(distribution, TransformedDistribution):
         return noise_width(distribution.base_dist)
     if isinstance(distribution, MixtureSameFamily):
@@ -91,6 +111,8 @@ def transform(
     whose normal quantiles ``normal`` holds, which the discrete families invert their
     cdf at (without them, the normals' cdf).
     """
+    if isinstance(distribution, SelfKeyed):
+        return distribution.keyed_transform(normal, unit)
     if isinstance(distribution, Independent):
         return transform(distribution.base_dist, normal, uniform, inside=True, unit=unit)
     if isinstance(distribution, discrete.DRAWN | OneHotCategorical) and unit is None:
@@ -200,6 +222,8 @@ def in_float64(distribution: Distribution) -> Distribution:
 
 def first_rows(distribution: Distribution, rows: int) -> Distribution | None:
     """The distribution of the first ``rows`` points (batch axis 0), for the families vaeeval knows; else None."""
+    if isinstance(distribution, SelfKeyed):
+        return distribution.first_rows(rows)
     if isinstance(distribution, Independent):
         base = first_rows(distribution.base_dist, rows)
         return None if base is None else Independent(base, distribution.reinterpreted_batch_ndims)

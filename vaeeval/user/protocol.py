@@ -178,6 +178,7 @@ class ArchModel(Model):
     discrete_posterior: bool = False  # q(z|x) has a discrete support
     positions: int | None = None  # T, with --lengths: the data are padded sequences of T positions (``user.sequences``)
     teacher_forced: bool = False  # decode(z, x) is given each row's data point
+    latent_groups: tuple[str, ...] = ()  # a hierarchical latent's groups in the flat z's order (user/hierarchy.py)
 
     def posterior(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Distribution:
         """q(z|x), batch ``[B]`` and event ``[latent_dim]``.
