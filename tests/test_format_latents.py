@@ -260,3 +260,24 @@ def test_compare_sums_over_a_discrete_latent_too_and_takes_the_same_switches(wri
     assert exact["models"][0]["summary"]["iwae"]["mean"] != sampled["models"][0]["summary"]["iwae"]["mean"]
     refused = runner.invoke(main, ["compare", str(path), str(path), str(data_path), "--enumerate", "--max-support", "2"])
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "more than --max-support 2" in refused.stderr
+
+
+def test_latents_gives_the_exact_mutual_information_of_a_discrete_latent(written):
+    """I(x; z) = (1/N) Σ_n Σ_z q(z|x_n) log(q(z|x_n) / q(z)) summed over every value of z, against numpy from the
+    encoder's float64 logits (the Gaussian approximation used for continuous latents would be meaningless here)."""
+    family, path, data_path, x, _ = written
+    found = CliRunner().invoke(main, ["latents", str(path), str(data_path), "--json"])
+    assert found.exit_code == 0, found.stderr
+    health = json.loads(found.stdout)["latents"]
+    from safetensors.torch import load_file
+
+    tensors = {k: v.double() for k, v in load_file(path).items()}
+    hidden = np.tanh(x @ tensors["encoder.0.weight"].numpy().T + tensors["encoder.0.bias"].numpy())
+    logits = hidden @ tensors["encoder.2.weight"].numpy().T + tensors["encoder.2.bias"].numpy()
+    values = _support(family, logits.shape[1])
+    log_q = _log_q(family, logits, values)  # [N, M]
+    log_aggregate = np.log(np.exp(log_q).mean(axis=0))
+    expected = float(np.mean((np.exp(log_q) * (log_q - log_aggregate)).sum(axis=1)))
+    assert health["mutual_information"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert 0 <= health["mutual_information"] <= health["mutual_information_max"]
+    assert health["aggregate_kl"] == pytest.approx(health["mean_kl"] - health["mutual_information"], abs=1e-12)

@@ -124,7 +124,8 @@ def _explained(evaluator: Evaluator, result: Evaluation, model: dict[str, Any]) 
 
 
 def _latent_health(result: Evaluation, model: Model, evaluator: Evaluator) -> LatentHealth:
-    health = latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed)
+    health = latent_health(result.latent_means, result.latent_vars, result.points.kl, model.prior, result.settings.seed,
+                           discrete=getattr(model, "discrete_family", None))
     if not getattr(model, "latent_groups", ()):  # only a hierarchical latent has groups
         return health
     with progress_bar(result.summary.n, "KL per latent group (a second pass over the same draws)") as progress:
@@ -136,6 +137,7 @@ def _latent_health(result: Evaluation, model: Model, evaluator: Evaluator) -> La
 @click.argument("model", type=PATH)
 @click.argument("data", type=PATH)
 @evaluation_options
+@option_group(*ENUMERATION)
 @arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.latents/1) to stdout.")
 def latents(model: Path, data: Path, as_json: bool, **options: Any) -> None:

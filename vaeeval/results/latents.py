@@ -107,19 +107,27 @@ def mutual_information(means: np.ndarray, variances: np.ndarray, seed: int = 0) 
     return exact_mean(np.concatenate(terms))
 
 
-def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prior: Prior, seed: int = 0) -> LatentHealth:
+def latent_health(
+    means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prior: Prior, seed: int = 0, discrete: str | None = None
+) -> LatentHealth:
     """Latent health from the encoder's q(z|x) over a data set.
 
     Args:
-        means, variances: ``[N, L]`` the parameters of q(z|x_n).
+        means, variances: ``[N, L]`` the parameters of q(z|x_n) (its mean and variance per unit).
         kl: ``[N]`` KL(q(z|x_n) || p(z)) (analytic or Monte Carlo, as evaluated).
         prior: the model's prior.
         seed: the evaluation's seed; z_i is its sample 0 of point i.
+        discrete: ``categorical`` (z one-hot: ``means`` are q's probabilities) or ``bernoulli`` (binary units:
+            ``means`` are each unit's probability of 1): I(x; z) summed exactly over z's values
+            (``discrete_information``); None for a continuous z (one Gaussian draw per point).
     """
     mu = torch.as_tensor(means, dtype=torch.float64)
     var = torch.as_tensor(variances, dtype=torch.float64)
     activity = np.array([exact_variance(column) for column in np.asarray(means, dtype=np.float64).T])
-    information = mutual_information(means, variances, seed)
+    if discrete is None:
+        information = mutual_information(means, variances, seed)
+    else:
+        information = discrete_information(means, discrete)
     mean_kl = exact_mean(kl)
     kl_per_dim = prior.kl_per_dim(mu, var)
     return LatentHealth(
@@ -132,6 +140,34 @@ def latent_health(means: np.ndarray, variances: np.ndarray, kl: np.ndarray, prio
         max_information=math.log(mu.shape[0]),
     )
 
+
+
+MAX_BINARY_UNITS = 16  # binary units whose 2^d joint values discrete_information sums over
+
+
+def discrete_information(means: np.ndarray, family: str) -> float:
+    """I(x; z) under q for a discrete z, exactly: (1/N) Σ_n Σ_z q(z|x_n) [log q(z|x_n) - log q(z)], q(z) the mean
+    of q(z|x_n) over the N points, summed over every value of z (K one-hot values; 2^d binary vectors, up to
+    ``MAX_BINARY_UNITS`` units, in blocks of values). NaN past that: not estimated."""
+    q = torch.as_tensor(means, dtype=torch.float64).clamp(0.0, 1.0)
+    n, units = q.shape
+    if family == "categorical":
+        log_q = numerics.log(q)
+        log_aggregate = numerics.log(torch.as_tensor([exact_mean(column) for column in q.numpy().T]))
+        terms = torch.where(q > 0, q * (log_q - log_aggregate), 0.0)
+        return exact_mean(numerics.tree_sum(terms).numpy())
+    if units > MAX_BINARY_UNITS:
+        return math.nan
+    log_on, log_off = numerics.log(q), numerics.log(1 - q)
+    total = np.zeros(n)
+    values = torch.tensor([[(v >> u) & 1 for u in range(units)] for v in range(2**units)], dtype=torch.float64)
+    for first in range(0, values.shape[0], _CHUNK):
+        z = values[first : first + _CHUNK]  # [M, d]
+        log_joint = numerics.tree_sum(torch.where(z[None] > 0, log_on[:, None], log_off[:, None]))  # [N, M]
+        joint = numerics.exp(log_joint)
+        log_aggregate = numerics.log(torch.as_tensor([exact_mean(column) for column in joint.numpy().T]))
+        total += numerics.tree_sum(torch.where(joint > 0, joint * (log_joint - log_aggregate), 0.0)).numpy()
+    return exact_mean(total)
 
 
 def group_health(health: LatentHealth, groups: Any) -> LatentHealth:

@@ -44,6 +44,7 @@ from vaeeval.format.model import Model
 from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
+from vaeeval.user import discrete
 from vaeeval.user.calls import call_user, first_line, where
 from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.hierarchy import GroupsDecoder, Layout, Plan, groups_note, plan_of, posterior_chain, prior_chain
@@ -405,6 +406,7 @@ def arch_model(
         teacher_forced=teacher_forced,
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
+        discrete_family=discrete.family_of(posterior),
         latent_groups=() if plan is None else plan.layout.names,
     )
 

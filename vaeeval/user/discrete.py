@@ -139,6 +139,17 @@ def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- enumeration
 
 
+def family_of(posterior: Distribution) -> str | None:
+    """``categorical`` for a ``OneHotCategorical`` z, ``bernoulli`` for binary units (``Independent`` of a
+    ``Bernoulli``), the latents whose mutual information with x latent health computes exactly; else None."""
+    if type(posterior) is OneHotCategorical:
+        return "categorical"
+    base = posterior
+    while isinstance(base, Independent):
+        base = base.base_dist
+    return "bernoulli" if type(base) is Bernoulli and len(posterior.event_shape) == 1 else None
+
+
 def support_size(distribution: Distribution) -> int | None:
     """How many values a latent vector can take: K for a (one-hot) categorical, 2**d for d Bernoullis, K**d for
     d categoricals; None where the support is not finite or vaeeval cannot list it."""

@@ -40,4 +40,5 @@ def with_discrete_latent(model: Model) -> Model:
         decode_of=lambda z, c: model.decode(z, c),
         discrete_latent=discreteness(probe, p_z),
         discrete_posterior=True,
+        discrete_family=family,
     )
