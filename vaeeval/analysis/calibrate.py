@@ -143,11 +143,9 @@ def calibrate(
             search can find it (bins, or the IWAE).
     """
     family = model.likelihood.family
-    if model.posterior_family != "gaussian":
-        raise VaeevalError(
-            f"calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is {model.posterior_family} "
-            "(format 1's discrete latent)"
-        )
+    if model.posterior_family != "gaussian" or model.hierarchy is not None:
+        kind = "has two latent groups" if model.hierarchy is not None else f"is {model.posterior_family} (a discrete latent)"
+        raise VaeevalError(f"calibrate fits a scale on the draws of one Gaussian q(z|x); this model's latent {kind}")
     if model.path is None or model.general:
         raise VaeevalError(
             "this model is evaluated through the distributions its own code returns (from decode or prior, or with "

@@ -33,7 +33,7 @@ from vaeeval.format.saving import save_model
 from vaeeval.io.files import staged, writing
 from vaeeval.results.numbers import METRICS
 from vaeeval.user.distributions import describe
-from vaeeval.user.format_latents import with_discrete_latent
+from vaeeval.user.format_latents import through_distributions
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, discrete_latent_as_logits, skip_final_squash, trace
 from vaeeval.user.protocol import ASSUMED, ArchModel, DistributionLikelihood, DistributionPrior, diagonal
 
@@ -248,7 +248,7 @@ def convert(
             posterior=None if discrete is None else {"family": discrete},
             description=f"converted from {source.path.name} with {source.description}",
         )
-        saved = with_discrete_latent(saved)
+        saved = through_distributions(saved)
         largest = _largest_difference(source, saved, points, samples, seed, out)
     return Conversion(out, replace(saved, path=out), len(points), samples, seed, largest, tuple(unused))
 

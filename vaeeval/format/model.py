@@ -46,6 +46,16 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class Hierarchy:
+    """Format 1's second latent group (FORMAT.md, "Two latent groups"): z2 [latent_dim] above z1, the
+    bottom-up q(z1|x) q(z2|z1) and the top-down p(z2) p(z1|z2) of Burda et al.'s two-layer models."""
+
+    latent_dim: int  # z2's
+    encoder: nn.Module  # q(z2|z1): z1 -> [2 latent_dim], mean then log-variance
+    prior: nn.Module  # p(z1|z2): z2 -> [2 z1's latent_dim], mean then log-variance
+
+
+@dataclass(frozen=True)
 class Model:
     """A loaded, validated VAE: encoder q(z|x), decoder, likelihood p(x|z) and prior p(z)."""
 
@@ -72,6 +82,7 @@ class Model:
     library: Library | None = None  # a count model's library size (FORMAT.md, "Library size")
     variance_floor: float = 0.0  # q(z|x)'s variance is exp(log-variance) + this
     posterior_family: str = "gaussian"  # q(z|x): a diagonal Gaussian, or a discrete latent (categorical, bernoulli)
+    hierarchy: Hierarchy | None = None  # a second latent group z2 above z (then ``latent_dim`` is z1's, and the prior z2's)
     calibration: Mapping[str, Any] | None = None  # how its likelihood's scale was fitted (vaeeval calibrate), if it was
 
     @property

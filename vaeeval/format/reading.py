@@ -24,7 +24,7 @@ from vaeeval.format.layers import Chain, Shape, build_layer, describe, format_sh
 from vaeeval.format.library import LATENT, OBSERVED, Library
 from vaeeval.format.likelihoods import Likelihood, likelihood_from_spec
 from vaeeval.format.likelihoods.counts import COUNT_FAMILIES
-from vaeeval.format.model import FORMAT_VERSION, METADATA_KEY, Covariate, LayerInfo, Model
+from vaeeval.format.model import FORMAT_VERSION, METADATA_KEY, Covariate, Hierarchy, LayerInfo, Model
 from vaeeval.format.priors import DISCRETE_LATENTS, Prior, StandardNormalPrior, prior_from_spec
 from vaeeval.format.specs import is_integer, named_tensor
 from vaeeval.io.files import file_digest, load_json, reading, regular_file
@@ -171,10 +171,10 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             raise ModelFileError(path, f"tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); a trained model has none")
 
 
-def _positive_int(document: Mapping[str, Any], key: str) -> int:
+def _positive_int(document: Mapping[str, Any], key: str, where: str = "") -> int:
     value = document.get(key)
     if not is_integer(value, 1):
-        raise SpecError(f"\"{key}\" must be a positive integer, found {value!r}")
+        raise SpecError(f"{where}\"{key}\" must be a positive integer, found {value!r}")
     return value
 
 
@@ -217,7 +217,9 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     latent_dim = _positive_int(document, "latent_dim")
     likelihood = likelihood_from_spec(document.get("likelihood"), tensors, input_shape)
     posterior, floor = _posterior(document.get("posterior"))
-    prior = _prior(document.get("prior"), posterior, tensors, latent_dim)
+    top = document.get("hierarchy")
+    top_dim = _positive_int(top, "latent_dim", "hierarchy: ") if isinstance(top, Mapping) else None
+    prior = _prior(document.get("prior"), posterior, tensors, top_dim or latent_dim)
     domain = domain_from_spec(document.get("data"))
     covariates = _covariates(document.get("covariates"))
     widths = {c.name: c.width for c in covariates}
@@ -244,6 +246,9 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             f"{math.prod(input_shape)} = {expected}"
         )
     library, library_infos, library_used = _library(document.get("library"), tensors, input_shape, likelihood, covariates)
+    hierarchy, hierarchy_infos, hierarchy_used = _hierarchy(top, top_dim, tensors, latent_dim)
+    if hierarchy is not None and (posterior != GAUSSIAN_POSTERIOR or library is not None or covariates):
+        raise SpecError("hierarchy: a second latent group goes with a Gaussian posterior, without a library size or covariates")
     latent_library = library is not None and library.latent
     chains = {"encoder": (encoder, input_shape, encoder_out), "decoder": (decoder, (latent_dim,), decoder_out)}
     if latent_library:
@@ -254,13 +259,13 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         raise SpecError("a latent library size needs the standard_normal prior for z (its own prior is in \"library\")")
 
     own = set(likelihood.tensors) | set(prior.tensors)
-    unused = sorted(set(tensors) - encoder_used - decoder_used - library_used - own)
+    unused = sorted(set(tensors) - encoder_used - decoder_used - library_used - hierarchy_used - own)
     if unused:
         shown = listing([repr(name) for name in unused])
         raise SpecError(f"{len(unused)} tensor(s) not used by any layer, likelihood or prior: {shown}")
     description = document.get("description", "")
     calibration = _calibration(document.get("calibration"))
-    infos = encoder_infos + decoder_infos + library_infos
+    infos = encoder_infos + decoder_infos + library_infos + hierarchy_infos
     return Model(
         encoder=encoder,
         decoder=decoder,
@@ -281,6 +286,7 @@ def build_model(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         library=library,
         variance_floor=floor,
         posterior_family=posterior,
+        hierarchy=hierarchy,
         notes=(*(() if library is None else (f"library size {library.describe()}",)), *_calibration_notes(calibration)),
         calibration=calibration,
     )
@@ -418,6 +424,26 @@ def _library(
         values[key] = tensor.reshape(components)
         used.add(spec[key])
     return Library(LATENT, encoder, values["mean"], values["log_var"], covariate), infos, used
+
+
+def _hierarchy(
+    spec: Any, top: int | None, tensors: Mapping[str, torch.Tensor], bottom: int
+) -> tuple[Hierarchy | None, list[LayerInfo], set[str]]:
+    """The ``hierarchy`` block: z2's size, q(z2|z1)'s layers (``encoder``) and p(z1|z2)'s (``prior``), checked."""
+    if spec is None:
+        return None, [], set()
+    if not isinstance(spec, Mapping) or set(spec) != {"latent_dim", "encoder", "prior"}:
+        raise SpecError(f"hierarchy takes latent_dim, encoder and prior, found {spec!r}")
+    chains, infos, used = {}, [], set()
+    for key, part, (source, target) in (("encoder", "hierarchy encoder (q(z2|z1))", (bottom, top)),
+                                        ("prior", "hierarchy prior (p(z1|z2))", (top, bottom))):
+        chain, found, reads = _build_chain(part, spec[key], tensors, (source,))
+        if found[-1].out_shape != (2 * target,):
+            raise SpecError(f"the {part} gives {format_shape(found[-1].out_shape)} per point; it must give [{2 * target}] "
+                            "(mean, then log-variance)")
+        _dry_run(chain, (source,), (2 * target,), part)
+        chains[key], infos, used = chain, infos + found, used | reads
+    return Hierarchy(top, chains["encoder"], chains["prior"]), infos, used
 
 
 def _dry_run(net: Chain, in_shape: Shape, expected: Shape, part: str, widths: Mapping[str, int] | None = None) -> None:

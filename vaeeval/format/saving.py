@@ -29,6 +29,7 @@ def save_model(
     latent_dim: int,
     prior: Mapping[str, Any] | None = None,
     posterior: Mapping[str, Any] | None = None,
+    hierarchy: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
     description: str | None = None,
 ) -> Model:
@@ -39,7 +40,9 @@ def save_model(
     ``prior`` (e.g. ``{"family": "gaussian", "log_sigma": tensor}``) is stored as
     ``likelihood.<key>`` / ``prior.<key>``. ``posterior`` is the optional block (``{"family":
     "categorical"}`` for a discrete latent: the encoder then gives its logits, and the prior
-    defaults to the uniform one of that family). Dropout and Identity are left out
+    defaults to the uniform one of that family). ``hierarchy`` adds a second latent group:
+    ``{"latent_dim": d2, "encoder": nn.Sequential (z1 -> [2 d2]), "prior": nn.Sequential
+    (z2 -> [2 latent_dim])}``; ``prior`` is then p(z2). Dropout and Identity are left out
     (they are identities at evaluation time).
 
     The file is read back with ``load_model`` and both networks are checked to
@@ -63,6 +66,12 @@ def save_model(
     }
     if posterior is not None:
         document["posterior"] = dict(posterior)
+    if hierarchy is not None:
+        document["hierarchy"] = {
+            "latent_dim": int(hierarchy["latent_dim"]),
+            "encoder": _sequential_specs(hierarchy["encoder"], "hierarchy.encoder", tensors),
+            "prior": _sequential_specs(hierarchy["prior"], "hierarchy.prior", tensors),
+        }
     if prior is not None or posterior is None or posterior.get("family", "gaussian") == "gaussian":
         document["prior"] = _store_tensor_values(prior or {"family": "standard_normal"}, "prior", tensors)
     if data is not None:

@@ -296,7 +296,8 @@ def render_inspect(console: Console, model: Model) -> None:
         if layer.part != part:
             table.add_section()
             part = layer.part
-            table.add_row("latent", "", "", "", f"[{model.latent_dim}]", "")
+            top = model.hierarchy is not None and part.startswith("hierarchy prior")
+            table.add_row("z2" if top else "latent", "", "", "", f"[{model.hierarchy.latent_dim if top else model.latent_dim}]", "")
         table.add_row(
             layer.part, str(layer.index), layer.type, layer.detail, format_shape(layer.out_shape), f"{layer.parameters:,}"
         )
@@ -310,7 +311,13 @@ def render_inspect(console: Console, model: Model) -> None:
         escape(f"{likelihood.family}{' ' + json.dumps(extra) if extra else ''}: P = {likelihood.params_per_dim} "
         f"output(s) per dimension, {likelihood.measure}, data {likelihood.support}"),
     )
-    facts.add_row("prior", f"{model.prior.family}, KL {model.prior.kl_kind}")
+    if model.hierarchy is None:
+        facts.add_row("prior", f"{model.prior.family}, KL {model.prior.kl_kind}")
+    else:
+        facts.add_row("prior", f"p(z2) {model.prior.family} over {model.hierarchy.latent_dim} units, p(z1|z2) from the hierarchy "
+                      "prior's layers; KL monte_carlo (the chain)")
+    if model.posterior_family != "gaussian":
+        facts.add_row("q(z|x)", f"{model.posterior_family} from the encoder's logits (format 1's discrete latent)")
     facts.add_row("data domain", model.domain.describe() if model.domain else "not declared")
     if model.data_layer:
         facts.add_row("counts layer", escape(f"{model.data_layer} (of an .h5ad DATA file)"))

@@ -16,7 +16,7 @@ from vaeeval.format.lengths import read_lengths
 from vaeeval.format.model import Model
 from vaeeval.format.ranges import Rescaled
 from vaeeval.user.arch import ArchOptions, arch_model
-from vaeeval.user.format_latents import with_discrete_latent
+from vaeeval.user.format_latents import through_distributions
 
 
 def model_for(
@@ -36,7 +36,7 @@ def model_for(
 
 def load_model(path: str | Path) -> Model:
     """The format-1 model at ``path``, ready to evaluate (a discrete latent as the general path's distributions)."""
-    return with_discrete_latent(reading.load_model(path))
+    return through_distributions(reading.load_model(path))
 
 
 def load(

@@ -103,10 +103,11 @@ class Evaluator:
 
     def __init__(self, model: Model, data: Dataset | np.ndarray, options: EvaluationOptions | None = None) -> None:
         options = options or EvaluationOptions()
-        if model.posterior_family != "gaussian" and not model.general:
+        if (model.posterior_family != "gaussian" or model.hierarchy is not None) and not model.general:
+            kind = "two latent groups" if model.hierarchy is not None else f"a {model.posterior_family} latent"
             raise VaeevalError(
-                f"the model's latent is {model.posterior_family} (format 1's discrete latent): read it with "
-                "vaeeval.load_model, which evaluates it through its distributions"
+                f"the model has {kind} (format 1's optional blocks): read it with vaeeval.load_model, which evaluates it "
+                "through its distributions"
             )
         if not isinstance(data, Dataset):
             array = np.asarray(data)
