@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import linear
 from scipy import stats
 from torch import nn
 
@@ -24,14 +25,6 @@ from vaeeval.cli import main
 from vaeeval.errors import SpecError, VaeevalError
 
 D2, D1, DX, N = 2, 3, 5, 15
-
-
-def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight))
-        layer.bias.copy_(torch.as_tensor(bias))
-    return layer
 
 
 def _f32(array) -> np.ndarray:
@@ -49,14 +42,14 @@ def written(tmp_path_factory):
     cov1 = np.linalg.inv(np.linalg.inv(prior1) + B.T @ B / sigma**2)  # diagonal: B's columns are orthogonal
     cov2 = np.linalg.inv(np.eye(D2) + A.T @ np.diag(s1**-2) @ A)
     gain = cov2 @ A.T @ np.diag(s1**-2)
-    encoder = nn.Sequential(_linear(np.vstack([cov1 @ B.T / sigma**2, np.zeros((D1, DX))]),
+    encoder = nn.Sequential(linear(np.vstack([cov1 @ B.T / sigma**2, np.zeros((D1, DX))]),
                                     np.concatenate([cov1 @ (np.linalg.inv(prior1) @ a - B.T @ b / sigma**2),
                                                     np.log(np.diag(cov1))])))
     hierarchy = {"latent_dim": D2,
-                 "encoder": nn.Sequential(_linear(np.vstack([gain, np.zeros((D2, D1))]),
+                 "encoder": nn.Sequential(linear(np.vstack([gain, np.zeros((D2, D1))]),
                                                   np.concatenate([-gain @ a, np.log(np.diag(cov2))]))),
-                 "prior": nn.Sequential(_linear(np.vstack([A, np.zeros((D1, D2))]), np.concatenate([a, 2 * np.log(s1)])))}
-    decoder = nn.Sequential(_linear(B, b))
+                 "prior": nn.Sequential(linear(np.vstack([A, np.zeros((D1, D2))]), np.concatenate([a, 2 * np.log(s1)])))}
+    decoder = nn.Sequential(linear(B, b))
     folder = tmp_path_factory.mktemp("two_groups")
     path = folder / "model.safetensors"
     save_model(path, encoder, decoder, likelihood={"family": "gaussian", "sigma": sigma}, input_shape=[DX], latent_dim=D1,
