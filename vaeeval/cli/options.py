@@ -118,7 +118,13 @@ def stdout() -> Console:
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=120)
+    console = console if console.is_terminal else Console(width=120)
+    console.on_broken_pipe = _broken_pipe  # rich would exit 1 (a failed check); the group ends with 141
+    return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError("stdout was closed")
 
 
 def table(name: str) -> Callable[..., None]:
