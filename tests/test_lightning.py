@@ -101,7 +101,6 @@ def trained(tmp_path_factory):
         trainer.fit(module, loader)
         trainer.save_checkpoint(folder / "vae.ckpt")
         save_file({k: v.contiguous() for k, v in module.vae.state_dict().items()}, folder / "own.safetensors")
-        torch.save(module.vae.state_dict(), folder / "plain.pt")
     finally:
         sys.path.remove(str(folder))
         sys.modules.pop("vae", None)
@@ -155,10 +154,11 @@ def test_format_1_from_the_checkpoint_is_verified_and_gives_the_same_numbers(tra
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # the staged weights are gone
 
 
-def test_a_plain_torch_saved_state_dict_needs_no_prefix(trained, tmp_path):
-    out = tmp_path / "w.safetensors"
-    result = run("convert", "--from", "lightning", trained / "plain.pt", "--arch", f"{trained / 'vae.py'}:VAE", "--state-dict",
-                 "-o", out)
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy pickle"])
+def test_a_plain_torch_saved_state_dict_needs_no_prefix(trained, tmp_path, legacy):
+    out, plain = tmp_path / "w.safetensors", tmp_path / "plain.pt"
+    torch.save(load_file(trained / "own.safetensors"), plain, _use_new_zipfile_serialization=not legacy)
+    result = run("convert", "--from", "lightning", plain, "--arch", f"{trained / 'vae.py'}:VAE", "--state-dict", "-o", out)
     assert result.stdout.splitlines()[0] == "read plain.pt with torch's weights-only loader: 10 tensors"
     assert all(torch.equal(load_file(out)[k], v) for k, v in load_file(trained / "own.safetensors").items())
 

@@ -8,6 +8,7 @@ stderr, exit 2, and no file is changed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -218,6 +219,15 @@ def test_nested_lists_are_images_shaped(tmp_path, models, pixels):
     assert numbers(models["gray"], tmp_path / "x.parquet") == numbers(models["gray"], tmp_path / "x.npy")
 
 
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # how datasets stores its Image feature
+
+
+def _png(image: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _save_to_disk(folder: Path, table, chunk: int = 4) -> Path:
     """What datasets' Dataset.save_to_disk writes: Arrow streams named in state.json, and dataset_info.json."""
     folder.mkdir()
@@ -240,13 +250,29 @@ def test_a_saved_hugging_face_dataset_and_an_arrow_file(tmp_path, models, pixels
     assert numbers(models["flat"], tmp_path / "x.arrow", "--key", "x") == numbers(models["flat"], tmp_path / "x.npy")
 
 
+def test_a_datasets_image_column_is_decoded_as_a_folder_of_images_would_be(tmp_path, models, pixels):
+    np.save(tmp_path / "x.npy", pixels.astype(np.float32)[:, None] / np.float32(255))
+    images = pa.array([{"bytes": _png(image), "path": f"{i}.png"} for i, image in enumerate(pixels)], type=IMAGE)
+    folder = _save_to_disk(tmp_path / "mnist", pa.table({"image": images, "label": np.arange(N)}))
+    assert numbers(models["gray"], folder, "--key", "image") == numbers(models["gray"], tmp_path / "x.npy")
+    pq.write_table(pa.table({"image": images}), tmp_path / "x.parquet", row_group_size=4)
+    read = load_data(tmp_path / "x.parquet", _load(models["gray"])).array
+    assert np.array_equal(read[np.array([9, 1, 5])], np.load(tmp_path / "x.npy")[[9, 1, 5]])
+    mixed = pa.array([{"bytes": _png(image), "path": None} for image in pixels[:5]]
+                     + [{"bytes": _png(np.zeros((2, 2, 3), np.uint8), "RGB"), "path": None}], type=IMAGE)
+    pq.write_table(pa.table({"image": mixed}), tmp_path / "mixed.parquet")
+    assert refused("elbo", models["gray"], tmp_path / "mixed.parquet") == (
+        f"{tmp_path / 'mixed.parquet'}: column 'image', row 5 is RGB and column 'image', row 0 is L; every image needs the same "
+        "channels")
+
+
 def _bad_tables(tmp_path, values):
     good = pa.array(list(values), type=pa.list_(pa.float64()))
     ragged = pa.array([list(row) for row in values[:5]] + [list(values[5][:7])] + [list(row) for row in values[6:]],
                       type=pa.list_(pa.float64()))
     missing = pa.array([list(row) for row in values[:3]] + [[*values[3][:4], None, *values[3][5:]]] + [list(r) for r in values[4:]],
                        type=pa.list_(pa.float64()))
-    image = pa.array([{"bytes": b"png", "path": None}] * N, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    image = pa.array([{"bytes": None, "path": "a.png"}] * N, type=IMAGE)
     return {
         "two columns": (pa.table({"x": good, "label": np.arange(N)}), [],
                         "holds 2 columns (x, label); choose the one holding the points with --key"),
@@ -256,13 +282,12 @@ def _bad_tables(tmp_path, values):
         "ragged": (pa.table({"x": ragged}), [], "column 'x': row 5 is not shaped [12] like the first row (a list of 7 where 12 "
                    "are needed); every point needs the same shape"),
         "missing": (pa.table({"x": missing}), [], "column 'x': row 3 has a missing value (null); every point needs all its values"),
-        "image feature": (pa.table({"image": image}), [], "column 'image' holds images (the datasets Image feature); save them "
-                          "as PNG files in a folder and give the folder: for i, row in enumerate(ds): "
-                          "row['image'].save(f'images/{i:06}.png')"),
+        "image path only": (pa.table({"image": image}), [], "column 'image', row 0 holds no image bytes (a path only, or "
+                            "nothing); vaeeval reads the images a dataset holds, not files it points to"),
     }
 
 
-@pytest.mark.parametrize("case", ["two columns", "no such column", "strings", "ragged", "missing", "image feature"])
+@pytest.mark.parametrize("case", ["two columns", "no such column", "strings", "ragged", "missing", "image path only"])
 @pytest.mark.parametrize("form", ["parquet", "saved"])
 def test_bad_tables_are_one_line(tmp_path, models, pixels, case, form):
     table, extra, message = _bad_tables(tmp_path, _values(pixels))[case]

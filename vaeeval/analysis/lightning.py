@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -75,7 +76,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
                              f"run code before {SAFE_TORCH[0]}.{SAFE_TORCH[1]}, CVE-2025-32434); pip install 'torch>=2.6'")
     with reading(path, ModelFileError, "checkpoint"):
         try:
-            loaded = torch.load(path, weights_only=True, map_location="cpu")
+            loaded = _load(path)
         except pickle.UnpicklingError as error:
             found = _UNSUPPORTED.search(str(error))
             what = f"a Python object ({found[1]})" if found else "Python objects"
@@ -95,6 +96,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         keys = listing([str(key) for key in state], 6, counted=True) or "nothing"
         raise ModelFileError(path, f"holds no tensors by name (it has {keys}); a state dict maps names to tensors")
     return tensors, lightning
+
+
+def _load(path: Path) -> Any:
+    """``torch.load`` weights only; a zip-format file memory-mapped, so optimizer states and the rest stay on disk."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    return torch.load(path, weights_only=True, map_location="cpu")  # the legacy format cannot be memory-mapped
 
 
 def extract(path: str | Path, arch: ArchOptions) -> Extracted:

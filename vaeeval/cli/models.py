@@ -131,7 +131,7 @@ def _convert_scvi(folder: Path, output: Path, options: dict[str, Any], *, data: 
 @click.option("-o", "--output", type=PATH, required=True, help="The format-1 file to write.")
 @click.option("--data", type=PATH, default=None,
               help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
-@click.option("--key", default=None, help="The array to use from an .npz --data file.")
+@click.option("--key", default=None, help="The array to use from an .npz --data file (the column of a parquet or Arrow one).")
 @click.option("--layer", default=None, metavar="NAME", help="The AnnData layer holding the points in an .h5ad --data file (default X).")
 @click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per point for the verification.")

@@ -47,8 +47,9 @@ def is_saved_dataset(folder: Path) -> bool:
 class TableRows(Rows):
     """One column's rows as dense ``[k, *point_shape]`` arrays, read when asked for (``Rows``'s indexing)."""
 
-    def __init__(self, path: Path, column: str, rows: int, shape: tuple[int, ...], dtype: np.dtype,
-                 read: Callable[[int, int], Any], take: Callable[[np.ndarray], Any]) -> None:
+    def __init__(self, path: Path, column: str, rows: int, point: _Point, read: Callable[[int, int], Any],
+                 take: Callable[[np.ndarray], Any]) -> None:
+        shape, dtype, self._image = point
         super().__init__(path, rows, math.prod(shape), dtype, None)
         self._point_shape = self._shape = shape  # reshape() changes only the first
         self.column = column
@@ -62,10 +63,19 @@ class TableRows(Rows):
         return _guard(self.path)
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
-        return _numbers(self.path, self.column, self._read(start, stop), start, self._shape)
+        return self._values(self._read(start, stop), np.arange(start, stop))
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
-        return _numbers(self.path, self.column, self._pick(rows), None, self._shape)
+        return self._values(self._pick(rows), rows)
+
+    def _values(self, values: pa.Array, rows: np.ndarray) -> np.ndarray:
+        if self._image is None:
+            return _numbers(self.path, self.column, values, int(rows[0]) if len(rows) and rows[-1] - rows[0] == len(rows) - 1
+                            else None, self._shape)
+        return np.stack([_image(self.path, self.column, values, at, int(row), self._image)[0] for at, row in enumerate(rows)])
+
+
+_Point = tuple[tuple[int, ...], np.dtype, Any]  # a point's shape and dtype; for an image column, the first image's header
 
 
 def read_table(path: Path, magic: bytes, key: str | None, max_bytes: int) -> TableRows:
@@ -79,10 +89,10 @@ def read_table(path: Path, magic: bytes, key: str | None, max_bytes: int) -> Tab
     with _guard(path):
         if magic.startswith(PARQUET_MAGIC):
             return _parquet(path, key, max_bytes)
-        return _from_table(path, _arrow_table(path, magic), key)
+        return _from_table(path, _arrow_table(path, magic), key, max_bytes)
 
 
-def read_saved_dataset(folder: Path, key: str | None) -> TableRows:
+def read_saved_dataset(folder: Path, key: str | None, max_bytes: int) -> TableRows:
     """The column ``key`` of a ``Dataset`` that ``save_to_disk`` wrote to ``folder``: its ``.arrow`` files, memory-mapped.
 
     Raises:
@@ -116,7 +126,7 @@ def read_saved_dataset(folder: Path, key: str | None) -> TableRows:
             tables.append(_arrow_table(path, _magic(path)))
     with _guard(folder):
         table = pa.concat_tables(tables)
-    return _from_table(folder, table, key)
+    return _from_table(folder, table, key, max_bytes)
 
 
 # ---------------------------------------------------------------- the files
@@ -158,14 +168,14 @@ def _column_name(path: Path, names: list[str], key: str | None) -> str:
     return names[0]
 
 
-def _from_table(path: Path, table: pa.Table, key: str | None) -> TableRows:
+def _from_table(path: Path, table: pa.Table, key: str | None, max_bytes: int) -> TableRows:
     import pyarrow as pa
 
     name = _column_name(path, list(table.column_names), key)
     column = table.column(name)
     column.validate(full=True)  # offsets and lengths inside the buffers, before anything trusts them
-    shape, dtype = _point(path, name, column.type, column.slice(0, 1).combine_chunks() if len(column) else None)
-    return TableRows(path, name, len(column), shape, dtype, lambda start, stop: column.slice(start, stop - start).combine_chunks(),
+    point = _point(path, name, column.type, column.slice(0, 1).combine_chunks() if len(column) else None, max_bytes)
+    return TableRows(path, name, len(column), point, lambda start, stop: column.slice(start, stop - start).combine_chunks(),
                      lambda rows: column.take(pa.array(rows)).combine_chunks())
 
 
@@ -207,8 +217,7 @@ def _parquet(path: Path, key: str | None, max_bytes: int) -> TableRows:
         return pa.concat_arrays(pieces)
 
     first = read(0, 1) if starts[-1] else None
-    shape, dtype = _point(path, name, file.schema_arrow.field(name).type, first)
-    return TableRows(path, name, int(starts[-1]), shape, dtype, read, take)
+    return TableRows(path, name, int(starts[-1]), _point(path, name, file.schema_arrow.field(name).type, first, max_bytes), read, take)
 
 
 # ---------------------------------------------------------------- a column's values
@@ -220,8 +229,8 @@ def _is_list(kind: pa.DataType) -> bool:
     return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
-def _point(path: Path, name: str, kind: pa.DataType, first: pa.Array | None) -> tuple[tuple[int, ...], np.dtype]:
-    """A point's shape (from the first row) and dtype; refuses a column that does not hold numbers."""
+def _point(path: Path, name: str, kind: pa.DataType, first: pa.Array | None, max_bytes: int) -> _Point:
+    """A point's shape (from the first row) and dtype; refuses a column that holds neither numbers nor images."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -233,14 +242,27 @@ def _point(path: Path, name: str, kind: pa.DataType, first: pa.Array | None) -> 
             shape.append(int(pc.list_value_length(values)[0].as_py()))
             values = values.flatten()
         kind = kind.value_type
-    if pa.types.is_struct(kind) and {field.name for field in kind} >= {"bytes", "path"}:
-        raise DataError(path, f"column {name!r} holds images (the datasets Image feature); save them as PNG files in a "
-                        "folder and give the folder: for i, row in enumerate(ds): row['image'].save(f'images/{i:06}.png')")
+    if pa.types.is_struct(kind) and not shape and kind.get_field_index("bytes") >= 0:  # the datasets Image feature
+        if first is None:
+            raise DataError(path, "holds no rows")
+        pixels, header = _image(path, name, first, 0, 0, None, max_bytes)
+        return pixels.shape, np.dtype(np.float32), header
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         raise DataError(path, f"column {name!r} holds {kind} values; vaeeval needs numbers, or lists of numbers, per row")
     if first is None:
         raise DataError(path, "holds no rows")
-    return tuple(shape) or (1,), np.dtype(kind.to_pandas_dtype())
+    return tuple(shape) or (1,), np.dtype(kind.to_pandas_dtype()), None
+
+
+def _image(path: Path, name: str, values: pa.Array, at: int, row: int, first: Any, max_bytes: int | None = None) -> Any:
+    """Row ``row`` (at ``at`` in ``values``) of a column of encoded images: its pixels (k/255) and header (``images.decode``)."""
+    from vaeeval.io.images import decode
+
+    data = values.field("bytes")[at].as_py() if values[at].is_valid else None
+    if not data:
+        raise DataError(path, f"column {name!r}, row {row} holds no image bytes (a path only, or nothing); vaeeval reads the "
+                        "images a dataset holds, not files it points to")
+    return decode(path, data, f"column {name!r}, row {row}", first, max_bytes)
 
 
 def _numbers(path: Path, name: str, values: pa.Array, start: int | None, shape: tuple[int, ...]) -> np.ndarray:

@@ -65,14 +65,51 @@ class ImageRows(Rows):
         return block
 
     def _pixels(self, path: Path) -> np.ndarray:
-        """One image as ``[channels, height, width]``: k/255 in float32, as ``ToTensor`` divides."""
         from PIL import Image
 
         with _guard(path), Image.open(path) as image:
-            _check_image(path, image, self._mode, self._size, self._files[0])
-            pixels = np.asarray(image, dtype=np.uint8)
-        pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)
-        return pixels.astype(np.float32) / _LEVELS
+            _check_image(path, image, self._mode, self._size, self._files[0].name)
+            return to_tensor(image)
+
+
+def to_tensor(image: Any) -> np.ndarray:
+    """An 8-bit image as ``[channels, height, width]``: k/255 in float32, as ``ToTensor`` divides."""
+    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)
+    return pixels.astype(np.float32) / _LEVELS
+
+
+def decode(path: Path, data: bytes, label: str, first: tuple[str, tuple[int, int], str] | None, max_bytes: int | None = None,
+           ) -> tuple[np.ndarray, tuple[str, tuple[int, int], str]]:
+    """One encoded PNG or JPEG (a datasets ``Image`` column's bytes) as ``to_tensor`` gives it, checked as ``first``.
+
+    Args:
+        path: the file the bytes are in, for messages.
+        label: where in it (``column 'image', row 5``).
+        first: the first image's mode, size and label; None: this is the first.
+        max_bytes: refuse an image declaring more bytes of float32 pixels (checked on the first).
+
+    Returns:
+        The pixels, and this image's ``(mode, size, label)`` (``first`` for the next).
+    """
+    import io
+
+    _require_pillow(path)
+    from PIL import Image
+
+    with _guard(path), Image.open(io.BytesIO(data)) as image:
+        mode, size, first_label = first if first is not None else (None, None, label)
+        _check_image(path, image, mode, size, first_label, f"{label} ")
+        if first is None and max_bytes is not None:
+            _check_size(path, image, max_bytes, f"{label} ")
+        return to_tensor(image), (image.mode, image.size, first_label)
+
+
+def _require_pillow(path: Path) -> None:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise DataError(path, PILLOW_MISSING) from None
 
 
 def read_images(folder: Path, max_bytes: int) -> ImageRows:
@@ -86,10 +123,7 @@ def read_images(folder: Path, max_bytes: int) -> ImageRows:
         DataError: Pillow missing; no images; an image that is not PNG or JPEG, not 8-bit
             grayscale or RGB, or whose size or channels differ from the first one's.
     """
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        raise DataError(folder, PILLOW_MISSING) from None
+    _require_pillow(folder)
     from PIL import Image
 
     files = image_files(folder)
@@ -102,24 +136,24 @@ def read_images(folder: Path, max_bytes: int) -> ImageRows:
         with _guard(path), Image.open(path) as image:
             if mode is None:
                 mode, size = image.mode, image.size
-                _check_image(path, image, None, None, path)
+                _check_image(path, image, None, None, path.name)
                 _check_size(path, image, max_bytes)
             else:
-                _check_image(path, image, mode, size, files[0])
+                _check_image(path, image, mode, size, files[0].name)
     return ImageRows(folder, files, mode, size)
 
 
-def _check_image(path: Path, image: Any, mode: str | None, size: tuple[int, int] | None, first: Path) -> None:
-    """An image as the folder's first: PNG or JPEG, 8-bit L or RGB, that mode and size."""
+def _check_image(path: Path, image: Any, mode: str | None, size: tuple[int, int] | None, first: str, label: str = "") -> None:
+    """An image as the first one (``first`` names it): PNG or JPEG, 8-bit L or RGB, that mode and size."""
     if image.format not in ("PNG", "JPEG"):
-        raise DataError(path, f"is a {image.format} image; vaeeval reads PNG and JPEG")
+        raise DataError(path, f"{label}is a {image.format} image; vaeeval reads PNG and JPEG")
     if image.mode not in _CHANNELS:
-        raise DataError(path, f"is {_describe_mode(image)}; vaeeval reads 8-bit grayscale (L) or RGB images, k/255: convert "
-                        "it with Pillow (image.convert('L') or image.convert('RGB')), or save the values with numpy.save")
+        raise DataError(path, f"{label}is {_describe_mode(image)}; vaeeval reads 8-bit grayscale (L) or RGB images, k/255: "
+                        "convert it with Pillow (image.convert('L') or image.convert('RGB')), or save the values with numpy.save")
     if mode is not None and image.mode != mode:
-        raise DataError(path, f"is {image.mode} and {first.name} is {mode}; every image needs the same channels")
+        raise DataError(path, f"{label}is {image.mode} and {first} is {mode}; every image needs the same channels")
     if size is not None and image.size != size:
-        raise DataError(path, f"is {image.size[0]}x{image.size[1]} pixels and {first.name} is {size[0]}x{size[1]}; "
+        raise DataError(path, f"{label}is {image.size[0]}x{image.size[1]} pixels and {first} is {size[0]}x{size[1]}; "
                         "every image needs the same size")
 
 
@@ -131,11 +165,11 @@ def _describe_mode(image: Any) -> str:
     return f"{words.get(image.mode, 'an image')} (mode {image.mode})"
 
 
-def _check_size(path: Path, image: Any, max_bytes: int) -> None:
+def _check_size(path: Path, image: Any, max_bytes: int, label: str = "") -> None:
     width, height = image.size
     needed = 4 * _CHANNELS[image.mode] * width * height
     if needed > max_bytes:
-        raise DataError(path, f"declares {width}x{height} pixels: {needed:,} bytes as float32, more than the {max_bytes:,} "
+        raise DataError(path, f"{label}declares {width}x{height} pixels: {needed:,} bytes as float32, more than the {max_bytes:,} "
                         f"allowed ({option('max_data_size')})")
 
 

@@ -28,7 +28,7 @@ def read_folder(folder: Path, key: str | None, max_bytes: int) -> Rows:
         DataError: as ``arrow.read_saved_dataset`` or ``images.read_images``; ``key`` with images.
     """
     if is_saved_dataset(folder):
-        return read_saved_dataset(folder, key)
+        return read_saved_dataset(folder, key, max_bytes)
     if key is not None:
         raise DataError(folder, f"{option('key')} selects a column of a parquet or arrow file or a saved dataset; a folder "
                         "of images has none")
