@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +185,27 @@ def test_folders_without_images_and_huge_images(tmp_path, models, pixels):
         f"{tmp_path / 'one'}: --key selects a column of a parquet or arrow file or a saved dataset; a folder of images has none")
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 8-bit grayscale pixels and holds none of them."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("width", "height", "phrase"), [
+    (100_000, 100_000, "not an image Pillow can read (Image size (10000000000 pixels) exceeds limit"),  # Pillow's own bound
+    (9_000, 9_000, "declares 9000x9000 pixels: 324,000,000 bytes as float32, more than the 1,048,576 allowed (--max-data-size)"),
+])
+def test_a_huge_declared_image_is_refused_from_its_header(tmp_path, models, width, height, phrase):
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png_header(width, height))
+    message = refused("elbo", models["gray"], folder, "--max-data-size", "1M")
+    assert message.startswith(f"{folder / 'a.png'}: {phrase}"), message
+
+
 def test_without_pillow_the_extra_is_named(tmp_path, models, pixels, monkeypatch):
     folder = save_images(tmp_path / "images", pixels)
     monkeypatch.setitem(sys.modules, "PIL", None)
@@ -324,6 +347,22 @@ def test_big_row_groups_dataset_dicts_and_strange_state_files(tmp_path, models, 
     (tmp_path / "broken.parquet").write_bytes(b"PAR1" + b"\0" * 40)
     assert refused("elbo", models["flat"], tmp_path / "broken.parquet").startswith(
         f"{tmp_path / 'broken.parquet'}: truncated or corrupt parquet or arrow data (")
+
+
+def test_an_arrow_file_is_memory_mapped_and_a_compressed_one_bounded(tmp_path, models, pixels):
+    values = np.repeat(_values(pixels), 40, axis=0)  # 440 points, 42,240 bytes of float64
+    table = pa.table({"x": pa.array(list(values), type=pa.list_(pa.float64()))})
+    with pa.ipc.new_file(tmp_path / "plain.arrow", table.schema) as writer:
+        writer.write_table(table, max_chunksize=50)
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(tmp_path / "packed.arrow", table.schema, options=options) as writer:
+        writer.write_table(table, max_chunksize=50)
+    read = load_data(tmp_path / "plain.arrow", _load(models["flat"]), max_data_size=20_000).array  # mapped: nothing inflated
+    assert np.array_equal(read[0:440], values)
+    assert refused("elbo", models["flat"], tmp_path / "packed.arrow", "--max-data-size", "20000") == (
+        f"{tmp_path / 'packed.arrow'}: inflates to more than the 20,000 bytes allowed (--max-data-size): its buffers are "
+        "compressed; write it uncompressed, and it is memory-mapped instead")
+    assert np.array_equal(load_data(tmp_path / "packed.arrow", _load(models["flat"])).array[0:440], values)
 
 
 def test_without_pyarrow_the_extra_is_named(tmp_path, models, pixels, monkeypatch):

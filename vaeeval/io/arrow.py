@@ -89,7 +89,7 @@ def read_table(path: Path, magic: bytes, key: str | None, max_bytes: int) -> Tab
     with _guard(path):
         if magic.startswith(PARQUET_MAGIC):
             return _parquet(path, key, max_bytes)
-        return _from_table(path, _arrow_table(path, magic), key, max_bytes)
+        return _from_table(path, _arrow_table(path, magic, max_bytes), key, max_bytes)
 
 
 def read_saved_dataset(folder: Path, key: str | None, max_bytes: int) -> TableRows:
@@ -123,7 +123,7 @@ def read_saved_dataset(folder: Path, key: str | None, max_bytes: int) -> TableRo
         path = folder / name
         regular_file(path, DataError, "data file")
         with _guard(path):
-            tables.append(_arrow_table(path, _magic(path)))
+            tables.append(_arrow_table(path, _magic(path), max_bytes))
     with _guard(folder):
         table = pa.concat_tables(tables)
     return _from_table(folder, table, key, max_bytes)
@@ -145,16 +145,26 @@ def _magic(path: Path) -> bytes:
         return handle.read(8)
 
 
-def _arrow_table(path: Path, magic: bytes) -> pa.Table:
-    """An Arrow IPC file or stream, memory-mapped: nothing is read into memory until its rows are."""
+def _arrow_table(path: Path, magic: bytes, max_bytes: int) -> pa.Table:
+    """An Arrow IPC file or stream, memory-mapped: its buffers stay on disk until rows are read. A compressed one is
+    inflated into memory as its batches are read, and refused once that passes ``max_bytes``."""
     import pyarrow as pa
 
     source = pa.memory_map(str(path), "r")
     if magic.startswith(ARROW_FILE_MAGIC):
-        return pa.ipc.open_file(source).read_all()
-    if magic.startswith(ARROW_STREAM_MAGIC):
-        return pa.ipc.open_stream(source).read_all()
-    raise DataError(path, "not an Arrow file or stream")
+        reader = pa.ipc.open_file(source)
+        batches: Any = (reader.get_batch(index) for index in range(reader.num_record_batches))
+    elif magic.startswith(ARROW_STREAM_MAGIC):
+        reader = batches = pa.ipc.open_stream(source)
+    else:
+        raise DataError(path, "not an Arrow file or stream")
+    before, read = pa.total_allocated_bytes(), []
+    for batch in batches:
+        read.append(batch)
+        if pa.total_allocated_bytes() - before > max_bytes:
+            raise DataError(path, f"inflates to more than the {max_bytes:,} bytes allowed ({option('max_data_size')}): its "
+                            "buffers are compressed; write it uncompressed, and it is memory-mapped instead")
+    return pa.Table.from_batches(read, schema=reader.schema)
 
 
 def _column_name(path: Path, names: list[str], key: str | None) -> str:
