@@ -224,10 +224,15 @@ def test_not_a_state_dict_and_not_torch_are_refused(trained, tmp_path):
     assert refused("convert", "--from", "lightning", tmp_path / "list.pt", "--arch", f"{trained / 'vae.py'}:VAE",
                    "--state-dict", "-o", tmp_path / "w.safetensors") == (
         f"{tmp_path / 'list.pt'}: holds a list, not a state dict (nor a Lightning checkpoint's 'state_dict')")
+    content = (trained / "vae.ckpt").read_bytes()
     (tmp_path / "text.ckpt").write_text("hello")
-    assert refused("convert", "--from", "lightning", tmp_path / "text.ckpt", "--arch", f"{trained / 'vae.py'}:VAE",
-                   "--state-dict", "-o", tmp_path / "w.safetensors").startswith(
-        f"{tmp_path / 'text.ckpt'}: not a readable torch checkpoint (")
+    (tmp_path / "half.ckpt").write_bytes(content[: len(content) // 2])
+    (tmp_path / "tail.ckpt").write_bytes(content[len(content) // 2 :])
+    for name in ("text.ckpt", "half.ckpt", "tail.ckpt"):
+        message = refused("convert", "--from", "lightning", tmp_path / name, "--arch", f"{trained / 'vae.py'}:VAE",
+                          "--state-dict", "-o", tmp_path / "w.safetensors")
+        assert message.startswith(f"{tmp_path / name}: "), message
+        assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_the_checkpoint_is_never_written_over(trained):

@@ -84,7 +84,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
                 path, f"holds {what} that torch's weights-only loader refuses (vaeeval never unpickles objects); save the "
                 "weights from your code: safetensors.torch.save_file(module.vae.state_dict(), 'weights.safetensors')"
             ) from None
-        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as error:
+        except OSError:
+            raise  # reading() says it in one line
+        except Exception as error:  # whatever torch's reader makes of a broken file
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelFileError(path, f"not a readable torch checkpoint ({text})") from None
     lightning = isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping)

@@ -125,8 +125,7 @@ def read_saved_dataset(folder: Path, key: str | None, max_bytes: int) -> TableRo
         with _guard(path):
             tables.append(_arrow_table(path, _magic(path), max_bytes))
     with _guard(folder):
-        table = pa.concat_tables(tables)
-    return _from_table(folder, table, key, max_bytes)
+        return _from_table(folder, pa.concat_tables(tables), key, max_bytes)
 
 
 # ---------------------------------------------------------------- the files
