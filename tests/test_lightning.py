@@ -77,8 +77,9 @@ def trained(tmp_path_factory):
         import vae as vae_module
 
         class LitVAE(lightning.LightningModule):
-            def __init__(self):
+            def __init__(self, lr=1e-2):
                 super().__init__()
+                self.save_hyperparameters()  # as most modules do: the checkpoint then holds hyper_parameters
                 self.vae = vae_module.VAE(DIMS)
                 self.register_buffer("loss_scale", torch.ones(1))  # a tensor outside the VAE
 
@@ -90,7 +91,7 @@ def trained(tmp_path_factory):
                 return recon - 0.5 * (1 + log_var - mean**2 - log_var.exp()).sum()
 
             def configure_optimizers(self):
-                return torch.optim.Adam(self.parameters(), lr=1e-2)
+                return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
         torch.manual_seed(0)
         x = (torch.rand(64, DIMS) < 0.3).float()
@@ -100,6 +101,7 @@ def trained(tmp_path_factory):
         module = LitVAE()
         trainer.fit(module, loader)
         trainer.save_checkpoint(folder / "vae.ckpt")
+        assert torch.load(folder / "vae.ckpt", weights_only=True)["hyper_parameters"] == {"lr": 1e-2}
         save_file({k: v.contiguous() for k, v in module.vae.state_dict().items()}, folder / "own.safetensors")
     finally:
         sys.path.remove(str(folder))
