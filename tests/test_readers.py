@@ -420,3 +420,20 @@ def test_torch_files_as_data_name_the_way_out(tmp_path, models, pixels):
             f"{path}: a torch.save file (tensors in a pickle), which vaeeval never unpickles; save the tensor as an array: "
             f"numpy.save('data.npy', torch.load('{path}', weights_only=True).numpy()); a model's checkpoint is MODEL, not DATA: "
             f"vaeeval convert --from lightning {path} --arch FILE.py:CLASS --state-dict -o weights.safetensors")
+
+
+def test_what_datasets_itself_saves(tmp_path, models, pixels):
+    """Where the datasets library is installed: its own save_to_disk, a list column and an Image column."""
+    datasets = pytest.importorskip("datasets")
+    np.save(tmp_path / "x.npy", pixels.astype(np.float32)[:, None] / np.float32(255))
+    features = datasets.Features({"image": datasets.Image(), "pixels": datasets.Sequence(datasets.Value("float32"))})
+    saved = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(image) for image in pixels], "pixels": list(pixels.reshape(N, D).astype(np.float32) / 255)},
+        features=features)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    expected = numbers(models["gray"], tmp_path / "x.npy")
+    assert numbers(models["gray"], tmp_path / "saved", "--key", "image") == expected
+    assert numbers(models["gray"], tmp_path / "saved", "--key", "pixels")["points"] == expected["points"]
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(str(tmp_path / "splits"))
+    assert refused("elbo", models["gray"], tmp_path / "splits") == (
+        f"{tmp_path / 'splits'}: a DatasetDict saved by Hugging Face datasets; give one split's folder (test, train)")
