@@ -507,7 +507,7 @@ def _object_array() -> np.ndarray:
 DATA_CASES: list[tuple[str, DataMaker, tuple[str, ...]]] = [
     # -- the file itself
     ("missing", _missing_data, ("no such file",)),
-    ("directory", _data_directory, ("is a directory",)),
+    ("directory", _data_directory, ("holds no PNG or JPEG images",)),
     ("pickle", _pickled_data(pickle.HIGHEST_PROTOCOL), ("pickle", "never unpickles")),
     ("pickle-protocol-0", _pickled_data(0), ("not a .npy or .npz file",)),
     ("random-bytes", raw_data(np.random.default_rng(2).bytes(500)), ("not a .npy or .npz file",)),

@@ -221,7 +221,7 @@ def _directory(root: Path):
 
 ERROR_CASES = [
     ("missing", lambda root: ("bernoulli", root / "nope.npy", {}), ["no such file"]),
-    ("directory", _directory, ["is a directory"]),
+    ("directory", _directory, ["holds no PNG or JPEG images"]),
     ("pickle", _pickle, ["pickle", "never unpickles"]),
     ("random-bytes", _raw(bytes(range(256)) * 4), ["not a .npy or .npz file"]),
     ("empty-file", _raw(b""), ["not a .npy or .npz file"]),

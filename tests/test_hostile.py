@@ -385,7 +385,7 @@ SPECIAL_FILE_CASES = [
     Case("check /dev/zero", lambda w: ["check", "/dev/zero", "--baseline", w / "run.jsonl"], "a device", hangs=True),
     Case("elbo on /dev/zero as data", lambda w: ["elbo", w / "model.safetensors", "/dev/zero"], "a device", hangs=True),
     Case("a directory as the model", lambda w: ["elbo", w, w / "data.npy"], "is a directory"),
-    Case("a directory as the data", lambda w: ["elbo", w / "model.safetensors", w], "is a directory"),
+    Case("a directory as the data", lambda w: ["elbo", w / "model.safetensors", w], "holds no PNG or JPEG images"),
     Case("a directory as the baseline", lambda w: ["check", w / "run.jsonl", "--baseline", w], "is a directory"),
     Case("a missing model", lambda w: ["inspect", w / "nope.safetensors"], "no such file"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from typing import Any
@@ -33,6 +34,7 @@ COMMANDS = {
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_OUTPUT = 141  # 128 + SIGPIPE: what the shell reports for a command whose reader went away (`| head`)
 
 
 class Group(click.Group):
@@ -56,7 +58,17 @@ class Group(click.Group):
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as error:
             _fail(error.format_message())
+        try:
+            sys.stdout.flush()  # a pipe is written when the buffer fills or here: its reader may be gone by now
+        except BrokenPipeError:
+            _closed_output()
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # click would exit 1, which reads as a failed check
+            _closed_output()
 
     def list_commands(self, ctx: click.Context | None) -> list[str]:
         return sorted(COMMANDS)
@@ -79,6 +91,19 @@ class Group(click.Group):
                 if param.name == parameter and param.opts:
                     return max(param.opts, key=len)
         return "--" + parameter.replace("_", "-")
+
+
+def _closed_output() -> None:
+    """Stdout's reader went away (``vaeeval elbo ... | head``): end quietly with 141, as a command killed by SIGPIPE.
+
+    Stdout is pointed at /dev/null first, so the interpreter's last flush does not fail again on the way out.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_CLOSED_OUTPUT)
 
 
 def _fail(message: str) -> None:

@@ -131,14 +131,17 @@ def _convert_scvi(folder: Path, output: Path, options: dict[str, Any], *, data: 
 @click.option("-o", "--output", type=PATH, required=True, help="The format-1 file to write.")
 @click.option("--data", type=PATH, default=None,
               help="Points to verify on (default: 64 drawn from the likelihood's support); also gives the input shape.")
-@click.option("--key", default=None, help="The array to use from an .npz --data file.")
+@click.option("--key", default=None, help="The array to use from an .npz --data file (the column of a parquet or Arrow one).")
 @click.option("--layer", default=None, metavar="NAME", help="The AnnData layer holding the points in an .h5ad --data file (default X).")
 @click.option("-k", "--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per point for the verification.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Noise seed for the verification.")
 @click.option("--allow-unused", is_flag=True, help="Write the file even when state-dict tensors would be left out of it.")
-@click.option("--from", "source", type=click.Choice(["scvi"]), default=None,
-              help="WEIGHTS is the folder SCVI.save wrote (RUNS scvi-tools' LOADER, which unpickles model.pt).")
+@click.option("--from", "source", type=click.Choice(["scvi", "lightning"]), default=None,
+              help="scvi: WEIGHTS is the folder SCVI.save wrote (RUNS scvi-tools' LOADER, which unpickles model.pt); "
+                   "lightning: WEIGHTS is a Lightning .ckpt or a torch-saved state dict, read by torch's weights-only loader.")
+@click.option("--state-dict", "state_dict_only", is_flag=True,
+              help="With --from lightning: write the weights as a safetensors state dict for --arch, not a format-1 file.")
 def convert(
     weights: Path,
     output: Path,
@@ -149,6 +152,7 @@ def convert(
     seed: int,
     allow_unused: bool,
     source: str | None,
+    state_dict_only: bool,
     **options: Any,
 ) -> None:
     """Write a user's model (--arch, RUNS USER CODE) as a self-contained format-1 file.
@@ -164,18 +168,31 @@ def convert(
     file, which records the counts layer and the covariates, is kept only if it gives
     scVI's own q(z|x) and log p(x | z, library) on random counts.
 
+    With --from lightning, WEIGHTS is a Lightning .ckpt (or a torch-saved state dict):
+    only its state_dict's tensors are read, by torch's weights-only loader (nothing in
+    it runs), a prefix common to the --arch class's keys (vae.) is stripped, and the
+    weights are converted as above, or written as a safetensors state dict for --arch
+    with --state-dict.
+
     \b
     Example:
       vaeeval convert weights.safetensors --arch vae.py:VAE --likelihood bernoulli \\
         --decoder-output probs --input-shape 784 -o model.safetensors
       vaeeval convert --from scvi my_scvi_model/ -o scvi.safetensors
+      vaeeval convert --from lightning last.ckpt --arch vae.py:VAE --state-dict -o weights.safetensors
     """
     if source == "scvi":
         _convert_scvi(weights, output, options, data=data, seed=seed)
         return
+    if state_dict_only and source != "lightning":
+        raise click.UsageError("--state-dict writes the weights of a checkpoint read with --from lightning")
     arch = arch_settings(options)
     if arch is None:
         raise click.UsageError("convert needs --arch: the class that reads WEIGHTS")
+    if source == "lightning":
+        _convert_lightning(weights, output, arch, state_dict_only, data=data, key=key, layer=layer, samples=samples, seed=seed,
+                           allow_unused=allow_unused)
+        return
     if arch.covariates:
         raise click.UsageError("convert: format 1 holds no covariates; evaluate a conditional model with --arch")
     if arch.encode_shape is None and data is None:
@@ -185,6 +202,34 @@ def convert(
     source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None if data is None else load_data(data, source, key=key, layer=layer, limit=64).array
     result = convert_model(source, output, data=points, samples=samples, seed=seed, allow_unused=allow_unused)
+    _report_conversion(result)
+
+
+def _convert_lightning(weights: Path, output: Path, arch: Any, state_dict_only: bool, *, data: Path | None, key: str | None,
+                       layer: str | None, **settings: Any) -> None:
+    """``convert --from lightning``: the checkpoint's state_dict, a prefix stripped, as a state dict or format 1."""
+    from vaeeval.analysis.lightning import checkpoint_model, extract, save_state_dict
+
+    check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
+    if state_dict_only:
+        extracted = extract(weights, arch)
+        click.echo(extracted.describe())
+        save_state_dict(extracted, output)
+        click.echo(f"wrote {output}: the state dict of {arch.spec}; evaluate it with --arch {arch.spec}")
+        return
+    if arch.covariates:
+        raise click.UsageError("convert: format 1 holds no covariates; write the weights with --state-dict and evaluate with --arch")
+    if arch.encode_shape is None and data is None:
+        raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
+    shape = arch.encode_shape or point_shape(data, key=key, layer=layer)
+    extracted = extract(weights, arch)
+    click.echo(extracted.describe())
+    model = checkpoint_model(extracted, arch, shape, output.parent)
+    points = None if data is None else load_data(data, model, key=key, layer=layer, limit=64).array
+    _report_conversion(convert_model(model, output, data=points, **settings))
+
+
+def _report_conversion(result: Any) -> None:
     layers = result.model.layers
     encoder_layers = sum(layer.part == "encoder" for layer in layers)
     left_out = f"; left out (--allow-unused): {listing(result.unused, 6, counted=True)}" if result.unused else ""

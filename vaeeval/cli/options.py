@@ -118,7 +118,13 @@ def stdout() -> Console:
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=120)
+    console = console if console.is_terminal else Console(width=120)
+    console.on_broken_pipe = _broken_pipe  # rich would exit 1 (a failed check); the group ends with 141
+    return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError("stdout was closed")
 
 
 def table(name: str) -> Callable[..., None]:
@@ -165,7 +171,8 @@ _MAX_MEMORY = click.option("--max-memory", type=_ByteSize(), default=DEFAULT_MAX
                            help="Working-memory budget for a chunk of samples, e.g. 256M, 2G.")
 DATA = (
     click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N points."),
-    click.option("--key", default=None, help="The array to use from an .npz file that holds several."),
+    click.option("--key", default=None,
+                 help="The array to use from an .npz file that holds several; the column of a parquet, Arrow or saved-dataset DATA."),
     click.option("--layer", default=None, metavar="NAME",
                  help="The AnnData layer holding the data in an .h5ad DATA file; default: the one the model file records, else X."),
     click.option("--max-data-size", type=_ByteSize(), default=None, show_default="half the memory",

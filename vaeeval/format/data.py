@@ -1,4 +1,4 @@
-"""Data: read ``.npy``/``.npz`` and AnnData ``.h5ad`` files without unpickling, and check them against a model.
+"""Data: read ``.npy``/``.npz``, AnnData ``.h5ad`` and the forms of ``io.readers`` without unpickling; check them against a model.
 
 Every check runs over the whole selected data before anything is computed:
 shape, finiteness, the likelihood's support and the model's declared domain.
@@ -27,6 +27,7 @@ from vaeeval.format.domains import Domain, DomainDetector, row_blocks
 from vaeeval.format.ranges import Rescaled
 from vaeeval.io.files import reading, regular_file
 from vaeeval.io.h5ad import Rows, is_hdf5, read_matrix, read_obs
+from vaeeval.io.readers import is_torch_zip, read_folder, read_other, torch_file
 
 if TYPE_CHECKING:
     import torch
@@ -280,11 +281,19 @@ class _Read:
 def _read_array(
     path: Path, key: str | None, limit: int | None, max_bytes: int, *, layer: str | None = None, recorded_layer: str | None = None
 ) -> _Read:
-    """The array of a data file by its first bytes: ``.npy``, ``.npz`` or ``.h5ad`` (``layer``, else ``recorded_layer``, else X)."""
+    """The array of a data file by its first bytes: ``.npy``, ``.npz`` or ``.h5ad`` (``layer``, else ``recorded_layer``, else X);
+    a folder of images or a saved dataset, parquet, Arrow or CSV (``io.readers``)."""
+    if layer is None and path.is_dir():
+        rows = read_folder(path, key, max_bytes)
+        return _Read(rows if limit is None else rows.head(limit), len(rows), rows.shape)
     size = regular_file(path, DataError, "data file").st_size
     magic = _magic(path)
     if magic.startswith(b"\x80"):
+        if path.suffix.lower() in (".pt", ".pth"):
+            raise torch_file(path)
         raise DataError(path, "a Python pickle; vaeeval never unpickles files — save the array with numpy.save")
+    if magic.startswith(b"PK") and is_torch_zip(path):
+        raise torch_file(path)
     if is_hdf5(magic):
         if key is not None:
             raise _key_with_h5ad(path)
@@ -292,6 +301,9 @@ def _read_array(
         return _Read(rows if limit is None else rows.head(limit), len(rows), rows.shape)
     if layer is not None:
         raise DataError(path, f"{option('layer')} selects a layer of an .h5ad (AnnData) file, and this is not one")
+    other = None if magic.startswith((b"PK", b"\x93NUMPY")) else read_other(path, magic, key, max_bytes)
+    if other is not None:
+        return _Read(other, len(other), tuple(other.shape))
     if key is not None and not magic.startswith(b"PK"):
         raise DataError(path, f"{option('key')} selects an array of an .npz file, and this is not one")
     try:
@@ -300,7 +312,8 @@ def _read_array(
         elif magic.startswith(b"PK"):
             read = _from_npz(path, key, limit, max_bytes)
         else:
-            raise DataError(path, "not a .npy or .npz file, nor an .h5ad (AnnData)")
+            raise DataError(path, "not a .npy or .npz file, nor an .h5ad (AnnData), parquet, Arrow or .csv file, nor a folder of "
+                            "images or a saved dataset")
     except (ValueError, OSError, EOFError, OverflowError, MemoryError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
             zlib.error) as error:  # what numpy's header parser and zipfile raise on a broken file
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -397,7 +410,7 @@ def _shaped(path: Path, array: np.ndarray, input_shape: tuple[int, ...]) -> np.n
     dims = math.prod(input_shape)
     if array.shape[1:] == input_shape:
         shaped = array
-    elif array.ndim == 2 and array.shape[1] == dims:
+    elif (array.ndim == 2 or isinstance(array, Rows)) and math.prod(array.shape[1:]) == dims:  # [N, D], or images' [N, C, H, W]
         shaped = array.reshape(array.shape[0], *input_shape)
     else:
         wanted = f"[N, {', '.join(map(str, input_shape))}]"

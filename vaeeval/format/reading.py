@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -79,7 +80,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         start = handle.read(9)
         length = int.from_bytes(start[:8], "little")
         if len(start) < 9 or start[8:9] != b"{" or length > _MAX_HEADER_BYTES:
-            raise ModelFileError(path, _not_safetensors(start, size))
+            raise ModelFileError(path, _not_safetensors(start, size, path))
         if 8 + length > size:
             raise ModelFileError(path, f"truncated: the header says {length} bytes, only {size - 8} follow the length")
         raw = start[8:] + handle.read(length - 1)
@@ -108,11 +109,12 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _not_safetensors(start: bytes, size: int) -> str:
+def _not_safetensors(start: bytes, size: int, path: Path) -> str:
     """Why a file that does not open like safetensors (8-byte length, then '{') is refused."""
-    never = "vaeeval never unpickles files — save the weights with safetensors.torch.save_file"
+    never = ("vaeeval never unpickles files; get the weights out with torch's weights-only loader: "
+             f"vaeeval convert --from lightning {shlex.quote(str(path))} --arch FILE.py:CLASS --state-dict -o weights.safetensors")
     if start.startswith(b"PK"):
-        return f"a zip archive (a PyTorch .pt/.pth checkpoint?), not a safetensors file; {never}"
+        return f"a zip archive (a PyTorch .pt/.pth/.ckpt checkpoint?), not a safetensors file; {never}"
     if start.startswith(b"\x80"):
         return f"a Python pickle (a PyTorch checkpoint?), not a safetensors file; {never}"
     if start.startswith(b"\x93NUMPY"):

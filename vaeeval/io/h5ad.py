@@ -100,7 +100,7 @@ class Rows:
             start, stop, step = index.indices(self._rows)
             if step != 1:
                 raise IndexError(f"{type(self).__name__} reads slices with step 1, not {step}")
-            with _guard(self.path):
+            with self._guarded():
                 block = self._slice(start, max(start, stop))
         elif isinstance(index, int | np.integer):
             return self[np.array([index])][0]
@@ -122,12 +122,16 @@ class Rows:
         if not unique.size:
             return np.empty((0, math.prod(self._point_shape)), dtype=self.dtype)
         start, stop = int(unique[0]), int(unique[-1]) + 1
-        with _guard(self.path):
+        with self._guarded():
             if stop - start <= 2 * unique.size:  # close together: one read of the span is cheaper than one per row
                 block = self._slice(start, stop)[unique - start]
             else:
                 block = self._take(unique)
         return block[inverse]
+
+    def _guarded(self) -> contextlib.AbstractContextManager[None]:
+        """Where the file's content makes the reader raise anything, one ``DataError`` naming the file."""
+        return _guard(self.path)
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop``, dense, ``[stop - start, columns]``."""
