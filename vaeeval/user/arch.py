@@ -170,6 +170,16 @@ def build_module(spec: str, factory: Callable[..., Any], args: Mapping[str, Any]
     return module
 
 
+def with_weights(factory: Callable[..., Any], args: Mapping[str, Any], weights: Path) -> Mapping[str, Any]:
+    """``args``, and the weights file's path as ``weights`` for a factory whose signature names it (a framework's
+    loader reads the configuration saved beside the weights, e.g. diffusers' ``config.json``)."""
+    try:
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return args
+    return {**args, "weights": str(weights)} if "weights" in names and "weights" not in args else args
+
+
 def load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path, spec: str, extra: Sequence[str] = ()) -> None:
     """Load ``tensors`` into ``module`` strictly; every mismatch is listed in one error.
 
@@ -268,7 +278,7 @@ def arch_model(
     covariates = dict(covariates or {})
     _, tensors = read_safetensors(weights)
     factory = load_architecture(options.spec)
-    module = build_module(options.spec, factory, options.args).float().eval()
+    module = build_module(options.spec, factory, with_weights(factory, options.args, weights)).float().eval()
     spec = dict(options.likelihood or {})
     likelihood_tensor_names = [v for k, v in spec.items() if k != "family" and isinstance(v, str)]
     load_state(module, tensors, weights, options.spec, extra=likelihood_tensor_names)
