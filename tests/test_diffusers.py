@@ -269,8 +269,10 @@ def test_readme_commands_run(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calibrate, *evaluations = readme_commands()
     assert calibrate[1] == "calibrate" and len(evaluations) == 2
-    quick = ("-k", 2, "--limit", 10)  # calibrate decodes every draw once per step of its search: few draws here
-    printed = cli(*calibrate[1:], *quick).stdout
+    quick = ("-k", 2, "--limit", 10)
+    # --density: the closed-form σ in one pass. On the bins calibrate searches, decoding every draw again at each of
+    # ~50 steps (a minute here); that search is tests/test_calibrate.py's. Under test here: the commands and the σ handed on.
+    printed = cli(*calibrate[1:], *quick, "--density").stdout
     sigma = re.search(r"pass --sigma (\S+) to an --arch model", printed).group(1)
     assert (tmp_path / "my_vae" / "calibrated.safetensors").is_file()
     for command in evaluations:

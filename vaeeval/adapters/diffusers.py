@@ -136,7 +136,7 @@ class VQModelAdapter(_Adapter):
         height, width = self._grid(z, 1)
         indices = z.long().flatten()
         shape = (z.shape[0], height, width, self.model.quantize.vq_embed_dim)
-        if self.model.config.lookup_from_codebook:
+        if getattr(self.model.config, "lookup_from_codebook", False):
             image = self.model.decode(indices, force_not_quantize=True, shape=shape).sample
         else:
             image = self.model.decode(self.model.quantize.get_codebook_entry(indices, shape), force_not_quantize=True).sample
