@@ -324,3 +324,17 @@ def test_a_config_of_the_other_class_is_refused_in_one_line(trained):
 def test_wrap_refuses_other_models():
     with pytest.raises(ValueError, match=r"^Linear is no diffusers model vaeeval reads \(AutoencoderKL, VQModel\)$"):
         wrap(nn.Linear(2, 2))
+
+
+def test_a_config_of_a_class_vaeeval_does_not_read_is_refused_in_one_line(trained, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(trained["AutoencoderKL"].folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderTiny"}))
+    arch = ARCH["AutoencoderKL"]
+    result = cli("elbo", folder / WEIGHTS, trained["AutoencoderKL"].test, "--arch", arch, "--likelihood", "gaussian", "--sigma", 1,
+                 code=2)
+    assert result.stderr == (
+        f"vaeeval: error: --arch {arch}: AutoencoderKL(weights='{folder / WEIGHTS}') raised ValueError: {folder / 'config.json'} "
+        "is a AutoencoderTiny's; vaeeval reads diffusers' AutoencoderKL and VQModel\n"
+    )

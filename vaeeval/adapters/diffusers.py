@@ -75,9 +75,10 @@ class _Adapter(nn.Module):
         _shared(self, model)
         self.not_convertible = _NOT_CONVERTIBLE.format(name=diffusers_name(model), arch=option("arch"))
         size = getattr(model.config, "sample_size", None)
+        size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else None
         factor = 2 ** (len(model.config.block_out_channels) - 1)
-        # (C', h, w) of the latents, from the last images encoded (the config's sample_size until then)
-        self.latent_grid = (size // factor, size // factor) if isinstance(size, int) else None
+        # (h, w) of the latents, from the last images encoded (from the config's sample_size until then)
+        self.latent_grid = None if size is None else (size[0] // factor, size[1] // factor)
 
     def train(self, mode: bool = True) -> _Adapter:
         self.model.train(mode)
@@ -192,7 +193,9 @@ def _from_folder(name: str, weights: str | Path) -> nn.Module:
         )
     found = json.loads(config.read_text()).get("_class_name")
     if found not in (None, name):
-        raise ValueError(f"{config} is a {found}'s; read it with --arch vaeeval.adapters.diffusers:{found}")
+        instead = f"read it with --arch vaeeval.adapters.diffusers:{found}" if found in ADAPTERS else (
+            f"vaeeval reads diffusers' {' and '.join(ADAPTERS)}")
+        raise ValueError(f"{config} is a {found}'s; {instead}")
     cls = getattr(diffusers, name)
     return wrap(cls.from_config(cls.load_config(str(weights.parent))))
 

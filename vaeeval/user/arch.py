@@ -45,6 +45,7 @@ from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user.calls import call_user, first_line, where
+from vaeeval.user.discrete import point_mass
 from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
 from vaeeval.user.protocol import (
@@ -391,6 +392,7 @@ def arch_model(
         teacher_forced=teacher_forced,
         discrete_latent=discreteness(posterior, prior.distribution(z)),
         discrete_posterior=posterior.support.is_discrete,
+        point_mass=point_mass(posterior),
     )
 
 

@@ -176,6 +176,7 @@ class ArchModel(Model):
     decode_of: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], Any] | None = None
     discrete_latent: str | None = None  # which of q(z|x) and p(z) has a discrete support, in words (see ``discreteness``)
     discrete_posterior: bool = False  # q(z|x) has a discrete support
+    point_mass: bool = False  # q(z|x) of the probe points has probability 1 on one z (a VQ-VAE's), see ``discrete.point_mass``
     positions: int | None = None  # T, with --lengths: the data are padded sequences of T positions (``user.sequences``)
     teacher_forced: bool = False  # decode(z, x) is given each row's data point
 

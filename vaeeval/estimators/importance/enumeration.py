@@ -30,7 +30,7 @@ from vaeeval.format.domains import Grid
 from vaeeval.format.model import Model
 from vaeeval.format.terms import ANALYTIC
 from vaeeval.results.numbers import Part, PointResults
-from vaeeval.user.discrete import point_mass, support_size, support_values
+from vaeeval.user.discrete import support_size, support_values
 from vaeeval.user.distributions import describe, in_float64
 from vaeeval.user.protocol import ArchModel
 
@@ -93,16 +93,13 @@ def enumerated(model: ArchModel, size: int) -> ArchModel:
     return dataclasses.replace(model, prior=prior, notes=(*model.notes, note))
 
 
-def sampled(model: Model, device: torch.device) -> Model:
+def sampled(model: Model) -> Model:
     """The model as sampling reports it: where q(z|x) is a point mass (a VQ-VAE's deterministic encoder), a note
     saying why every importance weight of a point is the same, so that iwae = elbo."""
-    if not isinstance(model, ArchModel) or not model.discrete_posterior:
-        return model
-    probe = model.posterior(torch.zeros(2, *model.input_shape, device=device))
-    if not point_mass(probe):
+    if not isinstance(model, ArchModel) or not model.point_mass:
         return model
     note = (
-        f"q(z|x) is a point mass ({describe(probe)} with probability 1 on one z, as a VQ-VAE's nearest codes): every "
+        "q(z|x) is a point mass (probability 1 on one z, as a VQ-VAE's nearest codes): every "
         "draw is that z, so each importance weight is p(x|z) p(z) / 1, iwae = elbo = log p(x|z) + log p(z) and "
         "KL = -log p(z) (M log K for a uniform prior over K codes at M positions): the bound VQ-VAE papers report, "
         "not log p(x); k-hat and ess say only that the weights are equal"

@@ -136,7 +136,7 @@ class Evaluator:
         device = resolve_device(str(options.device))
         self.model = model.to(device)
         self.support = plan(model, options.enumerate_latent, options.max_support)  # values of z to sum over, or None
-        self.model = sampled(self.model, device) if self.support is None else enumerated(self.model, self.support)
+        self.model = sampled(self.model) if self.support is None else enumerated(self.model, self.support)
         self.settings = Settings(options.samples, options.seed, batch_size, chunk_size, str(device))
         self.checkpoints = convergence_checkpoints(options.samples)
 
