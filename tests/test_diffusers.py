@@ -338,3 +338,13 @@ def test_a_config_of_a_class_vaeeval_does_not_read_is_refused_in_one_line(traine
         f"vaeeval: error: --arch {arch}: AutoencoderKL(weights='{folder / WEIGHTS}') raised ValueError: {folder / 'config.json'} "
         "is a AutoencoderTiny's; vaeeval reads diffusers' AutoencoderKL and VQModel\n"
     )
+
+
+def test_calibrate_refuses_the_vqmodel_in_one_line_naming_sigma(trained, tmp_path):
+    case = trained["VQModel"]
+    result = cli("calibrate", case.weights, case.valid, "--arch", ARCH["VQModel"], "--likelihood", "gaussian", "--sigma", 1,
+                 "-o", tmp_path / "fitted.safetensors", code=2)
+    assert result.stderr == (
+        "vaeeval: error: calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is discrete (q(z|x) "
+        "Independent(Categorical) and p(z) Independent(Categorical)): give the scale with --sigma\n"
+    )

@@ -148,6 +148,11 @@ def calibrate(
             f"calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is {model.posterior_family} "
             "(format 1's discrete latent)"
         )
+    if getattr(model, "discrete_latent", None):
+        raise VaeevalError(
+            f"calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is discrete "
+            f"({model.discrete_latent}): give the scale with {option('sigma')}"
+        )
     if model.path is None or model.general:
         raise VaeevalError(
             "this model is evaluated through the distributions its own code returns (from decode or prior, or with "
