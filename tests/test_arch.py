@@ -581,3 +581,51 @@ def test_a_final_softmax_module_is_read_as_logits_and_a_softmax_over_the_wrong_a
         assert abs(a["iwae"] - b["iwae"]) < AGREEMENT * max(1, abs(b["iwae"]))
     wrong = run("elbo", weights, data, "--arch", f"{tmp_path / 'cat.py'}:LevelsLast", *args, ok=False)
     assert wrong.exit_code == 2 and "probabilities sum to" in wrong.stderr and "[levels, *input_shape]" in wrong.stderr
+
+
+# A framework's loader: a factory that names ``weights`` is given the weights file's path (to read a config beside it),
+# and a module that knows format 1 cannot hold it says why in ``not_convertible``.
+FRAMEWORK = '''
+from pathlib import Path
+
+from vae import VAE
+
+
+def from_folder(weights, **kwargs):
+    config = Path(weights).parent / "vae.py"
+    if not config.is_file():
+        raise ValueError(f"no vae.py beside {weights}")
+    return VAE(**kwargs)
+
+
+class Opaque(VAE):
+    not_convertible = "Opaque: made of blocks format 1 has no layer for; evaluate it as it is with --arch"
+'''
+
+
+def test_a_factory_naming_weights_is_given_their_path(examples):
+    (examples / "framework.py").write_text(FRAMEWORK)
+    weights, data = examples / "weights.safetensors", examples / "data.npy"
+    options = ["--arch-args", ARGS, "--likelihood", "bernoulli", "--decoder-output", "probs", "-k", "16", "--json"]
+    by_path = json.loads(run("elbo", weights, data, "--arch", f"{examples / 'framework.py'}:from_folder", *options).stdout)
+    plain = json.loads(run("elbo", weights, data, "--arch", f"{examples / 'vae.py'}:VAE", *options).stdout)
+    assert by_path["points"] == plain["points"]
+    elsewhere = examples / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "weights.safetensors").write_bytes(weights.read_bytes())
+    result = run("elbo", elsewhere / "weights.safetensors", data, "--arch", f"{examples / 'framework.py'}:from_folder", *options,
+                 ok=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"raised ValueError: no vae.py beside {elsewhere / 'weights.safetensors'}" in result.stderr
+
+
+def test_convert_refuses_a_module_that_says_it_is_not_convertible(examples):
+    (examples / "framework.py").write_text(FRAMEWORK)
+    result = run("convert", examples / "weights.safetensors", "--arch", f"{examples / 'framework.py'}:Opaque", "--arch-args", ARGS,
+                 "--likelihood", "bernoulli", "--decoder-output", "probs", "--input-shape", str(DIMS), "-o",
+                 examples / "x.safetensors", ok=False)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "vaeeval: error: convert: Opaque: made of blocks format 1 has no layer for; evaluate it as it is with --arch\n"
+    )
+    assert not (examples / "x.safetensors").exists()

@@ -27,6 +27,7 @@ from torch.distributions import (
 )
 
 from vaeeval.cli import main
+from vaeeval.user.discrete import point_mass
 from vaeeval.user.distributions import analytic_kl, keyed, keyed_sample
 
 MODELS = '''
@@ -342,3 +343,14 @@ def test_relaxed_densities_equal_torchs(family):
     distribution = family(torch.tensor(0.6, dtype=torch.float64), logits=torch.randn(3, 5, dtype=torch.float64, generator=generator))
     y = distribution.sample((4,)).clone()  # a fresh tensor: torch inverts it as vaeeval does, without its cache
     np.testing.assert_allclose(discrete.log_prob(distribution, y).numpy(), distribution.log_prob(y).numpy(), rtol=1e-12)
+
+
+def test_point_mass_is_a_discrete_latent_with_probabilities_0_and_1_only():
+    """A VQ-VAE's q(z|x): every draw is the same z (the note on iwae = elbo rests on this; tests/test_diffusers.py runs it)."""
+    codes = torch.nn.functional.one_hot(torch.tensor([[3, 0], [1, 1]]), 4).float()
+    assert point_mass(Independent(Categorical(probs=codes), 1))
+    assert point_mass(OneHotCategorical(probs=codes[0]))
+    assert point_mass(Independent(Bernoulli(probs=torch.tensor([[0.0, 1.0]])), 1))
+    assert not point_mass(Independent(Categorical(probs=codes * 0.5 + 0.125), 1))
+    assert not point_mass(Categorical(logits=torch.tensor([0.0, -10.0])))
+    assert not point_mass(Independent(Normal(torch.zeros(2), torch.ones(2)), 1))

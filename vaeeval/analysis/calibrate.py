@@ -146,6 +146,11 @@ def calibrate(
     if model.posterior_family != "gaussian" or model.hierarchy is not None:
         kind = "has two latent groups" if model.hierarchy is not None else f"is {model.posterior_family} (a discrete latent)"
         raise VaeevalError(f"calibrate fits a scale on the draws of one Gaussian q(z|x); this model's latent {kind}")
+    if getattr(model, "discrete_latent", None):
+        raise VaeevalError(
+            f"calibrate fits a scale on the draws of a Gaussian q(z|x); this model's latent is discrete "
+            f"({model.discrete_latent}): give the scale with {option('sigma')}"
+        )
     if model.path is None or model.general:
         raise VaeevalError(
             "this model is evaluated through the distributions its own code returns (from decode or prior, or with "

@@ -256,6 +256,9 @@ def convert(
 def _expressible(source: Model) -> None:
     """Refuse, naming it, a part of an ``--arch`` model that format 1 cannot hold (evaluate it with --arch instead)."""
     instead = f"evaluate it with {option('arch')} instead"
+    reason = getattr(source.encoder.module, "not_convertible", None)  # a module that knows format 1 cannot hold it
+    if isinstance(reason, str):
+        raise VaeevalError(f"convert: {reason}")
     if getattr(source, "covariates", ()):
         raise VaeevalError(f"convert: the model takes covariates ({', '.join(source.covariates)}), which format 1 cannot hold; {instead}")
     if isinstance(source.likelihood, DistributionLikelihood):

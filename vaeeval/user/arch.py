@@ -46,6 +46,7 @@ from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user import discrete
 from vaeeval.user.calls import call_user, first_line, where
+from vaeeval.user.discrete import point_mass
 from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.hierarchy import GroupsDecoder, Layout, Plan, groups_note, plan_of, posterior_chain, prior_chain
 from vaeeval.user.methods import DecoderAdapter, EncoderAdapter, describe_value, logits_graph, probabilities_kind
@@ -172,6 +173,16 @@ def build_module(spec: str, factory: Callable[..., Any], args: Mapping[str, Any]
     return module
 
 
+def with_weights(factory: Callable[..., Any], args: Mapping[str, Any], weights: Path) -> Mapping[str, Any]:
+    """``args``, and the weights file's path as ``weights`` for a factory whose signature names it (a framework's
+    loader reads the configuration saved beside the weights, e.g. diffusers' ``config.json``)."""
+    try:
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return args
+    return {**args, "weights": str(weights)} if "weights" in names and "weights" not in args else args
+
+
 def load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path, spec: str, extra: Sequence[str] = ()) -> None:
     """Load ``tensors`` into ``module`` strictly; every mismatch is listed in one error.
 
@@ -278,7 +289,7 @@ def arch_model(
     covariates = dict(covariates or {})
     _, tensors = read_safetensors(weights)
     factory = load_architecture(options.spec)
-    module = build_module(options.spec, factory, options.args).float().eval()
+    module = build_module(options.spec, factory, with_weights(factory, options.args, weights)).float().eval()
     spec = dict(options.likelihood or {})
     likelihood_tensor_names = [v for k, v in spec.items() if k != "family" and isinstance(v, str)]
     load_state(module, tensors, weights, options.spec, extra=likelihood_tensor_names)
@@ -408,6 +419,7 @@ def arch_model(
         discrete_posterior=posterior.support.is_discrete,
         discrete_family=discrete.family_of(posterior),
         latent_groups=() if plan is None else plan.layout.names,
+        point_mass=point_mass(posterior),
     )
 
 

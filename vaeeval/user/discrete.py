@@ -136,6 +136,17 @@ def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, weight * value, 0.0)
 
 
+def point_mass(distribution: Distribution) -> bool:
+    """Every draw is the same value: a Bernoulli, Categorical or OneHotCategorical (or an ``Independent`` of them)
+    whose probabilities are all 0 or 1, as a VQ-VAE's deterministic encoder gives."""
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    if type(distribution) not in (Bernoulli, Categorical, OneHotCategorical):
+        return False
+    probs = distribution.probs
+    return bool(((probs == 0) | (probs == 1)).all())
+
+
 # ---------------------------------------------------------------- enumeration
 
 

@@ -177,6 +177,7 @@ class ArchModel(Model):
     discrete_latent: str | None = None  # which of q(z|x) and p(z) has a discrete support, in words (see ``discreteness``)
     discrete_posterior: bool = False  # q(z|x) has a discrete support
     discrete_family: str | None = None  # categorical (one-hot z) or bernoulli (binary units): ``discrete.family_of``
+    point_mass: bool = False  # q(z|x) of the probe points has probability 1 on one z (a VQ-VAE's), see ``discrete.point_mass``
     positions: int | None = None  # T, with --lengths: the data are padded sequences of T positions (``user.sequences``)
     teacher_forced: bool = False  # decode(z, x) is given each row's data point
     latent_groups: tuple[str, ...] = ()  # a hierarchical latent's groups in the flat z's order (user/hierarchy.py)

@@ -93,6 +93,20 @@ def enumerated(model: ArchModel, size: int) -> ArchModel:
     return dataclasses.replace(model, prior=prior, notes=(*model.notes, note))
 
 
+def sampled(model: Model) -> Model:
+    """The model as sampling reports it: where q(z|x) is a point mass (a VQ-VAE's deterministic encoder), a note
+    saying why every importance weight of a point is the same, so that iwae = elbo."""
+    if not isinstance(model, ArchModel) or not model.point_mass:
+        return model
+    note = (
+        "q(z|x) is a point mass (probability 1 on one z, as a VQ-VAE's nearest codes): every "
+        "draw is that z, so each importance weight is p(x|z) p(z) / 1, iwae = elbo = log p(x|z) + log p(z) and "
+        "KL = -log p(z) (M log K for a uniform prior over K codes at M positions): the bound VQ-VAE papers report, "
+        "not log p(x); k-hat and ess say only that the weights are equal"
+    )
+    return dataclasses.replace(model, notes=(*model.notes, note))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExactEstimates:
     """One batch's exact numbers, float64 ``[B]`` (``q_mean``, ``q_var`` ``[B, L]``): ``evaluate``'s

@@ -19,7 +19,7 @@ from torch.distributions import Independent, Normal
 from vaeeval.core.rng import standard_normal
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.importance.budget import batch_within, chunk_size_for
-from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT, enumerate_batch, enumerated, plan
+from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT, enumerate_batch, enumerated, plan, sampled
 from vaeeval.estimators.importance.scoring import choose_scoring
 from vaeeval.estimators.weights import BLOCK, LogSumExp, Moments, iwae_bound, iwae_stderr, log_weights
 from vaeeval.format.data import Dataset
@@ -137,8 +137,7 @@ class Evaluator:
         device = resolve_device(str(options.device))
         self.model = model.to(device)
         self.support = plan(model, options.enumerate_latent, options.max_support)  # values of z to sum over, or None
-        if self.support is not None:
-            self.model = enumerated(self.model, self.support)
+        self.model = sampled(self.model) if self.support is None else enumerated(self.model, self.support)
         self.settings = Settings(options.samples, options.seed, batch_size, chunk_size, str(device))
         self.checkpoints = convergence_checkpoints(options.samples)
 
