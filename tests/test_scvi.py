@@ -162,3 +162,51 @@ def test_what_format_1_cannot_hold_is_refused_by_name(cells, tmp_path, options, 
 def test_a_folder_without_a_model_is_one_line_before_anything_is_loaded(tmp_path):
     result = cli("convert", "--from", "scvi", tmp_path, "-o", tmp_path / "m.safetensors", code=2)
     assert result.stderr.count("\n") == 1 and "not a folder SCVI.save wrote (it has no model.pt)" in result.stderr
+
+
+def _save_other(folder: Path, name: str) -> Path:
+    """An untrained SCANVI (from an SCVI) or TOTALVI saved as scvi-tools saves it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.settings.seed = 0
+        adata = scvi.data.synthetic_iid()
+        if name == "SCANVI":
+            scvi.model.SCVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+            model = scvi.model.SCANVI.from_scvi_model(scvi.model.SCVI(adata), unlabeled_category="Unknown")
+        else:
+            scvi.model.TOTALVI.setup_anndata(adata, batch_key="batch", protein_expression_obsm_key="protein_expression")
+            model = scvi.model.TOTALVI(adata)
+        model.save(str(folder), overwrite=True)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "way"),
+    [
+        ("SCANVI", "convert the SCVI model that SCANVI.from_scvi_model started from; SCANVI's cell label is a second latent "
+                   "variable, which format 1 cannot hold"),
+        ("TOTALVI", "TOTALVI's protein counts have a likelihood (a mixture of two negative binomials) and a background latent "
+                    "of their own, which format 1 cannot hold"),
+    ],
+)
+def test_other_model_classes_are_refused_by_the_name_in_their_saved_registry_before_scvi_tools_runs(tmp_path, name, way, monkeypatch):
+    folder = _save_other(tmp_path / name.lower(), name)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr("torch.load", no_unpickling)
+    result = cli("convert", "--from", "scvi", folder, "-o", tmp_path / "m.safetensors", code=2)
+    assert result.stderr == (f"vaeeval: error: convert --from scvi: {folder} holds a {name} model (its saved registry says so); "
+                             f"vaeeval converts SCVI models: {way}\n")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_model_pt_without_a_class_name_is_refused_without_unpickling(tmp_path):
+    import torch
+
+    (tmp_path / "m").mkdir()
+    torch.save({"model_state_dict": {}, "attr_dict": {"registry_": {}}}, tmp_path / "m" / "model.pt")
+    result = cli("convert", "--from", "scvi", tmp_path / "m", "-o", tmp_path / "m.safetensors", code=2)
+    assert result.stderr == (f"vaeeval: error: {tmp_path / 'm'}: its model.pt names no model class vaeeval can read without "
+                             "unpickling it (no registry model_name); vaeeval reads the folders SCVI.save writes\n")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vaeeval.adapters.scvi_saved import check_scvi_class
 from vaeeval.errors import VaeevalError
 
 FAMILIES = {"zinb": "zinb", "nb": "negative_binomial", "poisson": "poisson"}
@@ -86,18 +87,23 @@ def load_scvi(folder: str | Path) -> Any:
 
 
 def check_folder(folder: str | Path) -> Path:
-    """``folder`` if scvi-tools is installed and it holds a ``model.pt``: checked before anything is loaded.
+    """``folder`` if it holds the ``model.pt`` of an SCVI and scvi-tools is installed: checked before anything is loaded.
+
+    The model's class is read from the checkpoint's pickled registry without unpickling
+    it (``scvi_saved``), so a SCANVI or TOTALVI folder is refused by name before
+    scvi-tools' loader runs.
 
     Raises:
-        VaeevalError: scvi-tools missing, or no ``model.pt`` in ``folder``.
+        VaeevalError: no ``model.pt`` in ``folder``, a model of another class, or scvi-tools missing.
     """
     folder = Path(folder)
+    if not (folder / "model.pt").is_file():
+        raise VaeevalError(f"{folder}: not a folder SCVI.save wrote (it has no model.pt)")
+    check_scvi_class(folder)
     try:
         import scvi  # noqa: F401  (the optional extra)
     except ImportError:
         raise VaeevalError("convert --from scvi needs scvi-tools: pip install 'vaeeval[scvi]'") from None
-    if not (folder / "model.pt").is_file():
-        raise VaeevalError(f"{folder}: not a folder SCVI.save wrote (it has no model.pt)")
     return folder
 
 
