@@ -114,6 +114,7 @@ def _mcmc(steps: str) -> str:
 
 # Models whose q(z|x) is the encoder's Gaussian pushed through their own flow (``pythae_flows``).
 FLOWS = ("VAE_IAF", "VAE_LinNF")
+
 # The first pythae class in a model's MRO -> why vaeeval cannot evaluate it.
 REFUSED: dict[str, str] = {
     **dict.fromkeys(("AE", "WAE_MMD", "RAE_L2", "RAE_GP", "VQVAE"), _POINT),
