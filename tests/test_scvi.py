@@ -173,7 +173,7 @@ def test_a_logistic_normal_z_converts_and_its_marginal_ll_is_settled_by_a_float6
         adata = scvi.data.synthetic_iid()
         adata.write_h5ad(tmp_path / "cells.h5ad")
         scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-        folder = _train(adata, tmp_path / "model", epochs=60, latent_distribution="ln", gene_likelihood="nb")
+        folder = _train(adata, tmp_path / "model", epochs=30, latent_distribution="ln", gene_likelihood="nb")
         cli("convert", "--from", "scvi", folder, "-o", tmp_path / "m.safetensors")
         model = scvi.model.SCVI.load(str(folder), adata=adata, accelerator="cpu")
     inspected = json.loads(cli("inspect", tmp_path / "m.safetensors", "--json").stdout)
