@@ -144,6 +144,9 @@ def test_layer_norm_and_a_dispersion_per_cell_label_convert_to_scvis_numbers(tmp
     ours = np.array([point["iwae"] for point in out["points"]])
     difference = ours - _marginal_ll(folder, adata, samples)
     assert abs(difference.mean()) < 3 * difference.std(ddof=1) / math.sqrt(difference.size), (difference.mean(), difference.std())
+    small, large = (json.loads(cli("elbo", tmp_path / "m.safetensors", tmp_path / "cells.h5ad", "-k", 20, "--batch-size", size,
+                                   "--json").stdout)["points"] for size in (7, 100))
+    assert [point["iwae"] for point in small] == [point["iwae"] for point in large]  # layer norm's bits are each cell's own
 
 
 def _float64_iwae(model, adata, samples: int, seed: int) -> np.ndarray:
