@@ -11,7 +11,7 @@ q(z|x) is the encoder's Gaussian pushed through the model's own flow layers. Che
 * IAF's log q at any z (pythae's own ``iaf_flow.forward`` inverts its draws), so AIS starts
   from the encoder; LinNF's flows have no inverse: AIS from the encoder is refused in one
   line naming ``--init prior``, and runs from the prior;
-* a planar layer with w.u < -1 (not invertible) refused in one line.
+* a planar layer with w.u < -1 (not invertible) refused in one line, through the CLI too (exit 2).
 """
 
 from __future__ import annotations
@@ -174,18 +174,24 @@ def test_linnf_ais_from_the_encoder_is_refused_and_runs_from_the_prior(flows, tm
     assert from_prior.exit_code == 0, from_prior.stderr
 
 
-def test_a_planar_layer_that_is_not_invertible_is_refused():
+def test_a_planar_layer_that_is_not_invertible_is_refused(tmp_path):
     torch.manual_seed(0)
-    model = wrap(FLOW_MODELS["linnf"]())
+    model = FLOW_MODELS["linnf"]()
     with torch.no_grad():
         model.net[2].w.fill_(1.0)
         model.net[2].u.fill_(-0.5)  # w.u = -2
-    with pytest.raises(ValueError) as error:
-        model.encode(torch.rand(2, 8, 8))
-    assert str(error.value) == (
+    message = (
         "pythae VAE_LinNF: planar flow 2 (net.2) has w.u = -2 < -1, so it is not invertible and its change of variables is "
         "not q(z|x)'s density (pythae does not constrain u); retrain from w.u >= -1 and check it after training, or use VAE_IAF"
     )
+    model.save(str(tmp_path / "folder"))
+    case = TrainedFlow(model, tmp_path / "folder", digits()[1][:3], 0.0, 0.0)
+    result = run("elbo", case, tmp_path, points=3)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"vaeeval: error: encode(x) raised ValueError: {message}")
+    with pytest.raises(ValueError) as error:
+        wrap(model).encode(torch.rand(2, 8, 8))
+    assert str(error.value) == message
 
 
 @pytest.mark.parametrize("name", ["HVAE", "RHVAE"])
