@@ -156,7 +156,7 @@ print(hashlib.sha256(json.dumps(found).encode()).hexdigest(), json.dumps(found))
 
 
 def test_every_family_layer_and_path_is_the_same_bits_under_every_isa(tmp_path):
-    """Each family (densities and bins), each activation, a convolutional decoder off the linear
+    """Each family (densities and bins), each activation, layer norm and softmax, a convolutional decoder off the linear
     shortcut, AIS through them, and the count families: the same bits under each ATen ISA."""
     from conftest import FAMILIES, family_data
     from torch import nn
@@ -166,7 +166,8 @@ def test_every_family_layer_and_path_is_the_same_bits_under_every_isa(tmp_path):
     torch.manual_seed(0)
     dims, names = 16, []
     for likelihood, outputs, kind in FAMILIES:
-        encoder = nn.Sequential(nn.Linear(dims, 16), nn.ELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 6))
+        encoder = nn.Sequential(nn.Linear(dims, 16), nn.ELU(), nn.LayerNorm(16), nn.Linear(16, 16), nn.Softmax(dim=1), nn.Linear(16, 16),
+                                nn.GELU(), nn.Linear(16, 6))
         decoder = nn.Sequential(
             nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 16), nn.Sigmoid(),
             nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, outputs * dims),

@@ -19,6 +19,8 @@ from vaeeval.format.layers import (
     layer_spec,
     method_layer,
 )
+from vaeeval.format.layers.elementwise import Softmax
+from vaeeval.format.layers.norm import LayerNorm
 from vaeeval.format.model import rows_independently
 
 
@@ -35,6 +37,10 @@ def _example(cls: type[nn.Module]) -> tuple[nn.Module, tuple[int, ...]]:
         Reshape: lambda: (Reshape((3, 2)), (6,)),
         nn.BatchNorm1d: lambda: (_trained(nn.BatchNorm1d(5, eps=1e-3)), (5,)),
         nn.BatchNorm2d: lambda: (_trained(nn.BatchNorm2d(3)), (3, 4, 4)),
+        nn.LayerNorm: lambda: (_affine(nn.LayerNorm(5, eps=1e-3)), (5,)),
+        LayerNorm: lambda: (LayerNorm(5, 1e-3, torch.randn(5), torch.randn(5)), (5,)),
+        nn.Softmax: lambda: (nn.Softmax(dim=-1), (5,)),
+        Softmax: lambda: (Softmax(), (5,)),
     }
     if cls in examples:
         return examples[cls]()
@@ -50,6 +56,14 @@ def _trained(norm: nn.Module) -> nn.Module:
             buffer.copy_(torch.randn_like(buffer))
         norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.1)
     return norm.eval()
+
+
+def _affine(norm: nn.LayerNorm) -> nn.LayerNorm:
+    """A layer norm whose weight and bias are not the identity's."""
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight))
+        norm.bias.copy_(torch.randn_like(norm.bias))
+    return norm
 
 
 REGISTERED = [(layer_type.name, cls) for layer_type in LAYER_TYPES.values() for cls in layer_type.modules]
@@ -77,11 +91,12 @@ def test_save_model_writes_every_layer_type_and_leaves_out_identities(tmp_path):
     encoder = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
         nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(72, 8), nn.GELU(), nn.Tanh(), nn.Identity(), nn.Sigmoid(),
-        nn.SiLU(), nn.Softplus(), nn.ELU(), nn.LeakyReLU(0.2), _trained(nn.BatchNorm1d(8)), nn.Linear(8, 4),
+        nn.SiLU(), nn.Softplus(), nn.ELU(), nn.LeakyReLU(0.2), _trained(nn.BatchNorm1d(8)), nn.LayerNorm(8, elementwise_affine=False),
+        nn.Softmax(dim=1), nn.Linear(8, 4),
     )
     decoder = nn.Sequential(nn.Linear(2, 72), nn.Unflatten(1, (2, 6, 6)), nn.Flatten(), Reshape((2, 6, 6)))
     expected = ["conv2d", "conv_transpose2d", "relu", "flatten", "linear", "gelu", "tanh", "sigmoid", "silu", "softplus",
-                "elu", "leaky_relu", "batch_norm", "linear", "linear", "unflatten", "flatten", "unflatten"]
+                "elu", "leaky_relu", "batch_norm", "layer_norm", "softmax", "linear", "linear", "unflatten", "flatten", "unflatten"]
     assert set(expected) | {"log1p"} == set(LAYER_TYPES)  # every registered type is in this file (log1p: below)
     saved = save_model(tmp_path / "m.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
                        input_shape=[2, 6, 6], latent_dim=2)
@@ -101,7 +116,7 @@ class _OwnLinear(nn.Linear):
 @pytest.mark.parametrize(
     ("module", "known"),
     [(nn.Dropout(), True), (nn.Identity(), True), (nn.ReLU(), True), (Linear(2, 2), True), (_OwnLinear(2, 2), True),
-     (nn.BatchNorm1d(3), True), (nn.LayerNorm(3), False), (nn.MaxPool2d(2), False), (_OwnReLU(), False), (nn.Sequential(), False)],
+     (nn.BatchNorm1d(3), True), (nn.LayerNorm(3), True), (nn.MaxPool2d(2), False), (_OwnReLU(), False), (nn.Sequential(), False)],
     ids=["dropout", "identity", "relu", "vaeeval-linear", "linear-subclass", "batchnorm", "layernorm", "maxpool", "relu-subclass",
          "sequential"],
 )
@@ -113,7 +128,9 @@ def test_is_layer_module(module, known):
 @pytest.mark.parametrize(
     ("module", "phrase"),
     [
-        (nn.LayerNorm(4), "format 1 has no such layer"),
+        (nn.GroupNorm(2, 4), "format 1 has no such layer"),
+        (nn.LayerNorm([2, 2]), "normalized_shape [2, 2]: format 1 normalizes the last axis"),
+        (nn.Softmax(dim=0), "dim=0; format 1's softmax is over a point's features"),
         (nn.BatchNorm1d(4, track_running_stats=False), "without running statistics"),
         (nn.Conv2d(1, 1, 3, dilation=2), "dilation=1"),
         (nn.Conv2d(1, 1, 3, padding="same"), "give the padding as numbers"),

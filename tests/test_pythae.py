@@ -352,7 +352,7 @@ def test_other_pythae_models_are_refused_naming_their_class(name):
         (
             lambda: type("NewVAE", (nn.Module,), {"__module__": "pythae.models.new_vae"})(),
             "pythae NewVAE: vaeeval does not know this pythae model (it reads Adversarial_AE, BetaTCVAE, BetaVAE, CIWAE, "
-            "DisentangledBetaVAE, FactorVAE, INFOVAE_MMD, IWAE, MIWAE, PIWAE, VAE, VAMP)",
+            "DisentangledBetaVAE, FactorVAE, INFOVAE_MMD, IWAE, MIWAE, PIWAE, VAE, VAE_IAF, VAE_LinNF, VAMP)",
         ),
     ],
 )

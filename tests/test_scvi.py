@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import cli
 
 scvi = pytest.importorskip("scvi")
@@ -20,11 +21,11 @@ SAMPLES = 500
 FAMILIES = {"zinb": "zinb", "nb": "negative_binomial", "poisson": "poisson"}
 
 
-def _train(adata, folder: Path, **options) -> Path:
+def _train(adata, folder: Path, epochs: int = EPOCHS, **options) -> Path:
     """An SCVI model trained on the CPU, saved as ``SCVI.save`` saves it."""
     scvi.settings.seed = 0
     model = scvi.model.SCVI(adata, **options)
-    model.train(max_epochs=EPOCHS, accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False)
+    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False)
     model.save(str(folder), overwrite=True)
     return folder
 
@@ -113,6 +114,85 @@ def test_a_latent_library_and_batch_dispersion_convert_to_scvis_numbers(cells, t
     assert abs(difference.mean()) < 4 * difference.std(ddof=1) / math.sqrt(difference.size) + 0.05
 
 
+@pytest.mark.parametrize(
+    ("options", "covariates", "layers"),
+    [
+        ({"use_layer_norm": "both", "use_batch_norm": "none", "gene_likelihood": "zinb"}, ["batch"],
+         ["log1p", "linear", "layer_norm", "relu", "linear", "linear", "layer_norm", "relu", "linear"]),
+        ({"dispersion": "gene-label", "gene_likelihood": "nb"}, ["batch", "labels"],
+         ["log1p", "linear", "batch_norm", "relu", "linear", "linear", "batch_norm", "relu", "linear"]),
+    ],
+    ids=["layer-norm", "gene-label"],
+)
+def test_layer_norm_and_a_dispersion_per_cell_label_convert_to_scvis_numbers(tmp_path, options, covariates, layers):
+    """Layer norm in every FCLayers (format 1's layer_norm) and theta per gene and cell label (a categorical covariate
+    choosing the column of px_r): convert checks q(z|x) and log p(x | z, l) against scVI's modules; vaeeval's per-cell
+    IWAE agrees with marginal_ll within 3 standard errors of the paired difference (independent draws, same cells)."""
+    samples = 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = scvi.data.synthetic_iid()
+        adata.write_h5ad(tmp_path / "cells.h5ad")
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+        folder = _train(adata, tmp_path / "model", epochs=10, **options)
+    cli("convert", "--from", "scvi", folder, "-o", tmp_path / "m.safetensors")
+    inspected = json.loads(cli("inspect", tmp_path / "m.safetensors", "--json").stdout)
+    assert [layer["type"] for layer in inspected["layers"]] == layers
+    assert inspected["layers"][-1]["detail"].endswith("covariates=['labels']") == ("dispersion" in options)
+    out = json.loads(cli("elbo", tmp_path / "m.safetensors", tmp_path / "cells.h5ad", "-k", samples, "--json").stdout)
+    assert out["model"]["covariates"] == covariates
+    ours = np.array([point["iwae"] for point in out["points"]])
+    difference = ours - _marginal_ll(folder, adata, samples)
+    assert abs(difference.mean()) < 3 * difference.std(ddof=1) / math.sqrt(difference.size), (difference.mean(), difference.std())
+    small, large = (json.loads(cli("elbo", tmp_path / "m.safetensors", tmp_path / "cells.h5ad", "-k", 20, "--batch-size", size,
+                                   "--json").stdout)["points"] for size in (7, 100))
+    assert [point["iwae"] for point in small] == [point["iwae"] for point in large]  # layer norm's bits are each cell's own
+
+
+def _float64_iwae(model, adata, samples: int, seed: int) -> np.ndarray:
+    """log (1/K) sum_k p(x | softmax(u_k), l) N(u_k; 0, I) / q(u_k | x) per cell, u_k drawn from q, through scVI's own
+    modules in float64: importance sampling over the Gaussian z that the logistic normal's softmax transforms."""
+    module = model.module.double().eval()
+    counts = adata.X.todense() if hasattr(adata.X, "todense") else adata.X
+    x = torch.from_numpy(np.asarray(counts, dtype=np.float64))
+    batch = torch.from_numpy(adata.obs["_scvi_batch"].to_numpy().astype(np.int64))[:, None]
+    with torch.no_grad():
+        inference = module.inference(x, batch, n_samples=1)
+        qz = inference["qz"]
+        noise = torch.randn((samples, *qz.loc.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        u = qz.loc + qz.scale * noise
+        px = module.generative(torch.softmax(u, -1), inference["library"], batch)["px"]
+        log_w = px.log_prob(x).sum(-1) + torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(-1) - qz.log_prob(u).sum(-1)
+    return (torch.logsumexp(log_w, 0) - math.log(samples)).numpy()
+
+
+def test_a_logistic_normal_z_converts_and_its_marginal_ll_is_settled_by_a_float64_computation(tmp_path):
+    """latent_distribution='ln': z Gaussian, the decoder reading softmax(z). vaeeval's per-cell IWAE equals an
+    independent float64 importance sampler over z within 3 standard errors; scVI's marginal_ll does not (it takes
+    log p(z) and log q(z|x) at softmax(z), not at the Gaussian draw), by far more than its Monte Carlo error."""
+    samples = 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = scvi.data.synthetic_iid()
+        adata.write_h5ad(tmp_path / "cells.h5ad")
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+        folder = _train(adata, tmp_path / "model", epochs=30, latent_distribution="ln", gene_likelihood="nb")
+        cli("convert", "--from", "scvi", folder, "-o", tmp_path / "m.safetensors")
+        model = scvi.model.SCVI.load(str(folder), adata=adata, accelerator="cpu")
+    inspected = json.loads(cli("inspect", tmp_path / "m.safetensors", "--json").stdout)
+    assert [layer["type"] for layer in inspected["layers"] if layer["part"] == "decoder"][0] == "softmax"
+    out = json.loads(cli("elbo", tmp_path / "m.safetensors", tmp_path / "cells.h5ad", "-k", samples, "--json").stdout)
+    ours = np.array([point["iwae"] for point in out["points"]])
+    theirs = _marginal_ll(folder, adata, samples)
+    exact = _float64_iwae(model, adata, samples, seed=7)
+
+    def standard_errors(difference: np.ndarray) -> float:
+        return abs(difference.mean()) / (difference.std(ddof=1) / math.sqrt(difference.size))
+
+    assert standard_errors(ours - exact) < 3, (ours - exact).mean()
+    assert standard_errors(theirs - exact) > 10 and (theirs - exact).mean() > 5, (theirs - exact).mean()
+
+
 def test_the_counts_layer_is_recorded_and_an_observed_library_is_not_ranked_against_a_latent_one(cells, tmp_path):
     """An SCVI set up on layers["counts"] (X holding normalized values, which are no counts) converts to a file
     that reads that layer from the .h5ad by itself; log p(x | library size) and log p(x) are not ranked."""
@@ -142,10 +222,8 @@ def test_the_counts_layer_is_recorded_and_an_observed_library_is_not_ranked_agai
 @pytest.mark.parametrize(
     ("options", "phrase"),
     [
-        ({"latent_distribution": "ln"}, "latent_distribution='ln'"),
-        ({"dispersion": "gene-label"}, "dispersion='gene-label'"),
         ({"gene_likelihood": "normal"}, "gene_likelihood='normal'"),
-        ({"use_layer_norm": "both", "use_batch_norm": "none"}, "layer norm"),
+        ({"batch_representation": "embedding"}, "batch_representation='embedding'"),
     ],
 )
 def test_what_format_1_cannot_hold_is_refused_by_name(cells, tmp_path, options, phrase):
@@ -162,3 +240,49 @@ def test_what_format_1_cannot_hold_is_refused_by_name(cells, tmp_path, options, 
 def test_a_folder_without_a_model_is_one_line_before_anything_is_loaded(tmp_path):
     result = cli("convert", "--from", "scvi", tmp_path, "-o", tmp_path / "m.safetensors", code=2)
     assert result.stderr.count("\n") == 1 and "not a folder SCVI.save wrote (it has no model.pt)" in result.stderr
+
+
+def _save_other(folder: Path, name: str) -> Path:
+    """An untrained SCANVI (from an SCVI) or TOTALVI saved as scvi-tools saves it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.settings.seed = 0
+        adata = scvi.data.synthetic_iid()
+        if name == "SCANVI":
+            scvi.model.SCVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+            model = scvi.model.SCANVI.from_scvi_model(scvi.model.SCVI(adata), unlabeled_category="Unknown")
+        else:
+            scvi.model.TOTALVI.setup_anndata(adata, batch_key="batch", protein_expression_obsm_key="protein_expression")
+            model = scvi.model.TOTALVI(adata)
+        model.save(str(folder), overwrite=True)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "way"),
+    [
+        ("SCANVI", "convert the SCVI model that SCANVI.from_scvi_model started from; SCANVI's cell label is a second latent "
+                   "variable, which format 1 cannot hold"),
+        ("TOTALVI", "TOTALVI's protein counts have a likelihood (a mixture of two negative binomials) and a background latent "
+                    "of their own, which format 1 cannot hold"),
+    ],
+)
+def test_other_model_classes_are_refused_by_the_name_in_their_saved_registry_before_scvi_tools_runs(tmp_path, name, way, monkeypatch):
+    folder = _save_other(tmp_path / name.lower(), name)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr("torch.load", no_unpickling)
+    result = cli("convert", "--from", "scvi", folder, "-o", tmp_path / "m.safetensors", code=2)
+    assert result.stderr == (f"vaeeval: error: convert --from scvi: {folder} holds a {name} model (its saved registry says so); "
+                             f"vaeeval converts SCVI models: {way}\n")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_model_pt_without_a_class_name_is_refused_without_unpickling(tmp_path):
+    (tmp_path / "m").mkdir()
+    torch.save({"model_state_dict": {}, "attr_dict": {"registry_": {}}}, tmp_path / "m" / "model.pt")
+    result = cli("convert", "--from", "scvi", tmp_path / "m", "-o", tmp_path / "m.safetensors", code=2)
+    assert result.stderr == (f"vaeeval: error: {tmp_path / 'm'}: its model.pt names no model class vaeeval can read without "
+                             "unpickling it (no registry model_name); vaeeval reads the folders SCVI.save writes\n")

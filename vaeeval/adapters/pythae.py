@@ -16,7 +16,9 @@ weights once after training and name a three-line factory with ``--arch``::
 
 The methods return the distributions pythae's own ``get_nll`` scores:
 
-* q(z|x) is ``Independent(Normal(embedding, exp(log_covariance / 2)), 1)``;
+* q(z|x) is ``Independent(Normal(embedding, exp(log_covariance / 2)), 1)``; for VAE_IAF
+  and VAE_LinNF, that Gaussian pushed through the model's own flow layers, a
+  ``TransformedDistribution`` (``pythae_flows``: keyed draws, log q exact at them);
 * p(x|z) is, for ``reconstruction_loss="bce"``, a Bernoulli with the decoder's
   probabilities; for ``"mse"``, a Normal of variance 1 around the reconstruction
   (``get_nll``'s ``-0.5 * squared error - D/2 log 2 pi``);
@@ -34,8 +36,8 @@ either way, so the probabilities are taken as the model's definition of p(x|z).
 Models are known by the first pythae class in their MRO, so a user's subclass of
 ``VAE`` is read as a ``VAE``. Refused, with a ``ValueError``: encoders that give a
 point (AE, WAE_MMD, RAE_L2, RAE_GP, VQVAE, an Adversarial_AE with a deterministic
-posterior), posteriors that are not the encoder's Gaussian (HVAE, RHVAE, VAE_IAF,
-VAE_LinNF, SVAE, PoincareVAE), and losses that are not a likelihood (VAEGAN,
+posterior), posteriors that are an MCMC kernel rather than a density (HVAE, RHVAE) or
+live on a manifold (SVAE, PoincareVAE), and losses that are not a likelihood (VAEGAN,
 MSSSIM_VAE). pythae itself is not imported here.
 
 Wrapped models are in eval mode. The methods leave gradient mode to the caller:
@@ -52,6 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributions import Bernoulli, Categorical, Distribution, Independent, MixtureSameFamily, Normal
+
+from vaeeval.adapters.pythae_flows import flow_posterior
+from vaeeval.format.model import rows_independently
 
 
 def standard_normal(model: nn.Module) -> Distribution:
@@ -88,6 +93,8 @@ PRIORS: dict[str, Callable[[nn.Module], Distribution]] = {
             "PIWAE",
             "CIWAE",
             "Adversarial_AE",
+            "VAE_IAF",
+            "VAE_LinNF",
         ),
         standard_normal,
     ),
@@ -95,13 +102,24 @@ PRIORS: dict[str, Callable[[nn.Module], Distribution]] = {
 }
 
 _POINT = "its encoder gives a point, not a distribution over z"
+
+
+def _mcmc(steps: str) -> str:
+    return (
+        f"its posterior is an MCMC kernel (the encoder's Gaussian moved by {steps}), not a density, so log q(z|x) "
+        "has no value to weigh draws by; score it with pythae's own get_nll, or train a VAE_IAF or VAE_LinNF, "
+        "whose flows vaeeval reads"
+    )
+
+
+# Models whose q(z|x) is the encoder's Gaussian pushed through their own flow (``pythae_flows``).
+FLOWS = ("VAE_IAF", "VAE_LinNF")
+
 # The first pythae class in a model's MRO -> why vaeeval cannot evaluate it.
 REFUSED: dict[str, str] = {
     **dict.fromkeys(("AE", "WAE_MMD", "RAE_L2", "RAE_GP", "VQVAE"), _POINT),
-    "HVAE": "its posterior is the encoder's Gaussian moved by Hamiltonian leapfrog steps",
-    "RHVAE": "its posterior is the encoder's Gaussian moved by Riemannian Hamiltonian steps",
-    "VAE_IAF": "its posterior is the encoder's Gaussian pushed through inverse autoregressive flows",
-    "VAE_LinNF": "its posterior is the encoder's Gaussian pushed through planar and radial flows",
+    "HVAE": _mcmc("Hamiltonian leapfrog steps"),
+    "RHVAE": _mcmc("Riemannian Hamiltonian leapfrog steps"),
     "SVAE": "its posterior is a von Mises-Fisher distribution on the hypersphere",
     "PoincareVAE": "its posterior is a wrapped or Riemannian normal on the Poincare ball",
     "VAEGAN": "its reconstruction loss is a discriminator's feature distance, not a likelihood",
@@ -165,18 +183,35 @@ def posterior(model: nn.Module, x: torch.Tensor) -> Distribution:
     Raises:
         ValueError: the encoder gives no ``log_covariance``.
     """
+    return Independent(Normal(*encoder_moments(model, x)), 1)
+
+
+def encoder_moments(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's mean and standard deviation ``[B, latent_dim]`` for ``x [B, *input_dim]``.
+
+    Raises:
+        ValueError: the encoder gives no ``log_covariance``.
+    """
     output = model.encoder(x)
     if "log_covariance" not in output:
         raise ValueError(f"pythae {pythae_name(model)}: its encoder gives no log_covariance, so q(z|x) is not a Gaussian")
-    return Independent(Normal(output["embedding"], (0.5 * output["log_covariance"]).exp()), 1)
+    return output["embedding"], (0.5 * output["log_covariance"]).exp()
 
 
 class ProtocolMixin:
     """vaeeval's protocol, mixed by ``wrap`` into the class of a pythae model."""
 
     def encode(self, x: torch.Tensor) -> Distribution:
-        """q(z|x), batch ``[B]`` and event ``[latent_dim]``, for ``x [B, ...]`` holding ``input_dim`` values per point."""
-        return posterior(self, as_input(self, x))
+        """q(z|x), batch ``[B]`` and event ``[latent_dim]``, for ``x [B, ...]`` holding ``input_dim`` values per point.
+
+        A flow's encoder runs on at least ``MIN_ROWS`` rows (vaeeval cannot take a flow's
+        first rows back out of a padded batch, as it does for a Gaussian).
+        """
+        x = as_input(self, x)
+        if pythae_name(self) not in FLOWS:
+            return posterior(self, x)
+        gaussian = Independent(Normal(*rows_independently(lambda rows: encoder_moments(self, rows), x)), 1)
+        return flow_posterior(self, gaussian)
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for ``z [N, latent_dim]``: batch ``[N]``, event ``[D]``, one flattened data point per row."""

@@ -11,20 +11,24 @@ maps onto format 1 one to one:
 
 * the encoder is ``log1p`` (``log_variational``), then each ``FCLayers`` layer (a
   linear layer taking the one-hot categorical covariates, and the continuous ones at
-  the first layer, then batch norm and ReLU; dropout is left out), then the mean and
+  the first layer, then batch norm or layer norm and ReLU; dropout is left out), then the mean and
   variance heads as one linear layer; q's variance is exp(head) + ``var_eps``, format 1's
   ``posterior.variance_floor``;
 * the library size is ``observed`` (``use_observed_lib_size``) or ``latent``: the
   ``l_encoder`` network with the per-batch prior N(library_log_means, library_log_vars);
 * the decoder is ``px_decoder``'s layers, then one linear layer holding the scale's
   logits (``px_scale_decoder`` before its softmax), the dispersion (``px_r_decoder``,
-  ``gene-cell``; or, for ``gene-batch``, the batch's column of ``px_r``, as a linear map
-  of the one-hot batch) and the zero-inflation logits (``px_dropout_decoder``, ``zinb``);
-* ``gene`` dispersion is the likelihood's ``log_theta`` tensor (``px_r``).
+  ``gene-cell``; or, for ``gene-batch`` and ``gene-label``, the batch's or the cell label's
+  column of ``px_r``, as a linear map of its one-hot, the labels then a covariate the data
+  supplies) and the zero-inflation logits (``px_dropout_decoder``, ``zinb``);
+* ``gene`` dispersion is the likelihood's ``log_theta`` tensor (``px_r``);
+* ``latent_distribution="ln"`` (logistic normal): z is the Gaussian draw, the prior N(0, I)
+  on it, and the decoder starts with a ``softmax`` layer (scVI's ``z_transformation``), so
+  the importance weights are p(x | softmax(z)) p(z) / q(z|x), all of z.
 
-Refused, naming what: other model classes, ``latent_distribution="ln"``, layer norm,
-batch embeddings, size factors, ``gene-label`` dispersion, the ``normal`` likelihood, a
-custom variance activation or layer activation.
+Refused, naming what: other model classes (read from the folder before scvi-tools is
+called: ``scvi_saved``), batch embeddings, size factors, the
+``normal`` likelihood, a custom variance activation or layer activation.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vaeeval.adapters.scvi_saved import check_scvi_class
 from vaeeval.errors import VaeevalError
 
 FAMILIES = {"zinb": "zinb", "nb": "negative_binomial", "poisson": "poisson"}
@@ -86,18 +91,23 @@ def load_scvi(folder: str | Path) -> Any:
 
 
 def check_folder(folder: str | Path) -> Path:
-    """``folder`` if scvi-tools is installed and it holds a ``model.pt``: checked before anything is loaded.
+    """``folder`` if it holds the ``model.pt`` of an SCVI and scvi-tools is installed: checked before anything is loaded.
+
+    The model's class is read from the checkpoint's pickled registry without unpickling
+    it (``scvi_saved``), so a SCANVI or TOTALVI folder is refused by name before
+    scvi-tools' loader runs.
 
     Raises:
-        VaeevalError: scvi-tools missing, or no ``model.pt`` in ``folder``.
+        VaeevalError: no ``model.pt`` in ``folder``, a model of another class, or scvi-tools missing.
     """
     folder = Path(folder)
+    if not (folder / "model.pt").is_file():
+        raise VaeevalError(f"{folder}: not a folder SCVI.save wrote (it has no model.pt)")
+    check_scvi_class(folder)
     try:
         import scvi  # noqa: F401  (the optional extra)
     except ImportError:
         raise VaeevalError("convert --from scvi needs scvi-tools: pip install 'vaeeval[scvi]'") from None
-    if not (folder / "model.pt").is_file():
-        raise VaeevalError(f"{folder}: not a folder SCVI.save wrote (it has no model.pt)")
     return folder
 
 
@@ -151,7 +161,7 @@ def scvi_document(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "latent_dim": int(module.n_latent),
         "data": {"domain": "counts"},
         "description": f"scvi-tools {registry.get('scvi_version', '?')} SCVI, gene_likelihood={module.gene_likelihood}, "
-        f"dispersion={module.dispersion}, converted by vaeeval",
+        f"dispersion={module.dispersion}, latent_distribution={module.latent_distribution}, converted by vaeeval",
     }
     layer = registry.get("setup_args", {}).get("layer")
     if layer:
@@ -176,7 +186,10 @@ def scvi_document(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         }
         if n_batch > 1:
             document["library"]["covariate"] = _batch_name(registry)
-    document["decoder"] = _decoder(module, writer, continuous, categorical, _batch_name(registry))
+    offset_by = _label_name(registry) if module.dispersion == "gene-label" else _batch_name(registry)
+    document["decoder"] = _decoder(module, writer, continuous, categorical, offset_by)
+    if module.latent_distribution == "ln":  # z is the Gaussian draw; the decoder reads softmax(z) (``z_transformation``)
+        document["decoder"].insert(0, {"type": "softmax"})
     likelihood: dict[str, Any] = {"family": FAMILIES[module.gene_likelihood]}
     if module.gene_likelihood != "poisson" and module.dispersion == "gene":
         likelihood["log_theta"] = writer.add("px_r", module.px_r)
@@ -194,22 +207,17 @@ def _check_expressible(model: Any, module: nn.Module) -> None:
         raise refuse(f"the folder holds a {type(model).__name__} model ({type(module).__name__} module)")
     if module.gene_likelihood not in FAMILIES:
         raise refuse(f"gene_likelihood={module.gene_likelihood!r} (vaeeval converts zinb, nb and poisson)")
-    if module.latent_distribution != "normal":
-        raise refuse(f"latent_distribution={module.latent_distribution!r} (a logistic normal z)")
+    if module.latent_distribution not in ("normal", "ln"):
+        raise refuse(f"latent_distribution={module.latent_distribution!r}")
     if module.batch_representation != "one-hot":
         raise refuse(f"batch_representation={module.batch_representation!r}")
     if module.use_size_factor_key:
         raise refuse("size factors given in the data (size_factor_key)")
-    if module.dispersion == "gene-label":
-        raise refuse("dispersion='gene-label' (a dispersion per cell label)")
     parts = dict(module.named_modules())
-    for name, part in parts.items():
-        if isinstance(part, nn.LayerNorm):
-            raise refuse(f"layer norm ({name})")
     for name, part in parts.items():
         if name.endswith("fc_layers"):
             for layer in part.modules():
-                if not isinstance(layer, (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Sequential)):
+                if not isinstance(layer, (nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.ReLU, nn.Dropout, nn.Sequential)):
                     raise refuse(f"a {type(layer).__name__} in {name} (vaeeval converts scVI's ReLU networks)")
     for encoder in (module.z_encoder, module.l_encoder):
         if encoder.var_activation is not torch.exp:
@@ -218,6 +226,10 @@ def _check_expressible(model: Any, module: nn.Module) -> None:
 
 def _batch_name(registry: dict[str, Any]) -> str:
     return registry["field_registries"]["batch"]["state_registry"].get("original_key") or "batch"
+
+
+def _label_name(registry: dict[str, Any]) -> str:
+    return registry["field_registries"]["labels"]["state_registry"].get("original_key") or "labels"
 
 
 def _labels(mapping: Any) -> list[str]:
@@ -253,6 +265,11 @@ def _covariates(registry: dict[str, Any], module: nn.Module) -> tuple[list[dict[
     used = set(continuous) | set(categorical)
     if not module.use_observed_lib_size and len(batches) > 1:
         used.add(_batch_name(registry))
+    if module.dispersion == "gene-label" and module.gene_likelihood != "poisson":  # theta per gene and cell label
+        labels = _labels(fields["labels"]["state_registry"]["categorical_mapping"])
+        declared.append({"name": _label_name(registry), "categories": labels})
+        if len(labels) > 1:
+            used.add(_label_name(registry))
     return [entry for entry in declared if entry["name"] in used], tuple(continuous), tuple(categorical)
 
 
@@ -276,6 +293,12 @@ def _fc_layers(fc: nn.Module, prefix: str, writer: _Writer, first: tuple[str, ..
                 for key in ("running_mean", "running_var", "weight", "bias"):
                     writer.add(f"{path}.{key}", getattr(layer, key))
                 specs.append({"type": "batch_norm", "tensor": path, "eps": float(layer.eps)})
+            elif isinstance(layer, nn.LayerNorm):  # scVI's: elementwise_affine=False
+                spec = {"type": "layer_norm", "eps": float(layer.eps)}
+                if layer.weight is not None:
+                    spec["tensor"] = writer.add(f"{path}.weight", layer.weight).rsplit(".", 1)[0]
+                    writer.add(f"{path}.bias", layer.bias)
+                specs.append(spec)
             elif isinstance(layer, nn.ReLU):
                 specs.append({"type": "relu"})
     return specs
@@ -293,9 +316,13 @@ def _encoder(
 
 
 def _decoder(
-    module: nn.Module, writer: _Writer, continuous: tuple[str, ...], categorical: tuple[str, ...], batch: str
+    module: nn.Module, writer: _Writer, continuous: tuple[str, ...], categorical: tuple[str, ...], offset_by: str
 ) -> list[dict[str, Any]]:
-    """``DecoderSCVI``: its layers, then one head of [scale logits, (log theta), (zero-inflation logits)]."""
+    """``DecoderSCVI``: its layers, then one head of [scale logits, (log theta), (zero-inflation logits)].
+
+    ``gene-batch`` and ``gene-label`` dispersions are columns of ``px_r`` chosen by the
+    categorical covariate ``offset_by`` (the batch, or the cell label): a linear map of its one-hot.
+    """
     decoder = module.decoder
     specs = _fc_layers(decoder.px_decoder, "decoder.px_decoder", writer, continuous + categorical, categorical)
     scale = decoder.px_scale_decoder[0]
@@ -306,7 +333,7 @@ def _decoder(
         if module.dispersion == "gene-cell":
             weights.append(decoder.px_r_decoder.weight)
             biases.append(decoder.px_r_decoder.bias)
-        elif module.dispersion == "gene-batch":  # log theta = px_r[:, batch]: a linear map of the one-hot batch
+        elif module.dispersion in ("gene-batch", "gene-label"):  # log theta = px_r[:, batch or label]
             weights.append(torch.zeros(genes, hidden))
             biases.append(torch.zeros(genes))
             offsets = module.px_r
@@ -322,7 +349,7 @@ def _decoder(
         covariate_weight[genes : 2 * genes] = offsets
         if n_batch > 1:
             weight = torch.cat([weight, covariate_weight], dim=1)
-            spec["covariates"] = [batch]
+            spec["covariates"] = [offset_by]
         else:
             biases[1] = offsets[:, 0]
     writer.add(f"{head}.weight", weight)
@@ -341,12 +368,14 @@ def check_against_scvi(model: Any, converted: Any, *, cells: int = 64, seed: int
     genes = int(module.n_input)
     x = torch.from_numpy(generator.poisson(generator.gamma(2.0, 3.0, size=(cells, genes))).astype(np.float32))
     x[:, 0] += 1  # no cell without counts: scVI's observed library would be log 0
-    covariates, scvi_inputs = _random_covariates(model, converted, cells, generator)
+    covariates, scvi_inputs, labels = _random_covariates(model, converted, cells, generator)
     with torch.inference_mode():
         inference = module.inference(x, **scvi_inputs, n_samples=1)
         qz, library = inference["qz"], inference["library"]
         z = qz.loc
-        generative = module.generative(z, library if module.use_observed_lib_size else inference["ql"].loc, **scvi_inputs)
+        decoded = module.z_encoder.z_transformation(z)  # softmax(z) for a logistic normal, else z
+        library = library if module.use_observed_lib_size else inference["ql"].loc
+        generative = module.generative(decoded, library, **scvi_inputs, y=labels[:, None])
         theirs = generative["px"].log_prob(x).sum(-1).double()
         mean, log_var = converted.encode(x, covariates)
         differences = [(mean[:, : z.shape[1]] - qz.loc).abs().max(), ((0.5 * log_var[:, : z.shape[1]]).exp() - qz.scale).abs().max()]
@@ -363,8 +392,9 @@ def check_against_scvi(model: Any, converted: Any, *, cells: int = 64, seed: int
 
 def _random_covariates(
     model: Any, converted: Any, cells: int, generator: np.random.Generator
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Random covariates for ``cells`` cells, as vaeeval takes them and as scVI's ``inference``/``generative`` do."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    """Random covariates for ``cells`` cells, as vaeeval takes them and as scVI's ``inference``/``generative`` do, and
+    random cell labels ``[cells]`` (scVI's ``y``, which its generative takes for a ``gene-label`` dispersion)."""
     registry = model.registry_
     fields = registry["field_registries"]
     n_batch = len(_labels(fields["batch"]["state_registry"]["categorical_mapping"]))
@@ -383,12 +413,16 @@ def _random_covariates(
         columns.append(codes)
         if name in converted.covariates:
             ours[name] = codes
+    n_labels = len(_labels(fields["labels"]["state_registry"]["categorical_mapping"]))
+    labels = torch.from_numpy(generator.integers(0, n_labels, cells))  # scVI's y (its generative's, not inference's)
+    if _label_name(registry) in converted.covariates:
+        ours[_label_name(registry)] = labels
     scvi_inputs = {
         "batch_index": batch[:, None],
         "cont_covs": cont,
         "cat_covs": torch.stack(columns, dim=1) if columns else None,
     }
-    return ours, scvi_inputs
+    return ours, scvi_inputs, labels
 
 
 AGREEMENT = 1e-4  # float32 networks computed in another order, and scVI's eps = 1e-8 inside its logs

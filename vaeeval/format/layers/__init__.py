@@ -30,7 +30,7 @@ from vaeeval.format.layers.base import (
 )
 
 # Each layer type registers itself when its module is imported: this order is the order errors list them in.
-for _module in ("linear", "conv", "elementwise", "shape"):
+for _module in ("linear", "norm", "conv", "elementwise", "shape"):
     importlib.import_module(f"{__name__}.{_module}")
 
 from vaeeval.format.layers.linear import Chain, Linear  # noqa: E402

@@ -106,6 +106,27 @@ def _log1p(spec, tensors, in_shape, label):
     return BuiltLayer(Elementwise("log1p", log1p), in_shape, ())
 
 
+class Softmax(nn.Module):
+    """exp(log_softmax(x)) over a point's features, with ``numerics.log_softmax``'s fixed bits (scVI's logistic-normal z)."""
+
+    dim = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(numerics.log_softmax(x))
+
+
+def _last_axis(module: nn.Module) -> dict[str, Any]:
+    require(module.dim in (-1, 1), f"dim={module.dim}; format 1's softmax is over a point's features (dim -1)")
+    return {}
+
+
+@register("softmax", modules=(nn.Softmax, Softmax), spec_of=_last_axis)
+def _softmax(spec, tensors, in_shape, label):
+    if len(in_shape) != 1:
+        raise SpecError(f"{label}: needs [features], the previous layer gives {list(in_shape)}")
+    return BuiltLayer(Softmax(), in_shape, ())
+
+
 @register(
     "leaky_relu", ("negative_slope",), modules=(nn.LeakyReLU,),
     spec_of=lambda module: {"negative_slope": module.negative_slope},
