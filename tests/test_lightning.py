@@ -73,6 +73,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lightning")
     (folder / "vae.py").write_text(VAE_PY)
     sys.path.insert(0, str(folder))
+    sys.modules.pop("vae", None)  # another test's vae.py may have been imported under that name
     try:
         import vae as vae_module
 
