@@ -45,7 +45,7 @@ from vaeeval.format.priors import prior_from_spec
 from vaeeval.format.reading import read_safetensors
 from vaeeval.io.files import file_digest
 from vaeeval.user import discrete
-from vaeeval.user.calls import call_user, first_line, where
+from vaeeval.user.calls import USER_FAILURES, call_user, first_line, where
 from vaeeval.user.discrete import point_mass
 from vaeeval.user.distributions import describe, keyed
 from vaeeval.user.hierarchy import GroupsDecoder, Layout, Plan, groups_note, plan_of, posterior_chain, prior_chain
@@ -110,7 +110,7 @@ def _import_file(spec: str, path: Path) -> Any:
     sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
     try:
         module_spec.loader.exec_module(module)
-    except Exception as error:  # the user's code: any failure is reported, in one line
+    except USER_FAILURES as error:  # the user's code: any failure is reported, in one line
         raise VaeevalError(f"{option('arch')} {spec}: running {path} raised {first_line(error)}{where(error)}") from None
     finally:
         sys.modules.pop(name, None)
@@ -121,7 +121,7 @@ def _import_file(spec: str, path: Path) -> Any:
 def _import_module(spec: str, name: str) -> Any:
     try:
         return importlib.import_module(name)
-    except Exception as error:
+    except USER_FAILURES as error:
         raise VaeevalError(f"{option('arch')} {spec}: importing {name} raised {first_line(error)}") from None
 
 
@@ -140,7 +140,7 @@ def load_architecture(spec: str) -> Callable[..., Any]:
             )
         try:
             return registered[spec].load()
-        except Exception as error:
+        except USER_FAILURES as error:
             raise VaeevalError(f"{option('arch')} {spec}: loading its entry point raised {first_line(error)}") from None
     source, _, attribute = spec.rpartition(":")
     looks_like_file = source.endswith(".py") or "/" in source or "\\" in source
@@ -165,7 +165,7 @@ def build_module(spec: str, factory: Callable[..., Any], args: Mapping[str, Any]
     else:
         try:
             module = factory(**args)
-        except Exception as error:
+        except USER_FAILURES as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
             raise VaeevalError(f"{option('arch')} {spec}: {spec.rpartition(':')[2]}({shown}) raised {first_line(error)}") from None
     if not isinstance(module, nn.Module):

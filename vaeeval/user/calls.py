@@ -9,6 +9,11 @@ from typing import Any
 
 from vaeeval.errors import VaeevalError
 
+# What the user's code may raise that vaeeval reports in one line: any exception, and sys.exit() (a SystemExit,
+# which is no Exception: uncaught, sys.exit(0) in decode would end vaeeval with success and nothing printed).
+# KeyboardInterrupt is left alone: ctrl-C stops vaeeval as ever.
+USER_FAILURES = (Exception, SystemExit)
+
 
 def first_line(error: BaseException) -> str:
     """``Type: first line of the message``."""
@@ -34,5 +39,5 @@ def call_user(what: str, function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
     except VaeevalError:
         raise
-    except Exception as error:  # the user's code: any failure is reported, in one line
+    except USER_FAILURES as error:  # the user's code: any failure is reported, in one line
         raise VaeevalError(f"{what} raised {first_line(error)}{where(error)}") from None

@@ -18,7 +18,7 @@ from torch.distributions.utils import probs_to_logits
 from vaeeval.core import rng
 from vaeeval.errors import VaeevalError, option
 from vaeeval.format.likelihoods import BINARY, CATEGORICAL, Likelihood
-from vaeeval.user.calls import call_user, first_line, where
+from vaeeval.user.calls import USER_FAILURES, call_user, first_line, where
 
 DECODER_OUTPUTS = ("logits", "probs", "mean")  # what a decoder may return: --decoder-output
 _SHAPE_ONLY = {"view", "reshape", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze"}
@@ -207,7 +207,7 @@ def trace(module: nn.Module, method: str) -> fx.GraphModule:
     root = MethodModule(module, method)
     try:
         graph = _Tracer().trace(root)
-    except Exception as error:  # whatever the user's code does under tracing
+    except USER_FAILURES as error:  # whatever the user's code does under tracing
         raise VaeevalError(f"{method} cannot be traced by torch.fx: {first_line(error)}{where(error)}") from None
     return fx.GraphModule(root, graph)
 

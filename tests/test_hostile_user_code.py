@@ -1,0 +1,87 @@
+"""Hostile input, second round (issue 28, A): sys.exit() in the user's --arch code is one line and exit 2.
+
+SystemExit is no Exception, so an `except Exception` let it through: sys.exit(0) in decode ended vaeeval
+with exit 0 and nothing printed, even with --json; sys.exit(3) with exit 3 and no message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from vaeeval.cli import main
+
+MODELS = """
+import sys
+from torch import nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 4), nn.Linear(2, 4)
+
+    def encode(self, x):
+        return self.enc(x).chunk(2, -1)
+
+    def decode(self, z):
+        return self.dec(z)
+
+
+class DecodeExits(Base):
+    def decode(self, z):
+        if z.shape[0] > 2:  # after the probe: in the middle of the evaluation
+            sys.exit(0)
+        return self.dec(z)
+
+
+class EncodeExits(Base):
+    def encode(self, x):
+        sys.exit(3)
+
+
+class InitExits(Base):
+    def __init__(self):
+        super().__init__()
+        sys.exit(0)
+
+
+class PriorExits(Base):
+    def prior(self):
+        sys.exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exits")
+    (folder / "models.py").write_text(MODELS)
+    torch.manual_seed(0)
+    weights = {"enc.weight": torch.randn(4, 4), "enc.bias": torch.zeros(4), "dec.weight": torch.randn(4, 2),
+               "dec.bias": torch.zeros(4)}
+    save_file(weights, folder / "w.safetensors")
+    np.save(folder / "x.npy", (np.random.default_rng(0).random((5, 4)) < 0.5).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "phrase"),
+    [
+        ("elbo", "DecodeExits", "decode(z) raised SystemExit: 0 at "),
+        ("ais", "DecodeExits", "raised SystemExit: 0 at "),
+        ("elbo", "EncodeExits", "encode(x) raised SystemExit: 3 at "),
+        ("elbo", "InitExits", "InitExits() raised SystemExit: 0"),
+        ("elbo", "PriorExits", "prior() raised SystemExit: 0 at "),
+    ],
+)
+def test_sys_exit_in_the_users_code_is_one_line_and_exit_2(folder, command, name, phrase):
+    args = [command, str(folder / "w.safetensors"), str(folder / "x.npy"), "--arch", f"{folder / 'models.py'}:{name}",
+            "--likelihood", "bernoulli", "--json"]
+    if command == "ais":
+        args += ["--steps", "3", "--chains", "2", "-k", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and phrase in result.stderr, result.stderr
