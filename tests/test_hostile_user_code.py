@@ -85,3 +85,26 @@ def test_sys_exit_in_the_users_code_is_one_line_and_exit_2(folder, command, name
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert result.stdout == "" and result.stderr.count("\n") == 1 and phrase in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("target", ["pkg/vaemod.py", "pkg/__init__.py"])
+def test_convert_never_writes_over_the_module_arch_names(folder, tmp_path, monkeypatch, target):
+    """(I) `convert -o pkg/vaemod.py --arch pkg.vaemod:M` wrote safetensors bytes over the user's module: the check
+    that an output is never an input compared against 'pkg.vaemod' as a path. Now the module's file and its
+    packages' __init__.py are inputs."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("# the user's package\n")
+    (package / "vaemod.py").write_text(MODELS)
+    before = {name: (package / name).read_bytes() for name in ("__init__.py", "vaemod.py")}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["convert", str(folder / "w.safetensors"), "--arch", "pkg.vaemod:Base",
+                                       "--likelihood", "bernoulli", "--input-shape", "4", "-o", target])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--output {target} is the input" in result.stderr and "never writes over its inputs" in result.stderr
+    assert {name: (package / name).read_bytes() for name in before} == before
+    for name in ("pkg", "pkg.vaemod"):
+        import sys
+
+        sys.modules.pop(name, None)

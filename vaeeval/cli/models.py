@@ -38,7 +38,7 @@ from vaeeval.io.files import check_output
 from vaeeval.output.documents import calibrate_document, compare_document, inspect_document
 from vaeeval.output.tables import render_compare, render_inspect
 from vaeeval.results.records import to_json
-from vaeeval.user.arch import arch_model
+from vaeeval.user.arch import arch_model, source_files
 from vaeeval.user.sources import load
 
 
@@ -197,7 +197,7 @@ def convert(
         raise click.UsageError("convert: format 1 holds no covariates; evaluate a conditional model with --arch")
     if arch.encode_shape is None and data is None:
         raise click.UsageError("convert needs --input-shape or --data: the shape of one data point")
-    check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
+    check_output(output, [weights, data, *source_files(arch.spec)])
     shape = arch.encode_shape or point_shape(data, key=key, layer=layer)
     source = arch_model(weights, replace(arch, encode_shape=None), shape)
     points = None if data is None else load_data(data, source, key=key, layer=layer, limit=64).array
@@ -210,7 +210,7 @@ def _convert_lightning(weights: Path, output: Path, arch: Any, state_dict_only: 
     """``convert --from lightning``: the checkpoint's state_dict, a prefix stripped, as a state dict or format 1."""
     from vaeeval.analysis.lightning import checkpoint_model, extract, save_state_dict
 
-    check_output(output, [weights, data, Path(arch.spec.rpartition(":")[0])])
+    check_output(output, [weights, data, *source_files(arch.spec)])
     if state_dict_only:
         extracted = extract(weights, arch)
         click.echo(extracted.describe())
@@ -275,8 +275,9 @@ def calibrate(model: Path, data: Path, output: Path, per_dimension: bool, sample
       vaeeval calibrate model.safetensors heldout.npy --output calibrated.safetensors
       vaeeval elbo calibrated.safetensors test.npy
     """
-    check_output(output, [model, data])
-    loaded, dataset = load(model, data, arch=arch_settings(options), **options)
+    arch = arch_settings(options)
+    check_output(output, [model, data, *source_files(arch.spec if arch else None)])
+    loaded, dataset = load(model, data, arch=arch, **options)
     fitted = fit_calibration(loaded, dataset, output, per_dimension=per_dimension, samples=samples, seed=seed,
                              batch_size=batch_size, density=density, criterion=criterion)
     if as_json:

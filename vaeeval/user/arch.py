@@ -125,6 +125,27 @@ def _import_module(spec: str, name: str) -> Any:
         raise VaeevalError(f"{option('arch')} {spec}: importing {name} raised {first_line(error)}") from None
 
 
+def source_files(spec: str | None) -> list[Path]:
+    """The files ``--arch spec`` runs: FILE.py, or a module's file and its packages' ``__init__.py`` (found without
+    importing the module itself); none for a registered name. An output must never be one of them."""
+    if not spec or ":" not in spec:
+        return []
+    source = spec.rpartition(":")[0]
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        return [Path(source)]
+    found = []
+    parts = source.split(".")
+    for end in range(1, len(parts) + 1):
+        try:
+            module_spec = importlib.util.find_spec(".".join(parts[:end]))
+        except USER_FAILURES:  # a parent package that does not import: loading will say so
+            break
+        if module_spec is None or not module_spec.origin or not module_spec.has_location:
+            break
+        found.append(Path(module_spec.origin))
+    return found
+
+
 def load_architecture(spec: str) -> Callable[..., Any]:
     """The class or factory ``spec`` names. Runs the user's code (importing it).
 
