@@ -108,3 +108,18 @@ def test_convert_never_writes_over_the_module_arch_names(folder, tmp_path, monke
         import sys
 
         sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "2,x"])
+def test_a_bad_omp_num_threads_is_one_line_before_torch_loads(value):
+    """(M) libgomp printed its own warning for these and went on, so any refusal was three lines."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": value}
+    found = subprocess.run([sys.executable, "-m", "vaeeval", "inspect", "sample_models/digits_bernoulli.safetensors"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert found.returncode == 2 and found.stdout == "", found.stderr
+    assert found.stderr == (f"vaeeval: error: OMP_NUM_THREADS={value!r} is not a positive whole number of threads; "
+                            "unset it, or set it to one (OMP_NUM_THREADS=2)\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 
@@ -13,6 +14,7 @@ def main() -> None:
     would walk them all several times meanwhile (a third of the start-up time, measured):
     it is paused for the imports, and what they made is frozen out of later collections.
     """
+    _check_thread_setting()
     gc.disable()
     try:
         from vaeeval.cli import main as command
@@ -23,6 +25,19 @@ def main() -> None:
         gc.freeze()
         gc.enable()
     command()
+
+
+def _check_thread_setting() -> None:
+    """OMP_NUM_THREADS must be a positive whole number where it is set: torch's OpenMP runtime (libgomp) reads it
+    when torch loads and, for 0, -1 or text, prints its own warning and goes on, so a refusal of vaeeval's would
+    be three lines. Refused here, before torch loads, in one line, exit 2."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is None:
+        return
+    if not all(part.strip().isdigit() and int(part) > 0 for part in value.split(",")):
+        sys.stderr.write(f"vaeeval: error: OMP_NUM_THREADS={value!r} is not a positive whole number of threads; "
+                         "unset it, or set it to one (OMP_NUM_THREADS=2)\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
