@@ -123,3 +123,25 @@ def test_a_bad_omp_num_threads_is_one_line_before_torch_loads(value):
     assert found.returncode == 2 and found.stdout == "", found.stderr
     assert found.stderr == (f"vaeeval: error: OMP_NUM_THREADS={value!r} is not a positive whole number of threads; "
                             "unset it, or set it to one (OMP_NUM_THREADS=2)\n")
+
+
+@pytest.mark.parametrize(
+    ("environment", "phrase"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number from 1 to 65536"),
+        ({"WORLD_SIZE": str(10**30)}, f"WORLD_SIZE='{10**30}' is not a whole number from 1 to 65536"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 asks for 2 processes, but MASTER_ADDR is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+         "RANK='5' is not a whole number from 0 to 1"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+         "LOCAL_WORLD_SIZE='0' is not a whole number from 1 to 2"),
+    ],
+)
+def test_torchrun_environments_that_cannot_be_are_one_line(monkeypatch, environment, phrase):
+    """(J, K, L) these gave tracebacks, or (a rank past the world size) waited forever."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["inspect", "sample_models/digits_bernoulli.safetensors"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and phrase in result.stderr, result.stderr

@@ -90,14 +90,16 @@ def test_resuming_a_finished_run_computes_nothing_and_gives_its_numbers(bernoull
 
 # ---------------------------------------------------------------- torchrun
 
+RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}  # torchrun sets both for every process
+
 
 @pytest.mark.parametrize(
     ("environment", "world", "local"),
-    [({}, None, 1), ({"WORLD_SIZE": "1", "RANK": "0"}, None, 1), ({"WORLD_SIZE": "4", "RANK": "3"}, (3, 4), 4),
-     ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_WORLD_SIZE": "2"}, (1, 4), 2)],
+    [({}, None, 1), ({"WORLD_SIZE": "1", "RANK": "0"}, None, 1), ({"WORLD_SIZE": "4", "RANK": "3", **RENDEZVOUS}, (3, 4), 4),
+     ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_WORLD_SIZE": "2", **RENDEZVOUS}, (1, 4), 2)],
 )
 def test_the_torchrun_world_is_read_from_its_environment(monkeypatch, environment, world, local):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", *RENDEZVOUS):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)

@@ -148,16 +148,42 @@ def _opened(path: Path, mode: str) -> Iterator[TextIO]:
 # ---------------------------------------------------------------- torchrun
 
 
+MAX_WORLD = 1 << 16  # processes in one run
+
+
+def _setting(name: str, default: int, low: int, high: int) -> int:
+    """The whole number torchrun put in the environment variable ``name``, checked to lie in [low, high]."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.strip().isdigit() or not low <= int(value) <= high:
+        raise VaeevalError(f"{name}={value!r} is not a whole number from {low} to {high}: start the processes with torchrun, "
+                           "which sets it, or unset it")
+    return int(value)
+
+
 def distributed_world() -> tuple[int, int] | None:
-    """(rank, world size) when started by torchrun with more than one process, else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    """(rank, world size) when started by torchrun with more than one process, else None.
+
+    Raises:
+        VaeevalError: a WORLD_SIZE or RANK that is no whole number in range (a rank at or past the world
+            size would wait forever for peers that cannot exist), or a world without MASTER_ADDR and MASTER_PORT.
+    """
+    world = _setting("WORLD_SIZE", 1, 1, MAX_WORLD)
+    if world == 1:
+        return None
+    rank = _setting("RANK", 0, 0, world - 1)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise VaeevalError(f"WORLD_SIZE={world} asks for {world} processes, but {name} is not set: start them with "
+                               "torchrun (which sets it), or unset WORLD_SIZE")
+    return rank, world
 
 
 def local_processes() -> int:
     """How many processes torchrun started on this machine (1 outside torchrun)."""
     world = distributed_world()
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world[1])) if world else 1
+    return _setting("LOCAL_WORLD_SIZE", world[1], 1, world[1]) if world else 1
 
 
 def run_distributed(
