@@ -145,3 +145,30 @@ def test_torchrun_environments_that_cannot_be_are_one_line(monkeypatch, environm
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(main, ["inspect", "sample_models/digits_bernoulli.safetensors"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and phrase in result.stderr, result.stderr
+
+
+def test_a_log_prob_of_the_wrong_shape_is_refused_not_summed():
+    """(C) a decode distribution whose log_prob gave [N, 2] for 6 values was summed anyway (recon -2.04 for a
+    true -5.82); an unsummed custom q's log_prob gave a traceback. Both are now one refusal naming the shapes."""
+    from torch.distributions import Normal
+
+    from vaeeval.user.distributions import log_prob64, log_prob_of
+
+    class Halved(Normal):
+        def log_prob(self, value):
+            return super().log_prob(value)[..., :2]  # two numbers where there are six
+
+    with pytest.raises(ValueError, match=r"Halved.log_prob gives \[3, 2\] for values of shape \[3, 6\]"):
+        log_prob_of(Halved(torch.zeros(3, 6), 1.0), torch.zeros(3, 6))
+
+    class Unsummed(Normal):  # a custom q over [4] whose log_prob forgets to sum its event
+        @property
+        def event_shape(self):
+            return torch.Size([4])
+
+        @property
+        def batch_shape(self):
+            return torch.Size([3])
+
+    with pytest.raises(ValueError, match=r"Unsummed.log_prob gives \[5, 3, 4\] for values of shape \[5, 3, 4\]"):
+        log_prob64(Unsummed(torch.zeros(3, 4), 1.0), torch.zeros(5, 3, 4))

@@ -651,10 +651,11 @@ def test_a_normal_from_decode_is_binned_exactly_in_both_tails_like_format_1(mode
     a = evaluate(own, data, samples=16, seed=3)
     b = evaluate(gaussian, data, samples=16, seed=3)
     assert a.measure == b.measure == PROBABILITY
-    # the two paths run the decoder on different batches, so its float32 means may differ in the last bit:
-    # 60 scales out that moves a bin's log-probability by about 1e-8 of itself
+    # the two paths run the decoder on different batches, so its float32 means may differ in the last bit: 60
+    # scales out (d log P / d mean = 60 / 2**-7 per unit) one ulp of a mean moves a value's log-probability by
+    # up to ~1e-7 of itself, and a point sums six; the floor this test guards against was off by hundreds of nats
     for name in ("elbo", "recon", "iwae"):
-        np.testing.assert_allclose(getattr(a.points, name), getattr(b.points, name), rtol=1e-7, err_msg=name)
+        np.testing.assert_allclose(getattr(a.points, name), getattr(b.points, name), rtol=1e-6, err_msg=name)
     assert a.points.recon.min() < -87.4 * 6  # far below what the float32 floor allowed
 
     from vaeeval.user.distributions import log_prob_of  # on the same means: the same bins to float64 rounding

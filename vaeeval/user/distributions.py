@@ -258,15 +258,32 @@ def log_prob64(distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
         found = discrete.log_prob(part, z)
         return part.log_prob(z) if found is None else found
 
-    return _summed(distribution, per_element).double()
+    return _summed(distribution, per_element, z).double()
 
 
-def _summed(distribution: Distribution, per_element: Callable[[Distribution], torch.Tensor]) -> torch.Tensor:
+def _summed(
+    distribution: Distribution, per_element: Callable[[Distribution], torch.Tensor], value: torch.Tensor | None = None
+) -> torch.Tensor:
     """``per_element`` of an ``Independent``'s base distribution summed over its reinterpreted axes by a fixed tree
-    (torch's own sum there changes its last bits with the batch shape); of any other distribution as it is."""
-    if not isinstance(distribution, Independent):
-        return per_element(distribution)
-    return _tree_sum_last(_summed(distribution.base_dist, per_element), distribution.reinterpreted_batch_ndims)
+    (torch's own sum there changes its last bits with the batch shape); of any other distribution as it is.
+
+    With ``value``, what ``per_element`` gives is checked to be one number per value (the sample and batch
+    axes): a ``log_prob`` that leaves some of its event unsummed, or sums too much, is refused (``ValueError``),
+    not summed into a wrong number.
+    """
+    if isinstance(distribution, Independent):
+        return _tree_sum_last(_summed(distribution.base_dist, per_element, value), distribution.reinterpreted_batch_ndims)
+    found = per_element(distribution)
+    if value is not None:
+        events = len(distribution.event_shape)
+        expected = torch.broadcast_shapes(value.shape[: value.dim() - events], distribution.batch_shape)
+        if tuple(found.shape) != tuple(expected):
+            raise ValueError(
+                f"{type(distribution).__name__}.log_prob gives {list(found.shape)} for values of shape {list(value.shape)}; "
+                f"a distribution of batch shape {list(distribution.batch_shape)} and event shape "
+                f"{list(distribution.event_shape)} gives one number per value, {list(expected)}"
+            )
+    return found
 
 
 def _tree_sum_last(terms: torch.Tensor, axes: int) -> torch.Tensor:
@@ -349,7 +366,7 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None =
             )
         x = x.reshape(shape)
     if bins is None or distribution.support.is_discrete:
-        terms = _summed(distribution, lambda part: _log_prob_of_part(part, x))
+        terms = _summed(distribution, lambda part: _log_prob_of_part(part, x), x)
     else:
         terms = _log_bin(distribution, x, bins)
     return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
