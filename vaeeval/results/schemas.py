@@ -197,6 +197,14 @@ AIS_SETTINGS = _object(
 )
 COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
 AIS_POINT = AIS_COLUMNS.schema()
+CERTIFICATE_STAGE = _object(
+    {"steps": INTEGER, "leapfrog": INTEGER, "gap": STAT, "upper": MAYBE_NUMBER, "cost": INTEGER}
+)
+CERTIFICATE = _object(
+    {"target_gap": NUMBER, "reached": {"type": "boolean"}, "steps": INTEGER, "leapfrog": INTEGER, "gap": STAT,
+     "upper": MAYBE_NUMBER, "simulated_points": INTEGER, "max_cost": INTEGER, "cost": INTEGER,
+     "stages": {"type": "array", "items": CERTIFICATE_STAGE, "minItems": 1}}
+)
 AIS_SUMMARY = _object(
     {
         "n": INTEGER,
@@ -326,7 +334,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
         "vaeeval ais --json: per-point annealed importance sampling estimates of log p(x), with ELBO and IWAE",
         {"model": MODEL, "data": DATA, "settings": AIS_SETTINGS, "summary": AIS_SUMMARY,
          "points": {"type": "array", "items": AIS_POINT}},
-        {"units": STRING},
+        {"units": STRING, "certificate": CERTIFICATE},
     ),
     _document(
         BDMC_SCHEMA,

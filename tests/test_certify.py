@@ -1,0 +1,113 @@
+"""``ais --target-gap``: BDMC at growing settings certifies the gap, then AIS runs at the settings reached."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import cli, make_ppca
+
+from vaeeval.errors import VaeevalError
+from vaeeval.estimators.annealing.ais import AISOptions
+from vaeeval.estimators.annealing.bdmc import run_bdmc
+from vaeeval.estimators.annealing.certify import Z_UPPER, certify
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.results.schemas import schema
+
+FIRST = AISOptions(steps=4, leapfrog=2, chains=4, pilot_chains=4)
+POINTS = 10
+SETTINGS = ("--steps", "4", "--leapfrog", "2", "--chains", "4", "--pilot-chains", "4", "-k", "10")
+
+
+def gradients(steps: int, leapfrog: int, chains: int = 4, pilot: int = 4, points: int = POINTS) -> int:
+    """One BDMC stage by hand: pilot chains once, forward and reverse chains, 1 + (T - 1) L gradients a chain."""
+    per_chain = 1 + (steps - 1) * leapfrog
+    return points * (pilot * per_chain + 2 * chains * per_chain)
+
+
+@pytest.fixture
+def poor(tmp_path):
+    """A PPCA model with a shifted, too narrow encoder: weak AIS settings leave a gap of several nats."""
+    ppca = make_ppca(dims=6, latent=2, sigma=0.5)
+    model = ppca.save(tmp_path / "poor.safetensors", mean_scale=0.5, log_var_shift=-2.0)
+    data = tmp_path / "data.npy"
+    np.save(data, ppca.sample(7, np.random.default_rng(5)).astype(np.float32))
+    return model, data
+
+
+def test_stages_grow_until_the_upper_bound_is_below_the_target(poor):
+    model, _ = poor
+    certificate = certify(model, FIRST, EvaluationOptions(samples=10), 0.6, 10**7, points=POINTS)
+    stages = certificate.stages
+    assert certificate.reached and len(stages) >= 3
+    assert (stages[0].steps, stages[0].leapfrog) == (4, 2) and stages[1].steps == 8  # T doubles first
+    for before, after in zip(stages, stages[1:], strict=False):  # each stage doubles T or L, never both
+        assert (after.steps, after.leapfrog) in ((2 * before.steps, before.leapfrog), (before.steps, 2 * before.leapfrog))
+    for stage in stages:
+        assert stage.cost == gradients(stage.steps, stage.leapfrog)
+        assert stage.upper == pytest.approx(stage.gap + Z_UPPER * stage.stderr, abs=1e-12)
+    assert certificate.cost == sum(gradients(s.steps, s.leapfrog) for s in stages)
+    assert stages[-1].upper < 0.6 and all(s.upper >= 0.6 for s in stages[:-1])
+    # the final stage is an ordinary BDMC run at its settings, bit for bit
+    direct, _ = run_bdmc(model, POINTS, certificate.settings(FIRST), EvaluationOptions(samples=10))
+    assert direct.summary.gap.mean == stages[-1].gap and direct.summary.gap.stderr == stages[-1].stderr
+
+
+def test_a_budget_that_runs_out_stops_before_the_stage_that_would_exceed_it(poor):
+    model, _ = poor
+    budget = gradients(4, 2) + gradients(8, 2) + gradients(16, 2) - 1
+    certificate = certify(model, FIRST, EvaluationOptions(samples=10), 0.6, budget, points=POINTS)
+    assert not certificate.reached and [s.steps for s in certificate.stages] == [4, 8]
+    assert certificate.cost <= budget and certificate.final.upper >= 0.6
+
+
+@pytest.mark.parametrize("target, budget, points", [(0.0, 10**7, 10), (-1.0, 10**7, 10), (math.nan, 10**7, 10),
+                                                    (math.inf, 10**7, 10), (0.5, gradients(4, 2) - 1, 10),
+                                                    (0.5, 10**7, 1)])
+def test_bad_targets_and_budgets_are_refused_before_anything_runs(poor, target, budget, points):
+    model, _ = poor
+    with pytest.raises(VaeevalError):
+        certify(model, FIRST, EvaluationOptions(samples=10), target, budget, points=points)
+
+
+def test_cli_certifies_then_runs_plain_ais_at_the_settings_reached(poor):
+    model, data = poor
+    out = cli("ais", model.path, data, *SETTINGS, "--target-gap", "0.6", "--certify-points", POINTS, "--json")
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.ais/1")).validate(document)
+    certificate = document["certificate"]
+    assert certificate["reached"] and certificate["upper"] < 0.6 and certificate["simulated_points"] == POINTS
+    assert certificate["cost"] == sum(stage["cost"] for stage in certificate["stages"]) <= certificate["max_cost"]
+    assert document["settings"]["steps"] == certificate["steps"] > 4
+    plain = json.loads(cli("ais", model.path, data, *SETTINGS[4:], "--steps", certificate["steps"],
+                           "--leapfrog", certificate["leapfrog"], "--json").stdout)
+    assert "certificate" not in plain
+    assert document["points"] == plain["points"] and document["summary"] == plain["summary"]  # bit for bit
+    table = cli("ais", model.path, data, *SETTINGS, "--target-gap", "0.6", "--certify-points", POINTS).stdout
+    assert "Certificate: BDMC gap on 10 simulated points" in table and "Target reached" in table
+
+
+def test_cli_budget_exhausted_exits_1_with_one_line_and_still_prints_the_results(poor):
+    model, data = poor
+    budget = gradients(4, 2) + gradients(8, 2)
+    out = cli("ais", model.path, data, *SETTINGS, "--target-gap", "0.01", "--max-cost", budget,
+              "--certify-points", POINTS, "--json", code=1)
+    assert len(out.stderr.strip().splitlines()) == 1 and "target gap 0.01 not reached" in out.stderr
+    assert f"--max-cost {budget:,}" in out.stderr
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.ais/1")).validate(document)
+    assert not document["certificate"]["reached"] and document["settings"]["steps"] == 8
+    assert len(document["points"]) == 7
+
+
+@pytest.mark.parametrize("extra", [("--target-gap", "0"), ("--target-gap", "-0.5"), ("--target-gap", "nan"),
+                                   ("--target-gap", "0.5", "--max-cost", "10"),
+                                   ("--target-gap", "0.5", "--certify-points", "1")])
+def test_cli_bad_target_one_line_exit_2_nothing_written(poor, tmp_path, extra):
+    model, data = poor
+    output = tmp_path / "out.jsonl"
+    out = cli("ais", model.path, data, *SETTINGS, *extra, "--output", output, code=2)
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and not output.exists()

@@ -1,0 +1,164 @@
+"""``ais --target-gap``: find AIS settings whose BDMC gap is certified below a target, within a budget.
+
+BDMC (``bdmc``) brackets log p(x) of points simulated from the model between forward
+AIS (a stochastic lower bound) and reverse AIS from the true z (a stochastic upper
+bound). ``certify`` runs it on the same ``n`` simulated points at growing settings: the
+given (T, L), then T doubled each stage; when a doubling of T cut the mean gap by less
+than a tenth, the next stage doubles L instead. It stops at the first stage whose
+upper confidence bound on the mean gap, mean + 1.96 × stderr, is below the target, or
+before the first stage that would take the cost past the budget. Every stage is an
+ordinary BDMC run at frozen settings, keyed by the seed, so the certificate is
+reproducible bit for bit; the AIS run on the data at the settings reached is an
+ordinary AIS run at those settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from vaeeval.errors import VaeevalError, option
+from vaeeval.estimators.annealing.ais import MAX_LEAPFROG, MAX_SIMULATED, MAX_STEPS, AISOptions
+from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, simulate, simulation_grid
+from vaeeval.estimators.importance.evaluate import EvaluationOptions
+from vaeeval.format.model import Model
+
+Z_UPPER = 1.96  # the one-sided bound is mean + 1.96 stderr (97.5%)
+DEFAULT_CERTIFY_POINTS = 20
+DEFAULT_MAX_COST = 10**9  # gradient evaluations: about eight stages from the default settings on 20 points
+SLOW_GAIN = 0.9  # a doubling of T that leaves more than this share of the gap doubles L next
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One BDMC run of the certification: its settings, its mean gap and the gradient evaluations it took."""
+
+    steps: int
+    leapfrog: int
+    gap: float
+    stderr: float
+    upper: float  # gap + Z_UPPER × stderr
+    cost: int  # gradient evaluations, over all simulated points, pilot included
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What ``certify`` found: the stages run, the settings reached and whether they meet the target."""
+
+    target: float
+    max_cost: int
+    points: int
+    stages: tuple[Stage, ...]
+    reached: bool
+
+    @property
+    def final(self) -> Stage:
+        """The strongest settings tried (the last stage)."""
+        return self.stages[-1]
+
+    @property
+    def cost(self) -> int:
+        return sum(stage.cost for stage in self.stages)
+
+    def to_record(self) -> dict[str, object]:
+        """The certificate as JSON: the target, the settings reached, their gap, and every stage with its cost."""
+        final = self.final
+        return {
+            "target_gap": self.target,
+            "reached": self.reached,
+            "steps": final.steps,
+            "leapfrog": final.leapfrog,
+            "gap": {"mean": final.gap, "stderr": final.stderr},
+            "upper": final.upper,
+            "simulated_points": self.points,
+            "max_cost": self.max_cost,
+            "cost": self.cost,
+            "stages": [
+                {"steps": s.steps, "leapfrog": s.leapfrog, "gap": {"mean": s.gap, "stderr": s.stderr}, "upper": s.upper,
+                 "cost": s.cost}
+                for s in self.stages
+            ],
+        }
+
+    def settings(self, annealing: AISOptions) -> AISOptions:
+        """``annealing`` at the settings the certificate reached."""
+        return replace(annealing, steps=self.final.steps, leapfrog=self.final.leapfrog)
+
+
+def stage_cost(annealing: AISOptions, points: int) -> int:
+    """Gradient evaluations of one BDMC run on ``points`` points: forward and reverse runs, and the pilot."""
+    per_chain = 1 + max(annealing.steps - 1, 0) * annealing.leapfrog
+    pilot = 0 if annealing.step_size is not None else annealing.pilot_chains * per_chain
+    return points * (pilot + 2 * annealing.chains * per_chain)
+
+
+def check_target(target_gap: float, max_cost: int, annealing: AISOptions, points: int) -> None:
+    """Raise ``VaeevalError`` for a target that is not a positive number, or a budget below one stage."""
+    if isinstance(target_gap, bool) or not isinstance(target_gap, (int, float)) or not math.isfinite(target_gap) \
+            or target_gap <= 0:
+        raise VaeevalError(f"{option('target_gap')} must be a positive number of nats, found {target_gap!r}")
+    if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_SIMULATED:
+        raise VaeevalError(f"{option('n')} must be from 2 to {MAX_SIMULATED:,} for a standard error, found {points!r}")
+    first = stage_cost(annealing, points)
+    if isinstance(max_cost, bool) or not isinstance(max_cost, int) or max_cost < first:
+        raise VaeevalError(
+            f"{option('max_cost')} {max_cost!r} is below one BDMC stage at --steps {annealing.steps} --leapfrog "
+            f"{annealing.leapfrog} on {points} simulated points ({first:,} gradient evaluations)"
+        )
+
+
+def _next(annealing: AISOptions, stages: list[Stage]) -> AISOptions | None:
+    """The settings after ``stages``: T doubled, or L doubled when the last doubling of T gained little."""
+    slow = len(stages) >= 2 and stages[-1].leapfrog == stages[-2].leapfrog and stages[-1].gap > SLOW_GAIN * stages[-2].gap
+    if (slow or annealing.steps * 2 > MAX_STEPS) and annealing.leapfrog * 2 <= MAX_LEAPFROG:
+        return replace(annealing, leapfrog=annealing.leapfrog * 2)
+    if annealing.steps * 2 <= MAX_STEPS:
+        return replace(annealing, steps=annealing.steps * 2)
+    return None
+
+
+def certify(
+    model: Model,
+    annealing: AISOptions,
+    options: EvaluationOptions,
+    target_gap: float,
+    max_cost: int,
+    *,
+    points: int = DEFAULT_CERTIFY_POINTS,
+    progress: Callable[[Stage], None] | None = None,
+) -> Certificate:
+    """Run BDMC at growing settings until its gap's upper confidence bound is below ``target_gap``.
+
+    Args:
+        model: the model (one BDMC can simulate from).
+        annealing: the settings of the first stage (T, L, chains, step size ...).
+        options: the seed (of the simulation too) and the rest, as for ``run_bdmc``.
+        target_gap: G, nats per point.
+        max_cost: the budget, in gradient evaluations over all stages.
+        points: how many points to simulate (the same points at every stage).
+        progress: called with each stage as it finishes.
+
+    Raises:
+        VaeevalError: a bad target or budget, or a model BDMC cannot simulate from.
+    """
+    annealing.check()
+    check_target(target_gap, max_cost, annealing, points)
+    simulated = simulate(model, points, seed=options.seed,
+                         bins=simulation_grid(model, options.discretize, options.density, options.grid_range))
+    stages: list[Stage] = []
+    spent = 0
+    current: AISOptions | None = annealing
+    while current is not None and spent + stage_cost(current, points) <= max_cost:
+        summary = BDMCEvaluator(model, simulated, current, options).evaluate().summary
+        stderr = float(summary.gap.stderr)
+        stage = Stage(current.steps, current.leapfrog, float(summary.gap.mean), stderr,
+                      float(summary.gap.mean) + Z_UPPER * stderr, stage_cost(current, points))
+        stages.append(stage)
+        spent += stage.cost
+        if progress is not None:
+            progress(stage)
+        if stage.upper < target_gap:
+            return Certificate(target_gap, max_cost, points, tuple(stages), True)
+        current = _next(current, stages)
+    return Certificate(target_gap, max_cost, points, tuple(stages), False)
