@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import jsonschema
 import numpy as np
 import pytest
 from conftest import cli, make_ppca
 
+from vaeeval import evaluate
 from vaeeval.errors import VaeevalError
 from vaeeval.estimators.annealing.ais import AISOptions
 from vaeeval.estimators.annealing.bdmc import run_bdmc
-from vaeeval.estimators.annealing.certify import Z_UPPER, certify
+from vaeeval.estimators.annealing.certify import STILL_RISING, Z_UPPER, ais_next_step, certify
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.results.schemas import schema
 
@@ -111,3 +113,49 @@ def test_cli_bad_target_one_line_exit_2_nothing_written(poor, tmp_path, extra):
     output = tmp_path / "out.jsonl"
     out = cli("ais", model.path, data, *SETTINGS, *extra, "--output", output, code=2)
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and not output.exists()
+
+
+# ---------------------------------------------------------------- elbo names the next step
+
+
+def test_elbo_note_names_ais_target_gap_where_points_are_unreliable(poor, tmp_path):
+    model, data = poor
+    document = json.loads(cli("elbo", model.path, data, "-k", "100", "--json").stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.elbo/1")).validate(document)
+    flagged = sum(point["unreliable"] for point in document["points"])
+    assert flagged > 0
+    (note,) = document["notes"]
+    assert f"k-hat flags {flagged} of 7 points unreliable" in note
+    assert f"vaeeval ais {model.path} {data} --target-gap 0.5" in note and "estimate" in note
+    per_point = (4 + 16) * (1 + 499 * 10)  # pilot and reported chains at T = 500, L = 10
+    assert f"{gradients(500, 10, chains=16, pilot=4, points=20):,} gradient evaluations" in note
+    assert f"{per_point * 7:,} for AIS on these 7 points" in note
+    table = cli("elbo", model.path, data, "-k", "100").stdout
+    assert "note: k-hat flags" in table and "--target-gap 0.5" in table
+
+
+def test_elbo_has_no_such_note_where_the_encoder_fits(tmp_path):
+    ppca = make_ppca(dims=6, latent=2, sigma=0.5)
+    model = ppca.save(tmp_path / "wide.safetensors", log_var_shift=0.5)  # q(z|x) a little wider than the posterior
+    data = tmp_path / "data.npy"
+    np.save(data, ppca.sample(7, np.random.default_rng(5)).astype(np.float32))
+    document = json.loads(cli("elbo", model.path, data, "-k", "100", "--convergence", "--json").stdout)
+    assert not any(point["unreliable"] for point in document["points"]) and "notes" not in document
+    assert "--target-gap" not in cli("elbo", model.path, data, "-k", "100", "--convergence").stdout
+
+
+def test_elbo_note_names_a_convergence_still_rising_and_only_above_the_threshold(tmp_path):
+    ppca = make_ppca(dims=6, latent=2, sigma=0.5)
+    model = ppca.save(tmp_path / "wide.safetensors", log_var_shift=3.0)
+    x = ppca.sample(7, np.random.default_rng(5)).astype(np.float32)
+    result = evaluate(model, x, samples=100)
+    unflagged = replace(result, summary=replace(result.summary, diagnostics=replace(result.summary.diagnostics,
+                                                                                      unreliable=())))
+    gain = float(np.mean(result.convergence.iwae[:, -1] - result.convergence.iwae[:, -2]))
+    assert gain > STILL_RISING
+    note = ais_next_step(unflagged, "m.safetensors", "x.npy")
+    assert note.startswith(f"IWAE still rose by {gain:.3f} nats per point from K = 10 to 100")
+    assert "vaeeval ais m.safetensors x.npy --target-gap 0.5" in note
+    levelled = np.repeat(result.convergence.iwae[:, -1:], len(result.convergence.samples), 1)  # flat in K
+    flat = replace(unflagged, convergence=replace(result.convergence, iwae=levelled))
+    assert ais_next_step(flat, "m.safetensors", "x.npy") is None

@@ -242,7 +242,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
         ELBO_SCHEMA,
         "vaeeval elbo --json: per-point and summary ELBO, reconstruction, KL and IWAE, in nats",
         {"model": MODEL, "data": DATA, "settings": SETTINGS, "summary": SUMMARY, "points": {"type": "array", "items": POINT}},
-        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS},
+        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS, "notes": {"type": "array", "items": STRING}},
     ),
     _document(
         COMPARE_SCHEMA,

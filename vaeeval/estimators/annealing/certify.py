@@ -15,18 +15,24 @@ ordinary AIS run at those settings.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.ais import MAX_LEAPFROG, MAX_SIMULATED, MAX_STEPS, AISOptions
 from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, simulate, simulation_grid
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.model import Model
+from vaeeval.results.numbers import Evaluation
 
 Z_UPPER = 1.96  # the one-sided bound is mean + 1.96 stderr (97.5%)
 DEFAULT_CERTIFY_POINTS = 20
 DEFAULT_MAX_COST = 10**9  # gradient evaluations: about eight stages from the default settings on 20 points
+SUGGESTED_GAP = 0.5  # the --target-gap elbo's note suggests, nats per point
+STILL_RISING = 0.1  # nats per point IWAE gained over the last tenfold of K: its convergence has not flattened
 SLOW_GAIN = 0.9  # a doubling of T that leaves more than this share of the gap doubles L next
 
 
@@ -162,3 +168,36 @@ def certify(
             return Certificate(target_gap, max_cost, points, tuple(stages), True)
         current = _next(current, stages)
     return Certificate(target_gap, max_cost, points, tuple(stages), False)
+
+
+def ais_next_step(evaluation: Evaluation, model: str, data: str) -> str | None:
+    """``elbo``'s note when its IWAE may be low: the ``ais --target-gap`` command to run, and its estimated cost.
+
+    It is written when k-hat flags points unreliable, or when the IWAE still rose by more than
+    ``STILL_RISING`` nats per point over the last tenfold of K (the nested-subset convergence
+    check); otherwise None.
+    """
+    reasons = []
+    flagged = len(evaluation.summary.diagnostics.unreliable)
+    if flagged:
+        reasons.append(f"k-hat flags {flagged} of {evaluation.summary.n} points unreliable")
+    convergence = evaluation.convergence
+    if convergence is not None and len(convergence.samples) >= 2:
+        gain = float(np.mean(convergence.iwae[:, -1] - convergence.iwae[:, -2]))
+        if gain > STILL_RISING:
+            reasons.append(f"IWAE still rose by {gain:.3f} nats per point from K = {convergence.samples[-2]} "
+                           f"to {convergence.samples[-1]}")
+    if not reasons:
+        return None
+    defaults = AISOptions()
+    stage = stage_cost(defaults, DEFAULT_CERTIFY_POINTS)
+    per_point = (defaults.pilot_chains + defaults.chains) * (1 + (defaults.steps - 1) * defaults.leapfrog)
+    command = f"vaeeval ais {shlex.quote(model)} {shlex.quote(data)} --target-gap {SUGGESTED_GAP:g}"
+    return (
+        f"{'; '.join(reasons)}, so the IWAE may be low: the next step is {command}. Estimated cost (an estimate: "
+        f"how many certification stages a model needs is not known in advance): {stage:,} gradient evaluations "
+        f"for the first BDMC stage at the default settings on {DEFAULT_CERTIFY_POINTS} simulated points, each "
+        f"further stage about double the one before, then {per_point * evaluation.summary.n:,} for AIS on these "
+        f"{evaluation.summary.n} points ({per_point:,} per point at the default settings; more if the "
+        "certificate needs more steps)."
+    )
