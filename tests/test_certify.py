@@ -159,3 +159,32 @@ def test_elbo_note_names_a_convergence_still_rising_and_only_above_the_threshold
     levelled = np.repeat(result.convergence.iwae[:, -1:], len(result.convergence.samples), 1)  # flat in K
     flat = replace(unflagged, convergence=replace(result.convergence, iwae=levelled))
     assert ais_next_step(flat, "m.safetensors", "x.npy") is None
+
+
+# ---------------------------------------------------------------- compare --estimator ais --target-gap
+
+
+def test_compare_certifies_each_model_and_runs_all_at_the_strongest_settings_reached(poor, tmp_path):
+    model, data = poor
+    wide = make_ppca(dims=6, latent=2, sigma=0.5).save(tmp_path / "wide.safetensors", log_var_shift=0.5)
+    out = cli("compare", model.path, wide.path, data, "--estimator", "ais", *SETTINGS, "--target-gap", "0.6",
+              "--certify-points", POINTS, "--json")
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.compare/1")).validate(document)
+    first, second = document["certificates"]
+    assert first["reached"] and second["reached"] and first["upper"] < 0.6 and second["upper"] < 0.6
+    alone = certify(model, FIRST, EvaluationOptions(samples=10), 0.6, 10**9, points=POINTS)
+    assert (first["steps"], first["leapfrog"]) == (alone.final.steps, alone.final.leapfrog)  # as ais --target-gap finds
+    assert document["settings"]["steps"] == max(first["steps"], second["steps"])
+    assert document["settings"]["leapfrog"] == max(first["leapfrog"], second["leapfrog"])
+    refused = cli("compare", model.path, wide.path, data, "--target-gap", "0.6", code=2)
+    assert "--estimator ais" in refused.stderr and refused.stdout == ""
+
+
+def test_compare_budget_exhausted_exits_1_after_printing(poor, tmp_path):
+    model, data = poor
+    wide = make_ppca(dims=6, latent=2, sigma=0.5).save(tmp_path / "wide.safetensors", log_var_shift=0.5)
+    out = cli("compare", model.path, wide.path, data, "--estimator", "ais", *SETTINGS, "--target-gap", "0.01",
+              "--max-cost", gradients(4, 2), "--certify-points", POINTS, code=1)
+    assert len(out.stderr.strip().splitlines()) == 1 and "target gap 0.01 not reached" in out.stderr
+    assert "Certificate: BDMC gap" in out.stdout and "NOT reached" in out.stdout

@@ -11,6 +11,7 @@ import click
 
 from vaeeval.analysis.gates import AIS_GATED, GateFailed, Threshold, check_thresholds
 from vaeeval.cli.options import (
+    CERTIFY,
     DATA,
     PATH,
     STREAMING,
@@ -29,7 +30,7 @@ from vaeeval.cli.options import (
 )
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISEvaluator
 from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_grid
-from vaeeval.estimators.annealing.certify import DEFAULT_CERTIFY_POINTS, DEFAULT_MAX_COST, certify
+from vaeeval.estimators.annealing.certify import certify
 from vaeeval.io.files import check_output
 from vaeeval.output.documents import ais_document, bdmc_document
 from vaeeval.results.records import to_json
@@ -48,13 +49,7 @@ from vaeeval.user.sources import load, load_model
 @option_group(*STREAMING)
 @click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
               help="Exit 1 when the mean of ais, elbo or iwae is below VALUE (repeatable).")
-@click.option("--target-gap", "target_gap", type=float, default=None, metavar="G",
-              help="First find settings whose BDMC gap on simulated points is certified below G nats "
-                   "(doubling --steps, then --leapfrog), then run AIS on DATA at them; exit 1 if --max-cost runs out.")
-@click.option("--max-cost", "max_cost", type=click.IntRange(0), default=DEFAULT_MAX_COST, show_default=True,
-              metavar="N", help="With --target-gap: the budget of the certification, in gradient evaluations.")
-@click.option("--certify-points", "certify_points", type=int, default=DEFAULT_CERTIFY_POINTS, show_default=True,
-              metavar="N", help="With --target-gap: points simulated from the model for the certification.")
+@option_group(*CERTIFY)
 def ais(
     model: Path,
     data: Path,
@@ -106,10 +101,7 @@ def ais(
         if certificate is not None:
             table("annealing_tables.render_certificate")(console, document["certificate"])
     if certificate is not None and not certificate.reached:
-        final = certificate.final
-        raise GateFailed(f"target gap {target_gap:g} not reached: BDMC gap {final.gap:.4f} ± {final.stderr:.4f} "
-                         f"(upper {final.upper:.4f}) at --steps {final.steps} --leapfrog {final.leapfrog}, "
-                         f"the strongest settings within --max-cost {max_cost:,} gradient evaluations")
+        raise GateFailed(certificate.failure())
     check_thresholds(result.summary, thresholds)
 
 

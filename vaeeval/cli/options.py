@@ -26,6 +26,7 @@ from vaeeval.estimators.annealing.ais import (
     AISEvaluator,
     AISOptions,
 )
+from vaeeval.estimators.annealing.certify import DEFAULT_CERTIFY_POINTS, DEFAULT_MAX_COST
 from vaeeval.estimators.annealing.kernel import SCHEDULES, STEP_SIZE_RANGE
 from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import (
@@ -236,6 +237,15 @@ ANNEALING = (
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
     click.option("--pilot-chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_PILOT_CHAINS, show_default=True,
                  help="Chains per point in the pilot run that tunes the step sizes."),
+)
+CERTIFY = (
+    click.option("--target-gap", "target_gap", type=float, default=None, metavar="G",
+                 help="First find settings whose BDMC gap on simulated points is certified below G nats "
+                      "(doubling --steps, then --leapfrog), then run AIS on DATA at them; exit 1 if --max-cost runs out."),
+    click.option("--max-cost", "max_cost", type=click.IntRange(0), default=DEFAULT_MAX_COST, show_default=True,
+                 metavar="N", help="With --target-gap: the budget of the certification, in gradient evaluations."),
+    click.option("--certify-points", "certify_points", type=int, default=DEFAULT_CERTIFY_POINTS, show_default=True,
+                 metavar="N", help="With --target-gap: points simulated from the model for the certification."),
 )
 annealing_options = option_group(
     *ANNEALING,

@@ -273,7 +273,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             },
             "notes": {"type": "array", "items": STRING},
         },
-        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}},
+        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}, "certificates": {"type": "array", "items": CERTIFICATE}},
     ),
     _document(
         CALIBRATE_SCHEMA,

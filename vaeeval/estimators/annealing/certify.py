@@ -87,6 +87,13 @@ class Certificate:
             ],
         }
 
+    def failure(self) -> str:
+        """The one line saying the target was not reached: the gap reached, its settings and the budget."""
+        final = self.final
+        return (f"target gap {self.target:g} not reached: BDMC gap {final.gap:.4f} ± {final.stderr:.4f} "
+                f"(upper {final.upper:.4f}) at --steps {final.steps} --leapfrog {final.leapfrog}, "
+                f"the strongest settings within --max-cost {self.max_cost:,} gradient evaluations")
+
     def settings(self, annealing: AISOptions) -> AISOptions:
         """``annealing`` at the settings the certificate reached."""
         return replace(annealing, steps=self.final.steps, leapfrog=self.final.leapfrog)
