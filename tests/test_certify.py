@@ -188,3 +188,39 @@ def test_compare_budget_exhausted_exits_1_after_printing(poor, tmp_path):
               "--max-cost", gradients(4, 2), "--certify-points", POINTS, code=1)
     assert len(out.stderr.strip().splitlines()) == 1 and "target gap 0.01 not reached" in out.stderr
     assert "Certificate: BDMC gap" in out.stdout and "NOT reached" in out.stdout
+
+
+POISSON_VAE = '''
+import torch
+from torch import nn
+
+
+class CountVAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 4)
+        self.dec = nn.Linear(2, 6)
+
+    def encode(self, x):
+        mean, log_var = self.enc(x).chunk(2, dim=-1)
+        return mean, log_var
+
+    def decode(self, z):
+        return self.dec(z)
+'''
+
+
+def test_a_model_bdmc_cannot_simulate_from_is_refused_with_one_line_and_exit_2(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "count_vae.py").write_text(POISSON_VAE)
+    torch.manual_seed(0)
+    save_file({"enc.weight": torch.randn(4, 6) * 0.1, "enc.bias": torch.zeros(4), "dec.weight": torch.randn(6, 2) * 0.1,
+               "dec.bias": torch.zeros(6)}, tmp_path / "weights.safetensors")
+    data = tmp_path / "counts.npy"
+    np.save(data, np.random.default_rng(0).poisson(2.0, (5, 6)).astype(np.float32))
+    arch = ("--arch", f"{tmp_path / 'count_vae.py'}:CountVAE", "--likelihood", "poisson")
+    cli("ais", tmp_path / "weights.safetensors", data, *arch, *SETTINGS)  # AIS on data works
+    out = cli("ais", tmp_path / "weights.safetensors", data, *arch, *SETTINGS, "--target-gap", "0.5", code=2)
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and "cannot simulate" in out.stderr
