@@ -66,6 +66,22 @@ def test_a_budget_that_runs_out_stops_before_the_stage_that_would_exceed_it(poor
     assert certificate.cost <= budget and certificate.final.upper >= 0.6
 
 
+def test_a_budget_in_seconds_runs_a_stage_only_when_its_predicted_time_fits(poor):
+    model, _ = poor
+    ticks = iter(range(0, 1000, 10))  # a clock read before and after each stage: every stage takes 10 s
+    certificate = certify(model, FIRST, EvaluationOptions(samples=10), 0.01, None, max_seconds=45.0, points=POINTS,
+                          clock=lambda: float(next(ticks)))
+    # after 2 stages (20 s over 2,640 gradient evaluations), the third (3,720) is predicted at 28.2 s: 48.2 > 45
+    assert [s.steps for s in certificate.stages] == [4, 8] and not certificate.reached
+    assert [s.seconds for s in certificate.stages] == [10.0, 10.0]
+    assert certificate.to_record()["max_seconds"] == 45.0 and certificate.to_record()["max_cost"] is None
+    assert "--max-cost 45s" in certificate.failure()
+    ticks = iter(range(0, 1000, 10))
+    longer = certify(model, FIRST, EvaluationOptions(samples=10), 0.01, None, max_seconds=49.0, points=POINTS,
+                     clock=lambda: float(next(ticks)))
+    assert [s.steps for s in longer.stages[:3]] == [4, 8, 16]
+
+
 @pytest.mark.parametrize("target, budget, points", [(0.0, 10**7, 10), (-1.0, 10**7, 10), (math.nan, 10**7, 10),
                                                     (math.inf, 10**7, 10), (0.5, gradients(4, 2) - 1, 10),
                                                     (0.5, 10**7, 1)])
@@ -107,7 +123,9 @@ def test_cli_budget_exhausted_exits_1_with_one_line_and_still_prints_the_results
 
 @pytest.mark.parametrize("extra", [("--target-gap", "0"), ("--target-gap", "-0.5"), ("--target-gap", "nan"),
                                    ("--target-gap", "0.5", "--max-cost", "10"),
-                                   ("--target-gap", "0.5", "--certify-points", "1")])
+                                   ("--target-gap", "0.5", "--certify-points", "1"),
+                                   ("--target-gap", "0.5", "--max-cost", "0s"), ("--target-gap", "0.5", "--max-cost", "ten"),
+                                   ("--target-gap", "0.5", "--max-cost", "nans")])
 def test_cli_bad_target_one_line_exit_2_nothing_written(poor, tmp_path, extra):
     model, data = poor
     output = tmp_path / "out.jsonl"
@@ -224,3 +242,15 @@ def test_a_model_bdmc_cannot_simulate_from_is_refused_with_one_line_and_exit_2(t
     cli("ais", tmp_path / "weights.safetensors", data, *arch, *SETTINGS)  # AIS on data works
     out = cli("ais", tmp_path / "weights.safetensors", data, *arch, *SETTINGS, "--target-gap", "0.5", code=2)
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and "cannot simulate" in out.stderr
+
+
+def test_cli_budget_in_seconds_runs_the_first_stage_and_reports_the_budget(poor):
+    model, data = poor
+    out = cli("ais", model.path, data, *SETTINGS, "--target-gap", "0.01", "--max-cost", "0.000001s",
+              "--certify-points", POINTS, "--json", code=1)
+    assert len(out.stderr.strip().splitlines()) == 1 and "--max-cost 1e-06s" in out.stderr
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema("vaeeval.ais/1")).validate(document)
+    certificate = document["certificate"]
+    assert len(certificate["stages"]) == 1 and certificate["max_seconds"] == 1e-06 and certificate["max_cost"] is None
+    assert document["settings"]["steps"] == 4

@@ -15,10 +15,12 @@ from vaeeval.cli.options import (
     DATA,
     PATH,
     STREAMING,
+    Seconds,
     annealing_options,
     annealing_settings,
     arch_options,
     arch_settings,
+    budget,
     evaluation_settings,
     option_group,
     progress_bar,
@@ -57,7 +59,7 @@ def ais(
     show_all: bool,
     fail_under: tuple[str, ...],
     target_gap: float | None,
-    max_cost: int,
+    max_cost: int | Seconds,
     certify_points: int,
     **options: Any,
 ) -> None:
@@ -82,7 +84,8 @@ def ais(
     warn(loaded)
     certificate = None
     if target_gap is not None:
-        certificate = certify(loaded, annealing, settings, target_gap, max_cost, points=certify_points)
+        gradients, seconds = budget(max_cost)
+        certificate = certify(loaded, annealing, settings, target_gap, gradients, max_seconds=seconds, points=certify_points)
         annealing = certificate.settings(annealing)
     started = time.monotonic()
     outcome = run_with_progress(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", "annealing_tables.render_ais")

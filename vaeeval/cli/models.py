@@ -19,9 +19,11 @@ from vaeeval.cli.options import (
     DATA,
     ENUMERATION,
     PATH,
+    Seconds,
     annealing_settings,
     arch_options,
     arch_settings,
+    budget,
     evaluation_options,
     evaluation_settings,
     option_group,
@@ -73,7 +75,7 @@ def inspect(model: Path, as_json: bool) -> None:
 @option_group(*CERTIFY)
 @per_model_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
-def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, target_gap: float | None, max_cost: int,
+def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, target_gap: float | None, max_cost: int | Seconds,
             certify_points: int, **options: Any) -> None:
     """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
 
@@ -107,7 +109,9 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, target_gap: 
     models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
     certificates = []
     if target_gap is not None:  # each model certified; all run at the strongest settings any of them needed
-        certificates = [certify(model, annealing, settings, target_gap, max_cost, points=certify_points) for model in models]
+        gradients, seconds = budget(max_cost)
+        certificates = [certify(model, annealing, settings, target_gap, gradients, max_seconds=seconds, points=certify_points)
+                        for model in models]
         annealing = replace(annealing, steps=max(c.final.steps for c in certificates),
                             leapfrog=max(c.final.leapfrog for c in certificates))
     with progress_bar(datasets[0].n * len(models), "evaluating models") as progress:

@@ -111,6 +111,30 @@ class Finite(click.ParamType):
         return number
 
 
+class Seconds(float):
+    """A budget in seconds (``--max-cost 600s``), told apart from one in gradient evaluations (an int)."""
+
+
+class CostBudget(click.ParamType):
+    """``--max-cost``: N gradient evaluations, or Ns seconds."""
+
+    name = "budget"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | Seconds:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        try:
+            return Seconds(float(text[:-1])) if text.endswith("s") else int(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of gradient evaluations (1000000) nor of seconds (600s)", param, ctx)
+
+
+def budget(value: int | Seconds) -> tuple[int | None, float | None]:
+    """``--max-cost`` as (gradient evaluations, seconds), one of them None."""
+    return (None, float(value)) if isinstance(value, Seconds) else (value, None)
+
+
 PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
 
 
@@ -242,8 +266,9 @@ CERTIFY = (
     click.option("--target-gap", "target_gap", type=float, default=None, metavar="G",
                  help="First find settings whose BDMC gap on simulated points is certified below G nats "
                       "(doubling --steps, then --leapfrog), then run AIS on DATA at them; exit 1 if --max-cost runs out."),
-    click.option("--max-cost", "max_cost", type=click.IntRange(0), default=DEFAULT_MAX_COST, show_default=True,
-                 metavar="N", help="With --target-gap: the budget of the certification, in gradient evaluations."),
+    click.option("--max-cost", "max_cost", type=CostBudget(), default=DEFAULT_MAX_COST, show_default=True,
+                 metavar="N|Ts", help="With --target-gap: the budget of the certification, in gradient evaluations "
+                                      "(N) or seconds (600s)."),
     click.option("--certify-points", "certify_points", type=int, default=DEFAULT_CERTIFY_POINTS, show_default=True,
                  metavar="N", help="With --target-gap: points simulated from the model for the certification."),
 )

@@ -198,11 +198,12 @@ AIS_SETTINGS = _object(
 COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
 AIS_POINT = AIS_COLUMNS.schema()
 CERTIFICATE_STAGE = _object(
-    {"steps": INTEGER, "leapfrog": INTEGER, "gap": STAT, "upper": MAYBE_NUMBER, "cost": INTEGER}
+    {"steps": INTEGER, "leapfrog": INTEGER, "gap": STAT, "upper": MAYBE_NUMBER, "cost": INTEGER, "seconds": NUMBER}
 )
 CERTIFICATE = _object(
     {"target_gap": NUMBER, "reached": {"type": "boolean"}, "steps": INTEGER, "leapfrog": INTEGER, "gap": STAT,
-     "upper": MAYBE_NUMBER, "simulated_points": INTEGER, "max_cost": INTEGER, "cost": INTEGER,
+     "upper": MAYBE_NUMBER, "simulated_points": INTEGER, "max_cost": {"type": ["integer", "null"]},
+     "max_seconds": MAYBE_NUMBER, "cost": INTEGER, "seconds": NUMBER,
      "stages": {"type": "array", "items": CERTIFICATE_STAGE, "minItems": 1}}
 )
 AIS_SUMMARY = _object(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -46,6 +47,7 @@ class Stage:
     stderr: float
     upper: float  # gap + Z_UPPER × stderr
     cost: int  # gradient evaluations, over all simulated points, pilot included
+    seconds: float  # wall-clock time the stage took
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,11 @@ class Certificate:
     """What ``certify`` found: the stages run, the settings reached and whether they meet the target."""
 
     target: float
-    max_cost: int
+    max_cost: int | None  # the budget in gradient evaluations, or None
     points: int
     stages: tuple[Stage, ...]
     reached: bool
+    max_seconds: float | None = None  # the budget in seconds, or None
 
     @property
     def final(self) -> Stage:
@@ -79,10 +82,12 @@ class Certificate:
             "upper": final.upper,
             "simulated_points": self.points,
             "max_cost": self.max_cost,
+            "max_seconds": self.max_seconds,
+            "seconds": sum(stage.seconds for stage in self.stages),
             "cost": self.cost,
             "stages": [
                 {"steps": s.steps, "leapfrog": s.leapfrog, "gap": {"mean": s.gap, "stderr": s.stderr}, "upper": s.upper,
-                 "cost": s.cost}
+                 "cost": s.cost, "seconds": s.seconds}
                 for s in self.stages
             ],
         }
@@ -92,7 +97,14 @@ class Certificate:
         final = self.final
         return (f"target gap {self.target:g} not reached: BDMC gap {final.gap:.4f} ± {final.stderr:.4f} "
                 f"(upper {final.upper:.4f}) at --steps {final.steps} --leapfrog {final.leapfrog}, "
-                f"the strongest settings within --max-cost {self.max_cost:,} gradient evaluations")
+                f"the strongest settings within --max-cost {self.budget}")
+
+    @property
+    def budget(self) -> str:
+        """The budget, as the command line gave it."""
+        if self.max_seconds is not None:
+            return f"{self.max_seconds:g}s"
+        return f"{self.max_cost:,} gradient evaluations"
 
     def settings(self, annealing: AISOptions) -> AISOptions:
         """``annealing`` at the settings the certificate reached."""
@@ -106,13 +118,20 @@ def stage_cost(annealing: AISOptions, points: int) -> int:
     return points * (pilot + 2 * annealing.chains * per_chain)
 
 
-def check_target(target_gap: float, max_cost: int, annealing: AISOptions, points: int) -> None:
+def check_target(target_gap: float, max_cost: int | None, annealing: AISOptions, points: int,
+                 max_seconds: float | None = None) -> None:
     """Raise ``VaeevalError`` for a target that is not a positive number, or a budget below one stage."""
     if isinstance(target_gap, bool) or not isinstance(target_gap, (int, float)) or not math.isfinite(target_gap) \
             or target_gap <= 0:
         raise VaeevalError(f"{option('target_gap')} must be a positive number of nats, found {target_gap!r}")
     if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_SIMULATED:
         raise VaeevalError(f"{option('n')} must be from 2 to {MAX_SIMULATED:,} for a standard error, found {points!r}")
+    if max_seconds is not None:  # a stage's time is known only once one has run: the first always runs
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not math.isfinite(max_seconds) \
+                or max_seconds <= 0 or max_cost is not None:
+            raise VaeevalError(f"{option('max_cost')} in seconds must be one positive number of seconds, "
+                               f"found {max_seconds!r}")
+        return
     first = stage_cost(annealing, points)
     if isinstance(max_cost, bool) or not isinstance(max_cost, int) or max_cost < first:
         raise VaeevalError(
@@ -136,10 +155,12 @@ def certify(
     annealing: AISOptions,
     options: EvaluationOptions,
     target_gap: float,
-    max_cost: int,
+    max_cost: int | None,
     *,
+    max_seconds: float | None = None,
     points: int = DEFAULT_CERTIFY_POINTS,
     progress: Callable[[Stage], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Certificate:
     """Run BDMC at growing settings until its gap's upper confidence bound is below ``target_gap``.
 
@@ -148,7 +169,9 @@ def certify(
         annealing: the settings of the first stage (T, L, chains, step size ...).
         options: the seed (of the simulation too) and the rest, as for ``run_bdmc``.
         target_gap: G, nats per point.
-        max_cost: the budget, in gradient evaluations over all stages.
+        max_cost: the budget, in gradient evaluations over all stages (None with ``max_seconds``).
+        max_seconds: instead, a budget in seconds: the first stage always runs, and a later one
+            only when its time, predicted from the seconds per gradient evaluation so far, fits.
         points: how many points to simulate (the same points at every stage).
         progress: called with each stage as it finishes.
 
@@ -156,25 +179,33 @@ def certify(
         VaeevalError: a bad target or budget, or a model BDMC cannot simulate from.
     """
     annealing.check()
-    check_target(target_gap, max_cost, annealing, points)
+    check_target(target_gap, max_cost, annealing, points, max_seconds)
     simulated = simulate(model, points, seed=options.seed,
                          bins=simulation_grid(model, options.discretize, options.density, options.grid_range))
     stages: list[Stage] = []
-    spent = 0
+    spent, elapsed = 0, 0.0
+
+    def affordable(cost: int) -> bool:
+        if max_seconds is not None:
+            return not stages or elapsed + elapsed / spent * cost <= max_seconds
+        return spent + cost <= max_cost
+
     current: AISOptions | None = annealing
-    while current is not None and spent + stage_cost(current, points) <= max_cost:
+    while current is not None and affordable(stage_cost(current, points)):
+        started = clock()
         summary = BDMCEvaluator(model, simulated, current, options).evaluate().summary
+        seconds = clock() - started
         stderr = float(summary.gap.stderr)
         stage = Stage(current.steps, current.leapfrog, float(summary.gap.mean), stderr,
-                      float(summary.gap.mean) + Z_UPPER * stderr, stage_cost(current, points))
+                      float(summary.gap.mean) + Z_UPPER * stderr, stage_cost(current, points), seconds)
         stages.append(stage)
-        spent += stage.cost
+        spent, elapsed = spent + stage.cost, elapsed + seconds
         if progress is not None:
             progress(stage)
         if stage.upper < target_gap:
-            return Certificate(target_gap, max_cost, points, tuple(stages), True)
+            return Certificate(target_gap, max_cost, points, tuple(stages), True, max_seconds)
         current = _next(current, stages)
-    return Certificate(target_gap, max_cost, points, tuple(stages), False)
+    return Certificate(target_gap, max_cost, points, tuple(stages), False, max_seconds)
 
 
 def ais_next_step(evaluation: Evaluation, model: str, data: str) -> str | None:
