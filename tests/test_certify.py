@@ -174,6 +174,8 @@ def test_elbo_note_names_a_convergence_still_rising_and_only_above_the_threshold
     note = ais_next_step(unflagged, "m.safetensors", "x.npy")
     assert note.startswith(f"IWAE still rose by {gain:.3f} nats per point from K = 10 to 100")
     assert "vaeeval ais m.safetensors x.npy --target-gap 0.5" in note
+    assert "--arch" not in note
+    assert "--target-gap 0.5 (with this run's --arch options)" in ais_next_step(unflagged, "m", "x", arch=True)
     levelled = np.repeat(result.convergence.iwae[:, -1:], len(result.convergence.samples), 1)  # flat in K
     flat = replace(unflagged, convergence=replace(result.convergence, iwae=levelled))
     assert ais_next_step(flat, "m.safetensors", "x.npy") is None

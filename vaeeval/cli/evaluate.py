@@ -107,7 +107,7 @@ def elbo(
     statistics = _explained(evaluator, result, about_model) if explain else None
     if plot is not None:
         plot_diagnostics(result, plot)
-    note = ais_next_step(result, str(model), str(data))
+    note = ais_next_step(result, str(model), str(data), arch=about_model.get("arch") is not None)
     if as_json:
         document = elbo_document(result, about_model, about_data, convergence=convergence, latents=health,
                                  statistics=statistics)

@@ -208,12 +208,13 @@ def certify(
     return Certificate(target_gap, max_cost, points, tuple(stages), False, max_seconds)
 
 
-def ais_next_step(evaluation: Evaluation, model: str, data: str) -> str | None:
+def ais_next_step(evaluation: Evaluation, model: str, data: str, *, arch: bool = False) -> str | None:
     """``elbo``'s note when its IWAE may be low: the ``ais --target-gap`` command to run, and its estimated cost.
 
     It is written when k-hat flags points unreliable, or when the IWAE still rose by more than
     ``STILL_RISING`` nats per point over the last tenfold of K (the nested-subset convergence
-    check); otherwise None.
+    check); otherwise None. ``arch``: the model was read through ``--arch``, whose options the
+    command needs again.
     """
     reasons = []
     flagged = len(evaluation.summary.diagnostics.unreliable)
@@ -231,6 +232,7 @@ def ais_next_step(evaluation: Evaluation, model: str, data: str) -> str | None:
     stage = stage_cost(defaults, DEFAULT_CERTIFY_POINTS)
     per_point = (defaults.pilot_chains + defaults.chains) * (1 + (defaults.steps - 1) * defaults.leapfrog)
     command = f"vaeeval ais {shlex.quote(model)} {shlex.quote(data)} --target-gap {SUGGESTED_GAP:g}"
+    command += " (with this run's --arch options)" if arch else ""
     return (
         f"{'; '.join(reasons)}, so the IWAE may be low: the next step is {command}. Estimated cost (an estimate: "
         f"how many certification stages a model needs is not known in advance): {stage:,} gradient evaluations "
