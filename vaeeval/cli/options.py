@@ -22,6 +22,7 @@ from vaeeval.estimators.annealing.ais import (
     INITS,
     MAX_CHAINS,
     MAX_LEAPFROG,
+    MAX_SIMULATED,
     MAX_STEPS,
     AISEvaluator,
     AISOptions,
@@ -269,7 +270,8 @@ CERTIFY = (
     click.option("--max-cost", "max_cost", type=CostBudget(), default=DEFAULT_MAX_COST, show_default=True,
                  metavar="N|Ts", help="With --target-gap: the budget of the certification, in gradient evaluations "
                                       "(N) or seconds (600s)."),
-    click.option("--certify-points", "certify_points", type=int, default=DEFAULT_CERTIFY_POINTS, show_default=True,
+    click.option("--certify-points", "certify_points", type=click.IntRange(2, MAX_SIMULATED),
+                 default=DEFAULT_CERTIFY_POINTS, show_default=True,
                  metavar="N", help="With --target-gap: points simulated from the model for the certification."),
 )
 annealing_options = option_group(
