@@ -9,15 +9,18 @@ from typing import Any
 
 import click
 
-from vaeeval.analysis.gates import AIS_GATED, Threshold, check_thresholds
+from vaeeval.analysis.gates import AIS_GATED, GateFailed, Threshold, check_thresholds
 from vaeeval.cli.options import (
+    CERTIFY,
     DATA,
     PATH,
     STREAMING,
+    Seconds,
     annealing_options,
     annealing_settings,
     arch_options,
     arch_settings,
+    budget,
     evaluation_settings,
     option_group,
     progress_bar,
@@ -29,6 +32,7 @@ from vaeeval.cli.options import (
 )
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISEvaluator
 from vaeeval.estimators.annealing.bdmc import BDMCEvaluator, save_simulated, simulate, simulation_grid
+from vaeeval.estimators.annealing.certify import certify
 from vaeeval.io.files import check_output
 from vaeeval.output.documents import ais_document, bdmc_document
 from vaeeval.results.records import to_json
@@ -47,12 +51,16 @@ from vaeeval.user.sources import load, load_model
 @option_group(*STREAMING)
 @click.option("--fail-under", "fail_under", multiple=True, metavar="METRIC=VALUE",
               help="Exit 1 when the mean of ais, elbo or iwae is below VALUE (repeatable).")
+@option_group(*CERTIFY)
 def ais(
     model: Path,
     data: Path,
     as_json: bool,
     show_all: bool,
     fail_under: tuple[str, ...],
+    target_gap: float | None,
+    max_cost: int | Seconds,
+    certify_points: int,
     **options: Any,
 ) -> None:
     """Estimate log p(x) per point by annealed importance sampling, beside the ELBO and IWAE.
@@ -74,16 +82,29 @@ def ais(
     annealing, settings = annealing_settings(options), evaluation_settings(options)
     loaded, dataset = load(model, data, arch=arch_settings(options), **options)
     warn(loaded)
+    certificate = None
+    if target_gap is not None:
+        gradients, seconds = budget(max_cost)
+        certificate = certify(loaded, annealing, settings, target_gap, gradients, max_seconds=seconds, points=certify_points)
+        annealing = certificate.settings(annealing)
     started = time.monotonic()
     outcome = run_with_progress(AISEvaluator(loaded, dataset, annealing, settings), streaming, "annealing", "annealing_tables.render_ais")
     if outcome is None:
         return
     result, about_model, about_data = outcome.evaluation, outcome.header["model"], outcome.header["data"]
+    document = ais_document(result, about_model, about_data)
+    if certificate is not None:
+        document["certificate"] = certificate.to_record()
     if as_json:
-        click.echo(to_json(ais_document(result, about_model, about_data)))
+        click.echo(to_json(document))
     else:
         seconds = time.monotonic() - started
-        table("annealing_tables.render_ais")(stdout(), result, about_model, about_data, show_all=show_all, seconds=seconds)
+        console = stdout()
+        table("annealing_tables.render_ais")(console, result, about_model, about_data, show_all=show_all, seconds=seconds)
+        if certificate is not None:
+            table("annealing_tables.render_certificate")(console, document["certificate"])
+    if certificate is not None and not certificate.reached:
+        raise GateFailed(certificate.failure())
     check_thresholds(result.summary, thresholds)
 
 

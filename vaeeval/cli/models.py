@@ -12,14 +12,18 @@ from click.core import ParameterSource
 from vaeeval.analysis.calibrate import calibrate as fit_calibration
 from vaeeval.analysis.compare import compare as compare_models
 from vaeeval.analysis.convert import convert as convert_model
+from vaeeval.analysis.gates import GateFailed
 from vaeeval.cli.options import (
     ANNEALING,
+    CERTIFY,
     DATA,
     ENUMERATION,
     PATH,
+    Seconds,
     annealing_settings,
     arch_options,
     arch_settings,
+    budget,
     evaluation_options,
     evaluation_settings,
     option_group,
@@ -31,10 +35,12 @@ from vaeeval.cli.options import (
     warn,
 )
 from vaeeval.errors import listing
+from vaeeval.estimators.annealing.certify import certify
 from vaeeval.estimators.importance.evaluate import MAX_BATCH_SIZE, MAX_SAMPLES
 from vaeeval.format.data import load_data, point_shape
 from vaeeval.format.reading import load_model
 from vaeeval.io.files import check_output
+from vaeeval.output.annealing_tables import render_certificate
 from vaeeval.output.documents import calibrate_document, compare_document, inspect_document
 from vaeeval.output.tables import render_compare, render_inspect
 from vaeeval.results.records import to_json
@@ -66,9 +72,11 @@ def inspect(model: Path, as_json: bool) -> None:
               help="Rank by the importance-weighted estimate, or by annealed importance sampling (the options below).")
 @option_group(*ENUMERATION)
 @option_group(*ANNEALING)
+@option_group(*CERTIFY)
 @per_model_arch_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (vaeeval.compare/1) to stdout.")
-def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: Any) -> None:
+def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, target_gap: float | None, max_cost: int | Seconds,
+            certify_points: int, **options: Any) -> None:
     """Evaluate several models on the same data and seed, and rank those whose numbers are comparable.
 
     Log-probabilities rank with log-probabilities; a log-density is never ranked
@@ -88,6 +96,8 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
     if len(paths) < 3:
         raise click.UsageError("compare needs at least two models and the data: MODEL MODEL... DATA")
     *model_paths, data = paths
+    if target_gap is not None and estimator != "ais":
+        raise click.UsageError("--target-gap certifies AIS settings: use it with --estimator ais")
     annealing = annealing_settings(options)
     if click.get_current_context().get_parameter_source("batch_size") is ParameterSource.DEFAULT:
         annealing = replace(annealing, batch_size=None)  # the batch for the importance samples; AIS plans its own
@@ -97,13 +107,30 @@ def compare(paths: tuple[Path, ...], estimator: str, as_json: bool, **options: A
     for model, _ in loaded:
         warn(model)
     models, datasets = [model for model, _ in loaded], [dataset for _, dataset in loaded]
+    certificates = []
+    if target_gap is not None:  # each model certified; all run at the strongest settings any of them needed
+        gradients, seconds = budget(max_cost)
+        certificates = [certify(model, annealing, settings, target_gap, gradients, max_seconds=seconds, points=certify_points)
+                        for model in models]
+        annealing = replace(annealing, steps=max(c.final.steps for c in certificates),
+                            leapfrog=max(c.final.leapfrog for c in certificates))
     with progress_bar(datasets[0].n * len(models), "evaluating models") as progress:
         result = compare_models(models, datasets, settings, annealing=annealing if estimator == "ais" else None,
                                 progress=progress)
     if as_json:
-        click.echo(to_json(compare_document(result, datasets[0])))
+        document = compare_document(result, datasets[0])
+        if certificates:
+            document["certificates"] = [c.to_record() for c in certificates]
+        click.echo(to_json(document))
     else:
-        render_compare(stdout(), result, datasets[0])
+        console = stdout()
+        render_compare(console, result, datasets[0])
+        for path, certificate in zip(model_paths, certificates, strict=False):
+            console.print(f"{path}:", markup=False, highlight=False)
+            render_certificate(console, certificate.to_record())
+    failed = [f"{path}: {c.failure()}" for path, c in zip(model_paths, certificates, strict=False) if not c.reached]
+    if failed:
+        raise GateFailed("; ".join(failed))
 
 
 def _convert_scvi(folder: Path, output: Path, options: dict[str, Any], *, data: Path | None, seed: int) -> None:

@@ -22,10 +22,12 @@ from vaeeval.estimators.annealing.ais import (
     INITS,
     MAX_CHAINS,
     MAX_LEAPFROG,
+    MAX_SIMULATED,
     MAX_STEPS,
     AISEvaluator,
     AISOptions,
 )
+from vaeeval.estimators.annealing.certify import DEFAULT_CERTIFY_POINTS, DEFAULT_MAX_COST
 from vaeeval.estimators.annealing.kernel import SCHEDULES, STEP_SIZE_RANGE
 from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import (
@@ -108,6 +110,30 @@ class Finite(click.ParamType):
             side = ">" if self.low_open else ">="
             self.fail(f"{value!r} is not {side} {self.low:g}" + (f" and <= {self.high:g}" if self.high < math.inf else ""), param, ctx)
         return number
+
+
+class Seconds(float):
+    """A budget in seconds (``--max-cost 600s``), told apart from one in gradient evaluations (an int)."""
+
+
+class CostBudget(click.ParamType):
+    """``--max-cost``: N gradient evaluations, or Ns seconds."""
+
+    name = "budget"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | Seconds:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        try:
+            return Seconds(float(text[:-1])) if text.endswith("s") else int(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of gradient evaluations (1000000) nor of seconds (600s)", param, ctx)
+
+
+def budget(value: int | Seconds) -> tuple[int | None, float | None]:
+    """``--max-cost`` as (gradient evaluations, seconds), one of them None."""
+    return (None, float(value)) if isinstance(value, Seconds) else (value, None)
 
 
 PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
@@ -236,6 +262,17 @@ ANNEALING = (
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
     click.option("--pilot-chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_PILOT_CHAINS, show_default=True,
                  help="Chains per point in the pilot run that tunes the step sizes."),
+)
+CERTIFY = (
+    click.option("--target-gap", "target_gap", type=float, default=None, metavar="G",
+                 help="First find settings whose BDMC gap on simulated points is certified below G nats "
+                      "(doubling --steps, then --leapfrog), then run AIS on DATA at them; exit 1 if --max-cost runs out."),
+    click.option("--max-cost", "max_cost", type=CostBudget(), default=DEFAULT_MAX_COST, show_default=True,
+                 metavar="N|Ts", help="With --target-gap: the budget of the certification, in gradient evaluations "
+                                      "(N) or seconds (600s)."),
+    click.option("--certify-points", "certify_points", type=click.IntRange(2, MAX_SIMULATED),
+                 default=DEFAULT_CERTIFY_POINTS, show_default=True,
+                 metavar="N", help="With --target-gap: points simulated from the model for the certification."),
 )
 annealing_options = option_group(
     *ANNEALING,

@@ -142,3 +142,23 @@ def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, A
     columns = {name: (lambda row, name=name: num(float(getattr(points, name)[row]))) for name in ("lower", "upper", "gap", "iwae")}
     console.print()
     console.print(points_table(title, points.index, sections, columns))
+
+
+def render_certificate(console: Console, certificate: dict[str, Any]) -> None:
+    """Print the ``ais --target-gap`` certificate: every BDMC stage with its gap and cost, and the outcome."""
+    table = Table(title=f"Certificate: BDMC gap on {certificate['simulated_points']} simulated points "
+                        f"(target: upper bound < {certificate['target_gap']:g} nats)", title_justify="left")
+    for column in ("steps", "leapfrog", "gap", "stderr", "gap + 1.96 stderr", "gradient evaluations", "seconds"):
+        table.add_column(column, justify="right")
+    for stage in certificate["stages"]:
+        table.add_row(str(stage["steps"]), str(stage["leapfrog"]), num(stage["gap"]["mean"]), num(stage["gap"]["stderr"]),
+                      num(stage["upper"]), f"{stage['cost']:,}", f"{stage['seconds']:.1f}")
+    console.print(table)
+    outcome = "reached" if certificate["reached"] else "NOT reached within the budget"
+    seconds = certificate["max_seconds"]
+    budget = f"{seconds:g} s" if seconds is not None else f"{certificate['max_cost']:,} gradient evaluations"
+    console.print(escape(
+        f"Target {outcome}: AIS above ran at --steps {certificate['steps']} --leapfrog {certificate['leapfrog']}; "
+        f"certification cost {certificate['cost']:,} gradient evaluations in {certificate['seconds']:.1f} s "
+        f"(budget: {budget})."
+    ))

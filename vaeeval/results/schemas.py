@@ -197,6 +197,15 @@ AIS_SETTINGS = _object(
 )
 COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
 AIS_POINT = AIS_COLUMNS.schema()
+CERTIFICATE_STAGE = _object(
+    {"steps": INTEGER, "leapfrog": INTEGER, "gap": STAT, "upper": MAYBE_NUMBER, "cost": INTEGER, "seconds": NUMBER}
+)
+CERTIFICATE = _object(
+    {"target_gap": NUMBER, "reached": {"type": "boolean"}, "steps": INTEGER, "leapfrog": INTEGER, "gap": STAT,
+     "upper": MAYBE_NUMBER, "simulated_points": INTEGER, "max_cost": {"type": ["integer", "null"]},
+     "max_seconds": MAYBE_NUMBER, "cost": INTEGER, "seconds": NUMBER,
+     "stages": {"type": "array", "items": CERTIFICATE_STAGE, "minItems": 1}}
+)
 AIS_SUMMARY = _object(
     {
         "n": INTEGER,
@@ -234,7 +243,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
         ELBO_SCHEMA,
         "vaeeval elbo --json: per-point and summary ELBO, reconstruction, KL and IWAE, in nats",
         {"model": MODEL, "data": DATA, "settings": SETTINGS, "summary": SUMMARY, "points": {"type": "array", "items": POINT}},
-        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS},
+        {"units": STRING, "convergence": CONVERGENCE, "latents": LATENTS, "notes": {"type": "array", "items": STRING}},
     ),
     _document(
         COMPARE_SCHEMA,
@@ -265,7 +274,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
             },
             "notes": {"type": "array", "items": STRING},
         },
-        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}},
+        {"units": STRING, "estimator": {"enum": ["iwae", "ais"]}, "certificates": {"type": "array", "items": CERTIFICATE}},
     ),
     _document(
         CALIBRATE_SCHEMA,
@@ -326,7 +335,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {schema["$id"]: schema for schema in (
         "vaeeval ais --json: per-point annealed importance sampling estimates of log p(x), with ELBO and IWAE",
         {"model": MODEL, "data": DATA, "settings": AIS_SETTINGS, "summary": AIS_SUMMARY,
          "points": {"type": "array", "items": AIS_POINT}},
-        {"units": STRING},
+        {"units": STRING, "certificate": CERTIFICATE},
     ),
     _document(
         BDMC_SCHEMA,
