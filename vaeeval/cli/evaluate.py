@@ -24,7 +24,6 @@ from vaeeval.cli.options import (
     table,
     warn,
 )
-from vaeeval.estimators.annealing.certify import ais_next_step
 from vaeeval.estimators.importance.evaluate import Evaluator
 from vaeeval.estimators.importance.explain import explain as explain_recon
 from vaeeval.estimators.importance.groups import group_kl
@@ -107,19 +106,12 @@ def elbo(
     statistics = _explained(evaluator, result, about_model) if explain else None
     if plot is not None:
         plot_diagnostics(result, plot)
-    note = ais_next_step(result, str(model), str(data), arch=about_model.get("arch") is not None)
     if as_json:
-        document = elbo_document(result, about_model, about_data, convergence=convergence, latents=health,
-                                 statistics=statistics)
-        if note is not None:
-            document["notes"] = [note]
-        click.echo(to_json(document))
+        click.echo(to_json(elbo_document(result, about_model, about_data, convergence=convergence, latents=health,
+                                         statistics=statistics)))
     else:
-        console = stdout()
-        table("tables.render_elbo")(console, result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
+        table("tables.render_elbo")(stdout(), result, about_model, about_data, show_all=show_all, diagnostics=diagnostics,
                     convergence=convergence, latents=health, explain=explain, statistics=statistics)
-        if note is not None:
-            console.print(f"note: {note}", markup=False, highlight=False)
     check_thresholds(result.summary, thresholds)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from vaeeval.estimators.annealing.certify import elbo_note
 from vaeeval.results.formats import ResultsFormat
 from vaeeval.results.numbers import AISEvaluation, BDMCEvaluation, Evaluation
 from vaeeval.results.recon_terms import LossStatistics, recon_terms
@@ -80,6 +81,9 @@ def elbo_document(
         document["convergence"] = convergence_records(evaluation)
     if latents is not None:
         document["latents"] = latents_record(latents)
+    note = elbo_note(evaluation, model, data, convergence=convergence)
+    if note is not None:
+        document["notes"] = [note]
     return document
 
 

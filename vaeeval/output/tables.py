@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vaeeval.errors import listing
+from vaeeval.estimators.annealing.certify import elbo_note
 from vaeeval.format.domains import Grid
 from vaeeval.format.layers import format_shape
 from vaeeval.format.terms import DENSITY
@@ -252,6 +253,9 @@ def render_elbo(
     if explain:
         console.print()
         render_recon_terms(console, recon_terms(evaluation.points.recon, model, evaluation.scoring, statistics))
+    note = elbo_note(evaluation, model, data, convergence=convergence)
+    if note is not None:
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def render_recon_terms(console: Console, terms: dict[str, Any]) -> None:

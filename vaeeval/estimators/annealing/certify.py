@@ -14,6 +14,7 @@ ordinary AIS run at those settings.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 import time
@@ -206,6 +207,14 @@ def certify(
             return Certificate(target_gap, max_cost, points, tuple(stages), True, max_seconds)
         current = _next(current, stages)
     return Certificate(target_gap, max_cost, points, tuple(stages), False, max_seconds)
+
+
+def elbo_note(evaluation: Evaluation, model: dict, data: dict, *, convergence: bool = False) -> str | None:
+    """``ais_next_step`` from an elbo document's model and data records, the same whether the run was made in one
+    process or merged from results files: the IWAE-versus-K check counts only where ``convergence`` was asked
+    (a results file holds no convergence)."""
+    return ais_next_step(evaluation if convergence else dataclasses.replace(evaluation, convergence=None),
+                         str(model.get("path")), str(data.get("path")), arch=model.get("arch") is not None)
 
 
 def ais_next_step(evaluation: Evaluation, model: str, data: str, *, arch: bool = False) -> str | None:
