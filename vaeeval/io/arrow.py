@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vaeeval.errors import DataError, VaeevalError, listing, option
-from vaeeval.io.files import load_json, reading, regular_file
+from vaeeval.errors import DataError, listing, option
+from vaeeval.io.files import guarded, load_json, reading, regular_file
 from vaeeval.io.h5ad import Rows
 
 if TYPE_CHECKING:
@@ -304,13 +304,6 @@ def _no_missing(path: Path, name: str, values: pa.Array, start: int | None, oute
         raise DataError(path, f"column {name!r}: {where} has a missing value (null); every point needs all its values")
 
 
-@contextlib.contextmanager
-def _guard(path: Path) -> Iterator[None]:
+def _guard(path: Path) -> contextlib.AbstractContextManager[None]:
     """Whatever pyarrow raises on a file's content is one line naming the file."""
-    try:
-        yield
-    except VaeevalError:
-        raise
-    except Exception as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(path, f"truncated or corrupt parquet or arrow data ({text})") from None
+    return guarded(path, "truncated or corrupt parquet or arrow data")

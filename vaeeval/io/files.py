@@ -32,6 +32,19 @@ MAX_JSON_DEPTH = 64  # vaeeval's own documents nest about 6 deep
 
 
 @contextlib.contextmanager
+def guarded(path: Path, what: str) -> Iterator[None]:
+    """Whatever a third-party reader (h5py, anndata, Pillow, pyarrow) raises on a file's content is one
+    ``DataError`` naming the file: ``what (its first line)``."""
+    try:
+        yield
+    except VaeevalError:
+        raise
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(path, f"{what} ({text})") from None
+
+
+@contextlib.contextmanager
 def reading(path: Path, error: type[ModelFileError] | type[DataError], kind: str) -> Iterator[None]:
     """Turn the OS errors of opening and reading ``path`` into one-line errors of class ``error``.
 

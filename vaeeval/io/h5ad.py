@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vaeeval.errors import DataError, VaeevalError, listing, option
+from vaeeval.errors import DataError, listing, option
+from vaeeval.io.files import guarded
 
 if TYPE_CHECKING:
     import h5py
@@ -394,16 +395,9 @@ def _require_anndata(path: Path) -> None:
         raise DataError(path, ANNDATA_MISSING) from None
 
 
-@contextlib.contextmanager
-def _guard(path: Path) -> Iterator[None]:
+def _guard(path: Path) -> contextlib.AbstractContextManager[None]:
     """A file's content can make h5py or anndata raise anything: each is a one-line ``DataError`` naming the file."""
-    try:
-        yield
-    except VaeevalError:
-        raise
-    except Exception as error:
-        text = str(error).splitlines()[0].strip() if str(error).strip() else type(error).__name__
-        raise DataError(path, f"truncated or corrupt .h5ad ({text})") from None
+    return guarded(path, "truncated or corrupt .h5ad")
 
 
 def _observations(path: Path, file: h5py.File) -> int:

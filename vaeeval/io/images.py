@@ -11,13 +11,13 @@ is read (the ``images`` extra).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vaeeval.errors import DataError, VaeevalError, listing, option
+from vaeeval.errors import DataError, listing, option
+from vaeeval.io.files import guarded
 from vaeeval.io.h5ad import Rows
 
 PILLOW_MISSING = "reading a folder of images needs the images extra: pip install 'vaeeval[images]'"
@@ -173,14 +173,7 @@ def _check_size(path: Path, image: Any, max_bytes: int, label: str = "") -> None
                         f"allowed ({option('max_data_size')})")
 
 
-@contextlib.contextmanager
-def _guard(path: Path) -> Iterator[None]:
+def _guard(path: Path) -> contextlib.AbstractContextManager[None]:
     """Whatever Pillow raises on a file's content (a truncated or corrupt image, a decompression bomb) is one line."""
-    try:
-        yield
-    except VaeevalError:
-        raise
-    except Exception as error:
-        text = str(error).splitlines()[0].strip() if str(error).strip() else type(error).__name__
-        raise DataError(path, f"not an image Pillow can read ({text})") from None
+    return guarded(path, "not an image Pillow can read")
 
