@@ -160,7 +160,7 @@ def discrete_information(means: np.ndarray, family: str) -> float:
         return math.nan
     log_on, log_off = numerics.log(q), numerics.log(1 - q)
     total = np.zeros(n)
-    values = torch.tensor([[(v >> u) & 1 for u in range(units)] for v in range(2**units)], dtype=torch.float64)
+    values = ((torch.arange(2**units)[:, None] >> torch.arange(units)) & 1).to(torch.float64)  # every binary z, [2^d, d]
     for first in range(0, values.shape[0], _CHUNK):
         z = values[first : first + _CHUNK]  # [M, d]
         log_joint = numerics.tree_sum(torch.where(z[None] > 0, log_on[:, None], log_off[:, None]))  # [N, M]
