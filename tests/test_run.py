@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -104,3 +106,72 @@ def test_the_torchrun_world_is_read_from_its_environment(monkeypatch, environmen
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert distributed_world() == world and local_processes() == local
+
+
+# ---------------------------------------------------------------- torchrun: a peer late, never there, or slow
+
+_RUN = [str(ROOT / "sample_models/digits_bernoulli.safetensors"), str(ROOT / "sample_models/digits_binary_test.npy"),
+        "-k", "8", "--limit", "6", "--json"]
+# rank 1, its share's evaluation held back: the gather must wait for it past --dist-timeout
+_SLOW_RANK = ("import sys, time; from vaeeval.estimators.importance.evaluate import Evaluator; parts = Evaluator.parts; "
+              "Evaluator.parts = lambda *a, **k: (time.sleep(13), parts(*a, **k))[1]; "
+              "from vaeeval.cli import main; sys.argv[0] = 'vaeeval'; main()")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank(rank: int, port: int, *extra: str, code: list[str] | None = None) -> subprocess.Popen:
+    environment = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    command = code or ["-m", "vaeeval"]
+    return subprocess.Popen([sys.executable, *command, "elbo", *_RUN, *extra], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(("rank", "phrase"), [
+    (0, "torchrun: 1 of 2 processes joined within 2 s (127.0.0.1:{port}); start every rank"),
+    (1, "torchrun: rank 1 found no rendezvous at 127.0.0.1:{port} within 2 s (rank 0 hosts it)"),
+])
+def test_a_peer_that_never_comes_ends_the_run_in_one_line(rank, phrase):
+    """(L) a process whose peer never started waited forever (torch's 30 minutes, for rank 0)."""
+    port = _free_port()
+    process = _rank(rank, port, "--dist-timeout", "2")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("vaeeval: error: " + phrase.format(port=port)) and "--dist-timeout" in stderr, stderr
+
+
+def test_a_slow_peer_is_waited_for_past_the_rendezvous_timeout():
+    """--dist-timeout bounds the start only: a rank done 13 s after the other is gathered, not timed out at 10 s
+    (10 s, not less, for the two processes' start on a busy machine)."""
+    port = _free_port()
+    first = _rank(0, port, "--dist-timeout", "10")
+    slow = _rank(1, port, "--dist-timeout", "10", code=["-c", _SLOW_RANK])
+    stdout, stderr = first.communicate(timeout=120)
+    assert slow.wait(timeout=60) == 0 and first.returncode == 0, stderr + slow.stderr.read()
+    one = json.loads(cli("elbo", *_RUN).stdout)
+    both = json.loads(stdout)
+    assert both["summary"] == one["summary"] and both["points"] == one["points"]
+
+
+@pytest.mark.parametrize(("value", "phrase"), [("0", "'0' is not > 0"), ("-1", "'-1' is not > 0"),
+                                               ("nan", "'nan' is not a finite number"), ("abc", "'abc' is not a number")])
+def test_a_dist_timeout_that_is_no_time_is_one_line(value, phrase):
+    result = cli("elbo", *_RUN, "--dist-timeout", value, code=2)
+    assert result.stderr.count("\n") == 1 and f"Invalid value for '--dist-timeout': {phrase}" in result.stderr, result.stderr
+
+
+def test_a_peer_that_dies_before_the_gather_is_one_line():
+    """Rank 1 killed during its share: rank 0 ends with one line, not gloo's traceback."""
+    port = _free_port()
+    first = _rank(0, port, "--dist-timeout", "20")
+    dying = _rank(1, port, "--dist-timeout", "20", code=["-c", _SLOW_RANK.replace("time.sleep(13)", "os._exit(9)")
+                                                             .replace("import sys,", "import os, sys,")])
+    stdout, stderr = first.communicate(timeout=120)
+    assert dying.wait(timeout=60) == 9
+    assert first.returncode == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("vaeeval: error: torchrun: a process left before the results were gathered"), stderr

@@ -45,7 +45,7 @@ from vaeeval.format.specs import MAX_LEVELS
 from vaeeval.io.files import check_output, load_json
 from vaeeval.output.progress import ProgressBar
 from vaeeval.runs.formats import Shard
-from vaeeval.runs.run import Outcome, distributed_world, run
+from vaeeval.runs.run import DEFAULT_DIST_TIMEOUT, MAX_DIST_TIMEOUT, Outcome, distributed_world, run
 from vaeeval.user.arch import ArchOptions
 from vaeeval.user.methods import DECODER_OUTPUTS
 
@@ -428,13 +428,17 @@ STREAMING = (
     click.option("--shard", default=None, metavar="I/N",
                  help="Evaluate only slice I of N (0-based) into --output; combine the parts with vaeeval merge."),
     click.option("--wait", is_flag=True, help="When another run is writing --output, wait for it instead of refusing."),
+    click.option("--dist-timeout", type=Finite(0.0, MAX_DIST_TIMEOUT, low_open=True), default=DEFAULT_DIST_TIMEOUT,
+                 show_default=True, metavar="SECONDS",
+                 help="Under torchrun: how long the processes wait for each other to start before the run ends with an error. "
+                      "It does not bound the evaluation: the results are gathered when the slowest process is done."),
 )
 
 
 def streaming_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """The --output, --resume, --shard and --wait options, taken out of the command's options and checked;
-    ``streamed``: whether the run's points go to a file."""
-    streaming = {name: options.pop(name) for name in ("output", "resume", "shard", "wait")}
+    """The --output, --resume, --shard, --wait and --dist-timeout options, taken out of the command's options and
+    checked; ``streamed``: whether the run's points go to a file."""
+    streaming = {name: options.pop(name) for name in ("output", "resume", "shard", "wait", "dist_timeout")}
     output, distributed = streaming["output"], distributed_world() is not None
     if streaming["resume"] and output is None:
         raise click.UsageError("--resume continues the run in --output: give --output")
@@ -453,7 +457,7 @@ def run_with_progress(
     """Run with a progress bar; when Ctrl-C stops it, draw the points done with the table ``render``
     (``tables.render_elbo``: see ``table``) and exit 130.
 
-    ``streaming`` holds the --output, --resume, --shard and --wait options. None: nothing
+    ``streaming`` holds the --output, --resume, --shard, --wait and --dist-timeout options. None: nothing
     to report here (another torchrun rank reports, or the shard holds no point).
     """
     output, shard = streaming["output"], streaming["shard"]
@@ -463,7 +467,7 @@ def run_with_progress(
     total = estimator.n if part is None else part.stop - part.start
     with progress_bar(total, label) as progress:
         outcome = run(estimator, output=output, resume=streaming["resume"], shard=part, wait=streaming["wait"],
-                      progress=progress)
+                      progress=progress, dist_timeout=streaming["dist_timeout"])
     if outcome is not None and outcome.interrupted:
         result = outcome.evaluation
         if result is None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import re
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -59,6 +63,7 @@ def run(
     shard: Shard | None = None,
     wait: bool = False,
     progress: Callable[[int], None] | None = None,
+    dist_timeout: float | None = None,
 ) -> Outcome | None:
     """Evaluate the data (or one shard), streaming point lines to ``output`` as they are computed.
 
@@ -72,6 +77,8 @@ def run(
         shard: evaluate only this slice of the points.
         wait: when another run holds ``output``, wait for it instead of refusing.
         progress: called with the number of points this call has finished.
+        dist_timeout: under torchrun, the seconds the processes wait for each other to start
+            (``run_distributed``); default ``DEFAULT_DIST_TIMEOUT``.
 
     Returns:
         The evaluation: with K-convergence and latents when computed in one go without a
@@ -87,7 +94,7 @@ def run(
     if distributed_world() is not None:
         if resume or shard is not None:
             raise VaeevalError(f"{option('resume')} and {option('shard')} are for single-process runs, not torchrun")
-        return run_distributed(evaluator, output=output, progress=progress)
+        return run_distributed(evaluator, output=output, progress=progress, dist_timeout=dist_timeout)
     results = format_of(evaluator)
     header = results.header(evaluator, shard)
     indices = np.arange(evaluator.n) if shard is None else np.arange(shard.start, shard.stop)
@@ -149,6 +156,12 @@ def _opened(path: Path, mode: str) -> Iterator[TextIO]:
 
 
 MAX_WORLD = 1 << 16  # processes in one run
+DEFAULT_DIST_TIMEOUT = 300.0  # seconds the processes wait for each other to start (--dist-timeout)
+MAX_DIST_TIMEOUT = 7 * 86400.0
+# The gather waits for the slowest rank to finish its share, which may take hours more than the fastest one's:
+# it has its own group with this bound, not --dist-timeout's (a rank that dies ends it sooner: gloo sees the
+# socket close, and torchrun stops the other processes when one fails).
+GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
 def _setting(name: str, default: int, low: int, high: int) -> int:
@@ -167,7 +180,8 @@ def distributed_world() -> tuple[int, int] | None:
 
     Raises:
         VaeevalError: a WORLD_SIZE or RANK that is no whole number in range (a rank at or past the world
-            size would wait forever for peers that cannot exist), or a world without MASTER_ADDR and MASTER_PORT.
+            size would wait forever for peers that cannot exist), or a world without MASTER_ADDR and MASTER_PORT
+            (or a MASTER_PORT that is no port).
     """
     world = _setting("WORLD_SIZE", 1, 1, MAX_WORLD)
     if world == 1:
@@ -177,6 +191,7 @@ def distributed_world() -> tuple[int, int] | None:
         if not os.environ.get(name):
             raise VaeevalError(f"WORLD_SIZE={world} asks for {world} processes, but {name} is not set: start them with "
                                "torchrun (which sets it), or unset WORLD_SIZE")
+    _setting("MASTER_PORT", 0, 1, 65535)
     return rank, world
 
 
@@ -187,7 +202,11 @@ def local_processes() -> int:
 
 
 def run_distributed(
-    evaluator: Estimator, *, output: str | Path | None = None, progress: Callable[[int], None] | None = None
+    evaluator: Estimator,
+    *,
+    output: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    dist_timeout: float | None = None,
 ) -> Outcome | None:
     """Under torchrun: each rank evaluates its shard; rank 0 gathers and returns the whole run.
 
@@ -197,19 +216,31 @@ def run_distributed(
     divides the machine's cores among them (the command line does). The ranks send
     their results as JSON bytes (``exchange``), never as pickles: a peer cannot make
     rank 0 run code.
+
+    ``dist_timeout`` (seconds, default ``DEFAULT_DIST_TIMEOUT``) bounds the start only: every
+    process must have joined the rendezvous within it. The gather of the results then waits
+    for the slowest rank's share (up to ``GATHER_TIMEOUT``).
+
+    Raises:
+        VaeevalError: a process that did not join within ``dist_timeout``, or one that left
+            before the results were gathered.
     """
     import torch.distributed as dist
 
     rank, world = distributed_world()
     backend = "nccl" if evaluator.settings.device.startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
+    owned = not dist.is_initialized()
+    group = _rendezvous(backend, rank, world, DEFAULT_DIST_TIMEOUT if dist_timeout is None else dist_timeout, owned)
     try:
         shard = Shard.of(rank, world, evaluator.n)
         mine = list(evaluator.parts(np.arange(shard.start, shard.stop), progress))
-        gathered = _gather_bytes(json.dumps([encode(part) for part in mine]).encode(), rank, world, evaluator.settings.device)
+        payload = json.dumps([encode(part) for part in mine]).encode()
+        try:
+            gathered = _gather_bytes(payload, rank, world, evaluator.settings.device, group)
+        except RuntimeError as error:  # gloo's "Connection closed by peer" is a bare RuntimeError; DistError is one too
+            raise VaeevalError(f"torchrun: a process left before the results were gathered ({_first_line(error)})") from None
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group(None if owned else group)  # a default group the caller started stays theirs
     if rank != 0:
         return None
     evaluation = evaluator.finish([decode(part) for payload in gathered for part in json.loads(payload)])
@@ -218,6 +249,65 @@ def run_distributed(
     if output is not None:
         write_results(output, header, results.points(evaluator, evaluation.points), evaluation)
     return Outcome(evaluation, False, evaluator.n, header)
+
+
+def _rendezvous(backend: str, rank: int, world: int, timeout: float, initialize: bool) -> Any:
+    """Join the torchrun world within ``timeout`` seconds (``initialize``: start torch.distributed's
+    default group, else the caller has); return a group of every rank for the gather, bounded by
+    ``GATHER_TIMEOUT`` instead.
+
+    Raises:
+        VaeevalError: a peer that did not come in time, one line saying how many did and where.
+    """
+    import torch.distributed as dist
+
+    if not 0 < timeout <= MAX_DIST_TIMEOUT:  # NaN too
+        raise VaeevalError(f"{option('dist_timeout')} {timeout!r} is not a number of seconds from 0 to {MAX_DIST_TIMEOUT:g}")
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    place = f"{host}:{port}"
+    deadline = time.monotonic() + timeout
+    if initialize:
+        if rank != 0:  # rank 0 hosts the rendezvous; torch would log a C++ stack for each failed try to reach it
+            _reach(host, port, deadline, f"torchrun: rank {rank} found no rendezvous at {place} within {timeout:g} s "
+                                         f"(rank 0 hosts it); start rank 0, or give it longer with {option('dist_timeout')}")
+        remaining = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+        try:
+            dist.init_process_group(backend, timeout=remaining)
+        except dist.DistError as error:
+            raise VaeevalError(_not_joined(error, world, timeout, place)) from None
+    try:
+        return dist.new_group(timeout=GATHER_TIMEOUT)
+    except dist.DistError as error:
+        raise VaeevalError(_not_joined(error, world, timeout, place)) from None
+
+
+def _reach(host: str, port: int, deadline: float, message: str) -> None:
+    """Wait until something listens at ``host:port``, trying again until ``deadline`` (``time.monotonic``)."""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 1.0), 0.01)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise VaeevalError(f"{message} ({error})") from None
+        time.sleep(0.2)
+
+
+_JOINED = re.compile(r"(\d+)/(\d+) clients joined")
+
+
+def _not_joined(error: Exception, world: int, timeout: float, place: str) -> str:
+    """One line for a rendezvous that failed: how many of the ``world`` processes came, if torch says."""
+    joined = _JOINED.search(str(error))
+    head = (f"torchrun: {joined.group(1)} of {world} processes joined within {timeout:g} s ({place})" if joined
+            else f"torchrun: the {world} processes did not all meet at {place} within {timeout:g} s ({_first_line(error)})")
+    return (f"{head}; start every rank (RANK 0 to {world - 1}) with the same MASTER_ADDR and MASTER_PORT, "
+            f"or give them longer with {option('dist_timeout')}")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------- what the ranks send each other
@@ -256,20 +346,20 @@ def decode(value: Any) -> Any:
 _EXCHANGED = {cls.__name__: cls for cls in (Part, PointResults, AISPart, AISPointResults)}
 
 
-def _gather_bytes(payload: bytes, rank: int, world: int, device: str) -> list[bytes]:
-    """Every rank's ``payload`` on rank 0 (others get []), as uint8 tensors padded to the longest."""
+def _gather_bytes(payload: bytes, rank: int, world: int, device: str, group: Any = None) -> list[bytes]:
+    """Every rank's ``payload`` on rank 0 (others get []) through ``group``, as uint8 tensors padded to the longest."""
     import torch
     import torch.distributed as dist
 
     place = torch.device(device)
     length = torch.tensor([len(payload)], dtype=torch.int64, device=place)
     lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
+    dist.all_gather(lengths, length, group=group)
     longest = int(max(int(size) for size in lengths))
     buffer = torch.zeros(longest, dtype=torch.uint8, device=place)
     buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(place)
     gathered = [torch.zeros_like(buffer) for _ in range(world)] if rank == 0 else None
-    dist.gather(buffer, gathered, dst=0)
+    dist.gather(buffer, gathered, dst=0, group=group)
     if rank != 0:
         return []
     return [bytes(part[: int(size)].cpu().numpy()) for part, size in zip(gathered, lengths, strict=True)]
