@@ -21,6 +21,7 @@ import numpy as np
 
 from vaeeval.errors import DataError, listing, option
 from vaeeval.io.files import guarded
+from vaeeval.io.hdf5 import check_inside, has, member
 
 if TYPE_CHECKING:
     import h5py
@@ -176,8 +177,7 @@ class SparseRows(Rows):
         self._stored = (rows, columns)  # the matrix in the file, whatever head() and reshape() make of the rows
         self._source: dict[str, Any] = {}  # shared by head() and reshape() copies: a CSC matrix is read once
         if self.format == "csr_matrix":
-            stored = min(group["data"].shape[0], group["indices"].shape[0])
-            _check_pointers(path, self.where, group["indptr"][...], rows, stored)
+            _check_pointers(path, self.where, group["indptr"], rows, group["data"].shape[0])
             self._source["rows"] = _sparse_dataset(group)
 
     def _rows_source(self) -> Any:
@@ -200,12 +200,24 @@ class SparseRows(Rows):
         return block.toarray()
 
 
-def _check_pointers(path: Path, where: str, pointers: np.ndarray, major: int, stored: int) -> None:
-    """A compressed matrix's ``indptr``: ``major + 1`` non-decreasing offsets into its ``stored`` values."""
-    if pointers.ndim != 1 or pointers.shape[0] != major + 1 or pointers.dtype.kind not in "iu":
-        raise DataError(path, f"{where}: its indptr is {pointers.dtype} {list(pointers.shape)}, not {major + 1} offsets: corrupt")
-    if pointers[0] < 0 or pointers[-1] > stored or np.any(np.diff(pointers.astype(np.int64)) < 0):
-        raise DataError(path, f"{where}: its indptr is not a non-decreasing run of offsets into its {stored:,} stored values: corrupt")
+_POINTER_BLOCK = 1 << 20  # indptr entries checked at a time: a file's row pointers are never all in memory at once
+
+
+def _check_pointers(path: Path, where: str, pointers: Any, major: int, stored: int) -> None:
+    """A compressed matrix's ``indptr`` (an array or an HDF5 dataset, read a block at a time): ``major + 1``
+    whole-number offsets into its ``stored`` values, from 0 to ``stored`` and never decreasing."""
+    if len(pointers.shape) != 1 or pointers.shape[0] != major + 1 or pointers.dtype.kind not in "iu":
+        raise DataError(path, f"{where}: its indptr is {pointers.dtype} {list(pointers.shape)}, not {major + 1} "
+                              "whole-number offsets: corrupt")
+    previous = 0
+    for start in range(0, major + 1, _POINTER_BLOCK):
+        block = np.asarray(pointers[start : start + _POINTER_BLOCK]).astype(np.int64)
+        if (start == 0 and block[0] != 0) or block[0] < previous or np.any(np.diff(block) < 0) or block[-1] > stored:
+            raise DataError(path, f"{where}: its indptr is not a non-decreasing run of offsets from 0 into its {stored:,} "
+                                  "stored values: corrupt")
+        previous = int(block[-1])
+    if previous != stored:
+        raise DataError(path, f"{where}: its indptr ends at {previous:,}, not at its {stored:,} stored values: truncated or corrupt")
 
 
 def _check_indices(path: Path, where: str, indices: np.ndarray, bound: int, axis: str) -> None:
@@ -253,17 +265,18 @@ def _matrix(path: Path, file: h5py.File, layer: str | None, *, recorded: bool, m
 
     observations = _observations(path, file)
     where = "X" if layer is None else f"layer {layer!r}"
-    if layer is None and "X" not in file:
-        raise DataError(path, f"has no X matrix; {_holdings(file)}: choose one with {option('layer')}")
-    if layer is not None and layer not in _layers(file):
+    element = member(path, file, "X", where) if layer is None else None
+    if layer is None and element is None:
+        raise DataError(path, f"has no X matrix; {_holdings(path, file)}: choose one with {option('layer')}")
+    if layer is not None and layer not in _layers(path, file):
         why = " (the layer the model records)" if recorded else ""
-        raise DataError(path, f"has no layer {layer!r}{why}; {_holdings(file)}: choose one with {option('layer')}")
-    element = file["X"] if layer is None else file["layers"][layer]
+        raise DataError(path, f"has no layer {layer!r}{why}; {_holdings(path, file)}: choose one with {option('layer')}")
+    if layer is not None:
+        element = member(path, member(path, file, "layers", where), layer, where)
+    check_inside(path, element, where)  # before any value is read
     encoding = _text(element.attrs.get("encoding-type", ""))
     if isinstance(element, h5py.Group) and encoding in _SPARSE:
-        for part in ("data", "indices", "indptr"):
-            if not isinstance(element.get(part), h5py.Dataset):
-                raise DataError(path, f"{where} is a {encoding} without its {part!r} array: truncated or corrupt")
+        _check_sparse_arrays(path, where, element, encoding)
         if encoding == "csc_matrix":
             _check_csc_size(path, where, element, max_bytes)
         rows: Rows = SparseRows(path, element, layer)
@@ -279,6 +292,25 @@ def _matrix(path: Path, file: h5py.File, layer: str | None, *, recorded: bool, m
     if len(rows) != observations:
         raise DataError(path, f"{where} has {len(rows)} rows and obs {observations}: truncated or corrupt")
     return rows
+
+
+def _check_sparse_arrays(path: Path, where: str, group: h5py.Group, encoding: str) -> None:
+    """A sparse matrix's three arrays: 1-D, as many indices as values, and whole-number indices and pointers
+    (scipy would truncate 2.7 to column 2 without a word)."""
+    import h5py
+
+    arrays = {part: group.get(part) for part in ("data", "indices", "indptr")}
+    for part, array in arrays.items():
+        if not isinstance(array, h5py.Dataset):
+            raise DataError(path, f"{where} is a {encoding} without its {part!r} array: truncated or corrupt")
+        if array.ndim != 1:
+            raise DataError(path, f"{where}: its {part} is {list(array.shape)}, not one row of numbers: corrupt")
+    for part in ("indices", "indptr"):
+        if arrays[part].dtype.kind not in "iu":
+            raise DataError(path, f"{where}: its {part} are {arrays[part].dtype}, not whole numbers: corrupt")
+    if arrays["indices"].shape != arrays["data"].shape:
+        raise DataError(path, f"{where}: {arrays['indices'].shape[0]:,} indices for {arrays['data'].shape[0]:,} stored "
+                              "values: truncated or corrupt")
 
 
 def _check_csc_size(path: Path, where: str, group: h5py.Group, max_bytes: int | None) -> None:
@@ -319,7 +351,9 @@ def read_obs(
         file = h5py.File(path, "r")
     with file, _guard(path):
         _observations(path, file)
-        frame = _read_elem(file["obs"])
+        obs = member(path, file, "obs", "obs")
+        check_inside(path, obs, "obs")
+        frame = _read_elem(obs)
     found = {}
     for name in names:
         if name not in frame.columns:
@@ -404,29 +438,29 @@ def _observations(path: Path, file: h5py.File) -> int:
     """How many points (obs rows) an AnnData file has; refuses an HDF5 file anndata did not write."""
     import h5py
 
-    obs = file.get("obs")
+    obs = member(path, file, "obs", "obs")
     kind = _text(file.attrs.get("encoding-type", "anndata"))
     if kind != "anndata" or not isinstance(obs, h5py.Group):
         if isinstance(obs, h5py.Dataset):
             raise DataError(path, "an .h5ad from anndata before 0.8, which vaeeval does not read; write it again with a current anndata")
         raise DataError(path, "an HDF5 file, but not AnnData (.h5ad): it has no obs data frame")
-    index = obs.get(_text(obs.attrs.get("_index", "_index")))
+    index = member(path, obs, _text(obs.attrs.get("_index", "_index")), "obs")
     if not isinstance(index, h5py.Dataset):
         raise DataError(path, "obs has no index of cell names: truncated or corrupt")
     return int(index.shape[0])
 
 
-def _layers(file: h5py.File) -> list[str]:
+def _layers(path: Path, file: h5py.File) -> list[str]:
     import h5py
 
-    layers = file.get("layers")
+    layers = member(path, file, "layers", "layers")
     return sorted(layers.keys()) if isinstance(layers, h5py.Group) else []
 
 
-def _holdings(file: h5py.File) -> str:
+def _holdings(path: Path, file: h5py.File) -> str:
     """``it holds X and the layers counts, log1p``: what a user can choose from."""
-    layers = _layers(file)
-    main = "X" if "X" in file else "no X"
+    layers = _layers(path, file)
+    main = "X" if has(file, "X") else "no X"
     return f"it holds {main} and " + (f"the layers {listing(layers, 12, counted=True)}" if layers else "no layers")
 
 
