@@ -135,6 +135,8 @@ def test_a_bad_omp_num_threads_is_one_line_before_torch_loads(value):
          "RANK='5' is not a whole number from 0 to 1"),
         ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
          "LOCAL_WORLD_SIZE='0' is not a whole number from 1 to 2"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+         "MASTER_PORT='99999' is not a whole number from 1 to 65535"),
     ],
 )
 def test_torchrun_environments_that_cannot_be_are_one_line(monkeypatch, environment, phrase):
