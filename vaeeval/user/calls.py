@@ -33,13 +33,13 @@ def where(error: BaseException) -> str:
     return ""
 
 
-def call_user(what: str, function: Callable[..., Any], *args: Any) -> Any:
+def call_user(what: str, function: Callable[..., Any], *args: Any, integers: bool = False) -> Any:
     """``function(*args)``: the user's code; whatever it raises becomes one ``VaeevalError`` naming the call,
     the exception, and the file and line it came from. What it returns is checked (``checks.returned``: real
-    floating tensors and parameters, on the device of the first tensor given); a refusal is one ``VaeevalError``
-    too, ``what: why``."""
+    floating tensors and parameters, on the device of the first tensor given; ``integers``: a tensor returned may
+    hold integers, a discrete distribution's draws); a refusal is one ``VaeevalError`` too, ``what: why``."""
     try:
-        return returned(what, function(*args), device_of(args))
+        return returned(what, function(*args), device_of(args), integers=integers)
     except VaeevalError:
         raise
     except Refused as error:  # vaeeval's own check of what came back (also from inside, a log_prob's result)

@@ -36,20 +36,21 @@ def device_of(args: tuple[Any, ...]) -> torch.device | None:
     return None
 
 
-def returned(what: str, value: Any, device: torch.device | None = None) -> Any:
+def returned(what: str, value: Any, device: torch.device | None = None, integers: bool = False) -> Any:
     """``value`` as the user's code returned it, once its tensors and distributions are checked.
 
     A tensor must be real floating point, not on the meta device (which holds no values), and on ``device``
     where one is given (a 0-dimensional tensor may stay on the CPU, as torch allows). A distribution's
     tensors likewise, except that an integer or boolean tensor is refused only as a parameter that its
     ``arg_constraints`` says is continuous (a Binomial's ``total_count`` may be integers; a Normal's
-    ``loc`` may not). Tuples, lists and mappings are looked into; anything else is left to its caller.
+    ``loc`` may not); with ``integers``, a tensor returned may hold integers too (a discrete distribution's
+    draws). Tuples, lists and mappings are looked into; anything else is left to its caller.
 
     Raises:
         Refused: the first value that does not pass, named.
     """
     if isinstance(value, torch.Tensor):
-        _tensor(f"{what} returned a tensor that", value, device, continuous=True)
+        _tensor(f"{what} returned a tensor that", value, device, continuous=not integers)
     elif isinstance(value, Distribution):
         _distribution(f"{what} returned {_name(value)}", value, device)
     elif isinstance(value, (tuple, list)):
@@ -69,9 +70,12 @@ def _distribution(subject: str, distribution: Distribution, device: torch.device
     """Each tensor held by ``distribution`` and the distributions it wraps (see ``returned``)."""
     if depth > 8:
         return
-    parameters = getattr(distribution, "arg_constraints", None)
+    try:
+        parameters = distribution.arg_constraints  # Distribution's own raises NotImplementedError: a class may not say
+    except Exception:
+        parameters = {}
     parameters = parameters if isinstance(parameters, Mapping) else {}
-    for name, value in list(vars(distribution).items()):
+    for name, value in list(getattr(distribution, "__dict__", {}).items()):
         if isinstance(value, torch.Tensor):
             constraint = parameters.get(name.lstrip("_"))
             continuous = constraint is not None and not getattr(constraint, "is_discrete", False)

@@ -206,7 +206,7 @@ def draw(
         distribution = distribution.expand(torch.Size(batch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(key)
-        return call_user(f"{describe(distribution)}.sample", distribution.sample, torch.Size((normal.shape[0],)))
+        return call_user(f"{describe(distribution)}.sample", distribution.sample, torch.Size((normal.shape[0],)), integers=True)
 
 
 def _parameter(distribution: Distribution) -> torch.Tensor:
