@@ -121,8 +121,8 @@ def checked_total(distribution: Distribution, total: torch.Tensor, values: int, 
     top = float(total.detach().reshape(-1)[largest])
     if top > LOG_PROBABILITY_SLACK * max(1, values):
         raise Refused(
-            f"{what} of a discrete distribution must be at most 0 (the log of a probability), found {top:+.6g} at row "
-            f"{largest} of {total.numel()}"
+            f"{what} of a discrete distribution must be at most 0 (the log of a probability), found {top:+.6g} (row "
+            f"{largest} of the {total.numel()} it was given at once)"
         )
     return total
 
