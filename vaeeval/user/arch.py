@@ -233,7 +233,7 @@ def load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: Pat
 
 
 def _call(what: str, function: Callable[[], Any]) -> Any:
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: a prior() kept as it is (a user's subclass) is differentiated through by AIS
         return call_user(what, function)
 
 

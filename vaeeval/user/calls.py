@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeeval.errors import VaeevalError
+from vaeeval.user.checks import Refused, device_of, returned
 
 # What the user's code may raise that vaeeval reports in one line: any exception, and sys.exit() (a SystemExit,
 # which is no Exception: uncaught, sys.exit(0) in decode would end vaeeval with success and nothing printed).
@@ -32,12 +33,16 @@ def where(error: BaseException) -> str:
     return ""
 
 
-def call_user(what: str, function: Callable[..., Any], *args: Any) -> Any:
+def call_user(what: str, function: Callable[..., Any], *args: Any, integers: bool = False) -> Any:
     """``function(*args)``: the user's code; whatever it raises becomes one ``VaeevalError`` naming the call,
-    the exception, and the file and line it came from."""
+    the exception, and the file and line it came from. What it returns is checked (``checks.returned``: real
+    floating tensors and parameters, on the device of the first tensor given; ``integers``: a tensor returned may
+    hold integers, a discrete distribution's draws); a refusal is one ``VaeevalError`` too, ``what: why``."""
     try:
-        return function(*args)
+        return returned(what, function(*args), device_of(args), integers=integers)
     except VaeevalError:
         raise
+    except Refused as error:  # vaeeval's own check of what came back (also from inside, a log_prob's result)
+        raise VaeevalError(f"{what}: {error}" if not str(error).startswith(what) else str(error)) from None
     except USER_FAILURES as error:  # the user's code: any failure is reported, in one line
         raise VaeevalError(f"{what} raised {first_line(error)}{where(error)}") from None

@@ -33,6 +33,7 @@ from torch.distributions import (
     RelaxedBernoulli,
     RelaxedOneHotCategorical,
     TransformedDistribution,
+    constraints,
     kl_divergence,
 )
 
@@ -42,6 +43,8 @@ from vaeeval.format.likelihoods import GaussianLikelihood, LaplaceLikelihood
 from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetric_bin
 from vaeeval.format.terms import DENSITY, PROBABILITY
 from vaeeval.user import discrete
+from vaeeval.user.calls import call_user
+from vaeeval.user.checks import Refused, checked_total, log_probabilities
 from vaeeval.user.quadrature import log_bin_from_cdf
 
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
@@ -63,10 +66,31 @@ class SelfKeyed(Distribution):
         raise NotImplementedError
 
 
+def own(distribution: Distribution, *methods: str) -> bool:
+    """Its class leaves ``methods`` as the torch family it derives from defines them (a user's subclass of Normal
+    overriding ``log_prob`` does not): vaeeval may then compute them from the family's parameters."""
+    cls = type(distribution)
+    family = next((c for c in cls.__mro__ if c.__module__.startswith("torch.distributions")), Distribution)
+    return all(getattr(cls, method, None) is getattr(family, method, None) for method in methods)
+
+
+def faithful(distribution: Distribution, *methods: str) -> bool:
+    """``own``, for the distribution and every one it wraps (Independent, TransformedDistribution, MixtureSameFamily)."""
+    if not own(distribution, *methods):
+        return False
+    if isinstance(distribution, Independent | TransformedDistribution):
+        return faithful(distribution.base_dist, *methods)
+    if isinstance(distribution, MixtureSameFamily):
+        return faithful(distribution.mixture_distribution, *methods) and faithful(distribution.component_distribution, *methods)
+    return True
+
+
 def keyed(distribution: Distribution) -> bool:
-    """vaeeval can draw from it as a transform of keyed noise (see ``keyed_sample``)."""
+    """vaeeval can draw from it as a transform of keyed noise (see ``keyed_sample``); not a subclass drawing its own way."""
     if isinstance(distribution, SelfKeyed):
         return True
+    if not own(distribution, "sample", "rsample"):
+        return False
     if isinstance(distribution, Independent):
         return keyed(distribution.base_dist)
     if isinstance(distribution, TransformedDistribution):
@@ -182,7 +206,7 @@ def draw(
         distribution = distribution.expand(torch.Size(batch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(key)
-        return distribution.sample((normal.shape[0],))
+        return call_user(f"{describe(distribution)}.sample", distribution.sample, torch.Size((normal.shape[0],)), integers=True)
 
 
 def _parameter(distribution: Distribution) -> torch.Tensor:
@@ -196,22 +220,23 @@ def _parameter(distribution: Distribution) -> torch.Tensor:
 
 
 def in_float64(distribution: Distribution) -> Distribution:
-    """The same distribution computing in float64, for the families vaeeval knows; others as they are."""
-    if isinstance(distribution, Independent):
+    """The same distribution computing in float64, for the families vaeeval knows (their exact classes: a user's
+    subclass is used as it is, its own ``log_prob`` and all); others as they are."""
+    if type(distribution) is Independent:
         base = in_float64(distribution.base_dist)
         return distribution if base is distribution.base_dist else Independent(base, distribution.reinterpreted_batch_ndims)
-    if isinstance(distribution, Normal):
+    if type(distribution) is Normal:
         return Normal(distribution.loc.double(), distribution.scale.double(), validate_args=False)
-    if isinstance(distribution, MultivariateNormal):
+    if type(distribution) is MultivariateNormal:
         return MultivariateNormal(distribution.loc.double(), scale_tril=distribution.scale_tril.double(), validate_args=False)
-    if isinstance(distribution, LowRankMultivariateNormal):
+    if type(distribution) is LowRankMultivariateNormal:
         return LowRankMultivariateNormal(
             distribution.loc.double(), distribution.cov_factor.double(), distribution.cov_diag.double(), validate_args=False
         )
     if type(distribution) in (Bernoulli, Categorical, OneHotCategorical):  # the parameter it was given, as given
         given = discrete.given(distribution)
         return type(distribution)(**{given: getattr(distribution, given).double()}, validate_args=False)
-    if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
+    if type(distribution) is MixtureSameFamily and type(distribution.mixture_distribution) is Categorical:
         components = in_float64(distribution.component_distribution)
         if components is distribution.component_distribution:
             return distribution
@@ -221,26 +246,27 @@ def in_float64(distribution: Distribution) -> Distribution:
 
 
 def first_rows(distribution: Distribution, rows: int) -> Distribution | None:
-    """The distribution of the first ``rows`` points (batch axis 0), for the families vaeeval knows; else None."""
+    """The distribution of the first ``rows`` points (batch axis 0), for the families vaeeval knows (their exact
+    classes); else None."""
     if isinstance(distribution, SelfKeyed):
         return distribution.first_rows(rows)
-    if isinstance(distribution, Independent):
+    if type(distribution) is Independent:
         base = first_rows(distribution.base_dist, rows)
         return None if base is None else Independent(base, distribution.reinterpreted_batch_ndims)
-    if isinstance(distribution, Normal):
+    if type(distribution) is Normal:
         return Normal(distribution.loc[:rows], distribution.scale[:rows], validate_args=False)
     if type(distribution) in (Bernoulli, Categorical, OneHotCategorical):
         given = discrete.given(distribution)
         return type(distribution)(**{given: getattr(distribution, given)[:rows]}, validate_args=False)
     if type(distribution) in (RelaxedBernoulli, RelaxedOneHotCategorical):
         return type(distribution)(distribution.temperature, logits=distribution.logits[:rows], validate_args=False)
-    if isinstance(distribution, MultivariateNormal):
+    if type(distribution) is MultivariateNormal:
         return MultivariateNormal(distribution.loc[:rows], scale_tril=distribution.scale_tril[:rows], validate_args=False)
-    if isinstance(distribution, LowRankMultivariateNormal):
+    if type(distribution) is LowRankMultivariateNormal:
         return LowRankMultivariateNormal(
             distribution.loc[:rows], distribution.cov_factor[:rows], distribution.cov_diag[:rows], validate_args=False
         )
-    if isinstance(distribution, MixtureSameFamily) and isinstance(distribution.mixture_distribution, Categorical):
+    if type(distribution) is MixtureSameFamily and type(distribution.mixture_distribution) is Categorical:
         components = first_rows(distribution.component_distribution, rows)
         if components is None:
             return None
@@ -258,7 +284,8 @@ def log_prob64(distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
         found = discrete.log_prob(part, z)
         return part.log_prob(z) if found is None else found
 
-    return _summed(distribution, per_element, z).double()
+    total = _summed(distribution, per_element, z).double()
+    return checked_total(distribution, total, math.prod(distribution.event_shape), "log_prob")
 
 
 def _summed(
@@ -271,14 +298,14 @@ def _summed(
     axes): a ``log_prob`` that leaves some of its event unsummed, or sums too much, is refused (``ValueError``),
     not summed into a wrong number.
     """
-    if isinstance(distribution, Independent):
+    if isinstance(distribution, Independent) and own(distribution, "log_prob"):  # not a subclass with its own
         return _tree_sum_last(_summed(distribution.base_dist, per_element, value), distribution.reinterpreted_batch_ndims)
-    found = per_element(distribution)
+    found = log_probabilities(per_element(distribution))
     if value is not None:
         events = len(distribution.event_shape)
         expected = torch.broadcast_shapes(value.shape[: value.dim() - events], distribution.batch_shape)
         if tuple(found.shape) != tuple(expected):
-            raise ValueError(
+            raise Refused(
                 f"{type(distribution).__name__}.log_prob gives {list(found.shape)} for values of shape {list(value.shape)}; "
                 f"a distribution of batch shape {list(distribution.batch_shape)} and event shape "
                 f"{list(distribution.event_shape)} gives one number per value, {list(expected)}"
@@ -296,8 +323,11 @@ def analytic_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor | 
 
     The prior is broadcast to the posterior's batch first (a ``prior()`` has batch ``[]``,
     which not every closed form of torch's accepts). A closed form that fails for any
-    reason (unregistered, a shape it mishandles, a value it cannot take) is no closed form.
+    reason (unregistered, a shape it mishandles, a value it cannot take) is no closed form; nor is torch's
+    closed form for a user's subclass with its own ``log_prob``, which the closed form would leave out.
     """
+    if not (faithful(posterior, "log_prob") and faithful(prior, "log_prob")):
+        return None
     try:
         if tuple(prior.batch_shape) != tuple(posterior.batch_shape):
             prior = prior.expand(posterior.batch_shape)
@@ -335,11 +365,22 @@ def measure_of(distribution: Distribution) -> str:
 
 
 def moments(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The posterior's mean and per-dimension variance ``[B, L]``, where torch defines them."""
+    """The posterior's mean and per-dimension variance ``[B, L]``, where torch defines them (as real floating
+    tensors of that shape: a subclass's own that are not are drawn instead)."""
     try:
-        return posterior.mean, posterior.variance
-    except NotImplementedError:
+        found = posterior.mean, posterior.variance
+    except Exception:  # NotImplementedError, or any failure of a user's property: the moments are then from the draws
         return None
+    shape = (*posterior.batch_shape, *posterior.event_shape)
+    for value in found:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.is_meta:
+            return None
+        try:
+            if tuple(torch.broadcast_shapes(value.shape, shape)) != shape:
+                return None
+        except RuntimeError:
+            return None
+    return found
 
 
 def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
@@ -360,16 +401,28 @@ def log_prob_of(distribution: Distribution, x: torch.Tensor, bins: Grid | None =
     rows = x.shape[0]
     if tuple(x.shape) != shape:
         if not shape or shape[0] != rows or math.prod(shape[1:]) != math.prod(x.shape[1:]):
-            raise ValueError(
+            raise Refused(
                 f"is a distribution of shape {list(shape)} for {rows} latent vectors of data points of shape "
                 f"{list(x.shape[1:])}; it needs one data point per latent vector"
             )
         x = x.reshape(shape)
     if bins is None or distribution.support.is_discrete:
         terms = _summed(distribution, lambda part: _log_prob_of_part(part, x), x)
+    elif _over_vectors(distribution.support):
+        raise Refused(
+            f"is a density over whole vectors ({distribution.support}), which has no bin per value to score the discrete "
+            "data on: pass --density to score its density"
+        )
     else:
         terms = _log_bin(distribution, x, bins)
     return terms.reshape(rows, -1).sum(-1, dtype=torch.float64)
+
+
+def _over_vectors(support: constraints.Constraint) -> bool:
+    """A support that constrains whole vectors (a Dirichlet's simplex), not each value."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support.event_dim > 0
 
 
 def _log_prob_of_part(distribution: Distribution, x: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,26 @@ class EncoderAdapter(nn.Module):
     def __init__(self, module: nn.Module, method: str, encode_shape: tuple[int, ...] | None) -> None:
         super().__init__()
         self.module, self.method, self.encode_shape = module, method, encode_shape
+        self.width: int | None = None  # the latent width its first call gave, which every later call must give
 
     def call(self, x: torch.Tensor, covariates: Mapping[str, torch.Tensor] | None = None) -> Any:
-        """What ``encode(x, **covariates)`` returns, ``x`` reshaped as ``encode`` takes it."""
+        """What ``encode(x, **covariates)`` returns, ``x`` reshaped as ``encode`` takes it.
+
+        Raises:
+            VaeevalError: a latent width other than its first call's.
+        """
         if self.encode_shape is not None:
             x = x.reshape(x.shape[0], *self.encode_shape)
-        return call_user(f"{self.method}(x)", partial(getattr(self.module, self.method), **(covariates or {})), x)
+        output = call_user(f"{self.method}(x)", partial(getattr(self.module, self.method), **(covariates or {})), x)
+        width = _latent_width(output)
+        if self.width is None:
+            self.width = width
+        elif width is not None and width != self.width:
+            raise VaeevalError(
+                f"{self.method}(x) returned latent vectors of width {width}; its first call gave "
+                f"width {self.width}: the latent width must not change from one call to the next"
+            )
+        return output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.call(x)
@@ -65,6 +79,16 @@ class EncoderAdapter(nn.Module):
                 f"for {rows} points; both must be [{rows}, latent_dim]"
             )
         return torch.cat([mean, log_var], dim=1)
+
+
+def _latent_width(output: Any) -> int | None:
+    """The last axis of what ``encode`` returned (a mean, or a distribution's batch and event), if it has one."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) and output[0].dim():
+        return int(output[0].shape[-1])
+    if isinstance(output, Distribution):
+        shape = (*output.batch_shape, *output.event_shape)
+        return int(shape[-1]) if len(shape) > 1 else None
+    return None
 
 
 class DecoderAdapter(nn.Module):

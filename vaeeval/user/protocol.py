@@ -28,7 +28,19 @@ from vaeeval.format.model import MIN_ROWS, Model
 from vaeeval.format.priors import Prior
 from vaeeval.format.terms import ANALYTIC, MONTE_CARLO
 from vaeeval.user.calls import call_user
-from vaeeval.user.distributions import analytic_kl, describe, draw, first_rows, in_float64, log_prob64, log_prob_of, measure_of, noise_width
+from vaeeval.user.checks import checked_total, drawable
+from vaeeval.user.distributions import (
+    analytic_kl,
+    describe,
+    draw,
+    first_rows,
+    in_float64,
+    keyed,
+    log_prob64,
+    log_prob_of,
+    measure_of,
+    noise_width,
+)
 from vaeeval.user.sequences import DATA, LENGTHS, masked_log_prob
 
 
@@ -46,6 +58,7 @@ class DistributionPrior(Prior):
 
     def __init__(self, distribution: Distribution, latent_dim: int, probe: Distribution, source: str = "prior()") -> None:
         super().__init__({"family": self.family, "distribution": describe(distribution), "source": source}, latent_dim)
+        drawable("prior()", distribution, draws=False)
         self.prior = in_float64(distribution)
         self.kl_kind = ANALYTIC if analytic_kl(in_float64(probe), self.prior) is not None else MONTE_CARLO
 
@@ -61,7 +74,7 @@ class DistributionPrior(Prior):
 
     def marginals(self, like: torch.Tensor) -> Normal | None:
         base = self.prior.base_dist if isinstance(self.prior, Independent) else None
-        return base if isinstance(base, Normal) and self.prior.reinterpreted_batch_ndims == 1 else None
+        return base if type(base) is Normal and self.prior.reinterpreted_batch_ndims == 1 else None
 
     def sample(self, normal: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         return draw(self.prior, normal, uniform, fallback=(0, int(uniform.flatten()[0].item() * 2**53)))
@@ -88,6 +101,8 @@ def describe_support(support: constraints.Constraint) -> str:
     low, high = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
     if support is constraints.boolean:
         return "values 0 or 1"
+    if support is constraints.simplex:
+        return "points of the probability simplex (values of at least 0 summing to 1 within 1e-6)"
     if support.is_discrete:
         if low is not None and high is not None:
             return f"integers from {low} to {high}"
@@ -128,20 +143,26 @@ class DistributionLikelihood(Likelihood):
                 f"{method}(z) returned {name} of shape {list(shape)} for 2 latent vectors; vaeeval needs one data point "
                 f"({math.prod(input_shape)} values) per latent vector"
             )
+        drawable(f"{method}(z)", probe, draws=False)
         self.measure = measure_of(probe)  # type: ignore[misc]
         self.support = f"{describe_support(probe.support)} (the support of its {name})"  # type: ignore[misc]
         support = probe.support
         while isinstance(support, constraints.independent):
             support = support.base_constraint
         self.base_constraint = support
+        self.point_shape = shape[1:]  # one data point as the distribution holds it: a simplex is over its last axis
         self.binnable = self.continuous and _has_cdf(probe)
 
     def outside_support(self, x: np.ndarray) -> np.ndarray:
+        """Each value outside the support; of a support over whole vectors (a Dirichlet's simplex), each value of
+        a vector outside it."""
+        values = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(np.shape(x)[0], *self.point_shape)
         try:
-            inside = self.base_constraint.check(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+            inside = self.base_constraint.check(values)
+            inside = inside.reshape(*inside.shape, *[1] * (values.dim() - inside.dim())).expand(values.shape)
         except (NotImplementedError, RuntimeError, TypeError):
             return np.zeros(np.shape(x), dtype=bool)
-        return ~inside.numpy()
+        return ~inside.reshape(np.shape(x)).numpy()
 
     def verification_points(self, generator: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         raise VaeevalError("decode() returns a distribution, which format 1 cannot hold")
@@ -216,7 +237,7 @@ class ArchModel(Model):
         if isinstance(output, Distribution):
             method = self.decoder.method
             try:
-                total = call_user(f"{method}(z)'s {type(output).__name__}.log_prob", _log_prob, output, x, lengths, bins)
+                total = call_user(f"{method}(z)'s {describe(output)}", _log_prob, output, x, lengths, bins)
             except ValueError as error:
                 raise VaeevalError(f"{method}(z) {error}") from None
         else:
@@ -238,14 +259,15 @@ class ArchModel(Model):
 
     def user_log_prob(self, what: str, distribution: Distribution, z: torch.Tensor) -> torch.Tensor:
         """``distribution.log_prob(z)`` in float64; a failure of the user's distribution is one error naming it."""
-        return call_user(f"{what}'s {type(distribution).__name__}.log_prob", log_prob64, distribution, z)
+        return call_user(f"{what}'s {describe(distribution)}", log_prob64, distribution, z)
 
 
 def _log_prob(distribution: Distribution, x: torch.Tensor, lengths: torch.Tensor | None, bins: Grid | None) -> torch.Tensor:
     """log p(x|z) ``[N]``: over the positions before each length where there are lengths and the terms split by
     position (``masked_log_prob``), else over the whole point (``log_prob_of``)."""
     found = None if lengths is None else masked_log_prob(distribution, x, lengths, bins)
-    return log_prob_of(distribution, x, bins) if found is None else found
+    found = log_prob_of(distribution, x, bins) if found is None else found
+    return checked_total(distribution, found, math.prod(x.shape[1:]), "log p(x|z)")
 
 
 def _padded(rows: torch.Tensor) -> torch.Tensor:
@@ -268,6 +290,7 @@ def as_posterior(output: Any, method: str, rows: int) -> Distribution:
         output = Independent(output, 1)
     if not isinstance(output, Distribution):
         raise VaeevalError(f"{method}(x) returned a {type(output).__name__}; vaeeval needs (mean, log_var) or a distribution")
+    drawable(f"{method}(x)", output, draws=not keyed(output))
     if tuple(output.batch_shape) != (rows,) or len(output.event_shape) != 1:
         raise VaeevalError(
             f"{method}(x) returned {describe(output)} with batch shape {list(output.batch_shape)} and event shape "
@@ -277,8 +300,8 @@ def as_posterior(output: Any, method: str, rows: int) -> Distribution:
 
 
 def diagonal(posterior: Distribution) -> bool:
-    """A diagonal Normal: the fast format-1 path evaluates it."""
-    return isinstance(posterior, Independent) and isinstance(posterior.base_dist, Normal) and posterior.reinterpreted_batch_ndims == 1
+    """A diagonal Normal (torch's own, not a subclass with its own log_prob): the fast format-1 path evaluates it."""
+    return type(posterior) is Independent and type(posterior.base_dist) is Normal and posterior.reinterpreted_batch_ndims == 1
 
 
 def discreteness(posterior: Distribution, prior: Distribution) -> str | None:

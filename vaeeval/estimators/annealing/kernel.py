@@ -125,7 +125,7 @@ def log_prob_and_grad(distribution: Distribution, z: torch.Tensor) -> tuple[torc
 
     Diagonal Gaussians in closed form; anything else through autograd.
     """
-    if isinstance(distribution, Independent) and isinstance(distribution.base_dist, Normal):
+    if type(distribution) is Independent and type(distribution.base_dist) is Normal:  # not a subclass: its own log_prob
         if distribution.reinterpreted_batch_ndims == 1:
             base = distribution.base_dist
             standardized = (z - base.loc) / base.scale
