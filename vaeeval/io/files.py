@@ -256,10 +256,13 @@ def locked(path: Path, *, wait: bool = False) -> Iterator[None]:
     lock_path = path.with_name(path.name + ".lock")
     handle = _acquire(lock_path, path, wait)
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            os.ftruncate(handle.fileno(), 0)
+            os.write(handle.fileno(), str(os.getpid()).encode())
+        except OSError as error:  # a full disk: the lock is ours, so no other run is using the file it names
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            raise VaeevalError(f"{lock_path}: cannot write the lock file ({error.strerror or error})") from None
         try:
             yield
         finally:
