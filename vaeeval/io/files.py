@@ -258,7 +258,9 @@ def locked(path: Path, *, wait: bool = False) -> Iterator[None]:
     try:
         try:
             os.ftruncate(handle.fileno(), 0)
-            os.write(handle.fileno(), str(os.getpid()).encode())
+            pid = str(os.getpid()).encode()
+            while pid:  # a write may take only part of it
+                pid = pid[os.write(handle.fileno(), pid):]
         except OSError as error:  # a full disk: the lock is ours, so no other run is using the file it names
             with contextlib.suppress(OSError):
                 lock_path.unlink()
