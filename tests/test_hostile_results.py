@@ -9,6 +9,7 @@ A case's ``found`` records the bug it found (fixed since).
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -278,6 +279,17 @@ def test_a_lock_file_past_the_file_size_limit_is_one_line_and_removed(work: Path
     _check_contract(case, outcome, before, _hashes(work), work)
 
 
+def test_a_file_system_without_locks_is_one_line(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """found: 'flock failing with ENOLCK (an NFS mount with nolock, some FUSE file systems) escapes as OSError'."""
+    def no_locks(descriptor: Any, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = _hashes(work)
+    case = Case("ENOLCK", lambda w: [], "run.jsonl.lock: cannot be locked (No locks available)")
+    _check_contract(case, _in_process(_elbo(work, "--output", work / "run.jsonl", "--resume")), before, _hashes(work), work)
+
+
 @pytest.mark.parametrize("command", ["merge", "check", "elbo --resume"])
 def test_a_line_of_a_gigabyte_is_refused_without_being_read(work: Path, command: str) -> None:
     """S: found 'a results file with a 2 GB line is read whole and depth-scanned (GBs of memory, minutes)'.
@@ -329,14 +341,13 @@ def _offsets(raw: bytes) -> list[int]:
 
 
 def test_a_finished_file_cut_at_any_byte_reads_merges_or_refuses(base: Path, tmp_path: Path) -> None:
-    """Round 3 (a): each cut of small.jsonl (3 points) read, and merged with exit 0 only when the numbers are the
-    whole run's (all three points there)."""
+    """Round 3 (a): each cut of small.jsonl (3 points, 3.4 kB) read at every byte, and merged at a dense sample of
+    them with exit 0 only when the numbers are the whole run's (all three points there)."""
     raw = (base / "small.jsonl").read_bytes()
     whole = read_stream(base / "small.jsonl")
     merged = _ok("merge", base / "small.jsonl", "--json")
     path = tmp_path / "cut.jsonl"
-    seen = {"ok": 0, "refused": 0}
-    for offset in _offsets(raw):
+    for offset in range(len(raw) + 1):
         path.write_bytes(raw[:offset])
         try:
             stored = read_stream(path)
@@ -345,6 +356,9 @@ def test_a_finished_file_cut_at_any_byte_reads_merges_or_refuses(base: Path, tmp
         else:
             assert stored.header == whole.header and stored.points == whole.points[: len(stored.points)]
             assert stored.summary in (None, whole.summary)
+    seen = {"ok": 0, "refused": 0}
+    for offset in _offsets(raw):
+        path.write_bytes(raw[:offset])
         outcome = _in_process(["merge", path, "--json"])
         seen[_tried(outcome, path, raw[:offset])] += 1
         if outcome.code == 0:

@@ -282,6 +282,7 @@ def _acquire(lock_path: Path, path: Path, wait: bool) -> IO[str]:
         with writing(lock_path, "lock file"):
             if lock_path.is_symlink() or (lock_path.exists() and not lock_path.is_file()):
                 raise VaeevalError(f"{lock_path} is not a lock file vaeeval made (a link or a special file); remove it")
+            created = not lock_path.exists()
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             handle = os.fdopen(descriptor, "r+")
         try:
@@ -293,6 +294,15 @@ def _acquire(lock_path: Path, path: Path, wait: bool) -> IO[str]:
             raise Locked(
                 f"{path} is in use by another vaeeval run (pid {holder}); wait for it to finish, "
                 f"or pass {option('wait')} to wait"
+            ) from None
+        except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system that cannot lock (some network ones)
+            handle.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+            raise VaeevalError(
+                f"{lock_path}: cannot be locked ({error.strerror or error}); on a file system without locks two runs "
+                f"could write {path.name} at once: give {option('output')} a path on a local disk"
             ) from None
         try:
             current = os.stat(lock_path).st_ino
