@@ -128,6 +128,14 @@ def _older(w: Path) -> Path:
     return _write_lines(w / "old.jsonl", [*lines[:-1], _record(lines[-1], lines_digest=_DROP)])
 
 
+def _summary_edited(w: Path, source: str, change: Any) -> Path:
+    """``source`` with its summary line's record changed by ``change`` (its lines_digest, of the lines before, kept)."""
+    lines = _lines(w / source)
+    record = json.loads(lines[-1])
+    change(record)
+    return _write_lines(w / "bad.jsonl", [*lines[:-1], json.dumps(record)])
+
+
 def _odd_shard(w: Path) -> Path:
     lines = _lines(w / "part0.jsonl")[:-1]
     header = json.loads(lines[0])
@@ -147,6 +155,7 @@ _SWAP = "a header swapped for another run's merges with exit 0 (the summary's di
 _STRAY = "--resume of shard 0 seals a file holding point 11, outside the shard"
 _MISSING = "a point line without a required column merges into a null summary"
 _SECOND_SUMMARY = "a summary line in the middle of a file is accepted"
+_SUMMARY_NUMBERS = "a finished file whose summary line's numbers were edited is accepted (what tail -1 | jq would cite)"
 
 CASES = [
     Case("merge: a header swapped for another run's", lambda w: ["merge", _swapped_header(w)], "was edited after the run",
@@ -180,6 +189,19 @@ CASES = [
          found=_SECOND_SUMMARY),
     Case("elbo --resume: a summary line in the middle", lambda w: _elbo(w, "--output", _summary_inside(w), "--resume"),
          "line 5 is a summary line", found=_SECOND_SUMMARY),
+    Case("merge: a summary whose iwae mean was edited",
+         lambda w: ["merge", _summary_edited(w, "run.jsonl", lambda r: r["summary"]["iwae"].update(mean=-1.0))],
+         "the summary's numbers are not those its 23 point lines give", found=_SUMMARY_NUMBERS),
+    Case("check: a summary whose iwae mean was edited",
+         lambda w: ["check", _summary_edited(w, "run.jsonl", lambda r: r["summary"]["iwae"].update(mean=-1.0)),
+                    "--baseline", w / "run.jsonl"], "the summary's numbers are not", found=_SUMMARY_NUMBERS),
+    Case("ais --resume: a summary whose ais mean was edited",
+         lambda w: _ais(w, "--output", _summary_edited(w, "ais.jsonl", lambda r: r["summary"]["ais"].update(mean=-1.0)),
+                        "--resume"), "the summary's numbers are not", found=_SUMMARY_NUMBERS),
+    Case("merge: a summary without its count", lambda w: ["merge", _summary_edited(w, "run.jsonl", lambda r: r.pop("count"))],
+         "counts None point lines"),
+    Case("merge: a summary whose summary is null",
+         lambda w: ["merge", _summary_edited(w, "run.jsonl", lambda r: r.update(summary=None))], "the summary's numbers"),
     Case("merge: two shards joined in one file",
          lambda w: ["merge", _write_lines(w / "bad.jsonl", _lines(w / "part0.jsonl") + _lines(w / "part1.jsonl"))],
          "is a summary line, but line", found=_SECOND_SUMMARY),

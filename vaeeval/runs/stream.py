@@ -110,6 +110,7 @@ def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
     if summary is not None:
         summary = _checked_summary(path, summary, points, before)
+        _check_numbers(path, summary_at, header, results, summary, points)
     if cut:  # only a results file is ever cut, only its half-written last line, and only once the rest is read
         with writing(path, "results file"):
             os.truncate(path, kept)
@@ -233,10 +234,31 @@ def _checked_summary(path: Path, summary: dict[str, Any], points: list[dict[str,
     if summary[LINES_DIGEST] != before or summary.get("count") != len(points) or summary.get("digest") != points_digest(points):
         raise DataError(
             path,
-            f"was edited after the run finished: its summary counts {summary['count']} point lines and a digest that the "
+            f"was edited after the run finished: its summary counts {summary.get('count')!r} point lines and a digest that the "
             f"{len(points)} lines now in it do not match; restore it, or run again without {option('resume')}",
         )
     return {key: value for key, value in summary.items() if key != LINES_DIGEST}
+
+
+def _check_numbers(path: Path, number: int, header: dict[str, Any], results: ResultsFormat, summary: dict[str, Any],
+                   points: list[dict[str, Any]]) -> None:
+    """The summary line's numbers are those its point lines give (what a reader of the file alone would cite).
+
+    Keys the points cannot give (none, as vaeeval writes files) are left as they are.
+    """
+    try:
+        line = results.summary_line(results.evaluation(header, points), points) if points else results.empty_summary_line()
+        expected = json.loads(json.dumps(line["summary"], allow_nan=False))
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(path, f"its point lines add up to no summary ({type(error).__name__}: {error})") from None
+    found = summary.get("summary")
+    if isinstance(expected, dict) and isinstance(found, dict):
+        same = all(key in found and found[key] == value for key, value in expected.items())
+    else:
+        same = found == expected
+    if not same:
+        raise DataError(path, f"line {number}: the summary's numbers are not those its {len(points)} point lines give (edited "
+                              f"after the run finished?); restore it, or run again without {option('resume')}")
 
 
 def read_results(path: str | Path) -> StoredRun:
