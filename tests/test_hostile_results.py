@@ -388,6 +388,28 @@ def test_a_finished_file_cut_at_any_byte_reads_merges_or_refuses(base: Path, tmp
     assert seen["ok"] >= 2 and seen["refused"] > 100, seen
 
 
+def test_a_finished_file_with_any_byte_changed_reads_the_same_or_is_refused(base: Path, tmp_path: Path) -> None:
+    """Round 3 (a'): every byte of small.jsonl in turn made a space, a 9, a newline or its low bit flipped: read
+    back, it is refused in one line, or holds exactly what it held (a byte changed to itself, a space in the summary
+    line)."""
+    raw = (base / "small.jsonl").read_bytes()
+    whole = read_stream(base / "small.jsonl")
+    path = tmp_path / "changed.jsonl"
+    seen = {"same": 0, "refused": 0}
+    for offset in range(len(raw)):
+        byte = [0x20, 0x39, 0x0A, raw[offset] ^ 1][offset % 4]
+        path.write_bytes(raw[:offset] + bytes([byte]) + raw[offset + 1:])
+        try:
+            stored = read_stream(path)
+        except VaeevalError as error:
+            assert "\n" not in str(error)
+            seen["refused"] += 1
+        else:
+            assert (stored.header, stored.points, stored.summary) == (whole.header, whole.points, whole.summary), offset
+            seen["same"] += 1
+    assert seen["refused"] > 0.9 * len(raw), seen
+
+
 def test_a_finished_file_cut_at_a_sample_of_bytes_resumes_to_the_whole_file_or_refuses(base: Path, tmp_path: Path) -> None:
     """Round 3 (a), --resume: cut inside the header, inside each point line and the summary, and at each line's end;
     a resume that succeeds leaves exactly the bytes of the uninterrupted run."""
