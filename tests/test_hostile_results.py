@@ -312,6 +312,21 @@ def test_a_file_system_without_locks_is_one_line(work: Path, monkeypatch: pytest
     _check_contract(case, _in_process(_elbo(work, "--output", work / "run.jsonl", "--resume")), before, _hashes(work), work)
 
 
+def test_a_lock_held_by_another_program_holding_no_pid_is_one_line(work: Path) -> None:
+    """found: 'a lock file held by another program, holding bytes that are no UTF-8, escapes as UnicodeDecodeError'
+    (and a newline in it would have split the message)."""
+    before = _hashes(work)
+    lock = work / "run.jsonl.lock"
+    lock.write_bytes(b"12\n34\xff")
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        outcome = _in_process(_elbo(work, "--output", work / "run.jsonl", "--resume"))
+    assert lock.read_bytes() == b"12\n34\xff"
+    lock.unlink()
+    case = Case("held", lambda w: [], "in use by another vaeeval run (pid unknown)")
+    _check_contract(case, outcome, before, _hashes(work), work)
+
+
 @pytest.mark.parametrize("command", ["merge", "check", "elbo --resume"])
 def test_a_line_of_a_gigabyte_is_refused_without_being_read(work: Path, command: str) -> None:
     """S: found 'a results file with a 2 GB line is read whole and depth-scanned (GBs of memory, minutes)'.

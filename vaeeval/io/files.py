@@ -288,11 +288,11 @@ def _acquire(lock_path: Path, path: Path, wait: bool) -> IO[str]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = os.pread(handle.fileno(), 32, 0).strip()  # a pid, as vaeeval writes it; anything else is not shown
             handle.close()
             raise Locked(
-                f"{path} is in use by another vaeeval run (pid {holder}); wait for it to finish, "
+                f"{path} is in use by another vaeeval run (pid {holder.decode() if holder.isdigit() else 'unknown'}); "
+                f"wait for it to finish, "
                 f"or pass {option('wait')} to wait"
             ) from None
         except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system that cannot lock (some network ones)

@@ -32,8 +32,6 @@ from vaeeval.results.schemas import ELBO_SCHEMA, STREAM_SCHEMA
 from vaeeval.runs.formats import StoredRun, describe_difference
 
 DOCUMENT_ONLY = ("recon_terms",)  # summary keys of a --json document that a results file's summary line does not hold
-
-
 MAX_LINE_BYTES = 1 << 24  # the longest line read (16 MiB): a header is a few kB, a point line a few hundred bytes
 LINES_DIGEST = "lines_digest"  # the summary's key for the sha256 of every byte before it
 
@@ -75,10 +73,11 @@ class ResultsWriter:
 def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
     """Read a results file, every line checked; with ``repair``, cut off a last line a crash left half written.
 
-    Lines are read one at a time, none longer than ``MAX_LINE_BYTES``. A finished file's summary is its
-    last line and records the sha256 of every byte before it: a file edited after it was finished (its
-    header, a point line, their order) is refused, never read short. The file is cut only once every
-    line was read and checked.
+    Lines are read one at a time, none longer than ``MAX_LINE_BYTES``; every point line must lie in the
+    file's shard and hold every column its format requires. A finished file's summary is its last line,
+    records the sha256 of every byte before it, and holds the numbers its point lines give: a file edited
+    after it was finished (its header, a point line, their order, the summary) is refused, never read
+    short. The file is cut only once every line was read and checked.
 
     Raises:
         DataError: missing, not a regular file, not a results file, or a line that breaks its schema.
