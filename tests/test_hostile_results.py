@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -84,19 +85,6 @@ def _write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def _record(line: str, **changes: Any) -> str:
-    record = json.loads(line)
-    for key, value in changes.items():
-        if value is _DROP:
-            record.pop(key)
-        else:
-            record[key] = value
-    return json.dumps(record)
-
-
-_DROP = object()
-
-
 # ---------------------------------------------------------------- N, P, Q, R, S: files that break the contract
 
 
@@ -113,7 +101,7 @@ def _stray_point(w: Path) -> Path:
 def _without(w: Path, source: str, key: str) -> Path:
     """``source`` unfinished, its first point line without ``key``."""
     lines = _lines(w / source)[:-1]
-    lines[1] = _record(lines[1], **{key: _DROP})
+    lines[1] = json.dumps({name: value for name, value in json.loads(lines[1]).items() if name != key})
     return _write_lines(w / "bad.jsonl", lines)
 
 
@@ -124,8 +112,7 @@ def _summary_inside(w: Path) -> Path:
 
 def _older(w: Path) -> Path:
     """run.jsonl as vaeeval wrote it before summaries bound the header: no lines_digest."""
-    lines = _lines(w / "run.jsonl")
-    return _write_lines(w / "old.jsonl", [*lines[:-1], _record(lines[-1], lines_digest=_DROP)])
+    return _summary_edited(w, "run.jsonl", lambda record: record.pop("lines_digest"))
 
 
 def _summary_edited(w: Path, source: str, change: Any) -> Path:
@@ -227,8 +214,6 @@ def test_an_older_finished_file_can_be_vouched_for_by_deleting_its_summary_and_r
 
 def test_the_summary_records_the_digest_of_every_byte_before_it(base: Path) -> None:
     """What the README says a user can check by hand: ``head -n -1 run.jsonl | sha256sum``."""
-    import hashlib
-
     for name in ("run.jsonl", "part0.jsonl", "ais.jsonl"):
         raw = (base / name).read_bytes()
         before, _, last = raw[:-1].rpartition(b"\n")
