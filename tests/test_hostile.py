@@ -280,6 +280,11 @@ def _edit_line(source: Path, target: Path, number: int, change: Callable[[Any], 
     return _write_lines(target, lines)
 
 
+def _unfinished(path: Path) -> Path:
+    """``path`` without its summary line: a part whose run has not finished (its header bound to nothing yet)."""
+    return _write_lines(path, _lines(path)[:-1])
+
+
 def _drop(key: str) -> Callable[[dict[str, Any]], None]:
     def change(record: dict[str, Any]) -> None:
         record.pop(key)
@@ -772,8 +777,8 @@ RESULTS_CASES = [
     Case("check: a JSON document nested 10^5 deep",
          lambda w: ["check", _write_bytes(w / "bad.json", b"[" * _DEEP + b"]" * _DEEP), "--baseline", w / "run.jsonl"], "nests"),
     Case("merge: a part of another run",
-         lambda w: ["merge", w / "part0.jsonl", _edit_line(w / "part1.jsonl", w / "bad.jsonl", 0,
-                                                           lambda r: seal({**r, "data": {**r["data"], "digest": "x"}}))],
+         lambda w: ["merge", w / "part0.jsonl", _unfinished(_edit_line(w / "part1.jsonl", w / "bad.jsonl", 0,
+                                                                       lambda r: seal({**r, "data": {**r["data"], "digest": "x"}})))],
          "is not part of the run"),
     Case("merge: a part given twice", lambda w: ["merge", w / "part0.jsonl", w / "part0.jsonl", w / "part1.jsonl"],
          "more than one file"),
@@ -861,8 +866,9 @@ RESOURCE_CASES = [
     Case("--plot on a full disk", lambda w: _elbo(w, "--plot", w / "p.png"), "cannot write the plot", hangs=True,
          limits=_FULL_DISK),
     Case("merge: a results file claiming 10^12 points",
-         lambda w: ["merge", _edit_line(w / "part0.jsonl", w / "bad.jsonl", 0,
-                                        lambda r: seal({**r, "data": {**r["data"], "n": 10**12}}))], "missing",
+         lambda w: ["merge", _unfinished(_edit_line(w / "part0.jsonl", w / "bad.jsonl", 0, lambda r: seal(
+             {**r, "data": {**r["data"], "n": 10**12}, "shard": {"index": 0, "count": 2, "start": 0, "stop": 5 * 10**11}})))],
+         "missing",
          hangs=True, limits=_SMALL_MEMORY,
          found="merge builds set(range(n)) from a header's n: MemoryError (or all the machine's memory)"),
 ]

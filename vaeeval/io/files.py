@@ -256,10 +256,15 @@ def locked(path: Path, *, wait: bool = False) -> Iterator[None]:
     lock_path = path.with_name(path.name + ".lock")
     handle = _acquire(lock_path, path, wait)
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            os.ftruncate(handle.fileno(), 0)
+            pid = str(os.getpid()).encode()
+            while pid:  # a write may take only part of it
+                pid = pid[os.write(handle.fileno(), pid):]
+        except OSError as error:  # a full disk: the lock is ours, so no other run is using the file it names
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            raise VaeevalError(f"{lock_path}: cannot write the lock file ({error.strerror or error})") from None
         try:
             yield
         finally:
@@ -277,17 +282,27 @@ def _acquire(lock_path: Path, path: Path, wait: bool) -> IO[str]:
         with writing(lock_path, "lock file"):
             if lock_path.is_symlink() or (lock_path.exists() and not lock_path.is_file()):
                 raise VaeevalError(f"{lock_path} is not a lock file vaeeval made (a link or a special file); remove it")
+            created = not lock_path.exists()
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = os.pread(handle.fileno(), 32, 0).strip()  # a pid, as vaeeval writes it; anything else is not shown
             handle.close()
             raise Locked(
-                f"{path} is in use by another vaeeval run (pid {holder}); wait for it to finish, "
+                f"{path} is in use by another vaeeval run (pid {holder.decode() if holder.isdigit() else 'unknown'}); "
+                f"wait for it to finish, "
                 f"or pass {option('wait')} to wait"
+            ) from None
+        except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system that cannot lock (some network ones)
+            handle.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+            raise VaeevalError(
+                f"{lock_path}: cannot be locked ({error.strerror or error}); on a file system without locks two runs "
+                f"could write {path.name} at once: give {option('output')} a path on a local disk"
             ) from None
         try:
             current = os.stat(lock_path).st_ino

@@ -55,6 +55,7 @@ class StoredRun:
     header: dict[str, Any]
     points: list[dict[str, Any]]
     summary: dict[str, Any] | None  # None until the run finished
+    digest: Any = None  # hashlib's sha256 of the lines read (for a resumed run's writer to go on from)
 
     @property
     def shard(self) -> dict[str, int] | None:

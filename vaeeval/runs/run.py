@@ -110,7 +110,7 @@ def run(
                 if stored.summary is not None:  # finished already: nothing to compute
                     evaluation = results.evaluation(header, old) if old else None
                     return Outcome(evaluation, False, indices.size, header)
-                writer = ResultsWriter(stack.enter_context(_opened(path, "a")), path)
+                writer = ResultsWriter(stack.enter_context(_opened(path, "a")), path, stored.digest)
             else:
                 writer = ResultsWriter(stack.enter_context(_opened(path, "w")), path)
                 writer.write([header])
@@ -136,7 +136,7 @@ def run(
             records = [record for part in parts for record in results.points(evaluator, part.points)]
         evaluation = results.evaluation(header, records) if records else None
         if writer is not None and not interrupted:
-            writer.write([results.summary_line(evaluation, records) if records else results.empty_summary_line()])
+            writer.finish(results.summary_line(evaluation, records) if records else results.empty_summary_line())
     return Outcome(evaluation, interrupted, indices.size, header)
 
 

@@ -4,7 +4,9 @@ A results file (schema ``vaeeval.elbo-stream/1``, or ``vaeeval.ais-stream/1`` fo
 AIS) is a header line (``"kind": "header"``: model, data, settings, scoring, and the
 shard if any), one line per point with exactly the keys of an entry of ``points`` in
 the command's ``--json`` document, written and flushed batch by batch, and a final
-summary line (``"kind": "summary"``). Every point's numbers depend only on the seed
+summary line (``"kind": "summary"``) that records the sha256 of every byte before it
+(``lines_digest``: ``head -n -1 FILE | sha256sum``), so the header and the point lines
+of a finished file are bound to each other. Every point's numbers depend only on the seed
 and its index, so a run resumed from its file, or shards merged, give the numbers of
 one uninterrupted run, bit for bit. ``ResultsFormat`` says, for each kind of run, how
 its lines are made and read back.
@@ -12,12 +14,15 @@ its lines are made and read back.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from vaeeval.errors import DataError, SpecError, VaeevalError, listing, option
 from vaeeval.estimators.annealing.results_file import AIS_RESULTS
@@ -27,13 +32,20 @@ from vaeeval.results.schemas import ELBO_SCHEMA, STREAM_SCHEMA
 from vaeeval.runs.formats import StoredRun, describe_difference
 
 DOCUMENT_ONLY = ("recon_terms",)  # summary keys of a --json document that a results file's summary line does not hold
+MAX_LINE_BYTES = 1 << 24  # the longest line read (16 MiB): a header is a few kB, a point line a few hundred bytes
+LINES_DIGEST = "lines_digest"  # the summary's key for the sha256 of every byte before it
 
 
 class ResultsWriter:
-    """Appends JSON lines to a results file, flushing after every batch."""
+    """Appends JSON lines to a results file, flushing after every batch, and seals it with its summary.
 
-    def __init__(self, handle: TextIO, path: Path) -> None:
+    ``digest`` is the sha256 of the bytes the file already holds (a resumed run's, from ``read_stream``);
+    every line written is added to it, so the summary can record the digest of everything before it.
+    """
+
+    def __init__(self, handle: TextIO, path: Path, digest: Any = None) -> None:
         self.handle, self.path = handle, path
+        self.digest = digest.copy() if digest is not None else hashlib.sha256()
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         """The lines, written and flushed.
@@ -43,7 +55,9 @@ class ResultsWriter:
         """
         try:
             for record in records:
-                self.handle.write(json.dumps(record, allow_nan=False) + "\n")
+                line = json.dumps(record, allow_nan=False) + "\n"  # ASCII: json.dumps escapes the rest
+                self.handle.write(line)
+                self.digest.update(line.encode("ascii"))
             self.handle.flush()
         except OSError as error:
             raise VaeevalError(
@@ -51,43 +65,75 @@ class ResultsWriter:
                 f"and {option('resume')} continues from them"
             ) from None
 
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The summary line, recording the digest of every line before it (the header and every point line)."""
+        self.write([{**summary, LINES_DIGEST: "sha256:" + self.digest.hexdigest()}])
+
 
 def read_stream(path: str | Path, *, repair: bool = False) -> StoredRun:
     """Read a results file, every line checked; with ``repair``, cut off a last line a crash left half written.
 
-    A finished file's summary records the count and digest of its point lines: a file edited
-    after it was finished is refused, never read short.
+    Lines are read one at a time, none longer than ``MAX_LINE_BYTES``; every point line must lie in the
+    file's shard and hold every column its format requires. A finished file's summary is its last line,
+    records the sha256 of every byte before it, and holds the numbers its point lines give: a file edited
+    after it was finished (its header, a point line, their order, the summary) is refused, never read
+    short. The file is cut only once every line was read and checked.
 
     Raises:
         DataError: missing, not a regular file, not a results file, or a line that breaks its schema.
+        VaeevalError: ``repair`` and the file cannot be written (read-only).
     """
     path = Path(path)
     regular_file(path, DataError, "results file")
-    with reading(path, DataError, "results file"):
-        raw = path.read_bytes()
-    complete, _, tail = raw.rpartition(b"\n")
-    lines = (complete + b"\n").decode("utf-8", errors="replace").splitlines() if complete else []
-    if not repair and tail:
-        lines.append(tail.decode("utf-8", errors="replace"))
-    if not lines:
+    digest, kept = hashlib.sha256(), 0  # of the lines read so far, and their bytes
+    header, results, points, seen = None, None, [], set()
+    summary, summary_at, before, cut = None, 0, "", False
+    with reading(path, DataError, "results file"), path.open("rb") as handle:
+        for number, raw in _raw_lines(path, handle):
+            if repair and not raw.endswith(b"\n"):
+                cut = True  # a line a crash left half written: the last, as readline ends one only there
+                break
+            record = _line(path, number, raw.decode("utf-8", errors="replace"))
+            if header is None:
+                header, results = record, _opening(path, record)
+            elif summary is not None:
+                raise DataError(path, f"line {summary_at} is a summary line, but line {number} follows it: a results file's "
+                                      "summary is its last line (two files joined?)")
+            elif isinstance(record, dict) and record.get("kind") == "summary":
+                summary, summary_at, before = record, number, "sha256:" + digest.hexdigest()
+            else:
+                points.append(check_point(path, f"line {number}", record, results, header["data"]["n"], seen, header["shard"]))
+            digest.update(raw)
+            kept += len(raw)
+    if header is None:
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
-    header = _line(path, 1, lines[0])
+    if summary is not None:
+        summary = _checked_summary(path, summary, points, before)
+        _check_numbers(path, summary_at, header, results, summary, points)
+    if cut:  # only a results file is ever cut, only its half-written last line, and only once the rest is read
+        with writing(path, "results file"):
+            os.truncate(path, kept)
+    return StoredRun(path, header, points, summary, digest)
+
+
+def _raw_lines(path: Path, handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(line number, its bytes with the newline) for each line, none read past ``MAX_LINE_BYTES``."""
+    limit = MAX_LINE_BYTES
+    for number in itertools.count(1):
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) - raw.endswith(b"\n") > limit:
+            raise DataError(path, f"line {number} is longer than {limit} bytes, more than any results file's line; "
+                                  "not a vaeeval results file")
+        yield number, raw
+
+
+def _opening(path: Path, header: Any) -> ResultsFormat:
+    """The format of the file whose first line is ``header``, checked."""
     if not isinstance(header, dict) or header.get("kind") != "header" or header.get("schema") not in schema_names():
         raise DataError(path, f"not a vaeeval results file (its first line is no {STREAM_SCHEMA} header)")
-    results = check_header(path, header)
-    if tail and repair:  # only a results file is ever cut, and only its half-written last line
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete) + 1)
-    records = [header, *(_line(path, number, line) for number, line in enumerate(lines[1:], 2))]
-    points, summary, seen = [], None, set()
-    for number, record in enumerate(records[1:], 2):
-        if isinstance(record, dict) and record.get("kind") == "summary":
-            summary = record
-        else:
-            points.append(check_point(path, f"line {number}", record, results, header["data"]["n"], seen))
-    if summary is not None:
-        summary = _checked_summary(path, summary, points)
-    return StoredRun(path, header, points, summary)
+    return check_header(path, header)
 
 
 def _line(path: Path, number: int, line: str) -> Any:
@@ -114,8 +160,8 @@ def check_header(path: Path, header: Any) -> ResultsFormat:
         json.dumps(model["likelihood"], sort_keys=True)
         if not (isinstance(dims, int) and dims >= 1 and isinstance(n, int) and n >= 0 and isinstance(data.get("digest"), str | None)):
             raise ValueError("model.dims or data.n is not a count")
-        if shard is not None and not all(isinstance(shard[k], int) for k in ("index", "count", "start", "stop")):
-            raise ValueError("shard is not four integers")
+        if shard is not None and not _a_shard(shard, n):
+            raise ValueError(f"shard {shard} is not one of count equal contiguous slices of the {n} points")
     except (KeyError, TypeError, ValueError, AttributeError, SpecError) as error:
         raise DataError(path, f"line 1: not a complete {results.schema} header ({type(error).__name__}: {error})") from None
     if "digest" in header and seal(header)["digest"] != header["digest"]:
@@ -123,12 +169,22 @@ def check_header(path: Path, header: Any) -> ResultsFormat:
     return results
 
 
+def _a_shard(shard: Any, n: int) -> bool:
+    """``shard`` is the record of ``Shard.of(index, count, n)``."""
+    if not isinstance(shard, dict) or not all(type(shard.get(key)) is int for key in ("index", "count", "start", "stop")):
+        return False
+    index, count = shard["index"], shard["count"]
+    return 0 <= index < count and (shard["start"], shard["stop"]) == (index * n // count, (index + 1) * n // count)
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: int, seen: set[int]) -> dict[str, Any]:
-    """A point line (or entry), checked: an object, an index within the data not seen before, finite numbers.
+def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: int, seen: set[int],
+                shard: dict[str, int] | None = None) -> dict[str, Any]:
+    """A point line (or entry), checked: an object, an index within the data (and the file's shard) not seen
+    before, every column the format requires, finite numbers.
 
     Raises:
         DataError: naming ``where`` (``line 7``, ``points[5]``) and what is wrong.
@@ -138,9 +194,15 @@ def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: 
     index = record.get("index")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
         raise DataError(path, f"{where}: point index {index!r} is not one of the data's {n} points")
+    if shard is not None and not shard["start"] <= index < shard["stop"]:
+        raise DataError(path, f"{where}: point {index} is outside the file's shard {shard['index']}/{shard['count']} "
+                              f"(points {shard['start']} to {shard['stop'] - 1})")
     if index in seen:
         raise DataError(path, f"{where}: point {index} is in the file twice")
     seen.add(index)
+    for key in results.columns.names(optional=False):
+        if key not in record:
+            raise DataError(path, f"{where}: point {index} has no {key}, which every {results.schema} point holds")
     for key in results.columns.numbers:
         if not _finite_number(record.get(key)):
             raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not a finite number")
@@ -157,17 +219,45 @@ def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: 
     return record
 
 
-def _checked_summary(path: Path, summary: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
-    """The summary line, if the point lines are still those it was written after."""
-    if "count" not in summary:  # written before summaries were sealed: the count of points is all there is
-        return summary
-    if summary["count"] != len(points) or summary.get("digest") != points_digest(points):
+def _checked_summary(path: Path, summary: dict[str, Any], points: list[dict[str, Any]], before: str) -> dict[str, Any]:
+    """The summary line (without its ``lines_digest``), if the lines before it are still those it was written after.
+
+    ``before``: the sha256 of every byte before the summary line.
+    """
+    if LINES_DIGEST not in summary:
         raise DataError(
             path,
-            f"was edited after the run finished: its summary counts {summary['count']} point lines and a digest that the "
+            "was finished by an older vaeeval, whose summary line does not bind the header to the point lines; run it "
+            f"again (or, to vouch for it as it stands, delete its last line and {option('resume')} it: that seals it)",
+        )
+    if summary[LINES_DIGEST] != before or summary.get("count") != len(points) or summary.get("digest") != points_digest(points):
+        raise DataError(
+            path,
+            f"was edited after the run finished: its summary counts {summary.get('count')!r} point lines and a digest that the "
             f"{len(points)} lines now in it do not match; restore it, or run again without {option('resume')}",
         )
-    return summary
+    return {key: value for key, value in summary.items() if key != LINES_DIGEST}
+
+
+def _check_numbers(path: Path, number: int, header: dict[str, Any], results: ResultsFormat, summary: dict[str, Any],
+                   points: list[dict[str, Any]]) -> None:
+    """The summary line's numbers are those its point lines give (what a reader of the file alone would cite).
+
+    Keys the points cannot give (none, as vaeeval writes files) are left as they are.
+    """
+    try:
+        line = results.summary_line(results.evaluation(header, points), points) if points else results.empty_summary_line()
+        expected = json.loads(json.dumps(line["summary"], allow_nan=False))
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(path, f"its point lines add up to no summary ({type(error).__name__}: {error})") from None
+    found = summary.get("summary")
+    if isinstance(expected, dict) and isinstance(found, dict):
+        same = all(key in found and found[key] == value for key, value in expected.items())
+    else:
+        same = found == expected
+    if not same:
+        raise DataError(path, f"line {number}: the summary's numbers are not those its {len(points)} point lines give (edited "
+                              f"after the run finished?); restore it, or run again without {option('resume')}")
 
 
 def read_results(path: str | Path) -> StoredRun:
@@ -178,12 +268,14 @@ def read_results(path: str | Path) -> StoredRun:
     """
     path = Path(path)
     regular_file(path, DataError, "results file")
+    with reading(path, DataError, "results file"), path.open("rb") as handle:
+        first = handle.readline(MAX_LINE_BYTES + 1)
+    if _opens_a_results_file(first):
+        return read_stream(path)
     try:
         with reading(path, DataError, "results file"):
             text = path.read_text()
     except UnicodeDecodeError:
-        return read_stream(path)
-    if _opens_a_results_file(text):
         return read_stream(path)
     try:
         document = load_json(text, "the document")
@@ -225,9 +317,11 @@ def read_results(path: str | Path) -> StoredRun:
                                             "digest": points_digest(points)})
 
 
-def _opens_a_results_file(text: str) -> bool:
-    """The first line is a results file's header (a ``--json`` document, indented, opens with ``{`` alone)."""
-    line = text.split("\n", 1)[0]
+def _opens_a_results_file(line: bytes) -> bool:
+    """The first line is a results file's header (a ``--json`` document, indented, opens with ``{`` alone),
+    or too long for any line vaeeval writes (``read_stream`` then refuses it, naming line 1)."""
+    if len(line) > MAX_LINE_BYTES:
+        return True
     if json_depth(line) > MAX_JSON_DEPTH:
         return False
     try:
@@ -299,4 +393,6 @@ def merge_runs(runs: Sequence[StoredRun]) -> MergedRun:
 def write_results(path: str | Path, header: dict[str, Any], records: Sequence[dict[str, Any]], evaluation: Any) -> None:
     """Write a finished results file in one go: the header, every point, the summary."""
     with writing(Path(path), "results file"), atomic_write(path) as handle:
-        ResultsWriter(handle, Path(path)).write([header, *records, results_format(header).summary_line(evaluation, records)])
+        writer = ResultsWriter(handle, Path(path))
+        writer.write([header, *records])
+        writer.finish(results_format(header).summary_line(evaluation, records))
