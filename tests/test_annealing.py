@@ -77,17 +77,20 @@ class GaussianTarget:
         return State(log_target, grad_target, log_init, grad_init)
 
 
-def test_hmc_leaves_its_target_invariant():
-    """Exact draws from f_β stay exact draws after a transition: mean 0 and the right variance."""
+@pytest.mark.parametrize("scale", [None, (1.0, 0.3)], ids=["identity", "diagonal"])
+def test_hmc_leaves_its_target_invariant(scale):
+    """Exact draws from f_β stay exact draws after a transition: mean 0 and the right variance,
+    with the identity mass matrix or a diagonal one (here far from the target's widths)."""
     target, beta = GaussianTarget(), 0.5
     precision = (1 - beta) / 4 + beta / 0.25  # the geometric mean of two Gaussians is a Gaussian
     chains = 20000
     generator = torch.Generator().manual_seed(0)
+    scale = None if scale is None else torch.tensor([scale], dtype=torch.float64)
     z = decodable(torch.randn(1, chains, 2, generator=generator, dtype=torch.float64) / math.sqrt(precision))
     for _ in range(3):
         momentum = torch.randn(1, chains, 2, generator=generator, dtype=torch.float64)
         log_u = torch.log(torch.rand(1, chains, generator=generator, dtype=torch.float64))
-        z, _, accepted = hmc(target, z, target.evaluate(z), beta, torch.tensor([0.9]), momentum, log_u, 5)
+        z, _, accepted = hmc(target, z, target.evaluate(z), beta, torch.tensor([0.9]), momentum, log_u, 5, scale=scale)
     assert 0.2 < accepted.double().mean() < 1.0  # the kernel really moved
     variance = z.var().item() * precision
     assert abs(variance - 1) < Z * math.sqrt(2 / (2 * chains))
@@ -126,7 +129,7 @@ def test_the_pilot_rule_multiplies_by_1_02_above_65_percent_and_0_98_below(monke
 
     steps, rates = 40, iter(np.tile([1.0, 0.5, 0.7, 0.6], 10))
 
-    def scripted(target, z, state, beta, step_size, momentum, log_uniform, leapfrog):
+    def scripted(target, z, state, beta, step_size, momentum, log_uniform, leapfrog, scale=None):
         share = next(rates)
         accepted = torch.arange(z.shape[1])[None, :].expand(z.shape[0], -1) < share * z.shape[1]
         return z, state, accepted
@@ -142,3 +145,21 @@ def test_the_pilot_rule_multiplies_by_1_02_above_65_percent_and_0_98_below(monke
     np.testing.assert_allclose(ratios, expected, rtol=1e-12)
     assert found.step_sizes[1, 1:steps].max().item() <= STEP_SIZE_RANGE[1]
     assert found.step_sizes[1, 2].item() == STEP_SIZE_RANGE[1]  # 0.499 x 1.02, clipped
+
+
+def test_a_fitted_schedule_spaces_steps_by_the_spread_of_the_increments():
+    """Equal Δβ · sd per step: a flat spread gives the linear schedule; where the spread is 100× (sd 10×),
+    steps are 10× denser (up to the 5% floor); the ends stay 0 and 1 and β only grows."""
+    from vaeeval.estimators.annealing.kernel import FITTED_FLOOR, fitted_schedule
+
+    steps = 1000
+    base = torch.from_numpy(schedule("linear", steps))[None].expand(2, -1)
+    spread = torch.ones(2, steps + 1, dtype=torch.float64)
+    spread[1, 1 : steps // 2 + 1] = 100.0  # the first half of the path: sd 10
+    fitted = fitted_schedule(base, spread)
+    torch.testing.assert_close(fitted[0], base[0], rtol=0, atol=1e-12)
+    assert fitted[:, 0].eq(0).all() and fitted[:, -1].eq(1).all() and (fitted.diff(dim=1) > 0).all()
+    floor = FITTED_FLOOR * (10 + 1) / 2
+    share = (0.5 * (10 + floor)) / (0.5 * (10 + floor) + 0.5 * (1 + floor))  # of the length in the first half
+    below_half = (fitted[1] < 0.5).sum().item()
+    assert abs(below_half / steps - share) < 2 / steps

@@ -19,9 +19,11 @@ from vaeeval.estimators.annealing.certify import STILL_RISING, Z_UPPER, ais_next
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.results.schemas import schema
 
-FIRST = AISOptions(steps=4, leapfrog=2, chains=4, pilot_chains=4)
+# one pilot (from q(z|x)) on the sigmoid schedule, so that a stage's cost is the sum below
+FIRST = AISOptions(steps=4, leapfrog=2, chains=4, pilot_chains=4, init="encoder", schedule="sigmoid")
 POINTS = 10
-SETTINGS = ("--steps", "4", "--leapfrog", "2", "--chains", "4", "--pilot-chains", "4", "-k", "10")
+SETTINGS = ("--steps", "4", "--leapfrog", "2", "--chains", "4", "--pilot-chains", "4", "-k", "10", "--init", "encoder",
+            "--schedule", "sigmoid")
 
 
 def gradients(steps: int, leapfrog: int, chains: int = 4, pilot: int = 4, points: int = POINTS) -> int:
@@ -145,8 +147,8 @@ def test_elbo_note_names_ais_target_gap_where_points_are_unreliable(poor, tmp_pa
     (note,) = document["notes"]
     assert f"k-hat flags {flagged} of 7 points unreliable" in note
     assert f"vaeeval ais {model.path} {data} --target-gap 0.5" in note and "estimate" in note
-    per_point = (4 + 16) * (1 + 499 * 10)  # pilot and reported chains at T = 500, L = 10
-    assert f"{gradients(500, 10, chains=16, pilot=4, points=20):,} gradient evaluations" in note
+    per_point = (2 * 4 + 12) * (1 + 499 * 10)  # two pilots (--init auto) and the reported chains at T = 500, L = 10
+    assert f"{gradients(500, 10, chains=12, pilot=2 * 4, points=20):,} gradient evaluations" in note
     assert f"{per_point * 7:,} for AIS on these 7 points" in note
     table = cli("elbo", model.path, data, "-k", "100").stdout
     assert "note: k-hat flags" in table and "--target-gap 0.5" in table

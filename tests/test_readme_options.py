@@ -174,7 +174,7 @@ def test_a_default_changed_in_click_alone_fails(monkeypatch, command, flag, chan
     ("command", "flag", "before", "after"),
     [("ais", "--steps", "| `--steps T` | 500 |", "| `--steps T` | 400 |"),
      ("elbo", "--max-memory", "| `--max-memory` | 512M |", "| `--max-memory` | 1G |"),
-     ("ais", "--init", "| `--init` | encoder |", "| `--init` | prior |"),
+     ("ais", "--init", "| `--init` | auto |", "| `--init` | prior |"),
      ("elbo", "--density", "| `--density` | |", "| `--density` | on |"),
      ("ais", "--batch-size", "| `--batch-size` | planned |", "| `--batch-size` | 32 |"),
      ("elbo", "--seed", "| `--seed` | 0 |", "| `--seed` | |"),

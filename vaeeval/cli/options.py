@@ -20,15 +20,17 @@ from vaeeval.estimators.annealing.ais import (
     DEFAULT_PILOT_CHAINS,
     DEFAULT_STEPS,
     INITS,
+    MASSES,
     MAX_CHAINS,
     MAX_LEAPFROG,
     MAX_SIMULATED,
     MAX_STEPS,
+    SCHEDULE_CHOICES,
     AISEvaluator,
     AISOptions,
 )
 from vaeeval.estimators.annealing.certify import DEFAULT_CERTIFY_POINTS, DEFAULT_MAX_COST
-from vaeeval.estimators.annealing.kernel import SCHEDULES, STEP_SIZE_RANGE
+from vaeeval.estimators.annealing.kernel import SCALED_STEP_SIZE_RANGE
 from vaeeval.estimators.importance.enumeration import DEFAULT_MAX_SUPPORT
 from vaeeval.estimators.importance.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -250,18 +252,24 @@ ENUMERATION = (
 ANNEALING = (
     click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=DEFAULT_STEPS, show_default=True,
                  help="T, annealing steps from the initial distribution to the posterior."),
-    click.option("--schedule", type=click.Choice(SCHEDULES), default="sigmoid", show_default=True,
-                 help="How the steps are spaced in β (sigmoid: dense at both ends, as Wu et al. 2017)."),
+    click.option("--schedule", type=click.Choice(SCHEDULE_CHOICES), default="adaptive", show_default=True,
+                 help="How the steps are spaced in β (sigmoid: dense at both ends, as Wu et al. 2017; adaptive: "
+                      "placed per point by the pilot for equal variance of the weight increments)."),
     click.option("--leapfrog", type=click.IntRange(1, MAX_LEAPFROG), default=DEFAULT_LEAPFROG, show_default=True,
                  help="Leapfrog steps per HMC transition."),
     click.option("--chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_CHAINS, show_default=True,
                  help="C, independent chains per point."),
-    click.option("--init", type=click.Choice(INITS), default="encoder", show_default=True,
-                 help="Start from q(z|x) (encoder) or from p(z) (prior)."),
-    click.option("--step-size", type=Finite(*STEP_SIZE_RANGE), default=None, metavar="E",
+    click.option("--init", type=click.Choice(INITS), default="auto", show_default=True,
+                 help="Start from q(z|x) (encoder), from p(z) (prior), or per point from the one whose pilot "
+                      "estimated the higher log p(x) (auto: a pilot from each)."),
+    click.option("--step-size", type=Finite(*SCALED_STEP_SIZE_RANGE), default=None, metavar="E",
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
+    click.option("--mass", type=click.Choice(MASSES), default="identity", show_default=True,
+                 help="HMC's mass matrix: identity, or diagonal (1 / q0's variances per point; ε in units of q0's "
+                      "standard deviations)."),
     click.option("--pilot-chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_PILOT_CHAINS, show_default=True,
-                 help="Chains per point in the pilot run that tunes the step sizes."),
+                 help="Chains per point in each pilot run (it tunes ε, fits the adaptive schedule and, with --init "
+                      "auto, chooses q0)."),
 )
 CERTIFY = (
     click.option("--target-gap", "target_gap", type=float, default=None, metavar="G",
@@ -295,6 +303,7 @@ def annealing_settings(options: dict[str, Any]) -> AISOptions:
         step_size=options.pop("step_size"),
         pilot_chains=options.pop("pilot_chains"),
         batch_size=options["batch_size"],
+        mass=options.pop("mass"),
     )
 
 

@@ -354,7 +354,8 @@ def ais_settings_line(settings: AISSettings, cost: AISCost) -> str:
     )
     return (
         f"T = {settings.steps} steps ({settings.schedule}), {settings.leapfrog} leapfrog steps, "
-        f"C = {settings.chains} chains from the {settings.init}; {step}; seed {settings.seed}, on {settings.device}"
+        f"C = {settings.chains} chains from the {settings.init}, {settings.mass} mass matrix; {step}; seed {settings.seed}, "
+        f"on {settings.device}"
     )
 
 

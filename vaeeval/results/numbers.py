@@ -352,6 +352,7 @@ class AISSettings:
     samples: int
     batch_size: int
     device: str
+    mass: str = "identity"
 
 
 @dataclass(frozen=True)

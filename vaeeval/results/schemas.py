@@ -186,14 +186,15 @@ AIS_SETTINGS = _object(
         "leapfrog": POSITIVE,
         "chains": POSITIVE,
         "init": {"enum": ["encoder", "prior"]},
-        "schedule": {"enum": ["sigmoid", "linear", "geometric"]},
+        "schedule": {"enum": ["sigmoid", "linear", "geometric", "adaptive"]},
         "step_size": MAYBE_NUMBER,
         "pilot_chains": POSITIVE,
         "seed": INTEGER,
         "samples": POSITIVE,
         "batch_size": POSITIVE,
         "device": STRING,
-    }
+    },
+    {"mass": {"enum": ["identity", "diagonal"]}},
 )
 COST = _object({"pilot_gradients": INTEGER, "gradients": INTEGER, "pilot_share": NUMBER})
 AIS_POINT = AIS_COLUMNS.schema()

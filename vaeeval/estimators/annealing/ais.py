@@ -10,6 +10,16 @@ clipped to [1e-4, 0.5]; Wu et al. 2017), starting from half the smallest standar
 of q0, and the run whose weights are reported uses the pilot's ε for each point and step,
 frozen (as Huang et al. 2020 do): its transitions then do not depend on its own chains, and
 its weights stay unbiased.
+
+Mass matrix: ``identity`` (the papers' HMC), or ``diagonal``: diag(1 / σ²) per point with σ
+q0's standard deviations, so ε is in units of σ (clipped to [1e-4, 2]).
+
+Schedule ``adaptive``: the pilot anneals on the sigmoid schedule and records, per point and
+step, the variance over its chains of the weight increment's integrand log γ − log q0; the
+reported run's β are placed so that every step carries the same share of the path's
+thermodynamic length ∫ sd_β(log γ − log q0) dβ (the step variances Δβ² Var_β then equal:
+Gelman & Meng 1998; adaptive tempering as in SMC samplers), and ε is read from the pilot at
+the nearest β. The schedule, like ε, comes from the pilot's chains alone and is frozen.
 """
 
 from __future__ import annotations
@@ -20,14 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Independent, Normal
 
-from vaeeval.core import numerics, rng
+from vaeeval.core import numerics
 from vaeeval.core.numerics import tree_sum
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.kernel import (
     FORWARD,
     PILOT,
+    PILOT_PRIOR,
+    SCALED_STEP_SIZE_RANGE,
     SCHEDULES,
     STEP_SIZE_RANGE,
     Chains,
@@ -35,24 +47,27 @@ from vaeeval.estimators.annealing.kernel import (
     Streams,
     Target,
     anneal,
-    chain_counters,
-    decodable,
-    gaussian_draws,
+    fitted_schedule,
     log_mean_exp,
-    prior_draws,
+    per_point,
     schedule,
 )
+from vaeeval.estimators.annealing.start import Start
 from vaeeval.estimators.importance.evaluate import MAX_BATCH_SIZE, EvaluationOptions, Evaluator, batch_within
 from vaeeval.estimators.weights import effective_sample_size, iwae_stderr
 from vaeeval.format.data import Dataset
 from vaeeval.format.model import Model
 from vaeeval.results.numbers import AISCost, AISEvaluation, AISPointResults, AISSettings, PointResults, summarize_ais
-from vaeeval.user.distributions import draw, in_float64, moments, noise_width
+from vaeeval.user.distributions import in_float64
 
-INITS = ("encoder", "prior")
+AUTO = "auto"  # q0 chosen per point by the pilot: the encoder's q(z|x) or the prior
+INITS = ("encoder", "prior", AUTO)
+MASSES = ("identity", "diagonal")
+ADAPTIVE = "adaptive"  # the schedule fitted in the pilot
+SCHEDULE_CHOICES = (*SCHEDULES, ADAPTIVE)
 DEFAULT_STEPS = 500
 DEFAULT_LEAPFROG = 10
-DEFAULT_CHAINS = 16
+DEFAULT_CHAINS = 12  # with two pilots of 4 chains: the gradient evaluations of the former 16 chains and one pilot
 DEFAULT_PILOT_CHAINS = 4
 TARGET_ROWS = 2048  # chains x points per decoder call
 MAX_STEPS = 1_000_000
@@ -70,7 +85,8 @@ class AISOptions:
         steps: T, the number of steps from q0 to the posterior (T - 1 HMC transitions).
         leapfrog: leapfrog steps per HMC transition.
         chains: C, independent chains per point.
-        init: ``encoder`` (q0 = q(z|x)) or ``prior`` (q0 = p(z)).
+        init: ``encoder`` (q0 = q(z|x)), ``prior`` (q0 = p(z)) or ``auto``: a pilot from each, and
+            per point the one whose pilot estimated the higher log p(x) (frozen, like ε).
         schedule: ``sigmoid``, ``linear`` or ``geometric`` spacing of β.
         step_size: a fixed HMC step size ε; None tunes it per point in a pilot run.
         pilot_chains: chains per point in the pilot run.
@@ -80,11 +96,19 @@ class AISOptions:
     steps: int = DEFAULT_STEPS
     leapfrog: int = DEFAULT_LEAPFROG
     chains: int = DEFAULT_CHAINS
-    init: str = "encoder"
-    schedule: str = "sigmoid"
+    init: str = AUTO
+    schedule: str = ADAPTIVE
     step_size: float | None = None
     pilot_chains: int = DEFAULT_PILOT_CHAINS
     batch_size: int | None = None
+    mass: str = "identity"
+
+    @property
+    def pilots(self) -> int:
+        """Pilot runs per point: none for fixed settings, one tuning ε or the schedule, two with ``init="auto"``."""
+        if self.init == AUTO:
+            return 2
+        return int(self.step_size is None or self.schedule == ADAPTIVE)
 
     def check(self) -> None:
         """Raise ``VaeevalError`` naming the first option out of range."""
@@ -98,11 +122,17 @@ class AISOptions:
                 raise VaeevalError(f"{option(name)} {getattr(self, name)} is more than {largest:,}")
         if self.init not in INITS:
             raise VaeevalError(f"{option('init')} {self.init!r}: choose one of {', '.join(INITS)}")
-        if self.schedule not in SCHEDULES:
-            raise VaeevalError(f"{option('schedule')} {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.step_size is not None and not (STEP_SIZE_RANGE[0] <= self.step_size <= STEP_SIZE_RANGE[1]):
-            low, high = STEP_SIZE_RANGE
-            raise VaeevalError(f"{option('step_size')} {self.step_size}: choose a step size in [{low:g}, {high:g}]")
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise VaeevalError(f"{option('schedule')} {self.schedule!r}: choose one of {', '.join(SCHEDULE_CHOICES)}")
+        if self.mass not in MASSES:
+            raise VaeevalError(f"{option('mass')} {self.mass!r}: choose one of {', '.join(MASSES)}")
+        low, high = STEP_SIZE_RANGE if self.mass == "identity" else SCALED_STEP_SIZE_RANGE
+        if self.step_size is not None and not (low <= self.step_size <= high):
+            raise VaeevalError(f"{option('step_size')} {self.step_size}: choose a step size in [{low:g}, {high:g}]"
+                               + ("" if self.mass == "identity" else " (units of q0's standard deviations, --mass diagonal)"))
+        if self.schedule == ADAPTIVE and self.pilot_chains < 2:
+            raise VaeevalError(f"{option('schedule')} adaptive places β by the variance over the pilot's chains: "
+                               f"{option('pilot_chains')} must be at least 2, found {self.pilot_chains}")
         if self.batch_size is not None and self.batch_size < 1:
             raise VaeevalError(f"{option('batch_size')} must be at least 1, found {self.batch_size}")
 
@@ -132,7 +162,7 @@ class _Annealer:
         self.model = self.importance.model
         self.dataset = self.importance.dataset
         self.scoring = self.importance.scoring
-        self.betas = schedule(ais.schedule, ais.steps)
+        self.betas = schedule("sigmoid" if ais.schedule == ADAPTIVE else ais.schedule, ais.steps)  # adaptive: the pilot's
         rows = max(ais.chains, ais.pilot_chains)
         # the activations autograd keeps for the backward pass, besides the forward's working set
         fitting = batch_within(self.model, ais.batch_size or MAX_BATCH_SIZE, _KEPT_FOR_GRADIENTS * rows, options.max_memory)
@@ -145,6 +175,7 @@ class _Annealer:
             schedule=ais.schedule,
             step_size=ais.step_size,
             pilot_chains=ais.pilot_chains,
+            mass=ais.mass,
             seed=self.importance.settings.seed,
             samples=self.importance.settings.samples,
             batch_size=batch_size,
@@ -160,7 +191,7 @@ class _Annealer:
         """Gradient evaluations per point: each transition costs ``leapfrog`` of them, per chain."""
         transitions = max(self.ais.steps - 1, 0)
         per_chain = 1 + transitions * self.ais.leapfrog
-        pilot = 0 if self.ais.step_size is not None else self.ais.pilot_chains * per_chain
+        pilot = self.ais.pilots * self.ais.pilot_chains * per_chain
         return AISCost(pilot=pilot, run=self.ais.chains * per_chain * self._runs_per_point)
 
     _runs_per_point = 1
@@ -169,7 +200,7 @@ class _Annealer:
         """A per-step callback reporting points done, in fractions of this batch of ``points``."""
         if progress is None:
             return None
-        runs = self._runs_per_point + (self.ais.step_size is None)
+        runs = self._runs_per_point + self.ais.pilots
         total, steps = runs * self.ais.steps, [0]
 
         def tick() -> None:
@@ -180,16 +211,16 @@ class _Annealer:
 
     def _annealed(
         self, indices: np.ndarray | None, progress: Callable[[int], None] | None
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor, Target, torch.Tensor, Chains, Callable[[], None]]]:
-        """Per batch: its rows, points, target, step sizes, forward chains and progress tick; progress is
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, Target, Tuning, Chains, Callable[[], None]]]:
+        """Per batch: its rows, points, target, frozen tuning, forward chains and progress tick; progress is
         reported once the caller has taken the batch."""
         done = 0
         with torch.no_grad():
             for rows, x, covariates in self._batches(indices):
                 tick = self._ticks(progress, done, rows.size)
                 target, start = self._target(x, covariates)
-                step_sizes = self._step_sizes(target, start, rows, tick)
-                yield rows, x, target, step_sizes, self._forward(target, start, rows, step_sizes, tick), tick
+                tuning = self._tuning(target, start, rows, tick)
+                yield rows, x, target, tuning, self._forward(target, start, rows, tuning, tick), tick
                 done += rows.size
                 if progress is not None:
                     progress(done)
@@ -207,7 +238,7 @@ class _Annealer:
         if model.general:
             q = in_float64(model.posterior(x, covariates))
             prior = model.prior.distribution(x)
-            start = Start(self.model, self.ais.init, self.settings.seed, posterior=q, like=x)
+            start = Start(self.model, self._start_init, self.settings.seed, posterior=q, like=x)
             init = None if self.ais.init == "prior" else PointsFirst(q)
             return Target(model, x, self.scoring.bins, init, prior, covariates), start
         mean, log_var = model.encode(x, covariates)
@@ -215,26 +246,62 @@ class _Annealer:
         prior = model.prior.distribution(mean)
         init = None if self.ais.init == "prior" else Independent(Normal(mean[:, None], std[:, None], validate_args=False), 1)
         target = Target(model, x, self.scoring.bins, init, prior, covariates)
-        return target, Start(model, self.ais.init, self.settings.seed, mean, std, like=x)
+        return target, Start(model, self._start_init, self.settings.seed, mean, std, like=x)
 
-    def _step_sizes(self, target: Target, start: Start, rows: np.ndarray, tick: Callable[[], None] | None) -> torch.Tensor:
-        """ε per point and step ``[B, T + 1]``: fixed, or tuned by a pilot run."""
+    @property
+    def _start_init(self) -> str:
+        return "encoder" if self.ais.init == AUTO else self.ais.init
+
+    def _tuning(self, target: Target, start: Start, rows: np.ndarray, tick: Callable[[], None] | None) -> Tuning:
+        """The frozen settings of every transition: the schedule, ε per point and step, the mass matrix, and
+        (``init="auto"``) each point's q0, set on ``target`` and ``start``.
+
+        Pilot runs (their own noise streams) tune ε, place β for the adaptive schedule and choose q0.
+        """
         points, steps, device = rows.size, self.ais.steps, target.x.device
-        if self.ais.step_size is not None:
-            return torch.full((points, steps + 1), self.ais.step_size, dtype=torch.float64, device=device)
-        z = start.draw(rows, self.ais.pilot_chains, PILOT)
-        step_sizes = torch.zeros(points, steps + 1, dtype=torch.float64, device=device)
-        step_sizes[:, 1] = (0.5 * start.smallest_std(z)).clamp(*STEP_SIZE_RANGE)
-        pilot = anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=PILOT,
-                       leapfrog=self.ais.leapfrog, adapt=True, tick=tick)
-        return pilot.step_sizes
+        betas = per_point(self.betas, points, device)
+        fixed = torch.full((points, steps + 1), self.ais.step_size or 0.0, dtype=torch.float64, device=device)
+        if not self.ais.pilots:
+            scale = start.stds(start.draw(rows, self.ais.pilot_chains, PILOT_PRIOR if self.ais.init == "prior" else PILOT)) \
+                if self.ais.mass == "diagonal" else None
+            return Tuning(betas, fixed, scale)
+        if self.ais.init == AUTO:
+            runs = []
+            for from_prior, streams in ((False, PILOT), (True, PILOT_PRIOR)):
+                target.from_prior = start.from_prior = torch.full((points,), from_prior, device=device)
+                runs.append(self._pilot(target, start, rows, betas, streams, tick))
+            choice = log_mean_exp(runs[1][1].log_weight) > log_mean_exp(runs[0][1].log_weight)
+            target.from_prior = start.from_prior = choice
+            (scale, encoder), (_, prior) = runs
+            if scale is not None:
+                scale = torch.where(choice[:, None], runs[1][0], scale)
+            pilot = Chains(encoder.log_weight, encoder.accepted, torch.where(choice[:, None], prior.step_sizes, encoder.step_sizes),
+                           torch.where(choice[:, None], prior.spread, encoder.spread))
+        else:
+            scale, pilot = self._pilot(target, start, rows, betas, PILOT_PRIOR if self.ais.init == "prior" else PILOT, tick)
+        step_sizes = pilot.step_sizes if self.ais.step_size is None else fixed
+        if self.ais.schedule != ADAPTIVE:
+            return Tuning(betas, step_sizes, scale)
+        fitted = fitted_schedule(betas, pilot.spread)
+        # ε of the pilot's transition at the nearest β at or above each new β (columns 1 .. T - 1)
+        column = torch.searchsorted(betas.contiguous(), fitted.contiguous()).clamp(1, max(steps - 1, 1))
+        return Tuning(fitted, step_sizes.gather(1, column), scale)
 
-    def _forward(
-        self, target: Target, start: Start, rows: np.ndarray, step_sizes: torch.Tensor, tick: Callable[[], None] | None
-    ) -> Chains:
+    def _pilot(self, target: Target, start: Start, rows: np.ndarray, betas: torch.Tensor, streams: Streams,
+               tick: Callable[[], None] | None) -> tuple[torch.Tensor | None, Chains]:
+        """A pilot run from q0 as ``start`` stands: the mass matrix's scale (or None) and the pilot's chains."""
+        z = start.draw(rows, self.ais.pilot_chains, streams)
+        scale = start.stds(z) if self.ais.mass == "diagonal" else None
+        step_sizes = torch.zeros_like(betas)
+        widths = start.stds(z) if scale is None else torch.ones_like(scale)
+        step_sizes[:, 1] = (0.5 * widths.min(-1).values).clamp(*(STEP_SIZE_RANGE if scale is None else SCALED_STEP_SIZE_RANGE))
+        return scale, anneal(target, z, betas, step_sizes, seed=self.settings.seed, indices=rows, streams=streams,
+                             leapfrog=self.ais.leapfrog, scale=scale, adapt=True, tick=tick)
+
+    def _forward(self, target: Target, start: Start, rows: np.ndarray, tuning: Tuning, tick: Callable[[], None] | None) -> Chains:
         z = start.draw(rows, self.ais.chains, FORWARD)
-        return anneal(target, z, self.betas, step_sizes, seed=self.settings.seed, indices=rows, streams=FORWARD,
-                      leapfrog=self.ais.leapfrog, tick=tick)
+        return tuning.anneal(target, z, seed=self.settings.seed, indices=rows, streams=FORWARD,
+                             leapfrog=self.ais.leapfrog, tick=tick)
 
     def _beside(self, rows: np.ndarray) -> PointResults:
         """The ordinary importance-sampling estimates of these points."""
@@ -251,56 +318,20 @@ class _Annealer:
         return (tree_sum(inner) / inner.shape[1] if inner.shape[1] else torch.full_like(step_sizes[:, 0], math.nan)).cpu().numpy()
 
 
-class Start:
-    """q0, where every chain starts: q(z|x) (``init="encoder"``) or p(z), drawn keyed by point and chain.
+@dataclass(frozen=True)
+class Tuning:
+    """What every transition of a point's chains uses, frozen before the reported run.
 
-    Args:
-        model: the model.
-        init: ``encoder`` or ``prior``.
-        seed: the noise seed.
-        mean, std: a diagonal q(z|x) ``[B, L]`` (format 1's path), or
-        posterior: any q(z|x) of batch ``[B]`` (the general path).
-        like: a tensor of the device to compute on.
+    ``betas`` ``[B, T + 1]`` the schedule; ``step_sizes`` ``[B, T + 1]`` ε of the transition
+    targeting f_t; ``scale`` ``[B, L]`` the diagonal mass matrix's 1 / sqrt (None: identity).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        init: str,
-        seed: int,
-        mean: torch.Tensor | None = None,
-        std: torch.Tensor | None = None,
-        *,
-        posterior: Distribution | None = None,
-        like: torch.Tensor,
-    ) -> None:
-        self.model, self.init, self.seed = model, init, seed
-        self.mean, self.std, self.posterior, self.device = mean, std, posterior, like.device
+    betas: torch.Tensor
+    step_sizes: torch.Tensor
+    scale: torch.Tensor | None
 
-    def draw(self, rows: np.ndarray, chains: int, streams: Streams) -> torch.Tensor:
-        """``[B, C, L]`` starting points, exact in float32."""
-        if self.init == "prior":
-            return prior_draws(self.model.prior, self.seed, rows, chains, streams, self.device)
-        if self.posterior is None:
-            return gaussian_draws(self.mean, self.std, self.seed, rows, chains, streams)
-        width = noise_width(self.posterior)
-        normal = rng.normal(self.seed, rows, chain_counters(0, chains, width), streams.init).to(self.device)
-        uniform = torch.from_numpy(rng.uniform(self.seed, rows, chain_counters(0, chains, 1)[:, 0], streams.component))
-        z = draw(self.posterior, normal.transpose(0, 1), uniform.to(self.device).transpose(0, 1), (self.seed, int(rows[0]), streams.init))
-        return decodable(z.transpose(0, 1).double())
-
-    def smallest_std(self, z: torch.Tensor) -> torch.Tensor:
-        """q0's smallest standard deviation per point ``[B]`` (from the draws ``z [B, C, L]`` where it has none)."""
-        if self.init == "encoder" and self.std is not None:
-            return self.std.min(-1).values
-        q0 = self.model.prior.distribution(z) if self.init == "prior" else self.posterior
-        found = moments(q0)
-        if found is not None:
-            return found[1].double().sqrt().min(-1).values.expand(z.shape[0]).to(z.device)
-        if z.shape[1] < 2:
-            return torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
-        deviations = z - tree_sum(z, dim=1)[:, None] / z.shape[1]
-        return (tree_sum(deviations * deviations, dim=1) / (z.shape[1] - 1)).sqrt().min(-1).values
+    def anneal(self, target: Target, z: torch.Tensor, **how) -> Chains:
+        return anneal(target, z, self.betas, self.step_sizes, scale=self.scale, **how)
 
 
 @dataclass(frozen=True)
@@ -326,8 +357,8 @@ class AISEvaluator(_Annealer):
 
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[AISPart]:
         """Anneal the points ``indices`` (default: all, in order), one batch per part."""
-        for rows, _, _, step_sizes, forward, _ in self._annealed(indices, progress):
-            yield AISPart(self._points(rows, forward, step_sizes))
+        for rows, _, _, tuning, forward, _ in self._annealed(indices, progress):
+            yield AISPart(self._points(rows, forward, tuning.step_sizes))
 
     def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor) -> AISPointResults:
         log_weight = forward.log_weight
@@ -379,11 +410,12 @@ def evaluate_ais(
     steps: int = DEFAULT_STEPS,
     leapfrog: int = DEFAULT_LEAPFROG,
     chains: int = DEFAULT_CHAINS,
-    init: str = "encoder",
-    schedule: str = "sigmoid",
+    init: str = AUTO,
+    schedule: str = ADAPTIVE,
     step_size: float | None = None,
     pilot_chains: int = DEFAULT_PILOT_CHAINS,
     batch_size: int | None = None,
+    mass: str = "identity",
     samples: int = 1000,
     seed: int = 0,
     max_memory: int = 512 * 2**20,
@@ -400,7 +432,7 @@ def evaluate_ais(
     Raises:
         VaeevalError: bad settings, or a point whose every chain overflowed.
     """
-    annealing = AISOptions(steps, leapfrog, chains, init, schedule, step_size, pilot_chains, batch_size)
+    annealing = AISOptions(steps, leapfrog, chains, init, schedule, step_size, pilot_chains, batch_size, mass)
     options = EvaluationOptions(samples=samples, seed=seed, max_memory=max_memory, device=device,
                                 discretize=discretize, density=density, grid_range=grid_range)
     return AISEvaluator(model, data, annealing, options).evaluate(progress)

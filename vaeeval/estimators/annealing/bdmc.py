@@ -19,7 +19,7 @@ from torch.distributions import Distribution
 from vaeeval.core import rng
 from vaeeval.errors import VaeevalError, option
 from vaeeval.estimators.annealing.ais import MAX_SIMULATED, AISOptions, _Annealer, refuse_discrete
-from vaeeval.estimators.annealing.kernel import REVERSE, SIMULATE, SIMULATE_X, anneal, decodable, log_mean_exp, prior_draws
+from vaeeval.estimators.annealing.kernel import REVERSE, SIMULATE, SIMULATE_X, decodable, log_mean_exp, prior_draws
 from vaeeval.estimators.importance.evaluate import EvaluationOptions
 from vaeeval.format.data import Dataset
 from vaeeval.format.domains import Grid, detect_domain
@@ -127,12 +127,12 @@ class BDMCEvaluator(_Annealer):
         self.simulated = simulated
 
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[BDMCPart]:
-        for rows, x, target, step_sizes, forward, tick in self._annealed(indices, progress):
+        for rows, x, target, tuning, forward, tick in self._annealed(indices, progress):
             with torch.no_grad():
                 truth = torch.from_numpy(self.simulated.z[rows]).to(x.device).double()
                 start = decodable(truth[:, None].expand(-1, self.ais.chains, -1).contiguous())
-                reverse = anneal(target, start, self.betas, step_sizes, seed=self.settings.seed, indices=rows,
-                                 streams=REVERSE, leapfrog=self.ais.leapfrog, reverse=True, tick=tick)
+                reverse = tuning.anneal(target, start, seed=self.settings.seed, indices=rows, streams=REVERSE,
+                                        leapfrog=self.ais.leapfrog, reverse=True, tick=tick)
             lower = log_mean_exp(forward.log_weight).cpu().numpy()
             upper = (-log_mean_exp(-reverse.log_weight)).cpu().numpy()
             beside = self._beside(rows)

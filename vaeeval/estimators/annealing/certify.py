@@ -115,7 +115,7 @@ class Certificate:
 def stage_cost(annealing: AISOptions, points: int) -> int:
     """Gradient evaluations of one BDMC run on ``points`` points: forward and reverse runs, and the pilot."""
     per_chain = 1 + max(annealing.steps - 1, 0) * annealing.leapfrog
-    pilot = 0 if annealing.step_size is not None else annealing.pilot_chains * per_chain
+    pilot = annealing.pilots * annealing.pilot_chains * per_chain
     return points * (pilot + 2 * annealing.chains * per_chain)
 
 
@@ -239,7 +239,7 @@ def ais_next_step(evaluation: Evaluation, model: str, data: str, *, arch: bool =
         return None
     defaults = AISOptions()
     stage = stage_cost(defaults, DEFAULT_CERTIFY_POINTS)
-    per_point = (defaults.pilot_chains + defaults.chains) * (1 + (defaults.steps - 1) * defaults.leapfrog)
+    per_point = (defaults.pilots * defaults.pilot_chains + defaults.chains) * (1 + (defaults.steps - 1) * defaults.leapfrog)
     command = f"vaeeval ais {shlex.quote(model)} {shlex.quote(data)} --target-gap {SUGGESTED_GAP:g}"
     command += " (with this run's --arch options)" if arch else ""
     return (

@@ -48,6 +48,7 @@ GEOMETRIC_START = 1e-4  # the geometric schedule's beta_1 scale: beta_t = 1e-4 *
 TARGET_ACCEPTANCE = 0.65
 ADAPT_UP, ADAPT_DOWN = 1.02, 0.98  # step size factors above / below the target acceptance (Wu et al. 2017)
 STEP_SIZE_RANGE = (1e-4, 0.5)
+SCALED_STEP_SIZE_RANGE = (1e-4, 2.0)  # ε in units of q0's standard deviations (a diagonal mass matrix)
 _CHAIN_BITS = 24  # counters: (step << 24 | chain) keeps chains apart for up to 16 million chains
 
 
@@ -72,6 +73,35 @@ def schedule(name: str, steps: int) -> np.ndarray:
     return betas
 
 
+FITTED_FLOOR = 0.05  # a fitted schedule's density of steps never falls below 5% of its mean (noise, flat stretches)
+
+
+def fitted_schedule(betas: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """β ``[B, T + 1]`` per point, with equal thermodynamic length between steps.
+
+    ``spread[:, t]`` is Var(log γ - log q0) over a pilot's chains at the positions weighing
+    step t of the pilot's schedule ``betas`` ``[B, T + 1]``: a step Δβ there adds Δβ² times it
+    to the variance of the log-weights. With λ = its square root (plus 5% of its mean, so
+    that no stretch is skipped), the new β_j solves Λ(β_j) = j/T, Λ the normalized
+    cumulative Σ Δβ λ, linear between the pilot's steps (Gelman & Meng 1998; the equal-
+    variance rule of adaptive tempering, Jasra et al. 2011).
+    """
+    points, width = betas.shape
+    steps = width - 1
+    density = spread[:, 1:].clamp(min=0).sqrt()
+    density = density + FITTED_FLOOR * tree_sum(density)[:, None] / steps + torch.finfo(torch.float64).tiny
+    length = torch.cumsum(density * (betas[:, 1:] - betas[:, :-1]), dim=1)
+    cumulative = torch.cat([torch.zeros_like(length[:, :1]), length / length[:, -1:]], dim=1)
+    wanted = (torch.arange(width, dtype=torch.float64, device=betas.device) / steps).expand(points, -1).contiguous()
+    above = torch.searchsorted(cumulative.contiguous(), wanted).clamp(1, steps)
+    low, high = cumulative.gather(1, above - 1), cumulative.gather(1, above)
+    share = ((wanted - low) / (high - low)).clamp(0, 1)
+    start, end = betas.gather(1, above - 1), betas.gather(1, above)
+    fitted = start + share * (end - start)
+    fitted[:, 0], fitted[:, -1] = 0.0, 1.0
+    return fitted
+
+
 class Streams(NamedTuple):
     """The ``rng`` streams one run draws from: initial states (and a prior mixture's component), momenta, acceptance tests."""
 
@@ -83,6 +113,7 @@ class Streams(NamedTuple):
 
 FORWARD = Streams(1, 2, 3, 4)
 PILOT = Streams(5, 6, 7, 8)
+PILOT_PRIOR = Streams(14, 15, 16, 17)  # --init auto's second pilot, from the prior
 REVERSE = Streams(0, 0, 9, 10)  # reverse chains start from the simulated z: no initial draws
 SIMULATE = Streams(11, 12, 0, 0)  # z ~ p(z) of simulated points
 SIMULATE_X = 13  # x ~ p(x|z), one uniform per data dimension
@@ -100,10 +131,13 @@ class State:
     log_init: torch.Tensor
     grad_init: torch.Tensor
 
-    def log_f(self, beta: float) -> torch.Tensor:
+    def log_f(self, beta: torch.Tensor) -> torch.Tensor:
+        """log f_β per chain, β ``[B]`` per point."""
+        beta = beta[:, None]
         return (1 - beta) * self.log_init + beta * self.log_target
 
-    def grad_f(self, beta: float) -> torch.Tensor:
+    def grad_f(self, beta: torch.Tensor) -> torch.Tensor:
+        beta = beta[:, None, None]
         return (1 - beta) * self.grad_init + beta * self.grad_target
 
     def where(self, keep_other: torch.Tensor, other: State) -> State:
@@ -171,6 +205,7 @@ class Target:
     ) -> None:
         self.model, self.x, self.bins, self.init, self.prior = model, x[:, None], bins, init, prior
         self.covariates = dict(covariates or {})
+        self.from_prior: torch.Tensor | None = None  # [B] bool: points whose q0 is the prior instead (--init auto)
         self.shortcut = None
         parts = model.linear_head()
         if parts is not None and bins is None and model.likelihood.linear_shortcut:
@@ -194,6 +229,9 @@ class Target:
             log_init, grad_init = log_prior, grad_prior
         else:
             log_init, grad_init = self._log_prob_and_grad(f"{getattr(self.model.encoder, 'method', 'encode')}(x)", self.init, z)
+            if self.from_prior is not None:
+                log_init = torch.where(self.from_prior[:, None], log_prior, log_init)
+                grad_init = torch.where(self.from_prior[:, None, None], grad_prior, grad_init)
         grad_likelihood = grad.reshape(points, chains, latent).double()
         return State(log_prior + log_likelihood, grad_prior + grad_likelihood, log_init, grad_init)
 
@@ -263,28 +301,36 @@ def hmc(
     target: Target,
     z: torch.Tensor,
     state: State,
-    beta: float,
+    beta: float | torch.Tensor,
     step_size: torch.Tensor,
     momentum: torch.Tensor,
     log_uniform: torch.Tensor,
     leapfrog: int,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State, torch.Tensor]:
     """One HMC transition leaving f_β invariant (Neal 2011, section 5.3.2.1).
+
+    With ``scale`` s, the mass matrix is diag(1 / s²): the same leapfrog in the coordinates
+    z / s, where f_β's widths are about 1 when s are its standard deviations (Neal 2011,
+    section 4.1), so one ε suits every direction.
 
     Args:
         target: the densities.
         z: ``[B, C, L]`` the chains' positions, ``state`` the densities there.
-        beta: the path's β.
+        beta: the path's β, one for every point or ``[B]``.
         step_size: ``[B]`` ε per point.
         momentum: ``[B, C, L]`` N(0, I) draws.
         log_uniform: ``[B, C]`` log U(0, 1) draws for the acceptance tests.
         leapfrog: L, leapfrog steps.
+        scale: ``[B, L]`` s per point, or None: the identity mass matrix.
 
     Returns:
         The new positions, their state and ``[B, C]`` booleans: which proposals were accepted.
         A proposal whose density is not finite is rejected.
     """
-    epsilon = step_size[:, None, None]
+    if not isinstance(beta, torch.Tensor):
+        beta = torch.full((z.shape[0],), float(beta), dtype=torch.float64, device=z.device)
+    epsilon = step_size[:, None, None] if scale is None else step_size[:, None, None] * scale[:, None]
     p = momentum + 0.5 * epsilon * state.grad_f(beta)
     proposal, proposed = z, state
     for step in range(leapfrog):
@@ -303,24 +349,34 @@ class Chains:
 
     ``log_weight`` is Σ_t (β_t - β_{t-1}) (log γ - log q0) along each chain, ``[B, C]``;
     ``accepted`` the number of accepted HMC proposals per point, ``[B]``; ``step_sizes``
-    ``[B, T + 1]`` the ε of the transition targeting f_t (column t, 1 <= t < T).
+    ``[B, T + 1]`` the ε of the transition targeting f_t (column t, 1 <= t < T);
+    ``spread`` ``[B, T + 1]`` (a pilot run's, else None): column t the variance over the
+    point's chains of log γ - log q0 at the positions that weigh step t.
     """
 
     log_weight: torch.Tensor
     accepted: torch.Tensor
     step_sizes: torch.Tensor
+    spread: torch.Tensor | None = None
+
+
+def per_point(betas: np.ndarray | torch.Tensor, points: int, device: torch.device) -> torch.Tensor:
+    """A schedule ``[T + 1]`` shared by every point, or one per point, as ``[B, T + 1]`` float64."""
+    betas = torch.as_tensor(betas, dtype=torch.float64, device=device)
+    return betas.expand(points, -1) if betas.dim() == 1 else betas
 
 
 def anneal(
     target: Target,
     z: torch.Tensor,
-    betas: np.ndarray,
+    betas: np.ndarray | torch.Tensor,
     step_sizes: torch.Tensor,
     *,
     seed: int,
     indices: np.ndarray,
     streams: Streams,
     leapfrog: int,
+    scale: torch.Tensor | None = None,
     reverse: bool = False,
     adapt: bool = False,
     tick: Callable[[], None] | None = None,
@@ -334,25 +390,34 @@ def anneal(
     Args:
         target: the densities.
         z: ``[B, C, L]`` the starting positions (exact in float32).
-        betas: ``[T + 1]`` the schedule.
+        betas: the schedule, ``[T + 1]`` for every point or ``[B, T + 1]`` one per point.
         step_sizes: ``[B, T + 1]`` ε per point for the transition targeting f_t; with
             ``adapt``, only column 1 is read and the rest is filled in.
         seed, indices, streams: where the momenta and acceptance draws come from.
         leapfrog: leapfrog steps per transition.
+        scale: ``[B, L]`` the diagonal mass matrix's 1 / sqrt per point (``hmc``), or None.
         reverse: run from β = 1 to 0.
         adapt: tune ε toward the target acceptance rate as the chains go (a pilot run):
             after the transition at f_t, ε for f_{t+1} is ε_t × 1.02 if the point's chains
-            accepted more than 65% of their proposals, else × 0.98, clipped to [1e-4, 0.5].
+            accepted more than 65% of their proposals, else × 0.98, clipped to ``ranges``;
+            and record the spread of the weight increments (``Chains.spread``).
         tick: called after each step (for a progress bar).
     """
     points, chains, latent = z.shape
-    steps = len(betas) - 1
+    betas = per_point(betas, points, z.device)
+    steps = betas.shape[1] - 1
     step_sizes = step_sizes.clone()
+    low, high = STEP_SIZE_RANGE if scale is None else SCALED_STEP_SIZE_RANGE
     state = target.evaluate(z)
     log_weight = torch.zeros(points, chains, dtype=torch.float64, device=z.device)
     accepted = torch.zeros(points, dtype=torch.float64, device=z.device)
+    spread = torch.zeros(points, steps + 1, dtype=torch.float64, device=z.device) if adapt else None
     for t in range(steps, 0, -1) if reverse else range(1, steps + 1):
-        log_weight += (betas[t] - betas[t - 1]) * (state.log_target - state.log_init)
+        increment = state.log_target - state.log_init
+        log_weight += (betas[:, t] - betas[:, t - 1])[:, None] * increment
+        if spread is not None and chains > 1:
+            centred = increment - tree_sum(increment)[:, None] / chains
+            spread[:, t] = tree_sum(centred * centred) / (chains - 1)
         k = t - 1 if reverse else t  # the transition that follows targets f_k
         if tick is not None:
             tick()
@@ -362,13 +427,13 @@ def anneal(
         log_uniform = torch.from_numpy(
             numerics.log(rng.uniform(seed, indices, chain_counters(k, chains, 1)[:, 0], streams.accept))
         ).to(z.device)
-        z, state, moved = hmc(target, z, state, float(betas[k]), step_sizes[:, k], momentum, log_uniform, leapfrog)
+        z, state, moved = hmc(target, z, state, betas[:, k], step_sizes[:, k], momentum, log_uniform, leapfrog, scale=scale)
         accepted += moved.sum(1)
         if adapt and k + 1 < steps:
             rate = tree_sum(moved.double()) / chains
             factor = torch.full_like(rate, ADAPT_DOWN).masked_fill_(rate > TARGET_ACCEPTANCE, ADAPT_UP)
-            step_sizes[:, k + 1] = (step_sizes[:, k] * factor).clamp(*STEP_SIZE_RANGE)
-    return Chains(log_weight, accepted, step_sizes)
+            step_sizes[:, k + 1] = (step_sizes[:, k] * factor).clamp(low, high)
+    return Chains(log_weight, accepted, step_sizes, spread)
 
 
 def prior_draws(prior: Prior, seed: int, indices: np.ndarray, chains: int, streams: Streams, device: torch.device) -> torch.Tensor:
