@@ -127,6 +127,30 @@ def test_a_bad_omp_num_threads_is_one_line_before_torch_loads(value):
                             "unset it, or set it to one (OMP_NUM_THREADS=2)\n")
 
 
+@pytest.mark.parametrize(("name", "value", "refused"), [
+    ("OMP_PROC_BIND", "abc", True), ("OMP_WAIT_POLICY", "abc", True), ("OMP_DYNAMIC", "abc", True),
+    ("OMP_STACKSIZE", "abc", True), ("OMP_SCHEDULE", "abc", True), ("GOMP_SPINCOUNT", "abc", True),
+    ("OMP_WAIT_POLICY", "passive", False), ("OMP_PROC_BIND", "false", False),
+])
+def test_any_openmp_setting_libgomp_cannot_read_is_one_line(name, value, refused):
+    """(M, round 3) libgomp reads about twenty OMP_* / GOMP_* variables as torch loads and, for a value it
+    cannot read, prints its own warning and goes on: refused in one line by libgomp's own judgement; a value
+    it reads goes through silently."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, name: value}
+    found = subprocess.run([sys.executable, "-m", "vaeeval", "inspect", "sample_models/digits_bernoulli.safetensors"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    if refused:
+        assert found.returncode == 2 and found.stdout == "", found.stderr
+        assert found.stderr == (f"vaeeval: error: {name}={value!r} is a setting torch's OpenMP runtime (libgomp) cannot "
+                                "read; unset it, or give it a value libgomp documents\n")
+    else:
+        assert found.returncode == 0 and found.stderr == "" and found.stdout
+
+
 @pytest.mark.parametrize(
     ("environment", "phrase"),
     [

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
+
+# what libgomp (torch's OpenMP runtime) prints, and goes on, for an OMP_* or GOMP_* setting it cannot read
+_REFUSED_BY_OPENMP = re.compile(rb"libgomp: (?:Invalid|Unknown) value for environment variable ([A-Z_]+)")
 
 
 def main() -> None:
@@ -17,7 +24,8 @@ def main() -> None:
     _check_thread_setting()
     gc.disable()
     try:
-        from vaeeval.cli import main as command
+        with _native_warnings_refused():
+            from vaeeval.cli import main as command
     except KeyboardInterrupt:
         sys.stderr.write("vaeeval: interrupted\n")
         sys.exit(130)
@@ -38,6 +46,34 @@ def _check_thread_setting() -> None:
         sys.stderr.write(f"vaeeval: error: OMP_NUM_THREADS={value!r} is not a positive whole number of threads; "
                          "unset it, or set it to one (OMP_NUM_THREADS=2)\n")
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def _native_warnings_refused() -> Iterator[None]:
+    """Run the imports (torch's native libraries read their environment variables as they load) with the
+    process's stderr held in a file: a setting libgomp cannot read (OMP_PROC_BIND=abc, OMP_WAIT_POLICY=...,
+    about twenty variables, each with its own rules) is refused in one line, exit 2, by libgomp's own
+    judgement; anything else they printed is passed on as it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            printed = held.read()
+        found = _REFUSED_BY_OPENMP.search(printed)
+        if found:
+            name = found.group(1).decode()
+            sys.stderr.write(f"vaeeval: error: {name}={os.environ.get(name, '')!r} is a setting torch's OpenMP runtime "
+                             f"(libgomp) cannot read; unset it, or give it a value libgomp documents\n")
+            sys.exit(2)
+        if printed:
+            sys.stderr.buffer.write(printed)
+            sys.stderr.flush()
 
 
 if __name__ == "__main__":
