@@ -318,8 +318,9 @@ def test_the_adaptive_schedule_is_fitted_in_the_pilot_and_reported():
 
     with tempfile.TemporaryDirectory() as folder:
         model = ppca.save(Path(folder) / "m.safetensors", mean_scale=0.5, log_var_shift=-2.0)
-        fixed = evaluate_ais(model, x, steps=10, leapfrog=2, chains=4, step_size=0.1, schedule="adaptive", samples=5)
-        plain = evaluate_ais(model, x, steps=10, leapfrog=2, chains=4, step_size=0.1, samples=5)
+        fixed = evaluate_ais(model, x, steps=10, leapfrog=2, chains=4, step_size=0.1, schedule="adaptive", samples=5,
+                             init="encoder")
+        plain = evaluate_ais(model, x, steps=10, leapfrog=2, chains=4, step_size=0.1, samples=5, init="encoder")
     assert fixed.cost.pilot == 4 * (1 + 9 * 2) and plain.cost.pilot == 0
     assert fixed.settings.schedule == "adaptive" and fixed.settings.mass == "identity"
     assert not np.array_equal(fixed.points.ais, plain.points.ais)  # another schedule, other numbers

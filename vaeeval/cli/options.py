@@ -252,7 +252,7 @@ ENUMERATION = (
 ANNEALING = (
     click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=DEFAULT_STEPS, show_default=True,
                  help="T, annealing steps from the initial distribution to the posterior."),
-    click.option("--schedule", type=click.Choice(SCHEDULE_CHOICES), default="adaptive", show_default=True,
+    click.option("--schedule", type=click.Choice(SCHEDULE_CHOICES), default="sigmoid", show_default=True,
                  help="How the steps are spaced in β (sigmoid: dense at both ends, as Wu et al. 2017; adaptive: "
                       "placed per point by the pilot for equal variance of the weight increments)."),
     click.option("--leapfrog", type=click.IntRange(1, MAX_LEAPFROG), default=DEFAULT_LEAPFROG, show_default=True,
@@ -260,8 +260,8 @@ ANNEALING = (
     click.option("--chains", type=click.IntRange(1, MAX_CHAINS), default=DEFAULT_CHAINS, show_default=True,
                  help="C, independent chains per point."),
     click.option("--init", type=click.Choice(INITS), default="auto", show_default=True,
-                 help="Start from q(z|x) (encoder), from p(z) (prior), or per point from the one whose pilot "
-                      "estimated the higher log p(x) (auto: a pilot from each)."),
+                 help="Start from q(z|x) (encoder), from p(z) (prior), or per point from p(z) where a pilot from it "
+                      "had a clearly higher mean log-weight than one from q(z|x) (auto)."),
     click.option("--step-size", type=Finite(*SCALED_STEP_SIZE_RANGE), default=None, metavar="E",
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
     click.option("--mass", type=click.Choice(MASSES), default="identity", show_default=True,

@@ -185,7 +185,7 @@ AIS_SETTINGS = _object(
         "steps": POSITIVE,
         "leapfrog": POSITIVE,
         "chains": POSITIVE,
-        "init": {"enum": ["encoder", "prior"]},
+        "init": {"enum": ["encoder", "prior", "auto"]},
         "schedule": {"enum": ["sigmoid", "linear", "geometric", "adaptive"]},
         "step_size": MAYBE_NUMBER,
         "pilot_chains": POSITIVE,
