@@ -72,7 +72,7 @@ def test_poor_encoder_iwae_is_over_a_nat_low_while_ais_is_within_its_error(tmp_p
 @pytest.mark.parametrize(("mass", "schedule"), KERNELS)
 def test_one_dimensional_bernoulli_against_quadrature(tmp_path, mass, schedule):
     exact = one_dimensional_bernoulli(tmp_path, points=16, encoder_shift=1.0)
-    for init in ("encoder", "prior", "auto"):
+    for init in ("encoder", "prior", "auto") if (mass, schedule) == KERNELS[0] else ("encoder", "auto"):
         result = evaluate_ais(exact.model, exact.x.astype(np.float32), steps=60, leapfrog=5, chains=32, init=init,
                               samples=100, seed=2, mass=mass, schedule=schedule)
         assert _within_error(result.points.ais, result.points.ais_stderr, exact.log_px), init
