@@ -61,9 +61,10 @@ def child_vaeeval(pilot: bool) -> dict:
         model = save_model(Path(folder) / "m.safetensors", encoder, decoder, likelihood={"family": "bernoulli"},
                            input_shape=[bench.MLP["dims"]], latent_dim=bench.MLP["latent"])
     data = bench._data([bench.MLP["dims"]], POINTS)
-    options = AISOptions(steps=STEPS, leapfrog=LEAPFROG, chains=CHAINS, step_size=None if pilot else STEP_SIZE)
+    options = AISOptions(steps=STEPS, leapfrog=LEAPFROG, chains=CHAINS, step_size=None if pilot else STEP_SIZE,
+                         init="encoder")  # the plain AIS beside starts from q(z|x): no --init auto pilots
     evaluator = AISEvaluator(model, data, options, EvaluationOptions(samples=1))
-    AISEvaluator(model, data[:8], AISOptions(steps=3, leapfrog=2, chains=CHAINS, step_size=STEP_SIZE),
+    AISEvaluator(model, data[:8], AISOptions(steps=3, leapfrog=2, chains=CHAINS, step_size=STEP_SIZE, init="encoder"),
                  EvaluationOptions(samples=1)).evaluate()  # warm-up: threads, allocator, kernels
     started = time.perf_counter()
     result = evaluator.evaluate()
