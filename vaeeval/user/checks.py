@@ -52,7 +52,7 @@ def returned(what: str, value: Any, device: torch.device | None = None, integers
     if isinstance(value, torch.Tensor):
         _tensor(f"{what} returned a tensor that", value, device, continuous=not integers)
     elif isinstance(value, Distribution):
-        _distribution(f"{what} returned {_name(value)}", value, device)
+        _distribution(f"{what} returned {describe(value)}", value, device)
     elif isinstance(value, (tuple, list)):
         for index, item in enumerate(value):
             if isinstance(item, torch.Tensor):
@@ -138,19 +138,19 @@ def drawable(what: str, distribution: Distribution, draws: bool) -> None:
         inner = inner.base_dist
     cls = type(inner)
     if cls.log_prob is Distribution.log_prob:
-        raise VaeevalError(f"{what} returned {_name(distribution)}, which defines no log_prob; vaeeval scores with log_prob")
+        raise VaeevalError(f"{what} returned {describe(distribution)}, which defines no log_prob; vaeeval scores with log_prob")
     if draws and cls.rsample is Distribution.rsample and cls.sample is Distribution.sample:
         raise VaeevalError(
-            f"{what} returned {_name(distribution)}, which defines neither rsample nor sample; vaeeval needs one of them "
+            f"{what} returned {describe(distribution)}, which defines neither rsample nor sample; vaeeval needs one of them "
             "to draw z (and log_prob to score it)"
         )
 
 
-def _name(distribution: Distribution) -> str:
-    """Its class, with what it wraps (``distributions.describe``, which this module cannot import)."""
+def describe(distribution: Distribution) -> str:
+    """Its class, with what it wraps: ``Independent(Normal)``, ``MixtureSameFamily(Independent(Normal))``."""
     name = type(distribution).__name__
     if isinstance(distribution, Independent | TransformedDistribution):
-        return f"{name}({_name(distribution.base_dist)})"
+        return f"{name}({describe(distribution.base_dist)})"
     if isinstance(distribution, MixtureSameFamily):
-        return f"{name}({_name(distribution.component_distribution)})"
+        return f"{name}({describe(distribution.component_distribution)})"
     return name

@@ -44,7 +44,7 @@ from vaeeval.format.likelihoods.base import bin_edges, finite_edges, log_symmetr
 from vaeeval.format.terms import DENSITY, PROBABILITY
 from vaeeval.user import discrete
 from vaeeval.user.calls import call_user
-from vaeeval.user.checks import Refused, checked_total, log_probabilities
+from vaeeval.user.checks import Refused, checked_total, describe, log_probabilities
 from vaeeval.user.quadrature import log_bin_from_cdf
 
 _MIXTURE_STREAM = 20  # rng stream of a mixture's component draws; normal draws are stream 0, as evaluate's
@@ -347,16 +347,6 @@ def _independent_kl(posterior: Distribution, prior: Distribution) -> torch.Tenso
         return _tree_sum_last(terms, posterior.reinterpreted_batch_ndims)
     found = discrete.kl(posterior, prior)
     return kl_divergence(posterior, prior) if found is None else found
-
-
-def describe(distribution: Distribution) -> str:
-    """Its class, with what it wraps: ``Independent(Normal)``, ``MixtureSameFamily(Independent(Normal))``."""
-    name = type(distribution).__name__
-    if isinstance(distribution, Independent | TransformedDistribution):
-        return f"{name}({describe(distribution.base_dist)})"
-    if isinstance(distribution, MixtureSameFamily):
-        return f"{name}({describe(distribution.component_distribution)})"
-    return name
 
 
 def measure_of(distribution: Distribution) -> str:
