@@ -28,7 +28,8 @@ def _continuous_bernoulli_bin(eta: float, a: mpmath.mpf, b: mpmath.mpf) -> tuple
         if e == 0:
             return float(mpmath.log(b - a)), float((a + b - 1) / 2)
         log_p = mpmath.log((mpmath.exp(b * e) - mpmath.exp(a * e)) / (mpmath.exp(e) - 1))
-        slope = (b * mpmath.exp(b * e) - a * mpmath.exp(a * e)) / (mpmath.exp(b * e) - mpmath.exp(a * e)) - mpmath.exp(e) / (mpmath.exp(e) - 1)
+        upper, lower = mpmath.exp(b * e), mpmath.exp(a * e)
+        slope = (b * upper - a * lower) / (upper - lower) - mpmath.exp(e) / (mpmath.exp(e) - 1)
         return float(log_p), float(slope)
 
 
