@@ -137,8 +137,7 @@ class State:
         return (1 - beta) * self.log_init + beta * self.log_target
 
     def grad_f(self, beta: torch.Tensor) -> torch.Tensor:
-        beta = beta[:, None, None]
-        return (1 - beta) * self.grad_init + beta * self.grad_target
+        return grad_f(beta, self.grad_init, self.grad_target)
 
     def where(self, keep_other: torch.Tensor, other: State) -> State:
         """``other`` where ``keep_other [B, C]``, else this state."""
@@ -149,6 +148,12 @@ class State:
             torch.where(keep_other, other.log_init, self.log_init),
             torch.where(wide, other.grad_init, self.grad_init),
         )
+
+
+def grad_f(beta: torch.Tensor, grad_init: torch.Tensor, grad_target: torch.Tensor) -> torch.Tensor:
+    """∇ log f_β = (1 - β) ∇ log q0 + β ∇ log γ per chain, β ``[B]`` per point."""
+    beta = beta[:, None, None]
+    return (1 - beta) * grad_init + beta * grad_target
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -224,6 +229,22 @@ class Target:
             log_likelihood, grad = self._through_decoder(decoded, points, chains)
         else:
             log_likelihood, grad = self._through_head(decoded, points, chains)
+        return self._state(z, log_likelihood, grad)
+
+    def gradients(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """∇ log γ and ∇ log q0 at ``z [B, C, L]``, without the values where the likelihood can skip them
+        (``Likelihood.grad``): what HMC's inner leapfrog steps read."""
+        points, chains, latent = z.shape
+        if self.model.general or self.shortcut is not None:
+            state = self.evaluate(z)
+            return state.grad_target, state.grad_init
+        decoded = z.to(torch.float32).reshape(points * chains, latent).requires_grad_(True)
+        state = self._state(z, None, self._through_decoder(decoded, points, chains, values=False)[1])
+        return state.grad_target, state.grad_init
+
+    def _state(self, z: torch.Tensor, log_likelihood: torch.Tensor | None, grad: torch.Tensor) -> State:
+        """The state from the likelihood's part (``log_likelihood`` None: the gradients alone are meant)."""
+        points, chains, latent = z.shape
         log_prior, grad_prior = self._log_prob_and_grad("prior()", self.prior, z)
         if self.init is None:
             log_init, grad_init = log_prior, grad_prior
@@ -233,7 +254,8 @@ class Target:
                 log_init = torch.where(self.from_prior[:, None], log_prior, log_init)
                 grad_init = torch.where(self.from_prior[:, None, None], grad_prior, grad_init)
         grad_likelihood = grad.reshape(points, chains, latent).double()
-        return State(log_prior + log_likelihood, grad_prior + grad_likelihood, log_init, grad_init)
+        log_target = log_prior if log_likelihood is None else log_prior + log_likelihood
+        return State(log_target, grad_prior + grad_likelihood, log_init, grad_init)
 
     def _log_prob_and_grad(self, what: str, distribution: Distribution | PointsFirst, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``log_prob_and_grad``; for a model's own distributions, a failure is one error naming them."""
@@ -259,13 +281,19 @@ class Target:
             (grad,) = torch.autograd.grad(log_likelihood.sum(), decoded)
         return log_likelihood.detach().reshape(points, chains), grad
 
-    def _through_decoder(self, decoded: torch.Tensor, points: int, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x|z) ``[B, C]`` and its gradient in the decoder's input: the likelihood's gradient, back through autograd."""
+    def _through_decoder(
+        self, decoded: torch.Tensor, points: int, chains: int, values: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """log p(x|z) ``[B, C]`` (None unless ``values``) and its gradient in the decoder's input: the
+        likelihood's gradient, back through autograd."""
         covariates = {name: value.repeat_interleave(chains, dim=0) for name, value in self.covariates.items()}
         with torch.enable_grad():
             params = self.model.decode(decoded, covariates)
         shaped = params.detach().reshape(points, chains, *self.model.decode_shape)
-        log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.bins)
+        if values:
+            log_likelihood, grad_params = self.model.likelihood.log_prob_and_grad(shaped, self.x, self.bins)
+        else:
+            log_likelihood, grad_params = None, self.model.likelihood.grad(shaped, self.x, self.bins)
         (grad,) = torch.autograd.grad(params, decoded, grad_outputs=grad_params.reshape(params.shape))
         return log_likelihood, grad
 
@@ -332,11 +360,14 @@ def hmc(
         beta = torch.full((z.shape[0],), float(beta), dtype=torch.float64, device=z.device)
     epsilon = step_size[:, None, None] if scale is None else step_size[:, None, None] * scale[:, None]
     p = momentum + 0.5 * epsilon * state.grad_f(beta)
-    proposal, proposed = z, state
-    for step in range(leapfrog):
+    proposal = z
+    for _ in range(leapfrog - 1):  # the inner steps read gradients alone
         proposal = decodable(proposal + epsilon * p)
-        proposed = target.evaluate(proposal)
-        p = p + (epsilon if step < leapfrog - 1 else 0.5 * epsilon) * proposed.grad_f(beta)
+        grad_target, grad_init = target.gradients(proposal)
+        p = p + epsilon * grad_f(beta, grad_init, grad_target)
+    proposal = decodable(proposal + epsilon * p)
+    proposed = target.evaluate(proposal)
+    p = p + 0.5 * epsilon * proposed.grad_f(beta)
     before = state.log_f(beta) - 0.5 * tree_sum(momentum * momentum)
     after = proposed.log_f(beta) - 0.5 * tree_sum(p * p)
     accepted = log_uniform < after - before  # NaN compares False: rejected

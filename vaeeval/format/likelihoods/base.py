@@ -170,6 +170,11 @@ class Likelihood(ABC):
             (grad,) = torch.autograd.grad(terms, params, grad_outputs=torch.ones_like(terms))
         return self.sum_terms(terms.detach()), grad
 
+    def grad(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
+        """The gradient of log p(x|z) in ``params`` alone (HMC's inner leapfrog steps), where a family can skip
+        the values; any deterministic function of ``params`` keeps HMC exact, so it may round differently."""
+        return self.log_prob_and_grad(params, x, bins)[1]
+
     def log_prob_through_linear(
         self, hidden: torch.Tensor, logits: torch.Tensor, projected: torch.Tensor, offset: torch.Tensor
     ) -> torch.Tensor:

@@ -14,7 +14,8 @@ from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods.base import BINARY, Likelihood, bin_edges, register
 from vaeeval.format.terms import DENSITY
 
-SERIES_BELOW = 1e-3  # |eta| below which a bin's log-probability and its gradient are taken from their series
+SERIES_BELOW = 1e-3  # |eta| below which a bin's log-probability is taken from its series
+GRADIENT_SERIES_BELOW = 0.1  # and the gradients (density and bins)
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
@@ -83,34 +84,29 @@ class ContinuousBernoulliLikelihood(Likelihood):
     def log_prob_and_grad(
         self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x|z) per point and its gradient in the logits eta, in closed form (no graph).
-
-        A density: x - mean(eta), mean(eta) = 1/(1 - e^-eta) - 1/eta (the exponential family's
-        mean; for eta < 0, 1 - mean(|eta|)). On bins [a, b], with w = b - a, s = |eta| and
-        r = w / (1 - e^(-w s)) - 1 / (1 - e^(-s)) - (w - 1)/2 (odd in eta once signed):
-        d log P / d eta = (a + b - 1)/2 + sign(eta) r, i.e. a + r + (w - 1)/2 above 0 and
-        b - 1 - r - (w - 1)/2 below. Below s = 1e-3 the differences cancel and their series are
-        used (from u / (1 - e^-u) = 1 + u/2 + u^2/12 - u^4/720 + O(u^6)): mean = 1/2 + eta/12 - eta^3/720
-        and sign(eta) r = (w^2 - 1) eta / 12 - (w^4 - 1) eta s^2 / 720.
-        """
+        """log p(x|z) per point and its gradient in the logits (``_density_gradient``, ``_bin_gradient``), in
+        closed form (no graph), the gradient from the accurate 1 - e^-y the values took."""
         eta = self.split(params.detach())[0].double()
         if bins is None:
             terms = self.terms(params.detach(), x)
             size = eta.abs()
-            clear = size.clamp(min=SERIES_BELOW)
-            excess = torch.where(size < SERIES_BELOW, 0.5 + size / 12 - size * size * size / 720, 1 / _one_minus_exp(clear) - 1 / clear)
-            grad = x.double() - torch.where(eta > 0, excess, 1 - excess)
+            grad = _density_gradient(eta, x.double(), size, _one_minus_exp(size.clamp(min=SERIES_BELOW)))
         else:
-            terms, a, b, size, series, inner, outer = self._bin_terms(eta, x.double(), bins)
-            width = b - a
-            squared = width * width
-            odd = torch.where(
-                series,
-                ((squared - 1) / 12 - (squared * squared - 1) / 720 * (size * size)) * eta,
-                torch.sign(eta) * (width / inner - 1 / outer - (width - 1) / 2),
-            )
-            grad = (a + b - 1) / 2 + odd
+            terms, a, b, size, _, inner, outer = self._bin_terms(eta, x.double(), bins)
+            grad = _bin_gradient(eta, a, b, size, inner, outer)
         return self.sum_terms(terms), grad.unsqueeze(self._param_axis(params)).to(params.dtype)
+
+    def grad(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
+        """The gradient alone, with 1 - e^-y taken as 1 - exp(-y): its relative error, 1e-16 / y, is
+        below 2e-9 in the gradient wherever the series (|eta| < 0.1) is not used."""
+        eta = self.split(params.detach())[0].double()
+        size = eta.abs()
+        if bins is None:
+            grad = _density_gradient(eta, x.double(), size, 1 - torch.exp(-size))
+        else:
+            a, b = bin_edges(x.double(), bins, 0.0, 1.0)
+            grad = _bin_gradient(eta, a, b, size, 1 - torch.exp(-(b - a) * size), 1 - torch.exp(-size))
+        return grad.unsqueeze(self._param_axis(params)).to(params.dtype)
 
     def loss_statistics(
         self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None
@@ -138,6 +134,40 @@ class ContinuousBernoulliLikelihood(Likelihood):
         positive = 1 + torch.log(uniform + (1 - uniform) * torch.exp(-safe.clamp(min=0))) / safe
         negative = numerics.log1p(uniform * numerics.expm1(safe.clamp(max=0))) / safe
         return torch.where(eta.abs() < 1e-6, uniform, torch.where(eta > 0, positive, negative))
+
+
+def _density_gradient(eta: torch.Tensor, x: torch.Tensor, size: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """d log p(x|eta) / d eta = x - mean(eta), mean = 1/2 + sign(eta) (1/(1 - e^-s) - 1/s - 1/2) (s = |eta|,
+    ``outer`` = 1 - e^-s), the exponential family's mean; below s = 0.1 from the series of u / (1 - e^-u),
+    1 + u/2 + u^2/12 - u^4/720 + u^6/30240 - ...: sign(eta) (...) = eta (1/12 - s^2/720 + s^4/30240)."""
+    squared = size * size
+    odd = torch.where(
+        size < GRADIENT_SERIES_BELOW,
+        ((squared / 30240 - 1 / 720) * squared + 1 / 12) * eta,
+        torch.sign(eta) * (1 / outer - 1 / size - 0.5),
+    )
+    return x - 0.5 - odd
+
+
+def _bin_gradient(
+    eta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, size: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor
+) -> torch.Tensor:
+    """d log P([a, b] | eta) / d eta, given s = |eta|, ``inner`` = 1 - e^(-w s) and ``outer`` = 1 - e^-s (w = b - a).
+
+    With r = w / (1 - e^(-w s)) - 1 / (1 - e^-s) - (w - 1)/2, the derivative is (a + b - 1)/2 + sign(eta) r
+    (a + r + (w - 1)/2 above 0, b - 1 - r - (w - 1)/2 below: P's own formula on either side). Below
+    s = 0.1, where r's two terms cancel, its series (from u / (1 - e^-u) as in ``_density_gradient``):
+    sign(eta) r = eta ((w^2 - 1)/12 - (w^4 - 1) s^2/720 + (w^6 - 1) s^4/30240), truncation < 1e-13.
+    """
+    width = b - a
+    squared, s2 = width * width, size * size
+    cubed = squared * squared * squared
+    odd = torch.where(
+        size < GRADIENT_SERIES_BELOW,
+        (((cubed - 1) / 30240 * s2 - (squared * squared - 1) / 720) * s2 + (squared - 1) / 12) * eta,
+        torch.sign(eta) * (width / inner - 1 / outer - (width - 1) / 2),
+    )
+    return (a + b - 1) / 2 + odd
 
 
 def _one_minus_exp(y: torch.Tensor) -> torch.Tensor:
