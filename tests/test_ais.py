@@ -176,6 +176,22 @@ def test_ais_json_is_its_documented_contract(bernoulli_model, binary_data):
     assert set(document["points"][0]) >= {"index", "ais", "ais_stderr", "acceptance", "elbo", "iwae"}
     assert document["summary"]["ais"]["mean"] == pytest.approx(np.mean([p["ais"] for p in document["points"]]))
     assert document["summary"]["cost"]["pilot_gradients"] > 0
+    assert document["summary"]["prior_starts"] == sum(point["from_prior"] for point in document["points"])
+
+
+def test_ais_results_from_before_the_start_column_still_merge(bernoulli_model, binary_data, tmp_path):
+    """A results file whose point lines lack ``from_prior`` (an older vaeeval) merges; its count is null."""
+    out = tmp_path / "run.jsonl"
+    cli("ais", bernoulli_model.path, binary_data, "--steps", "3", "--chains", "2", "--leapfrog", "1", "-k", "8", "--limit", "4",
+        "--output", out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    header, points = lines[0], [line for line in lines[1:] if "index" in line]
+    for point in points:
+        del point["from_prior"]
+    older = tmp_path / "older.jsonl"
+    older.write_text("".join(json.dumps(line) + "\n" for line in (header, *points)))  # unfinished: no summary line
+    merged = json.loads(cli("merge", older, "--json").stdout)
+    assert merged["summary"]["prior_starts"] is None and all("from_prior" not in point for point in merged["points"])
 
 
 def test_ais_table_shows_elbo_iwae_and_ais_side_by_side(bernoulli_model, binary_data):
@@ -342,6 +358,8 @@ def test_init_auto_starts_each_point_where_its_pilot_had_the_clearly_higher_mean
         auto, encoder, prior = (evaluate_ais(model, x, init=init, **settings) for init in ("auto", "encoder", "prior"))
         from_encoder, from_prior = auto.points.ais == encoder.points.ais, auto.points.ais == prior.points.ais
         assert np.all(from_encoder | from_prior), name
+        assert np.array_equal(auto.points.from_prior, ~from_encoder), name  # each point's start, as reported
+        assert not encoder.points.from_prior.any() and prior.points.from_prior.all()
         assert auto.cost.pilot == encoder.cost.pilot + prior.cost.pilot
         chosen[name] = from_encoder.mean()
     assert chosen["exact"] == 1 and chosen["poor"] < 0.5

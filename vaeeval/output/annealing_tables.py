@@ -38,7 +38,7 @@ def render_ais(
     n, total = data["n"], data["total"]
     shown = f"{n} of {total}" if n != total else str(n)
     grid.add_row("data", escape(f"{data['path']}: N = {shown} points, D = {model['dims']} dims"))
-    grid.add_row("annealing", ais_settings_line(settings, evaluation.cost))
+    grid.add_row("annealing", ais_settings_line(settings, evaluation.cost, evaluation.points.from_prior))
     grid.add_row("beside", f"ELBO and IWAE from K = {settings.samples} importance samples of q(z|x)")
     console.print(grid)
     console.print()
@@ -84,6 +84,8 @@ def render_ais(
         "acceptance": lambda row: num(float(points.acceptance[row]), 2),
         "mean ε": lambda row: num(float(points.step_size[row]), 4),
     }
+    if settings.init == "auto" and points.from_prior is not None:
+        columns["start"] = lambda row: "p(z)" if points.from_prior[row] else "q(z|x)"
     console.print(points_table(title, points.index, sections, columns))
 
 
@@ -105,7 +107,7 @@ def render_bdmc(console: Console, evaluation: BDMCEvaluation, model: dict[str, A
     where = f"; saved to {simulated['saved']}" if simulated.get("saved") else ""
     grid.add_row("data", escape(f"{simulated['n']} points simulated from the model (z ~ p(z), x ~ p(x|z), seed "
                                 f"{simulated['seed']}), {evaluation.domain.describe()}{where}"))
-    grid.add_row("annealing", ais_settings_line(settings, evaluation.cost))
+    grid.add_row("annealing", ais_settings_line(settings, evaluation.cost, evaluation.points.from_prior))
     console.print(grid)
     console.print()
     table = Table(title="Bidirectional Monte Carlo (nats per point)", title_justify="left",

@@ -348,14 +348,17 @@ def _label(model: Model) -> str:
     return model.path.stem if model.path else "model"
 
 
-def ais_settings_line(settings: AISSettings, cost: AISCost) -> str:
-    step = f"ε {settings.step_size:g}" if settings.step_size is not None else (
-        f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains"
+def ais_settings_line(settings: AISSettings, cost: AISCost, from_prior: np.ndarray | None = None) -> str:
+    """The annealing settings in a line; ``from_prior`` (per point) counts --init auto's starts from p(z)."""
+    step = f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains" if settings.step_size is None else (
+        f"ε {settings.step_size:g}"
     )
+    start = {"encoder": "q(z|x)", "prior": "p(z)"}.get(settings.init, "q(z|x), or p(z) where its pilot was clearly better")
+    if settings.init == "auto" and from_prior is not None:
+        start += f" ({np.count_nonzero(from_prior)} of {from_prior.size} points)"
     return (
         f"T = {settings.steps} steps ({settings.schedule}), {settings.leapfrog} leapfrog steps, "
-        f"C = {settings.chains} chains from the {settings.init}, {settings.mass} mass matrix; {step}; seed {settings.seed}, "
-        f"on {settings.device}"
+        f"C = {settings.chains} chains from {start}, {settings.mass} mass matrix; {step}; seed {settings.seed}, on {settings.device}"
     )
 
 

@@ -99,12 +99,15 @@ class PointColumns:
 
     def arrays(self, records: Sequence[dict[str, Any]], defaults: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
         """The columns of point objects, sorted by index: ``index`` (int64), numbers (float64, null as NaN
-        or as ``defaults[name]``), flags (bool); an optional column no record holds is its default."""
+        or as ``defaults[name]``), flags (bool); an optional column no record holds is its default, an optional
+        flag some record lacks is left out."""
         records = sorted(records, key=lambda record: record["index"])
         defaults = defaults or {}
         arrays = {"index": np.array([record["index"] for record in records], dtype=np.int64)}
         for column in self.columns:
             if column.kind == FLAG:
+                if column.optional and any(column.name not in record for record in records):
+                    continue
                 arrays[column.name] = np.array([bool(record[column.name]) for record in records])
             else:
                 fill = defaults.get(column.name, math.nan)

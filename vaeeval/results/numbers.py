@@ -89,9 +89,9 @@ class Columns:
 
     @classmethod
     def concatenate(cls, parts: Sequence[Columns]) -> Columns:
-        """The points of several parts, in the order given (a column no part holds, None, stays None)."""
+        """The points of several parts, in the order given (a column some part lacks, None, is None)."""
         found = {f.name: [getattr(p, f.name) for p in parts] for f in fields(cls)}
-        return cls(**{name: None if values[0] is None else np.concatenate(values) for name, values in found.items()})
+        return cls(**{name: None if any(v is None for v in values) else np.concatenate(values) for name, values in found.items()})
 
     def take(self, rows: np.ndarray) -> Columns:
         """These rows, in this order."""
@@ -375,6 +375,7 @@ class AISPointResults(Columns):
     elbo: np.ndarray
     iwae: np.ndarray
     tokens: np.ndarray | None = None  # padded sequences (--lengths): the positions that count
+    from_prior: np.ndarray | None = None  # where the chains started from p(z), not q(z|x)
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ class BDMCPointResults(Columns):
     gap: np.ndarray
     iwae: np.ndarray
     acceptance: np.ndarray
+    from_prior: np.ndarray | None = None  # where the forward chains started from p(z), not q(z|x)
 
 
 @dataclass(frozen=True)

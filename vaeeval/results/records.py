@@ -272,6 +272,7 @@ def evaluation_from_records(header: dict[str, Any], records: Sequence[dict[str, 
 
 # ---------------------------------------------------------------- AIS and BDMC
 
+FROM_PRIOR = "the chains started from p(z), not q(z|x) (--init prior, or --init auto's choice for the point)"
 # AIS's point columns (``ais``).
 AIS_COLUMNS = PointColumns((
     Column("ais", NUMBER, "the AIS estimate of log p(x): the log of the mean of the chains' weights"),
@@ -282,6 +283,7 @@ AIS_COLUMNS = PointColumns((
     Column("ess", MAYBE_NUMBER, "the effective sample size of the chains' weights"),
     Column("step_size", MAYBE_NUMBER, "the mean HMC step size used"),
     Column("tokens", COUNT, "the positions of a padded sequence that count (--lengths)", optional=True),
+    Column("from_prior", FLAG, FROM_PRIOR, optional=True),
 ))
 # BDMC's point columns (``bdmc``): a simulated point's sandwich.
 BDMC_COLUMNS = PointColumns((
@@ -290,9 +292,9 @@ BDMC_COLUMNS = PointColumns((
     Column("gap", MAYBE_NUMBER, "upper - lower"),
     Column("iwae", MAYBE_NUMBER, "the IWAE of the same point"),
     Column("acceptance", MAYBE_NUMBER, "the HMC acceptance rate"),
+    Column("from_prior", FLAG, FROM_PRIOR, optional=True),
 ))
-AIS_POINT_NUMBERS = AIS_COLUMNS.names()
-BDMC_POINT_NUMBERS = BDMC_COLUMNS.names()
+BDMC_POINT_NUMBERS = BDMC_COLUMNS.numbers + BDMC_COLUMNS.maybe_numbers  # what the summary averages
 
 
 def ais_settings_record(settings: AISSettings) -> dict[str, Any]:
@@ -330,8 +332,14 @@ def ais_summary_record(evaluation: AISEvaluation) -> dict[str, Any]:
         "acceptance": stat_record(summary.acceptance),
         "bits_per_dim": stat_record(summary.bits_per_dim),
         **({} if summary.sequences is None else {"sequences": sequences_record(summary.sequences)}),
+        "prior_starts": prior_starts(evaluation.points),
         "cost": cost_record(evaluation.cost),
     }
+
+
+def prior_starts(points: AISPointResults | BDMCPointResults) -> int | None:
+    """How many points' chains started from p(z) (None where the results do not say: an older results file)."""
+    return None if points.from_prior is None else int(np.count_nonzero(points.from_prior))
 
 
 def bdmc_point_records(points: BDMCPointResults) -> list[dict[str, Any]]:
@@ -349,6 +357,7 @@ def bdmc_summary_record(evaluation: BDMCEvaluation) -> dict[str, Any]:
         **{name: stat_record(getattr(summary, name)) for name in BDMC_POINT_NUMBERS},
         "gap_limit": GAP_LIMIT,
         "weak": evaluation.weak,
+        "prior_starts": prior_starts(evaluation.points),
         "cost": cost_record(evaluation.cost),
     }
 

@@ -207,6 +207,7 @@ CERTIFICATE = _object(
      "max_seconds": MAYBE_NUMBER, "cost": INTEGER, "seconds": NUMBER,
      "stages": {"type": "array", "items": CERTIFICATE_STAGE, "minItems": 1}}
 )
+PRIOR_STARTS = {"type": ["integer", "null"], "minimum": 0}  # points whose chains started from p(z); null: not recorded
 AIS_SUMMARY = _object(
     {
         "n": INTEGER,
@@ -221,7 +222,8 @@ AIS_SUMMARY = _object(
         "bits_per_dim": STAT,
         "cost": COST,
     },
-    {"sequences": _object({"tokens": INTEGER, **dict.fromkeys(SEQUENCE_KEYS, STAT), "note": STRING})},  # with --lengths
+    {"sequences": _object({"tokens": INTEGER, **dict.fromkeys(SEQUENCE_KEYS, STAT), "note": STRING}),  # with --lengths
+     "prior_starts": PRIOR_STARTS},
 )
 BDMC_POINT = BDMC_COLUMNS.schema()
 BDMC_SUMMARY = _object(
@@ -233,7 +235,8 @@ BDMC_SUMMARY = _object(
         "gap_limit": NUMBER,
         "weak": {"type": "boolean"},
         "cost": COST,
-    }
+    },
+    {"prior_starts": PRIOR_STARTS},
 )
 SIMULATED = _object(
     {"n": POSITIVE, "domain": DOMAIN, "levels": {"type": ["integer", "null"]}, "seed": INTEGER},

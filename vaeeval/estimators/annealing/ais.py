@@ -308,6 +308,12 @@ class _Annealer:
         """The ordinary importance-sampling estimates of these points."""
         return PointResults.concatenate([part.points for part in self.importance.parts(rows)])
 
+    def _from_prior(self, target: Target, points: int) -> np.ndarray:
+        """``[B]`` bool: where the chains started from p(z) (``--init auto``'s choice, else the same for all)."""
+        if target.from_prior is not None:
+            return target.from_prior.cpu().numpy().copy()
+        return np.full(points, self.ais.init == "prior")
+
     def _acceptance(self, *runs: Chains) -> np.ndarray:
         transitions = max(self.ais.steps - 1, 0) * self.ais.chains * len(runs)
         if transitions == 0:
@@ -383,10 +389,10 @@ class AISEvaluator(_Annealer):
 
     def parts(self, indices: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Iterator[AISPart]:
         """Anneal the points ``indices`` (default: all, in order), one batch per part."""
-        for rows, _, _, tuning, forward, _ in self._annealed(indices, progress):
-            yield AISPart(self._points(rows, forward, tuning.step_sizes))
+        for rows, _, target, tuning, forward, _ in self._annealed(indices, progress):
+            yield AISPart(self._points(rows, forward, tuning.step_sizes, self._from_prior(target, rows.size)))
 
-    def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor) -> AISPointResults:
+    def _points(self, rows: np.ndarray, forward: Chains, step_sizes: torch.Tensor, from_prior: np.ndarray) -> AISPointResults:
         log_weight = forward.log_weight
         chains = log_weight.shape[1]
         log_sum = numerics.logsumexp(log_weight)
@@ -410,6 +416,7 @@ class AISEvaluator(_Annealer):
             elbo=beside.elbo,
             iwae=beside.iwae,
             tokens=None if self.dataset.lengths is None else self.dataset.lengths[rows],
+            from_prior=from_prior,
         )
 
     def finish(self, parts: Sequence[AISPart]) -> AISEvaluation:

@@ -143,6 +143,7 @@ class BDMCEvaluator(_Annealer):
                 gap=upper - lower,
                 iwae=beside.iwae,
                 acceptance=self._acceptance(forward, reverse),
+                from_prior=self._from_prior(target, rows.size),
             ))
 
     def finish(self, parts: Sequence[BDMCPart]) -> BDMCEvaluation:
