@@ -25,6 +25,14 @@ points measured in the same run, in this process (the median of three calls afte
 ``--commands`` also times the two commands as a user runs them, each a fresh process
 (``vaeeval elbo MODEL DATA -k 1000 --json`` and ``vaeeval bdmc MODEL --n N --seed S --json`` at
 the defaults; start-up, loading and output included): the issue's ≤ 50× budget is their ratio.
+
+``--starts`` measures ``--init auto``'s rule: BDMC per point from q(z|x) and from p(z) (12 chains,
+each with its own pilot, whose chains' log-weights it keeps), then the gap each rule for choosing
+the start would give (a point started by ``auto`` gets, bit for bit, the numbers of the run from
+the start it chose)::
+
+    python benchmarks/ais_defaults.py --starts --simulated 100 --seed 0 > starts_0.json
+    python benchmarks/ais_defaults.py --rules benchmarks/ais_starts.json   # the rules, from stored points
 """
 
 from __future__ import annotations
@@ -117,6 +125,56 @@ def commands(name: str, simulated: int, seed: int) -> dict:
     return found
 
 
+def starts(names: list[str], simulated: int, seed: int) -> list[dict]:
+    """Per point: the BDMC gap from each start and each pilot's log-weights, and the mean gap under each rule."""
+    import numpy as np
+
+    from vaeeval import load_model, tuning
+    from vaeeval.estimators.annealing import ais
+    from vaeeval.estimators.annealing.bdmc import run_bdmc
+    from vaeeval.estimators.importance.evaluate import EvaluationOptions
+
+    tuning.keep_freed_memory()
+    pilot = ais._Annealer._pilot
+    results = []
+    for name in names:
+        model, points = load_model(ROOT / "sample_models" / f"{name}.safetensors"), {}
+        for init in ("encoder", "prior"):
+            weights = []
+
+            def kept(self, *arguments, weights=weights, **options):
+                scale, chains = pilot(self, *arguments, **options)
+                weights.append(chains.log_weight.numpy().copy())
+                return scale, chains
+
+            ais._Annealer._pilot = kept
+            try:
+                bdmc, _ = run_bdmc(model, simulated, ais.AISOptions(init=init, chains=12), EvaluationOptions(samples=1000, seed=seed))
+            finally:
+                ais._Annealer._pilot = pilot
+            points[init] = {"gap": bdmc.points.gap.tolist(), "pilot": np.concatenate(weights).tolist()}
+        results.append(with_rules({"model": name, "seed": seed, "simulated": simulated, "points": points}))
+        print(name, json.dumps(results[-1]["rules"]), file=sys.stderr, flush=True)
+    return results
+
+
+def with_rules(found: dict) -> dict:
+    """``found`` with ``rules``: the mean BDMC gap (and the prior starts) if each rule chose the points' starts."""
+    import numpy as np
+
+    from vaeeval.estimators.annealing.ais import AUTO_MARGIN
+
+    gaps = {init: np.asarray(found["points"][init]["gap"]) for init in ("encoder", "prior")}
+    encoder, prior = (np.asarray(found["points"][init]["pilot"]) for init in ("encoder", "prior"))
+    ahead = prior.mean(1) - encoder.mean(1)
+    spread = np.sqrt(encoder.var(1, ddof=1) / encoder.shape[1] + prior.var(1, ddof=1) / prior.shape[1])
+    rules = {"mean ahead by 0.5 standard errors (former)": ahead > 0.5 * spread, "mean ahead": ahead > 0,
+             f"mean ahead by {AUTO_MARGIN:g} nats (today's)": ahead > AUTO_MARGIN, "mean ahead by 0.5 nats": ahead > 0.5,
+             "never (--init encoder)": ahead != ahead, "always (--init prior)": ahead == ahead}
+    return {**found, "rules": {rule: {"gap": _stat(np.where(chosen, gaps["prior"], gaps["encoder"])), "prior_starts": int(chosen.sum())}
+                               for rule, chosen in rules.items()}}
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -144,11 +202,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--simulated", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="of the simulated points and the chains")
+    parser.add_argument("--starts", action="store_true", help="measure --init auto's rule for choosing each point's start")
+    parser.add_argument("--rules", help="recompute the rules' gaps from a --starts file")
     parser.add_argument("--commands", action="store_true", help="also time vaeeval elbo -k 1000 and vaeeval bdmc, each a fresh process")
     parser.add_argument("--plot", help="read the JSON on stdin and draw it to this file")
     arguments = parser.parse_args()
     if arguments.plot:
         plot(json.load(sys.stdin), arguments.plot)
+        return
+    if arguments.starts:
+        print(json.dumps(starts(arguments.models, arguments.simulated, arguments.seed), indent=1))
+        return
+    if arguments.rules:
+        for found in json.loads(Path(arguments.rules).read_text()):
+            print(found["model"], f"seed {found['seed']}", json.dumps(with_rules(found)["rules"]))
         return
     print(json.dumps(measure(arguments.models, arguments.only, arguments.simulated, arguments.seed, arguments.commands), indent=2))
 

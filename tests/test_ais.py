@@ -13,6 +13,7 @@ import math
 import jsonschema
 import numpy as np
 import pytest
+import torch
 from conftest import FAMILIES, PPCA, cli, family_data, make_ppca, one_dimensional_bernoulli
 from conftest import linear as conftest_linear
 
@@ -341,6 +342,17 @@ def test_the_adaptive_schedule_is_fitted_in_the_pilot_and_reported():
     assert fixed.settings.schedule == "adaptive" and fixed.settings.mass == "identity"
     assert not np.array_equal(fixed.points.ais, plain.points.ais)  # another schedule, other numbers
     np.testing.assert_array_equal(fixed.points.step_size, plain.points.step_size)  # ε stays fixed
+
+
+def test_init_auto_asks_the_priors_pilot_for_a_mean_log_weight_a_quarter_nat_ahead():
+    """In nats, not in the pilots' standard errors: encoder chains stuck together (a tiny spread) lose to
+    widely spread prior chains whose mean is clearly higher, and pilots within a quarter nat keep q(z|x)."""
+    from vaeeval.estimators.annealing.ais import AUTO_MARGIN, prior_is_better
+
+    stuck = torch.tensor([[-30.0, -30.01, -29.99, -30.0]], dtype=torch.float64)
+    assert prior_is_better(stuck, torch.tensor([[-10.0, -50.0, -12.0, -36.0]], dtype=torch.float64)).item()  # 3 nats ahead, SE 10
+    close = torch.tensor([[-10.0, -10.4, -9.8, -10.2]], dtype=torch.float64)
+    assert not prior_is_better(close, close + 0.9 * AUTO_MARGIN).item() and prior_is_better(close, close + 1.1 * AUTO_MARGIN).item()
 
 
 def test_init_auto_starts_each_point_where_its_pilot_had_the_clearly_higher_mean_log_weight(tmp_path):

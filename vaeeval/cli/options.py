@@ -261,7 +261,7 @@ ANNEALING = (
                  help="C, independent chains per point."),
     click.option("--init", type=click.Choice(INITS), default="auto", show_default=True,
                  help="Start from q(z|x) (encoder), from p(z) (prior), or per point from p(z) where a pilot from it "
-                      "had a clearly higher mean log-weight than one from q(z|x) (auto)."),
+                      "had a mean log-weight higher by more than a quarter nat than one from q(z|x) (auto)."),
     click.option("--step-size", type=Finite(*SCALED_STEP_SIZE_RANGE), default=None, metavar="E",
                  help="A fixed HMC step size; by default a pilot run tunes one per point and step."),
     click.option("--mass", type=click.Choice(MASSES), default="identity", show_default=True,
