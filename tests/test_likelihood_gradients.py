@@ -93,3 +93,12 @@ def test_closed_form_gradients_are_autograds(spec, p, levels):
     assert grad.shape == params.shape and grad.dtype == params.dtype
     torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(likelihood.grad(params, x, bins), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_continuous_bernoulli_refuses_bins_too_narrow_to_score():
+    from vaeeval.errors import VaeevalError
+
+    likelihood = likelihood_from_spec({"family": "continuous_bernoulli"}, {}, (1,))
+    narrow = Grid(3, 0.5, 0.5 + 1e-10)
+    with pytest.raises(VaeevalError, match="narrower than 1e-09"):
+        likelihood.log_prob(torch.zeros(1, 1, 1, dtype=torch.float64), torch.tensor([[0.5 + 5e-11]], dtype=torch.float64), narrow)

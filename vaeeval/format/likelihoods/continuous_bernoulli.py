@@ -10,11 +10,13 @@ from torch.distributions import ContinuousBernoulli, Distribution
 from torch.distributions.utils import broadcast_all
 
 from vaeeval.core import numerics
+from vaeeval.errors import VaeevalError
 from vaeeval.format.domains import Grid
 from vaeeval.format.likelihoods.base import BINARY, Likelihood, bin_edges, register
 from vaeeval.format.terms import DENSITY
 
 SERIES_BELOW = 1e-3  # |eta| below which a bin's log-probability is taken from its series
+NARROWEST_BIN = 1e-9  # 65 536 levels on [0, 1] give 7.6e-6
 GRADIENT_SERIES_BELOW = 0.1  # and the gradients (density and bins)
 
 
@@ -73,6 +75,9 @@ class ContinuousBernoulliLikelihood(Likelihood):
         """
         a, b = bin_edges(x, bins, 0.0, 1.0)  # x broadcasts against eta: the edges once per point, not per sample
         width = b - a
+        if width.numel() and float(width.min()) < NARROWEST_BIN:  # Kahan's 1 - e^-y needs y = w s >= 1e-12
+            raise VaeevalError(f"the continuous Bernoulli cannot score bins narrower than {NARROWEST_BIN:g} on [0, 1]; "
+                               f"the grid {bins.levels} levels from {bins.low:g} to {bins.high:g} has one of {float(width.min()):g}")
         size = eta.abs()
         series = size < SERIES_BELOW
         clear = size.clamp(min=SERIES_BELOW)
@@ -171,7 +176,7 @@ def _bin_gradient(
 
 
 def _one_minus_exp(y: torch.Tensor) -> torch.Tensor:
-    """1 - e^-y for y >= 1e-9 (any bin's w s, w >= 1/131070), accurate for small y: Kahan's
+    """1 - e^-y for y >= 1e-12 (a bin's w s: w >= ``NARROWEST_BIN``), accurate for small y: Kahan's
     (1 - u) y / -log u with u = e^-y rounded (exactly rounded operations and torch's exp and log,
     whose bits are the same on every ISA). y is clamped to 700: 1 - e^-700 rounds to 1."""
     y = y.clamp(max=700.0)
