@@ -353,7 +353,7 @@ def ais_settings_line(settings: AISSettings, cost: AISCost, from_prior: np.ndarr
     step = f"ε tuned per point and step by a pilot of {settings.pilot_chains} chains" if settings.step_size is None else (
         f"ε {settings.step_size:g}"
     )
-    start = {"encoder": "q(z|x)", "prior": "p(z)"}.get(settings.init, "q(z|x), or p(z) where its pilot was clearly better")
+    start = {"encoder": "q(z|x)", "prior": "p(z)"}.get(settings.init, "q(z|x), or p(z) where its pilot led by a quarter nat")
     if settings.init == "auto" and from_prior is not None:
         start += f" ({np.count_nonzero(from_prior)} of {from_prior.size} points)"
     return (
