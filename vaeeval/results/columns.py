@@ -72,6 +72,10 @@ class PointColumns:
         return self._of(MAYBE_NUMBER)
 
     @property
+    def optional(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.columns if column.optional)
+
+    @property
     def flags(self) -> tuple[str, ...]:
         return self._of(FLAG)
 

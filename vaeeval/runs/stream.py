@@ -209,9 +209,8 @@ def check_point(path: Path, where: str, record: Any, results: ResultsFormat, n: 
     for key in results.columns.maybe_numbers:
         if record.get(key) is not None and not _finite_number(record[key]):
             raise DataError(path, f"{where}: point {index}'s {key} is {record[key]!r}, not a finite number or null")
-    optional = set(results.columns.names()) - set(results.columns.names(optional=False))
     for key in results.columns.flags:
-        if not isinstance(record.get(key), bool) and not (key in optional and key not in record):
+        if not isinstance(record.get(key), bool) and not (key not in record and key in results.columns.optional):
             raise DataError(path, f"{where}: point {index}'s {key} is {record.get(key)!r}, not true or false")
     for key in results.columns.counts:  # optional: only where the run has them (a sequence's tokens)
         value = record.get(key)

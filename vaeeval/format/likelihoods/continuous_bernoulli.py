@@ -73,11 +73,12 @@ class ContinuousBernoulliLikelihood(Likelihood):
         of the two uniform densities' log-MGFs, log w + (a + b - 1) eta / 2 + (w^2 - 1) eta^2 / 24 (next
         term (1 - w^4) eta^4 / 2880 < 4e-16); the closed form sees s clamped to 1e-3 (no 0/0).
         """
+        narrowest = _narrowest_bin(bins)
+        if narrowest < NARROWEST_BIN:  # Kahan's 1 - e^-y needs y = w s >= 1e-12
+            raise VaeevalError(f"the continuous Bernoulli cannot score bins narrower than {NARROWEST_BIN:g} on [0, 1]; "
+                               f"the grid {bins.levels} levels from {bins.low:g} to {bins.high:g} has one of {narrowest:g}")
         a, b = bin_edges(x, bins, 0.0, 1.0)  # x broadcasts against eta: the edges once per point, not per sample
         width = b - a
-        if width.numel() and float(width.min()) < NARROWEST_BIN:  # Kahan's 1 - e^-y needs y = w s >= 1e-12
-            raise VaeevalError(f"the continuous Bernoulli cannot score bins narrower than {NARROWEST_BIN:g} on [0, 1]; "
-                               f"the grid {bins.levels} levels from {bins.low:g} to {bins.high:g} has one of {float(width.min()):g}")
         size = eta.abs()
         series = size < SERIES_BELOW
         clear = size.clamp(min=SERIES_BELOW)
@@ -99,7 +100,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
         else:
             terms, a, b, size, _, inner, outer = self._bin_terms(eta, x.double(), bins)
             grad = _bin_gradient(eta, a, b, size, inner, outer)
-        return self.sum_terms(terms), grad.unsqueeze(self._param_axis(params)).to(params.dtype)
+        return self.sum_terms(terms), self._as_params(grad, params)
 
     def grad(self, params: torch.Tensor, x: torch.Tensor, bins: Grid | None = None) -> torch.Tensor:
         """The gradient alone, with 1 - e^-y taken as 1 - exp(-y): its relative error, 1e-16 / y, is
@@ -111,6 +112,10 @@ class ContinuousBernoulliLikelihood(Likelihood):
         else:
             a, b = bin_edges(x.double(), bins, 0.0, 1.0)
             grad = _bin_gradient(eta, a, b, size, 1 - torch.exp(-(b - a) * size), 1 - torch.exp(-size))
+        return self._as_params(grad, params)
+
+    def _as_params(self, grad: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The logits' gradient ``[..., *input_shape]`` in the shape and dtype of ``params`` (P = 1)."""
         return grad.unsqueeze(self._param_axis(params)).to(params.dtype)
 
     def loss_statistics(
@@ -173,6 +178,12 @@ def _bin_gradient(
         torch.sign(eta) * (width / inner - 1 / outer - (width - 1) / 2),
     )
     return (a + b - 1) / 2 + odd
+
+
+def _narrowest_bin(bins: Grid) -> float:
+    """The narrowest bin of ``bins`` on [0, 1]: one step, or an outermost bin reaching 0 or 1."""
+    half = 0.5 * bins.step
+    return min(bins.low + half, 1.0 - bins.high + half, *((bins.step,) if bins.levels > 2 else ()))
 
 
 def _one_minus_exp(y: torch.Tensor) -> torch.Tensor:
