@@ -1,4 +1,4 @@
-"""vaeeval.tuning: process-wide settings, made by the command line and left to a library caller."""
+"""vaeeval.core.tuning: process-wide settings, made by the command line and left to a library caller."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from conftest import cli
 
 import vaeeval
-from vaeeval import tuning
+from vaeeval.core import tuning
 from vaeeval.estimators.importance.evaluate import EvaluationOptions, Evaluator
 from vaeeval.runs.run import run
 
@@ -17,7 +17,7 @@ def test_the_library_makes_no_process_wide_setting(monkeypatch, bernoulli_model,
     settings = {name: getattr(tuning, name) for name in ("keep_freed_memory", "share_cores")}
     for module in [m for name, m in sys.modules.items() if name.startswith("vaeeval") and m is not tuning]:
         held = [name for name, value in vars(module).items() if any(value is f for f in settings.values())]
-        assert not held, f"{module.__name__} holds {held}: patching vaeeval.tuning would not reach it"
+        assert not held, f"{module.__name__} holds {held}: patching vaeeval.core.tuning would not reach it"
 
     def refuse(*args):
         raise AssertionError("the library made a process-wide setting")
@@ -42,5 +42,7 @@ def test_the_command_line_makes_them(monkeypatch, bernoulli_model):
     assert calls == ["keep_freed_memory"]
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets them (passed alone only after a test left them set)
+    monkeypatch.setenv("MASTER_PORT", "29500")
     cli("inspect", bernoulli_model.path)  # under torchrun: the cores are shared among this machine's processes
     assert calls == ["keep_freed_memory", "keep_freed_memory", ("share_cores", 2)]
