@@ -51,7 +51,8 @@ def useful_flops(points: int) -> float:
 
 
 def child_vaeeval(pilot: bool) -> dict:
-    from vaeeval import save_model, tuning
+    from vaeeval import save_model
+    from vaeeval.core import tuning
     from vaeeval.estimators.annealing.ais import AISEvaluator, AISOptions
     from vaeeval.estimators.importance.evaluate import EvaluationOptions
 

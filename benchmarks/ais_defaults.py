@@ -73,7 +73,8 @@ def _stat(values) -> dict:
 
 
 def measure(names: list[str], kernels: list[str], simulated: int, seed: int = 0, timed: bool = False) -> dict:
-    from vaeeval import evaluate, load_data, load_model, tuning
+    from vaeeval import evaluate, load_data, load_model
+    from vaeeval.core import tuning
     from vaeeval.estimators.annealing.ais import AISOptions
     from vaeeval.estimators.annealing.bdmc import run_bdmc
     from vaeeval.estimators.importance.evaluate import EvaluationOptions
@@ -129,7 +130,8 @@ def starts(names: list[str], simulated: int, seed: int) -> list[dict]:
     """Per point: the BDMC gap from each start and each pilot's log-weights, and the mean gap under each rule."""
     import numpy as np
 
-    from vaeeval import load_model, tuning
+    from vaeeval import load_model
+    from vaeeval.core import tuning
     from vaeeval.estimators.annealing import ais
     from vaeeval.estimators.annealing.bdmc import run_bdmc
     from vaeeval.estimators.importance.evaluate import EvaluationOptions

@@ -120,7 +120,8 @@ def _flops(module, input_shape) -> int:
 
 
 def child_vaeeval(workload: str, samples: int, points: int) -> dict:
-    from vaeeval import evaluate, save_model, tuning
+    from vaeeval import evaluate, save_model
+    from vaeeval.core import tuning
 
     tuning.keep_freed_memory()  # as the vaeeval command does
 
@@ -146,7 +147,8 @@ def child_parts(samples: int, points: int) -> dict:
     import collections
     import functools
 
-    from vaeeval import evaluate, save_model, tuning
+    from vaeeval import evaluate, save_model
+    from vaeeval.core import tuning
     from vaeeval.estimators.importance.evaluate import BatchEstimates, _SampleStatistics
     from vaeeval.format.likelihoods import BernoulliLikelihood
     from vaeeval.format.model import Model
@@ -194,7 +196,8 @@ def child_products(samples: int, points: int, workload: str = "mlp") -> dict:
     """The floor under vaeeval's time: its loaded decoder alone, on as many latent rows, in its chunk size."""
     import torch
 
-    from vaeeval import save_model, tuning
+    from vaeeval import save_model
+    from vaeeval.core import tuning
     from vaeeval.estimators.importance.evaluate import DEFAULT_BATCH_SIZE, chunk_size_for
 
     tuning.keep_freed_memory()  # as vaeeval's own run does

@@ -9,7 +9,7 @@ importance-weighted log p(x)::
     result = evaluate(model, load_data("data.npy", model), samples=1000)
     result.summary.iwae.mean
 
-``vaeeval.tuning.keep_freed_memory()`` makes evaluations about a quarter
+``vaeeval.core.tuning.keep_freed_memory()`` makes evaluations about a quarter
 faster; it changes a process-wide allocator setting, so it is yours to call.
 
 The names below are imported when first used, so ``import vaeeval`` (and the

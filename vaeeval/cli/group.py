@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from vaeeval import __version__, tuning
+from vaeeval import __version__
 from vaeeval.analysis.gates import GateFailed
+from vaeeval.core import tuning
 from vaeeval.errors import VaeevalError
 from vaeeval.runs.run import distributed_world, local_processes
 

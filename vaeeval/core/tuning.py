@@ -3,8 +3,8 @@
 The ``vaeeval`` command makes them at start-up. A library user who wants the
 same speed calls them once, knowing they affect the whole process::
 
-    import vaeeval.tuning
-    vaeeval.tuning.keep_freed_memory()
+    from vaeeval.core import tuning
+    tuning.keep_freed_memory()
 """
 
 from __future__ import annotations
